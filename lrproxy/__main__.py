@@ -1,0 +1,5 @@
+import sys
+
+from lrproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,326 @@
+"""The aiohttp application: state, the error edge, and the small endpoints (SPEC §1).
+
+`Runtime` is the app's one mutable holder. Its `state` is a frozen snapshot of the config
+and what derives from it; a handler reads it once, so a reload swaps it atomically and
+requests in flight finish on the config they began with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import aiohttp
+import attrs
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from lrproxy import __version__, eco, errors
+from lrproxy.config import AUTO_MODEL, Config, Secrets
+from lrproxy.log import MAIN, access_line
+from lrproxy.metrics import NONE, UNKNOWN, Metrics
+from lrproxy.routing import RoutingTable, build_table
+from lrproxy.upstream import Pool, Target, make_session, make_targets
+
+log = logging.getLogger(MAIN)
+_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+SERVER_HEADER: Final = "lrproxy"
+
+
+@attrs.frozen
+class State:
+    """Everything derived from one config; replaced whole on reload or a new intensity."""
+
+    config: Config
+    secrets: Secrets
+    table: RoutingTable
+    targets: Mapping[str, Target]
+    regions: frozenset[str]
+    client_timeout: aiohttp.ClientTimeout
+
+    def authenticate(self, header: str | None) -> str:
+        """The key's configured name; constant-time over all keys (SPEC §1)."""
+        if not header:
+            raise errors.InvalidApiKey(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+            )
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise errors.InvalidApiKey("Malformed Authorization header: expected 'Bearer <key>'.")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        found = None
+        for name, known in self.secrets.client_hashes:
+            if hmac.compare_digest(digest, known):
+                found = name
+        if found is None:
+            raise errors.InvalidApiKey("Incorrect API key provided.")
+        return found
+
+
+@attrs.define
+class Runtime:
+    """The app's mutable holder: current state, health, live intensities, metrics."""
+
+    state: State
+    pool: Pool
+    metrics: Metrics
+    readings: dict[str, eco.Reading] = attrs.Factory(dict)
+    session: aiohttp.ClientSession | None = None
+    draining: bool = False
+    clock: Callable[[], float] = time.time  # wall clock for intensity ages
+
+    def intensity(self, region: str) -> eco.Intensity:
+        r = self.state.config.regions[region]
+        return eco.current_intensity(r, self.readings.get(region), self.clock())
+
+    def intensities(self) -> dict[str, float]:
+        return {r: self.intensity(r).g_per_kwh for r in self.state.config.regions}
+
+    def install(self, config: Config, secrets: Secrets) -> None:
+        """Adopt a validated config atomically (start and reload)."""
+        self.pool.configure(config.upstreams)
+        self.readings = {k: v for k, v in self.readings.items() if k in config.regions}
+        self.state = make_state(config, secrets, {})
+        self.refresh_table()
+        for u in config.upstreams:
+            self.metrics.usable.labels(u.name).set(1)
+
+    def refresh_table(self) -> None:
+        st = self.state
+        intensities = self.intensities()
+        self.state = attrs.evolve(st, table=build_table(st.config, intensities))
+        for region, value in intensities.items():
+            self.metrics.intensity.labels(region).set(value)
+
+
+def make_state(config: Config, secrets: Secrets, intensities: Mapping[str, float]) -> State:
+    return State(
+        config, secrets, build_table(config, intensities), make_targets(config, secrets.upstream_keys),
+        frozenset(config.regions),
+        aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
+    )
+
+
+RUNTIME: Final = web.AppKey("runtime", Runtime)
+
+
+@attrs.define(slots=True)
+class Rec:
+    """What one request did, for the metrics and the access line."""
+
+    request_id: str
+    t0: float
+    api: bool = False
+    key: str = UNKNOWN
+    model: str = UNKNOWN
+    region: str = NONE
+    upstream: str = ""
+    stream: bool = False
+    status: int | str = 0
+    error: str | None = None
+    attempts: int = 0
+    prompt: int = 0
+    completion: int = 0
+    energy_wh: float = 0.0
+    carbon_g: float = 0.0
+    ttfb: float | None = None
+    upstream_s: float | None = None
+
+    def route_headers(self) -> dict[str, str]:
+        if not self.upstream:
+            return {"X-Request-Id": self.request_id}
+        return {
+            "X-Request-Id": self.request_id,
+            "X-LowRouter-Region": self.region,
+            "X-LowRouter-Model": self.model,
+            "X-LowRouter-Upstream": self.upstream,
+        }
+
+
+REC: Final = web.RequestKey("rec", Rec)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _request_id(value: str | None) -> str:
+    if value is not None and _REQUEST_ID_RE.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:
+    return web.Response(
+        status=e.status, body=e.body(), content_type="application/json",
+        headers={**e.headers(), **rec.route_headers()},
+    )
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, the OpenAI error shape for every error, metrics and the access line."""
+    rt = request.app[RUNTIME]
+    rec = Rec(_request_id(request.headers.get("X-Request-Id")), time.perf_counter())
+    request[REC] = rec
+    rt.metrics.inflight.inc()
+    try:
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers["X-Request-Id"] = rec.request_id
+        if not rec.status:
+            rec.status = resp.status
+        return resp
+    except errors.ProxyError as e:
+        rec.status, rec.error = e.status, e.code
+        return _error_response(e, rec)
+    except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
+        err = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
+            f"{request.method} {request.path} is not part of this API"
+            if e.status in (404, 405) else e.reason
+        )
+        rec.status, rec.error = e.status, err.code
+        resp = web.Response(status=e.status, body=errors.error_body(
+            err.message, err.type, err.code), content_type="application/json",
+            headers={"X-Request-Id": rec.request_id})
+        if e.status == 405 and "Allow" in e.headers:
+            resp.headers["Allow"] = e.headers["Allow"]
+        return resp
+    except asyncio.CancelledError:
+        if not rec.status:
+            rec.status = "client_closed"
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"request_id": rec.request_id}})
+        rec.status, rec.error = 500, "internal_error"
+        return _error_response(errors.ProxyError("Internal error; see the proxy's log."), rec)
+    finally:
+        rt.metrics.inflight.dec()
+        if rec.api:
+            _account(rt.metrics, rec)
+
+
+def _account(m: Metrics, rec: Rec) -> None:
+    duration = time.perf_counter() - rec.t0
+    code = str(rec.status)
+    m.requests.labels(rec.key, rec.model, rec.region, code).inc()
+    if rec.prompt or rec.completion:
+        m.tokens.labels(rec.key, rec.model, rec.region, "prompt").inc(rec.prompt)
+        m.tokens.labels(rec.key, rec.model, rec.region, "completion").inc(rec.completion)
+        m.carbon.labels(rec.key, rec.model, rec.region).inc(rec.carbon_g)
+        m.energy.labels(rec.key, rec.model, rec.region).inc(rec.energy_wh)
+    m.duration.labels(rec.model, rec.region, "true" if rec.stream else "false").observe(duration)
+    if rec.ttfb is not None:
+        m.ttfb.labels(rec.model, rec.region).observe(rec.ttfb)
+    access_line({
+        "request_id": rec.request_id, "key": rec.key, "model": rec.model,
+        "region": rec.region, "upstream": rec.upstream or None, "status": rec.status,
+        "error": rec.error, "stream": rec.stream, "attempts": rec.attempts,
+        "prompt_tokens": rec.prompt, "completion_tokens": rec.completion,
+        "carbon_g": rec.carbon_g, "energy_wh": rec.energy_wh,
+        "ttfb_ms": None if rec.ttfb is None else round(rec.ttfb * 1000, 3),
+        "duration_ms": round(duration * 1000, 3),
+    })
+
+
+# ---------------------------------------------------------------------------------------
+# small endpoints
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, dumps=_dumps)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    now = time.monotonic()
+    usable = [n for n in rt.pool.health if rt.pool.usable(n, now)]
+    if rt.draining:
+        return web.json_response({"status": "draining"}, status=503, dumps=_dumps)
+    if not usable:
+        return web.json_response({"status": "no usable upstream"}, status=503, dumps=_dumps)
+    return web.json_response({"status": "ready", "usable_upstreams": len(usable)}, dumps=_dumps)
+
+
+async def models(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    st = rt.state
+    request[REC].key = st.authenticate(request.headers.get("Authorization"))
+    return web.Response(body=_models_body(st), content_type="application/json")
+
+
+def _models_body(st: State) -> bytes:
+    data: list[dict[str, Any]] = []
+    for mid, cands in st.table.by_model.items():
+        if not cands:
+            continue
+        per_region: dict[str, float] = {}
+        for c in cands:
+            per_region.setdefault(c.region.name, c.carbon_per_1k)
+        entry: dict[str, Any] = {
+            "id": mid, "object": "model", "created": 0, "owned_by": "lowrouter",
+            "lowrouter": {
+                "regions": sorted(per_region),
+                "carbon_per_1k_tokens_g": per_region,
+                "upstreams": sorted({c.upstream.name for c in cands}),
+            },
+        }
+        if mid == AUTO_MODEL:
+            entry["lowrouter"]["models"] = list(st.config.auto_models)
+        else:
+            m = st.config.models[mid]
+            entry["lowrouter"]["eco"] = {
+                "energy_wh_per_1k_prompt_tokens": m.e_prompt,
+                "energy_wh_per_1k_completion_tokens": m.e_completion,
+                "source": m.source,
+            }
+        data.append(entry)
+    return orjson.dumps({"object": "list", "data": data})
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+def make_app(
+    config: Config,
+    secrets: Secrets,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The lrproxy application for one config; tests build it directly."""
+    from lrproxy import relay  # the handlers need RUNTIME and REC from here
+
+    metrics = Metrics.create(registry or CollectorRegistry())
+    rt = Runtime(make_state(config, secrets, {}), Pool(), metrics, clock=clock)
+    rt.install(config, secrets)
+    app = web.Application(middlewares=[edge], client_max_size=config.server.max_body_bytes)
+    app[RUNTIME] = rt
+    app.on_response_prepare.append(_on_prepare)
+    for base in ("/api/v1", "/v1"):
+        app.router.add_post(f"{base}/chat/completions", relay.chat_completions)
+        app.router.add_post(f"{base}/embeddings", relay.embeddings)
+        app.router.add_get(f"{base}/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.cleanup_ctx.append(_client_session)
+    return app
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    rt.session = make_session(rt.state.config)
+    log.debug("lrproxy %s: upstream session open", __version__)
+    yield
+    await rt.session.close()

@@ -1,0 +1,249 @@
+"""Command line (SPEC §6): serve, check-config, hash-key, --version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from lrproxy import __version__
+from lrproxy.app import RUNTIME, make_app
+from lrproxy.config import (
+    Config,
+    ConfigError,
+    Listen,
+    Secrets,
+    hash_key,
+    parse_config,
+    parse_listen,
+    read_config,
+    resolve_secrets,
+)
+from lrproxy.log import MAIN, setup_logging
+
+EX_CONFIG: Final = 78  # sysexits.h; systemd's RestartPreventExitStatus= understands it
+EX_USAGE: Final = 64
+log = logging.getLogger(MAIN)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lrproxy",
+        description="LowRouter proxy: an OpenAI-compatible LLM gateway with region pinning "
+        "and carbon accounting.",
+    )
+    p.add_argument("--version", action="version", version=f"lrproxy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the proxy",
+                       description="Run the proxy with a config file, or with --demo in "
+                       "front of built-in simulated upstreams (no provider keys needed).")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="FILE", help="config file (.toml or .ini)")
+    src.add_argument("--demo", action="store_true",
+                     help="start simulated upstreams in two regions on loopback and print "
+                     "LOWROUTER_BASE_URL and LOWROUTER_API_KEY")
+    s.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT", help="override server.metrics_listen")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="level of the proxy's own log on stderr (default: info)")
+    s.add_argument("--log-format", default="json", choices=("json", "plain"),
+                   help="stderr log format; 'plain' reads best in the journal (default: json)")
+    s.add_argument("--no-access-log", action="store_true",
+                   help="do not write the per-request JSON line on stdout")
+
+    c = sub.add_parser("check-config", help="validate a config file and exit",
+                       description="Validate a config file: print every problem, one line "
+                       "each, and exit 78; exit 0 when it is valid. Environment variables "
+                       "holding keys are not checked (they exist only under the service).")
+    c.add_argument("file", metavar="FILE")
+
+    sub.add_parser("hash-key", help="print the SHA-256 of a key read on stdin",
+                   description="Read a client key on stdin and print its SHA-256 hex, for "
+                   "auth.keys[].sha256.")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    if args.command == "hash-key":
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("lrproxy hash-key: no key on stdin", file=sys.stderr)
+            return EX_USAGE
+        print(hashlib.sha256(key.encode()).hexdigest())
+        return 0
+    setup_logging(args.log_level, args.log_format, access=not args.no_access_log)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _check_config(path: str) -> int:
+    try:
+        config = read_config(path)
+        resolve_secrets(config, os.environ, check_env=False)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return EX_CONFIG
+    print(f"{path}: ok ({len(config.upstreams)} upstreams, {len(config.models)} models, "
+          f"{len(config.regions)} regions)")
+    return 0
+
+
+def _load(path: str) -> tuple[Config, Secrets]:
+    config = read_config(path)
+    return config, resolve_secrets(config, os.environ)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        uvloop: Any = __import__("uvloop")
+    except ImportError:
+        uvloop = None
+    runner = uvloop.run if uvloop is not None else asyncio.run
+    try:
+        return int(runner(_serve(args)))
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return EX_CONFIG
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    sims: list[Any] = []
+    if args.demo:
+        config, secrets_, key, sims = await _demo_config(args.listen or "127.0.0.1:8080")
+    else:
+        config, secrets_ = _load(args.config)
+    listen = parse_listen(args.listen) if args.listen else config.server.listen
+    mlisten = parse_listen(args.metrics_listen) if args.metrics_listen else (
+        config.server.metrics_listen
+    )
+    registry = CollectorRegistry()
+    app = make_app(config, secrets_, registry=registry)
+    rt = app[RUNTIME]
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=config.server.shutdown_grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, listen.host, listen.port, backlog=1024,
+                       reuse_port=config.server.workers > 1 or None)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("cannot listen on %s: %s", listen, e.strerror)
+        await runner.cleanup()
+        return 1
+    mrunner = await _start_metrics(registry, mlisten) if mlisten else None
+    bound = _bound(runner, listen)
+    log.info("lrproxy %s listening on http://%s/api/v1", __version__, bound,
+             extra={"fields": {"listen": str(bound), "metrics": str(mlisten) if mlisten else None}})
+    if args.demo:
+        print(f"LOWROUTER_BASE_URL=http://{bound}/api/v1", flush=True)
+        print(f"LOWROUTER_API_KEY={key}", flush=True)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if not args.demo:
+        loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config)
+    await stop.wait()
+    log.info("stopping: draining requests in flight for up to %ss",
+             config.server.shutdown_grace_s)
+    rt.draining = True
+    await runner.cleanup()
+    if mrunner is not None:
+        await mrunner.cleanup()
+    for sim in sims:
+        await sim.stop()
+    return 0
+
+
+def _bound(runner: web.AppRunner, listen: Listen) -> Listen:
+    """The address really bound (port 0 picks one)."""
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return Listen(str(addr[0]), int(addr[1]))
+    return listen
+
+
+def _reload(app: web.Application, path: str) -> None:
+    rt = app[RUNTIME]
+    try:
+        config, secrets_ = _load(path)
+    except ConfigError as e:
+        rt.metrics.reloads.labels("error").inc()
+        for line in e.problems:
+            log.error("reload refused, the old config stays: %s", line)
+        return
+    rt.install(config, secrets_)
+    rt.metrics.reloads.labels("ok").inc()
+    log.info("config reloaded from %s", path)
+
+
+async def _start_metrics(registry: CollectorRegistry, listen: Listen) -> web.AppRunner:
+    """/metrics on its own listener, so API clients cannot read it (SPEC §5)."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, listen.host, listen.port).start()
+    return runner
+
+
+async def _demo_config(listen: str) -> tuple[Config, Secrets, str, list[Any]]:
+    """Two simulated upstream regions of different grid intensity on loopback (SPEC §6)."""
+    from lrproxy.simupstream import SimUpstream
+
+    us = SimUpstream(name="demo-us-east", models=("gpt-4o-mini", "llama-3.1-8b"), record=False)
+    eu = SimUpstream(name="demo-eu-west", models=("gpt-4o-mini", "llama-3.1-8b"), record=False)
+    eu_url, us_url = await eu.start(), await us.start()
+    key = "lr-demo-" + secrets.token_urlsafe(18)
+    models = {"openai/gpt-4o-mini": "gpt-4o-mini", "meta/llama-3.1-8b": "llama-3.1-8b"}
+    data = {
+        "server": {"listen": listen},
+        "auth": {"keys": [{"name": "demo", "sha256": hash_key(key)}]},
+        "regions": {
+            "eu-west": {"grid_intensity_g_per_kwh": 290, "pue": 1.2},
+            "us-east": {"grid_intensity_g_per_kwh": 380, "pue": 1.3},
+        },
+        "models": {
+            "openai/gpt-4o-mini": {"energy_wh_per_1k_prompt_tokens": 0.02,
+                                   "energy_wh_per_1k_completion_tokens": 0.3},
+            "meta/llama-3.1-8b": {"active_params_b": 8},
+        },
+        "upstreams": [
+            {"name": "demo-eu-west", "region": "eu-west", "base_url": eu_url, "models": models},
+            {"name": "demo-us-east", "region": "us-east", "base_url": us_url, "models": models},
+        ],
+        "auto": {"models": list(models)},
+    }
+    config = parse_config(data, source="--demo")
+    return config, resolve_secrets(config, {}), key, [eu, us]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,143 @@
+"""One error tree: each error knows its HTTP status and its OpenAI error code (SPEC §1).
+
+Handlers raise these; one middleware renders them in the OpenAI error shape, so the
+OpenAI SDK raises the matching exception (AuthenticationError for 401, and so on).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Final
+
+import orjson
+
+RETRY_AFTER_S: Final = 1
+
+
+class ProxyError(Exception):
+    """An error answered to the client in the OpenAI shape."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    type: ClassVar[str] = "server_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class InvalidApiKey(ProxyError):
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class NotFound(ProxyError):
+    """A path the API does not have."""
+
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+    type = "invalid_request_error"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    code = "model_not_found"
+    type = "invalid_request_error"
+
+
+class UnknownRegion(ProxyError):
+    status = 400
+    code = "unknown_region"
+    type = "invalid_request_error"
+
+
+class ModelNotInRegion(ProxyError):
+    status = 400
+    code = "model_not_in_region"
+    type = "invalid_request_error"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+    type = "invalid_request_error"
+
+
+class RequestTooLarge(ProxyError):
+    status = 413
+    code = "request_too_large"
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    code = "unsupported_media_type"
+    type = "invalid_request_error"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    code = "rate_limited"
+    type = "rate_limit_error"
+
+
+class NoUpstreamAvailable(ProxyError):
+    status = 503
+    code = "no_upstream_available"
+    type = "server_error"
+
+
+class UpstreamFailed(ProxyError):
+    """Base of the failures of one upstream attempt; they may lead to a failover."""
+
+    status = 502
+    code = "upstream_error"
+    type = "upstream_error"
+    upstream_status: int | None = None  # the status the upstream answered, if it did
+
+
+class UpstreamError(UpstreamFailed):
+    pass
+
+
+class UpstreamTimeout(UpstreamFailed):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamAuthFailed(UpstreamFailed):
+    code = "upstream_auth_failed"
+
+
+class ShuttingDown(ProxyError):
+    status = 503
+    code = "shutting_down"
+    type = "server_error"

@@ -1,0 +1,577 @@
+"""Request handling: check, route, fail over, relay (SPEC §1, §1.1, §2, §3).
+
+A request is checked and routed, then tried on its candidates in carbon order until
+one answers; retries happen only before the first byte reaches the client. Answers
+get their `lowrouter` object: spliced into a JSON body, or added to the last chunk of a
+stream, whose other events pass through byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+import orjson
+from aiohttp import web
+
+from lrproxy import eco, errors, sse, upstream
+from lrproxy.app import REC, RUNTIME, Rec, Runtime, State
+from lrproxy.routing import Candidate, order_candidates, pick_candidates
+
+MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
+KEEPALIVE_EVENT: Final = b": keep-alive\n\n"
+DONE_EVENT: Final = b"data: [DONE]\n\n"
+_STREAM_HEADERS: Final = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, chat=True)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, chat=False)
+
+
+# ---------------------------------------------------------------------------------------
+# the request
+
+
+async def _read_body(request: web.Request, st: State) -> bytes:
+    limit = st.config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.RequestTooLarge(f"Request body over the limit of {limit} bytes.")
+    enc = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if enc not in ("identity", ""):
+        raise errors.UnsupportedMediaType(
+            f"Content-Encoding '{enc[:32]}' is not accepted; send the body uncompressed."
+        )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(st.config.timeouts.client_body):
+            while data := await request.content.readany():
+                size += len(data)
+                if size > limit:
+                    raise errors.RequestTooLarge(f"Request body over the limit of {limit} bytes.")
+                chunks.append(data)
+    except TimeoutError as e:
+        raise errors.RequestTimeout("The request body did not arrive in time.") from e
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _parse_body(body: bytes, chat: bool, headers: Mapping[str, str]) -> tuple[
+    dict[str, Any], str, str | None, bool, bool
+]:
+    """(body object, model id, region pin, stream, client asked for usage); raises 400s."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise errors.InvalidRequest("The request body is not valid JSON.") from e
+    if not isinstance(obj, dict):
+        raise errors.InvalidRequest("The request body must be a JSON object.")
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise errors.InvalidRequest("'model' must be a non-empty string.", param="model")
+    if chat:
+        msgs = obj.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise errors.InvalidRequest("'messages' must be a non-empty array.", param="messages")
+        if not all(isinstance(m, dict) for m in msgs):
+            raise errors.InvalidRequest("Each message must be an object.", param="messages")
+    else:
+        inp = obj.get("input")
+        if not isinstance(inp, str | list) or not inp:
+            raise errors.InvalidRequest("'input' must be a string or a non-empty array.",
+                                        param="input")
+    stream = obj.get("stream")
+    if stream is None:
+        stream = False
+    elif not isinstance(stream, bool):
+        raise errors.InvalidRequest("'stream' must be a boolean.", param="stream")
+    if stream and not chat:
+        raise errors.InvalidRequest("Embeddings do not stream.", param="stream")
+    region = headers.get("X-LowRouter-Region") or None
+    if "route" in obj:
+        route = obj.pop("route")
+        if route is not None:
+            if not isinstance(route, dict):
+                raise errors.InvalidRequest("'route' must be an object.", param="route")
+            for k in route:
+                if k != "region":
+                    raise errors.InvalidRequest(f"Unknown field 'route.{str(k)[:40]}'.",
+                                                param=f"route.{str(k)[:40]}")
+            r = route.get("region")
+            if r is not None:
+                if not isinstance(r, str) or not r:
+                    raise errors.InvalidRequest("'route.region' must be a non-empty string.",
+                                                param="route.region")
+                region = r  # the body wins over the header (SPEC §2)
+    client_usage = False
+    if stream:
+        so = obj.get("stream_options")
+        if so is None:
+            so = {}
+        elif not isinstance(so, dict):
+            raise errors.InvalidRequest("'stream_options' must be an object.",
+                                        param="stream_options")
+        client_usage = so.get("include_usage") is True
+        obj["stream_options"] = {**so, "include_usage": True}  # we always count (SPEC §1.1)
+    return obj, model, region, stream, client_usage
+
+
+def _prompt_chars(obj: dict[str, Any], chat: bool) -> int:
+    """Characters of prompt text, for estimating tokens when the upstream sends no usage."""
+    if not chat:
+        inp = obj.get("input")
+        items = inp if isinstance(inp, list) else [inp]
+        return sum(len(i) if isinstance(i, str) else 4 * len(i) if isinstance(i, list) else 4
+                   for i in items)
+    total = 0
+    for m in obj.get("messages", ()):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+        total += 16  # role and message framing
+    return total
+
+
+@attrs.define(slots=True)
+class _Attempt:
+    """A candidate that answered: what to relay."""
+
+    cand: Candidate
+    resp: upstream.UpstreamResponse
+    body: bytes = b""  # a whole JSON answer (non-streaming, or an error to pass through)
+    events: list[bytes] = attrs.Factory(list)  # the first events of a stream
+    splitter: sse.EventSplitter | None = None
+    t_sent: float = 0.0
+
+
+async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    st = rt.state  # one snapshot for the whole request (reloads swap rt.state)
+    rec = request[REC]
+    rec.api = True
+    rec.key = st.authenticate(request.headers.get("Authorization"))
+    body = await _read_body(request, st)
+    obj, model_id, region, stream, client_usage = _parse_body(body, chat, request.headers)
+    rec.stream = stream
+    if model_id in st.table.by_model:
+        rec.model = model_id
+    if region in st.regions:
+        rec.region = region
+    cands = pick_candidates(st.table, model_id, region)
+    attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
+    cand = attempt.cand
+    rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
+    try:
+        if attempt.splitter is not None:
+            return await _relay_stream(request, rt, st, rec, obj, attempt, region, client_usage)
+        return _answer(rt, rec, obj, attempt, region, chat)
+    finally:
+        rt.pool.release(cand.upstream.name)
+
+
+async def _try_candidates(
+    request: web.Request, rt: Runtime, st: State, rec: Rec, obj: dict[str, Any],
+    cands: tuple[Candidate, ...], chat: bool, stream: bool,
+) -> _Attempt:
+    """Send to candidates in order until one answers (SPEC §2); raise the last failure."""
+    pool = rt.pool
+    now = time.monotonic()
+    order = order_candidates(cands, lambda n: pool.usable(n, now), pool.load)
+    if not order:
+        raise errors.NoUpstreamAvailable(
+            "No upstream may be tried for this request right now.",
+            retry_after=pool.retry_after((c.upstream.name for c in cands), now),
+        )
+    tmo = st.config.timeouts
+    deadline = now + tmo.total
+    tried: list[str] = []
+    last: errors.UpstreamFailed | None = None
+    for _ in range(st.config.server.retries + 1):
+        cand = _next_candidate(order, tried, pool)
+        if cand is None:
+            break
+        name = cand.upstream.name
+        tried.append(name)
+        rec.attempts += 1
+        pool.acquire(name, time.monotonic())
+        target = st.targets[name]
+        obj["model"] = cand.upstream_model
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if stream else "application/json",
+            "Accept-Encoding": "identity",
+            "User-Agent": upstream.USER_AGENT,
+            "X-Request-Id": rec.request_id,
+        }
+        if target.auth is not None:
+            headers["Authorization"] = target.auth
+        t_sent = time.perf_counter()
+        first_byte = min(tmo.first_byte, deadline - time.monotonic())
+        try:
+            resp = await upstream.send(
+                rt.session, target,  # type: ignore[arg-type]  # set in cleanup_ctx
+                target.chat_url if chat else target.embeddings_url,
+                orjson.dumps(obj), headers, first_byte, st.client_timeout,
+            )
+            attempt = _Attempt(cand, resp, t_sent=t_sent)
+            if stream and resp.status == 200 and resp.content_type == "text/event-stream":
+                await _first_events(attempt, first_byte, tmo.keepalive)
+            else:
+                attempt.body = await _read_answer(resp, first_byte)
+        except errors.UpstreamFailed as e:
+            pool.release(name)
+            pool.failed(name, time.monotonic(), e.retry_after)
+            rt.metrics.attempts.labels(name, _outcome(e)).inc()
+            last = e
+            continue
+        except BaseException:
+            pool.release(name)
+            raise
+        pool.succeeded(name)
+        rt.metrics.attempts.labels(name, "ok" if resp.status < 400 else "passed_4xx").inc()
+        return attempt
+    if last is None:
+        raise errors.NoUpstreamAvailable(
+            "Every upstream for this request is at capacity.", retry_after=1
+        )
+    last.retry_after = None if last.status != 503 else last.retry_after
+    raise last
+
+
+def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Pool) -> Candidate | None:
+    """The first candidate with room on an upstream not tried yet; else one tried already."""
+    fallback = None
+    for c in order:
+        name = c.upstream.name
+        if not pool.has_capacity(name):
+            continue
+        if name not in tried:
+            return c
+        if fallback is None:
+            fallback = c
+    return fallback
+
+
+def _outcome(e: errors.UpstreamFailed) -> str:
+    if isinstance(e, errors.UpstreamTimeout):
+        return "timeout"
+    if isinstance(e, errors.UpstreamAuthFailed):
+        return "auth_failed"
+    s = e.upstream_status
+    if s is None:
+        return "connect_error"
+    if s == 429:
+        return "rate_limited"
+    return "redirect" if s < 400 else "status_5xx"
+
+
+async def _read_answer(resp: upstream.UpstreamResponse, timeout: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout):
+            data = await resp.read_all(MAX_UPSTREAM_BODY)
+    except TimeoutError as e:
+        resp.close()
+        raise errors.UpstreamTimeout("upstream did not finish its answer in time") from e
+    except errors.UpstreamFailed:
+        resp.close()
+        raise
+    resp.release()
+    if resp.status < 300:
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            raise errors.UpstreamError("upstream answered with a body that is not JSON") from e
+        if not isinstance(doc, dict):
+            raise errors.UpstreamError("upstream answered with a body that is not an object")
+    return data
+
+
+async def _first_events(attempt: _Attempt, first_byte: float, keepalive: float) -> None:
+    """Read until the stream's first event (SPEC §1.1: the status waits for it).
+
+    Past `keepalive` seconds of silence the caller commits and sends keep-alive comments
+    (no failover after that); past `first_byte` the attempt has failed.
+    """
+    splitter = attempt.splitter = sse.EventSplitter()
+    resp = attempt.resp
+    try:
+        async with asyncio.timeout(min(first_byte, keepalive)):
+            while not attempt.events:
+                data = await resp.read_some()
+                if not data:
+                    raise errors.UpstreamError("upstream ended the stream before any event")
+                attempt.events = splitter.feed(data)
+    except TimeoutError:
+        if keepalive < first_byte:
+            return  # silent for the keep-alive time: commit and wait on in the relay
+        resp.close()
+        raise errors.UpstreamTimeout("upstream sent no event in time") from None
+    except errors.UpstreamFailed:
+        resp.close()
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# answers
+
+
+def _lowrouter(
+    rt: Runtime, rec: Rec, cand: Candidate, region_pin: str | None,
+    prompt: int, completion: int, measured: bool,
+) -> dict[str, Any]:
+    """The §3 object; also books the figures on `rec` for the metrics, so both agree."""
+    figures = eco.eco_figures(
+        cand.model, cand.region, rt.intensity(cand.region.name), prompt, completion,
+        tokens_measured=measured,
+    )
+    rec.prompt, rec.completion = prompt, completion
+    rec.energy_wh, rec.carbon_g = figures["energy_wh"], figures["carbon_g"]
+    return {
+        "eco": figures,
+        "route": {
+            "model": cand.model.id, "region": cand.region.name, "upstream": cand.upstream.name,
+            "pinned": region_pin is not None, "attempts": rec.attempts,
+        },
+        "request_id": rec.request_id,
+    }
+
+
+def _answer(
+    rt: Runtime, rec: Rec, obj: dict[str, Any], attempt: _Attempt, region: str | None, chat: bool,
+) -> web.Response:
+    """A whole JSON answer: eco spliced into a success, a client error passed through."""
+    resp, data = attempt.resp, attempt.body
+    rec.upstream_s = time.perf_counter() - attempt.t_sent
+    headers = attempt_headers(rec)
+    if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
+        rec.error = "upstream_4xx"
+        return web.Response(status=resp.status, body=data, headers=headers,
+                            content_type="application/json")
+    doc = orjson.loads(data)
+    usage = sse.usage_of(doc)
+    if usage is not None:
+        lr = _lowrouter(rt, rec, attempt.cand, region, *usage, measured=True)
+    else:
+        prompt = eco.estimate_tokens(_prompt_chars(obj, chat))
+        lr = _lowrouter(rt, rec, attempt.cand, region, prompt,
+                        eco.estimate_tokens(_completion_chars(doc)), measured=False)
+    rec.ttfb = time.perf_counter() - rec.t0
+    return web.Response(body=_splice(data, doc, lr), headers=headers,
+                        content_type="application/json")
+
+
+def attempt_headers(rec: Rec) -> dict[str, str]:
+    return rec.route_headers()
+
+
+def _splice(data: bytes, doc: dict[str, Any], lr: dict[str, Any]) -> bytes:
+    """Add `lowrouter` to a JSON object without re-encoding the upstream's bytes."""
+    end = data.rfind(b"}")
+    if not doc or "lowrouter" in doc or end < 0:
+        doc["lowrouter"] = lr
+        return orjson.dumps(doc)
+    return data[:end] + b',"lowrouter":' + orjson.dumps(lr) + data[end:]
+
+
+def _completion_chars(doc: dict[str, Any]) -> int:
+    total = 0
+    for c in doc.get("choices") or ():
+        if isinstance(c, dict):
+            msg = c.get("message") or {}
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(content, str):
+                total += len(content)
+            text = c.get("text")
+            if isinstance(text, str):
+                total += len(text)
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# streams
+
+
+@attrs.define(slots=True)
+class _Tail:
+    """What a stream holds back until its end (SPEC §1.1), and what it has counted."""
+
+    held: list[tuple[bytes, dict[str, Any]]] = attrs.Factory(list)  # finish chunks
+    usage_chunk: dict[str, Any] | None = None
+    usage: tuple[int, int] | None = None
+    content_events: int = 0
+    done_event: bytes = DONE_EVENT
+    done: bool = False
+
+
+def _take_events(events: list[bytes], tail: _Tail) -> bytes:
+    """The bytes to forward now; hold finish and usage chunks; raise on a broken stream."""
+    out: list[bytes] = []
+    for ev in events:
+        kind, obj = sse.classify(ev)
+        if kind == sse.Kind.PASS:
+            if obj is not None or sse.is_data_event(ev):
+                tail.content_events += 1
+            out.append(ev)
+            continue
+        if kind == sse.Kind.FINAL:
+            assert obj is not None
+            usage = sse.usage_of(obj)
+            if usage is not None:
+                tail.usage = usage
+            if obj.get("choices") == [] or not obj.get("choices"):
+                tail.usage_chunk = obj
+            else:
+                tail.content_events += 1
+                tail.held.append((ev, obj))
+            continue
+        if kind == sse.Kind.DONE:
+            tail.done, tail.done_event = True, ev
+            break
+        if kind == sse.Kind.ERROR:
+            raise errors.UpstreamError("the upstream reported an error inside the stream")
+        raise errors.UpstreamError("the upstream sent a malformed event")
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _finish(
+    rt: Runtime, rec: Rec, obj: dict[str, Any], cand: Candidate, region: str | None,
+    tail: _Tail, client_usage: bool,
+) -> tuple[bytes, dict[str, Any]]:
+    """The tail of a stream that ended well: finish chunks, usage, lowrouter, [DONE]."""
+    lr = _stream_lowrouter(rt, rec, obj, cand, region, tail)
+    out = [ev for ev, _ in tail.held[:-1]]
+    if client_usage and tail.usage_chunk is not None:
+        if tail.held:
+            out.append(tail.held[-1][0])
+        out.append(sse.make_event({**tail.usage_chunk, "lowrouter": lr}))
+    elif tail.held:
+        out.append(sse.make_event({**tail.held[-1][1], "lowrouter": lr}))
+    else:  # no finish chunk came: carry lowrouter on an empty delta, never on choices: []
+        out.append(sse.make_event({
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": None}], "lowrouter": lr,
+        }))
+    out.append(tail.done_event)
+    return b"".join(out), lr
+
+
+def _stream_lowrouter(
+    rt: Runtime, rec: Rec, obj: dict[str, Any], cand: Candidate, region: str | None, tail: _Tail
+) -> dict[str, Any]:
+    if tail.usage is not None:
+        return _lowrouter(rt, rec, cand, region, *tail.usage, measured=True)
+    prompt = eco.estimate_tokens(_prompt_chars(obj, True))
+    return _lowrouter(rt, rec, cand, region, prompt, tail.content_events, measured=False)
+
+
+async def _relay_stream(
+    request: web.Request, rt: Runtime, st: State, rec: Rec, obj: dict[str, Any],
+    attempt: _Attempt, region: str | None, client_usage: bool,
+) -> web.StreamResponse:
+    """Relay an SSE stream event by event; only the end is held back (SPEC §1.1)."""
+    resp, splitter, cand = attempt.resp, attempt.splitter, attempt.cand
+    assert splitter is not None
+    tmo = st.config.timeouts
+    out = web.StreamResponse(status=200, headers={**_STREAM_HEADERS, **rec.route_headers()})
+    tail = _Tail()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + tmo.total
+    first_deadline = started + tmo.first_byte
+    got_event = bool(attempt.events)
+    last_byte = loop.time()
+    finished = False
+    try:
+        data = _take_events(attempt.events, tail) if attempt.events else KEEPALIVE_EVENT
+        await out.prepare(request)
+        rec.ttfb = time.perf_counter() - rec.t0
+        rec.status = 200
+        if data:
+            await out.write(data)
+        while not tail.done:
+            now = loop.time()
+            limit = min(last_byte + tmo.idle, deadline, now + 3600.0)
+            if not got_event:
+                limit = min(limit, first_deadline)
+            wait = limit - now
+            if splitter.pending == 0:  # keep-alive comments only between events
+                wait = min(wait, tmo.keepalive)
+            try:
+                async with asyncio.timeout(max(wait, 0.0)):
+                    chunk = await resp.read_some()
+            except TimeoutError:
+                now = loop.time()
+                if now >= limit - 0.001:
+                    what = "in total" if now >= deadline - 0.001 else (
+                        "before its first event" if not got_event else "between events")
+                    raise errors.UpstreamTimeout(f"the upstream went silent {what}") from None
+                await out.write(KEEPALIVE_EVENT)
+                continue
+            if not chunk:
+                break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
+            last_byte = loop.time()
+            events = splitter.feed(chunk)
+            if events:
+                got_event = True
+                data = _take_events(events, tail)
+                if data:
+                    await out.write(data)
+        if splitter.pending and not tail.done:
+            raise errors.UpstreamError("the upstream stream ended inside an event")
+        end, _ = _finish(rt, rec, obj, cand, region, tail, client_usage)
+        await out.write(end)
+        await out.write_eof()
+        finished = True
+        rt.pool.succeeded(cand.upstream.name)
+    except errors.UpstreamFailed as e:
+        rt.pool.failed(cand.upstream.name, time.monotonic())
+        rt.metrics.attempts.labels(cand.upstream.name, "stream_" + _outcome(e)).inc()
+        await _stream_error(rt, rec, obj, cand, region, tail, e, out, request)
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The client left: drop the upstream connection at once so it stops generating,
+        # and keep the tokens so far for the metrics (SPEC §1.1).
+        resp.close()
+        rec.status = "client_closed"
+        _stream_lowrouter(rt, rec, obj, cand, region, tail)
+        if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            raise
+    finally:
+        if finished:
+            resp.release()
+        else:
+            resp.close()
+        rec.upstream_s = time.perf_counter() - attempt.t_sent
+    return out
+
+
+async def _stream_error(
+    rt: Runtime, rec: Rec, obj: dict[str, Any], cand: Candidate, region: str | None,
+    tail: _Tail, e: errors.UpstreamFailed, out: web.StreamResponse, request: web.Request,
+) -> None:
+    """End a started stream with the §1.1 error event: no [DONE], a clean end of body."""
+    rec.status, rec.error = "stream_error", e.code
+    lr = _stream_lowrouter(rt, rec, obj, cand, region, tail)
+    event = sse.make_event({
+        "error": {"message": e.message, "type": e.type, "code": e.code},
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+        "lowrouter": lr,
+    })
+    try:
+        if not out.prepared:
+            await out.prepare(request)
+        await out.write(b"".join([*(ev for ev, _ in tail.held), event]))
+        await out.write_eof()
+    except ConnectionResetError:
+        rec.status = "client_closed"

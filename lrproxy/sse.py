@@ -1,0 +1,141 @@
+"""Server-sent events, bytes in and exact event bytes out (SPEC §1.1).
+
+`EventSplitter` finds event boundaries in whatever pieces the upstream's bytes arrive
+and returns each complete event's bytes exactly as received (LF or CRLF line ends,
+comment lines and multi-line `data:` included). `classify` looks at one event just
+enough to tell the relay whether it must be held back (a finish or usage chunk), and
+only then parses its JSON. Lone-CR line ends (allowed by the SSE standard, sent by no
+OpenAI-compatible server we know) are not treated as line ends.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import orjson
+
+DONE: Final = b"[DONE]"
+
+# A chunk needs a closer look only if it may finish a choice or carry usage; every
+# OpenAI content chunk has `"finish_reason":null`, so match a non-null value only.
+_FINAL_HINT: Final = re.compile(
+    rb'"finish_reason"\s*:\s*[^n\s]|"usage"\s*:\s*\{|"choices"\s*:\s*\[\s*\]'
+)
+
+
+class EventSplitter:
+    """Incremental SSE splitter: `feed(bytes) -> [event bytes]`, `close() -> leftover bytes`."""
+
+    __slots__ = ("_buf", "_scan")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._scan = 0  # where to resume the search for a blank line in _buf
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf + data if self._buf else data
+        events: list[bytes] = []
+        start = 0
+        scan = self._scan
+        n = len(buf)
+        while start < n:
+            # A blank line at the very start of an event is an (empty) event of its own.
+            if buf[start] == 0x0A:
+                end = start + 1
+            elif buf.startswith(b"\r\n", start):
+                end = start + 2
+            else:
+                a = buf.find(b"\n\n", scan)
+                b = buf.find(b"\n\r\n", scan)
+                if a == -1 and b == -1:
+                    break
+                end = a + 2 if b == -1 or (a != -1 and a < b) else b + 3
+            events.append(buf[start:end] if start or end != n else buf)
+            start = scan = end
+        self._buf = buf[start:] if start < n else b""
+        # The terminators are up to 3 bytes long: resume 2 bytes before the end.
+        self._scan = max(0, len(self._buf) - 2) if start < n else 0
+        return events
+
+    def close(self) -> bytes:
+        """The bytes of an unfinished event at the end of the stream (usually empty)."""
+        rest, self._buf, self._scan = self._buf, b"", 0
+        return rest
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The event's data (its `data:` lines joined by LF), or None if it has none."""
+    parts: list[bytes] = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+        elif line == b"data":
+            parts.append(b"")
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else b"\n".join(parts)
+
+
+class Kind:
+    """What an event is to the relay."""
+
+    PASS: Final = 0  # forward as it is (content chunk, comment, other field)
+    FINAL: Final = 1  # a chunk with a finish_reason or usage: hold until [DONE]
+    DONE: Final = 2  # data: [DONE]
+    ERROR: Final = 3  # an upstream error object inside the stream
+    MALFORMED: Final = 4  # data that is not JSON
+
+
+def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
+    """Kind of one event and, when it had to be parsed, its JSON object."""
+    if not _FINAL_HINT.search(event):
+        if DONE in event and event_data(event) == DONE:
+            return Kind.DONE, None
+        if b'"error"' not in event:
+            return Kind.PASS, None
+    data = event_data(event)
+    if data is None:
+        return Kind.PASS, None
+    if data == DONE:
+        return Kind.DONE, None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return Kind.MALFORMED, None
+    if not isinstance(obj, dict):
+        return Kind.MALFORMED, None
+    if obj.get("error") is not None and not obj.get("choices"):
+        return Kind.ERROR, obj
+    choices = obj.get("choices")
+    if obj.get("usage") or choices == [] or (
+        isinstance(choices, list)
+        and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+    ):
+        return Kind.FINAL, obj
+    return Kind.PASS, obj
+
+
+def is_data_event(event: bytes) -> bool:
+    """True for events that carry data (not comments, not blank lines)."""
+    return event.startswith(b"data") or b"\ndata" in event
+
+
+def make_event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def usage_of(obj: dict[str, Any]) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an OpenAI `usage` object, if it has them."""
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if isinstance(p, int) and isinstance(c, int) and not isinstance(p, bool) and p >= 0 and c >= 0:
+        return p, c
+    return None

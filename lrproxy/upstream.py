@@ -1,0 +1,244 @@
+"""Upstream I/O: one ClientSession, passive health and load per upstream (SPEC §2).
+
+This is the only module that catches aiohttp's client errors: each becomes one of
+ours (`UpstreamError`, `UpstreamTimeout`, `UpstreamAuthFailed`) so the relay can fail
+over before the first byte, or end a stream with the §1.1 error event after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+import aiohttp
+import attrs
+
+from lrproxy.config import Config, Upstream
+from lrproxy.errors import UpstreamAuthFailed, UpstreamError, UpstreamFailed, UpstreamTimeout
+
+EJECT_AFTER: Final = 5  # consecutive failures
+COOL_DOWN_S: Final = 30.0  # × the number of ejections in a row
+COOL_DOWN_CAP_S: Final = 300.0
+USER_AGENT: Final = "lrproxy"
+
+
+@attrs.define
+class Health:
+    """Passive health and load of one upstream; kept across reloads while it exists."""
+
+    outstanding: int = 0
+    failures: int = 0  # consecutive
+    ejections: int = 0  # in a row, for the growing cool-down
+    ejected_until: float = 0.0
+    trial: bool = False  # the one trial request after a cool-down is out
+
+    def usable(self, now: float) -> bool:
+        if self.failures < EJECT_AFTER:
+            return True
+        if now < self.ejected_until:
+            return False
+        return not self.trial  # cool-down over: exactly one trial request
+
+    def cool_down_left(self, now: float) -> float:
+        return max(0.0, self.ejected_until - now)
+
+
+class Pool:
+    """Health and load of every upstream, with the ejection rule of SPEC §2."""
+
+    def __init__(self) -> None:
+        self.health: dict[str, Health] = {}
+        self.region_of: dict[str, str] = {}
+        self.capacity: dict[str, int] = {}
+
+    def configure(self, upstreams: Iterable[Upstream]) -> None:
+        """Adopt a (new) config: keep the state of upstreams that stay, drop the rest."""
+        ups = list(upstreams)
+        self.health = {u.name: self.health.get(u.name) or Health() for u in ups}
+        self.region_of = {u.name: u.region for u in ups}
+        self.capacity = {u.name: u.max_concurrency for u in ups}
+
+    def usable(self, name: str, now: float) -> bool:
+        return self.health[name].usable(now)
+
+    def has_capacity(self, name: str) -> bool:
+        return self.health[name].outstanding < self.capacity[name]
+
+    def load(self, name: str) -> int:
+        return self.health[name].outstanding
+
+    def acquire(self, name: str, now: float) -> None:
+        h = self.health[name]
+        h.outstanding += 1
+        if h.failures >= EJECT_AFTER and now >= h.ejected_until:
+            h.trial = True
+
+    def release(self, name: str) -> None:
+        h = self.health.get(name)
+        if h is not None:  # gone in a reload: nothing to keep
+            h.outstanding -= 1
+
+    def succeeded(self, name: str) -> None:
+        h = self.health.get(name)
+        if h is not None:
+            h.failures = h.ejections = 0
+            h.ejected_until = 0.0
+            h.trial = False
+
+    def failed(self, name: str, now: float, retry_after: float | None = None) -> None:
+        h = self.health.get(name)
+        if h is None:
+            return
+        h.failures += 1
+        h.trial = False
+        if h.failures < EJECT_AFTER:
+            return
+        region = self.region_of[name]
+        others = [
+            n for n, r in self.region_of.items() if r == region and n != name
+            and self.health[n].usable(now)
+        ]
+        if not others:  # the last usable upstream of a region is never ejected
+            h.failures = EJECT_AFTER - 1
+            return
+        h.ejections += 1
+        cool = min(COOL_DOWN_S * h.ejections, COOL_DOWN_CAP_S)
+        if retry_after is not None:
+            cool = max(cool, min(retry_after, COOL_DOWN_CAP_S))
+        h.ejected_until = now + cool
+
+    def retry_after(self, names: Iterable[str], now: float) -> float:
+        """Seconds until the first of these upstreams may be tried again (at least 1)."""
+        waits = [self.health[n].cool_down_left(now) for n in names if n in self.health]
+        return max(1.0, min(waits, default=1.0))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        s = float(value)
+    except ValueError:
+        return None  # an HTTP date: rare from LLM APIs; the default cool-down applies
+    return s if 0 <= s < 86400 else None
+
+
+@attrs.frozen
+class Target:
+    """Everything needed to send to one upstream, prepared once per config."""
+
+    upstream: Upstream
+    chat_url: str
+    embeddings_url: str
+    auth: str | None  # the Authorization header value
+    ssl_context: ssl.SSLContext | None
+    proxy: str | None
+
+
+def make_targets(config: Config, keys: Mapping[str, str | None]) -> dict[str, Target]:
+    out = {}
+    for u in config.upstreams:
+        ctx = ssl.create_default_context(cafile=u.ca_file) if u.ca_file else None
+        key = keys.get(u.name)
+        out[u.name] = Target(
+            u, u.base_url + "/chat/completions", u.base_url + "/embeddings",
+            f"Bearer {key}" if key else None, ctx, u.proxy,
+        )
+    return out
+
+
+class UpstreamResponse:
+    """An upstream answer whose status is 2xx or a client error to pass through."""
+
+    __slots__ = ("_resp", "content_type", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.content_type = resp.content_type
+
+    async def read_some(self) -> bytes:
+        """The next bytes of the body, b"" at its end; raises UpstreamError if cut."""
+        try:
+            return await self._resp.content.readany()
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError(f"upstream connection lost: {type(e).__name__}") from e
+
+    async def read_all(self, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while data := await self.read_some():
+            size += len(data)
+            if size > limit:
+                raise UpstreamError("upstream answer too large")
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        """Drop the connection: the upstream stops generating (client gone, error)."""
+        self._resp.close()
+
+    def release(self) -> None:
+        """Give a fully read connection back to the pool."""
+        self._resp.release()
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    target: Target,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    client_timeout: aiohttp.ClientTimeout,
+) -> UpstreamResponse:
+    """POST to an upstream; raises UpstreamFailed for what may fail over (SPEC §1, §2).
+
+    `timeout` bounds the time until the response headers. Redirects are never followed:
+    they would carry our key to another host.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            resp = await session.post(
+                url, data=body, headers=headers, allow_redirects=False,
+                ssl=target.ssl_context if target.ssl_context is not None else True,
+                proxy=target.proxy, timeout=client_timeout,
+            )
+    except TimeoutError as e:
+        raise UpstreamTimeout("upstream did not answer in time") from e
+    except aiohttp.ServerTimeoutError as e:
+        raise UpstreamTimeout("upstream did not answer in time") from e
+    except (aiohttp.ClientError, OSError) as e:
+        raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
+    status = resp.status
+    if status < 300 or (400 <= status < 500 and status not in (401, 403, 429)):
+        return UpstreamResponse(resp)
+    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    resp.close()
+    err: UpstreamFailed
+    if status in (401, 403):
+        # The upstream's text may echo our key: never pass it on (SPEC §1).
+        err = UpstreamAuthFailed("the upstream rejected the proxy's credentials")
+    elif status < 400:
+        err = UpstreamError(f"upstream answered with a redirect ({status}); not followed")
+    else:
+        err = UpstreamError(f"upstream answered {status}")
+    err.upstream_status = status
+    err.retry_after = retry_after
+    raise err
+
+
+def make_session(config: Config) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0, ttl_dns_cache=300, enable_cleanup_closed=False, keepalive_timeout=30
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
+        auto_decompress=False,
+        trust_env=config.server.trust_env,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        raise_for_status=False,
+    )

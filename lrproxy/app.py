@@ -77,6 +77,7 @@ class Runtime:
     session: aiohttp.ClientSession | None = None
     draining: bool = False
     clock: Callable[[], float] = time.time  # wall clock for intensity ages
+    feed_poll_s: float = 5.0
 
     def intensity(self, region: str) -> eco.Intensity:
         r = self.state.config.regions[region]
@@ -300,7 +301,7 @@ def make_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The lrproxy application for one config; tests build it directly."""
-    from lrproxy import relay  # the handlers need RUNTIME and REC from here
+    from lrproxy import feeds, relay  # they need RUNTIME and REC from here
 
     metrics = Metrics.create(registry or CollectorRegistry())
     rt = Runtime(make_state(config, secrets, {}), Pool(), metrics, clock=clock)
@@ -315,6 +316,7 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(feeds.feeds_ctx)
     return app
 
 

@@ -1,0 +1,71 @@
+"""Live grid-intensity feeds (SPEC §3): JSON files re-read when they change.
+
+Each region may name an `intensity_feed`, a file in the shape of Electricity Maps'
+`carbon-intensity/latest` answer, which something else (a timer running curl, say) keeps
+fresh. A background task polls the files' stat every few seconds and, when a reading or
+its freshness changes, rebuilds the routing table so carbon ranking follows the grid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Final
+
+from aiohttp import web
+
+from lrproxy import eco
+from lrproxy.app import RUNTIME, Runtime
+from lrproxy.log import MAIN
+
+POLL_S: Final = 5.0
+log = logging.getLogger(MAIN)
+
+
+def poll_feeds(rt: Runtime, seen: dict[str, tuple[int, int]]) -> None:
+    """One pass: read changed feed files, then refresh the table if any figure moved."""
+    before = rt.intensities()
+    for region in rt.state.config.regions.values():
+        path = region.intensity_feed
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if seen.get(region.name) == stamp:
+                continue
+            seen[region.name] = stamp
+            with open(path, "rb") as f:
+                reading = eco.parse_reading(f.read(65536))
+        except OSError as e:
+            if seen.pop(region.name, None) is not None or region.name not in rt.readings:
+                log.warning("intensity feed of region %s unreadable: %s", region.name,
+                            e.strerror)
+            continue
+        except ValueError as e:
+            log.warning("intensity feed of region %s refused: %s", region.name, e)
+            continue
+        rt.readings[region.name] = reading
+    if rt.intensities() != before:
+        rt.refresh_table()
+
+
+async def feeds_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: poll the feeds while the app runs."""
+    rt = app[RUNTIME]
+    seen: dict[str, tuple[int, int]] = {}
+    poll_feeds(rt, seen)
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(rt.feed_poll_s)
+            poll_feeds(rt, seen)
+
+    task = asyncio.create_task(run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,88 @@
+"""Live grid-intensity feeds (SPEC §3): fresh readings are used and make figures `measured`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from lrproxy.feeds import poll_feeds
+
+
+def _write_feed(path: Path, value: float, age_s: float = 0.0) -> None:
+    when = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_s)
+    path.write_text(json.dumps({
+        "zone": "FR", "carbonIntensity": value,
+        "datetime": when.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        "updatedAt": when.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+    }))
+
+
+def test_fresh_feed_is_used_and_measured(make_stack: Any, tmp_path: Path) -> None:
+    """A fresh live reading replaces the static figure; with upstream usage it is `measured`."""
+    feed = tmp_path / "eu-west.json"
+    _write_feed(feed, 55)
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-west"]["intensity_feed"] = str(feed)
+
+    stack = make_stack(mutate)
+    r = stack.client().chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+        extra_body={"route": {"region": "eu-west"}},
+    )
+    eco = r.model_extra["lowrouter"]["eco"]
+    assert eco["grid_intensity_g_per_kwh"] == 55
+    assert eco["accuracy"] == "measured"
+    assert eco["carbon_g"] == eco["energy_wh"] / 1000 * 55
+    assert stack.metric("lrproxy_grid_intensity_g_per_kwh", region="eu-west") == 55
+
+
+def test_stale_feed_falls_back_to_static(make_stack: Any, tmp_path: Path) -> None:
+    """A reading older than intensity_max_age_s is ignored: static figure, `estimated`."""
+    feed = tmp_path / "eu-west.json"
+    _write_feed(feed, 55, age_s=7200)
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-west"].update(intensity_feed=str(feed), intensity_max_age_s=3600)
+
+    stack = make_stack(mutate)
+    r = stack.client().chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+        extra_body={"route": {"region": "eu-west"}},
+    )
+    eco = r.model_extra["lowrouter"]["eco"]
+    assert eco["grid_intensity_g_per_kwh"] == 290
+    assert eco["accuracy"] == "estimated"
+
+
+def test_feed_change_reorders_routing(make_stack: Any, tmp_path: Path) -> None:
+    """A new reading re-ranks candidates: a very clean us-east grid wins unpinned traffic."""
+    feed = tmp_path / "us-east.json"
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["us-east"]["intensity_feed"] = str(feed)
+
+    stack = make_stack(mutate)
+    ask = lambda: stack.client().chat.completions.create(  # noqa: E731
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+    ).model_extra["lowrouter"]["route"]["region"]
+    assert ask() == "eu-west"  # 290 g/kWh beats the static 380
+    _write_feed(feed, 10)
+    stack.call(lambda: poll_feeds(stack.runtime, {}))
+    assert ask() == "us-east"
+
+
+def test_bad_feed_keeps_the_last_good_reading(make_stack: Any, tmp_path: Path) -> None:
+    """A feed file that stops being valid JSON is refused; the previous reading stays."""
+    feed = tmp_path / "eu-west.json"
+    _write_feed(feed, 70)
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-west"]["intensity_feed"] = str(feed)
+
+    stack = make_stack(mutate)
+    feed.write_text("{not json")
+    stack.call(lambda: poll_feeds(stack.runtime, {}))
+    assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70

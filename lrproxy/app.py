@@ -76,6 +76,8 @@ class Runtime:
     readings: dict[str, eco.Reading] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     draining: bool = False
+    drain_expired: bool = False  # shutdown_grace_s is over: end what is left with an error
+    tasks: set[asyncio.Task[Any]] = attrs.Factory(set)  # handlers in flight, for the drain
     clock: Callable[[], float] = time.time  # wall clock for intensity ages
     feed_poll_s: float = 5.0
 
@@ -171,6 +173,9 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     rec = Rec(_request_id(request.headers.get("X-Request-Id")), time.perf_counter())
     request[REC] = rec
     rt.metrics.inflight.inc()
+    task = asyncio.current_task()
+    assert task is not None
+    rt.tasks.add(task)
     try:
         resp = await handler(request)
         if not resp.prepared:
@@ -194,6 +199,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             resp.headers["Allow"] = e.headers["Allow"]
         return resp
     except asyncio.CancelledError:
+        if rt.drain_expired and task.cancelling() == 1:
+            task.uncancel()
+            # Cancelled by the drain, not by a client that left: answer properly (SPEC §6).
+            shut = errors.ShuttingDown("The proxy is shutting down; retry the request.",
+                                       retry_after=1)
+            rec.status, rec.error = shut.status, shut.code
+            return _error_response(shut, rec)
         if not rec.status:
             rec.status = "client_closed"
         raise
@@ -202,6 +214,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         rec.status, rec.error = 500, "internal_error"
         return _error_response(errors.ProxyError("Internal error; see the proxy's log."), rec)
     finally:
+        rt.tasks.discard(task)
         rt.metrics.inflight.dec()
         if rec.api:
             _account(rt.metrics, rec)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lrproxy import __version__
-from lrproxy.app import RUNTIME, make_app
+from lrproxy.app import RUNTIME, Runtime, make_app
 from lrproxy.config import (
     Config,
     ConfigError,
@@ -32,6 +32,7 @@ from lrproxy.config import (
     resolve_secrets,
 )
 from lrproxy.log import MAIN, setup_logging
+from lrproxy.sdnotify import Notifier, activated_sockets
 
 EX_CONFIG: Final = 78  # sysexits.h; systemd's RestartPreventExitStatus= understands it
 EX_USAGE: Final = 64
@@ -127,6 +128,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    notifier = Notifier(os.environ)
     sims: list[Any] = []
     if args.demo:
         config, secrets_, key, sims = await _demo_config(args.listen or "127.0.0.1:8080")
@@ -140,14 +142,12 @@ async def _serve(args: argparse.Namespace) -> int:
     app = make_app(config, secrets_, registry=registry)
     rt = app[RUNTIME]
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=config.server.shutdown_grace_s)
+                           shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, listen.host, listen.port, backlog=1024,
-                       reuse_port=config.server.workers > 1 or None)
     try:
-        await site.start()
+        await _start_sites(runner, listen, config.server.workers > 1)
     except OSError as e:
-        log.error("cannot listen on %s: %s", listen, e.strerror)
+        log.error("cannot listen on %s: %s", listen, e.strerror or e)
         await runner.cleanup()
         return 1
     mrunner = await _start_metrics(registry, mlisten) if mlisten else None
@@ -163,17 +163,64 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if not args.demo:
-        loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config)
+        loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config, notifier)
+    watchdog = asyncio.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
+    notifier.ready(f"serving on {bound}")
     await stop.wait()
-    log.info("stopping: draining requests in flight for up to %ss",
-             config.server.shutdown_grace_s)
-    rt.draining = True
-    await runner.cleanup()
+    notifier.stopping()
+    await _drain(runner, rt, rt.state.config.server.shutdown_grace_s)
+    if watchdog is not None:
+        watchdog.cancel()
     if mrunner is not None:
         await mrunner.cleanup()
     for sim in sims:
         await sim.stop()
+    notifier.close()
+    log.info("stopped")
     return 0
+
+
+async def _start_sites(runner: web.AppRunner, listen: Listen, reuse_port: bool) -> None:
+    """Listen on the sockets systemd passed (socket activation), else on `listen`."""
+    socks = activated_sockets(os.environ)
+    if socks:
+        for sock in socks:
+            await web.SockSite(runner, sock).start()
+        log.info("using %d socket(s) from systemd socket activation", len(socks))
+        return
+    await web.TCPSite(runner, listen.host, listen.port, backlog=1024,
+                      reuse_port=reuse_port or None).start()
+
+
+async def _drain(runner: web.AppRunner, rt: Runtime, grace: float) -> None:
+    """Stop accepting, let requests in flight finish for up to `grace` seconds (SPEC §6).
+
+    What is still running then is ended properly: a 503 for a request not yet answered,
+    the §1.1 error event for a stream, never a cut connection.
+    """
+    rt.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    n = len(rt.tasks)
+    if n:
+        log.info("draining %d request(s) for up to %ss", n, grace)
+    if rt.tasks:
+        await asyncio.wait(set(rt.tasks), timeout=grace)
+    if rt.tasks:
+        log.warning("shutdown_grace_s over: ending %d request(s) early", len(rt.tasks))
+        rt.drain_expired = True
+        for task in list(rt.tasks):
+            task.cancel()
+        await asyncio.wait(set(rt.tasks), timeout=2.0)
+    await runner.cleanup()
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    """WATCHDOG=1 from the event loop itself, so a blocked loop is caught (sd_watchdog_enabled(3))."""
+    assert notifier.watchdog_s is not None
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(notifier.watchdog_s)
 
 
 def _bound(runner: web.AppRunner, listen: Listen) -> Listen:
@@ -184,8 +231,10 @@ def _bound(runner: web.AppRunner, listen: Listen) -> Listen:
     return listen
 
 
-def _reload(app: web.Application, path: str) -> None:
+def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
+    """SIGHUP: validate, then swap atomically; a bad config leaves the old one serving."""
     rt = app[RUNTIME]
+    notifier.reloading()
     try:
         config, secrets_ = _load(path)
     except ConfigError as e:
@@ -193,6 +242,11 @@ def _reload(app: web.Application, path: str) -> None:
         for line in e.problems:
             log.error("reload refused, the old config stays: %s", line)
         return
+    finally:
+        notifier.ready()  # always after RELOADING=1, or `systemctl reload` hangs
+    old = rt.state.config.server
+    if config.server.listen != old.listen or config.server.workers != old.workers:
+        log.warning("server.listen and server.workers take effect at restart, not reload")
     rt.install(config, secrets_)
     rt.metrics.reloads.labels("ok").inc()
     log.info("config reloaded from %s", path)

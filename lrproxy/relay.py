@@ -540,12 +540,21 @@ async def _relay_stream(
         rt.metrics.attempts.labels(cand.upstream.name, "stream_" + _outcome(e)).inc()
         await _stream_error(rt, rec, obj, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
+        task = asyncio.current_task()
+        assert task is not None
+        if rt.drain_expired and task.cancelling() == 1:
+            task.uncancel()
+            # The drain's deadline, not the client: end with the §1.1 error event.
+            resp.close()
+            await _stream_error(rt, rec, obj, cand, region, tail, errors.ShuttingDown(
+                "The proxy is shutting down; the stream was ended early."), out, request)
+            return out
         # The client left: drop the upstream connection at once so it stops generating,
         # and keep the tokens so far for the metrics (SPEC §1.1).
         resp.close()
         rec.status = "client_closed"
         _stream_lowrouter(rt, rec, obj, cand, region, tail)
-        if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+        if task.cancelling():
             raise
     finally:
         if finished:
@@ -558,7 +567,7 @@ async def _relay_stream(
 
 async def _stream_error(
     rt: Runtime, rec: Rec, obj: dict[str, Any], cand: Candidate, region: str | None,
-    tail: _Tail, e: errors.UpstreamFailed, out: web.StreamResponse, request: web.Request,
+    tail: _Tail, e: errors.ProxyError, out: web.StreamResponse, request: web.Request,
 ) -> None:
     """End a started stream with the §1.1 error event: no [DONE], a clean end of body."""
     rec.status, rec.error = "stream_error", e.code

@@ -33,6 +33,7 @@ from lrproxy.config import (
 )
 from lrproxy.log import MAIN, setup_logging
 from lrproxy.sdnotify import Notifier, activated_sockets
+from lrproxy.workers import WORKER_FDS_ENV, supervise, worker_sockets
 
 EX_CONFIG: Final = 78  # sysexits.h; systemd's RestartPreventExitStatus= understands it
 EX_USAGE: Final = 64
@@ -138,6 +139,15 @@ async def _serve(args: argparse.Namespace) -> int:
     mlisten = parse_listen(args.metrics_listen) if args.metrics_listen else (
         config.server.metrics_listen
     )
+    worker = os.environ.get(WORKER_FDS_ENV) is not None
+    if config.server.workers > 1 and not args.demo and not worker:
+        passed = [f"--log-level={args.log_level}", f"--log-format={args.log_format}"]
+        if args.no_access_log:
+            passed.append("--no-access-log")
+        return await supervise(config, args.config, listen, mlisten, passed)
+    if worker:
+        notifier.ready_status = f"worker {os.environ.get('LRPROXY_WORKER_INDEX', '0')}"
+        mlisten = None  # the supervisor serves /metrics for all workers
     registry = CollectorRegistry()
     app = make_app(config, secrets_, registry=registry)
     rt = app[RUNTIME]
@@ -182,11 +192,11 @@ async def _serve(args: argparse.Namespace) -> int:
 
 async def _start_sites(runner: web.AppRunner, listen: Listen, reuse_port: bool) -> None:
     """Listen on the sockets systemd passed (socket activation), else on `listen`."""
-    socks = activated_sockets(os.environ)
+    socks = worker_sockets(os.environ) or activated_sockets(os.environ)
     if socks:
         for sock in socks:
             await web.SockSite(runner, sock).start()
-        log.info("using %d socket(s) from systemd socket activation", len(socks))
+        log.debug("listening on %d inherited socket(s)", len(socks))
         return
     await web.TCPSite(runner, listen.host, listen.port, backlog=1024,
                       reuse_port=reuse_port or None).start()

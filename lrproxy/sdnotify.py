@@ -32,6 +32,7 @@ class Notifier:
         elif addr.startswith("/"):
             self._addr = addr
         self._sock: socket.socket | None = None
+        self.ready_status = ""  # a worker names itself here for its supervisor
         usec = environ.get("WATCHDOG_USEC", "")
         pid = environ.get("WATCHDOG_PID", "")
         self.watchdog_s: float | None = None
@@ -53,6 +54,7 @@ class Notifier:
             log.warning("sd_notify failed: %s", e.strerror)
 
     def ready(self, status: str = "") -> None:
+        status = self.ready_status or status
         self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
     def reloading(self) -> None:

@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from lrproxy import __version__, eco, errors
+from lrproxy import __version__, eco, errors, limits, protocol
 from lrproxy.config import AUTO_MODEL, Config, Secrets
 from lrproxy.log import MAIN, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
@@ -78,6 +78,8 @@ class Runtime:
     draining: bool = False
     drain_expired: bool = False  # shutdown_grace_s is over: end what is left with an error
     tasks: set[asyncio.Task[Any]] = attrs.Factory(set)  # handlers in flight, for the drain
+    buckets: dict[str, limits.TokenBucket] = attrs.Factory(dict)  # per key with rate_per_s
+    retries_in_progress: int = 0
     clock: Callable[[], float] = time.time  # wall clock for intensity ages
     feed_poll_s: float = 5.0
 
@@ -91,6 +93,15 @@ class Runtime:
     def install(self, config: Config, secrets: Secrets) -> None:
         """Adopt a validated config atomically (start and reload)."""
         self.pool.configure(config.upstreams)
+        self.buckets = {
+            k.name: self.buckets.get(k.name) or limits.bucket_for(k.rate_per_s)
+            for k in config.keys if k.rate_per_s is not None
+        }
+        for k in config.keys:  # a changed rate takes effect at once, tokens kept
+            if k.rate_per_s is not None and self.buckets[k.name].rate != k.rate_per_s:
+                old = self.buckets[k.name]
+                self.buckets[k.name] = attrs.evolve(limits.bucket_for(k.rate_per_s),
+                                                    tokens=old.tokens, at=old.at)
         self.readings = {k: v for k, v in self.readings.items() if k in config.regions}
         self.state = make_state(config, secrets, {})
         self.refresh_table()
@@ -172,10 +183,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     rec = Rec(_request_id(request.headers.get("X-Request-Id")), time.perf_counter())
     request[REC] = rec
+    # Every API request gets its access line and count, /models and unknown paths too (SPEC §6).
+    rec.api = request.path.startswith(("/api/v1/", "/v1/"))
     rt.metrics.inflight.inc()
     task = asyncio.current_task()
     assert task is not None
     rt.tasks.add(task)
+    protocol.begin(request)
     try:
         resp = await handler(request)
         if not resp.prepared:
@@ -214,10 +228,19 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         rec.status, rec.error = 500, "internal_error"
         return _error_response(errors.ProxyError("Internal error; see the proxy's log."), rec)
     finally:
+        protocol.end(request)
         rt.tasks.discard(task)
         rt.metrics.inflight.dec()
         if rec.api:
             _account(rt.metrics, rec)
+            _publish_usable(rt)
+
+
+def _publish_usable(rt: Runtime) -> None:
+    """lrproxy_upstream_usable follows passive health, which only requests change (SPEC §2)."""
+    now = time.monotonic()
+    for name in rt.pool.health:
+        rt.metrics.usable.labels(name).set(1 if rt.pool.usable(name, now) else 0)
 
 
 def _account(m: Metrics, rec: Rec) -> None:

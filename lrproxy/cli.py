@@ -32,6 +32,7 @@ from lrproxy.config import (
     resolve_secrets,
 )
 from lrproxy.log import MAIN, setup_logging
+from lrproxy.protocol import Runner
 from lrproxy.sdnotify import Notifier, activated_sockets
 from lrproxy.workers import WORKER_FDS_ENV, supervise, worker_sockets
 
@@ -151,8 +152,8 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     app = make_app(config, secrets_, registry=registry)
     rt = app[RUNTIME]
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=1.0)
+    runner = Runner(app, header_timeout=config.timeouts.client_header, access_log=None,
+                    handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     try:
         await _start_sites(runner, listen, config.server.workers > 1)
@@ -202,7 +203,7 @@ async def _start_sites(runner: web.AppRunner, listen: Listen, reuse_port: bool) 
                       reuse_port=reuse_port or None).start()
 
 
-async def _drain(runner: web.AppRunner, rt: Runtime, grace: float) -> None:
+async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
     """Stop accepting, let requests in flight finish for up to `grace` seconds (SPEC §6).
 
     What is still running then is ended properly: a 503 for a request not yet answered,

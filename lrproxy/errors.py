@@ -97,6 +97,12 @@ class RequestTooLarge(ProxyError):
     type = "invalid_request_error"
 
 
+class HeadersTooLarge(ProxyError):
+    status = 431
+    code = "headers_too_large"
+    type = "invalid_request_error"
+
+
 class UnsupportedMediaType(ProxyError):
     status = 415
     code = "unsupported_media_type"

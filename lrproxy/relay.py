@@ -17,7 +17,7 @@ import attrs
 import orjson
 from aiohttp import web
 
-from lrproxy import eco, errors, sse, upstream
+from lrproxy import eco, errors, limits, sse, upstream
 from lrproxy.app import REC, RUNTIME, Rec, Runtime, State
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
@@ -162,6 +162,7 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
     rec = request[REC]
     rec.api = True
     rec.key = st.authenticate(request.headers.get("Authorization"))
+    _admit(rt, st, rec.key)
     body = await _read_body(request, st)
     obj, model_id, region, stream, client_usage = _parse_body(body, chat, request.headers)
     rec.stream = stream
@@ -181,6 +182,19 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
         rt.pool.release(cand.upstream.name)
 
 
+def _admit(rt: Runtime, st: State, key: str) -> None:
+    """The global in-flight cap and the key's rate: a fast 429, never a queue."""
+    if len(rt.tasks) > st.config.server.max_inflight:
+        raise errors.RateLimited("The proxy is at its limit of requests in flight; retry shortly.",
+                                 retry_after=1)
+    bucket = rt.buckets.get(key)
+    if bucket is not None:
+        wait = bucket.take(time.monotonic())
+        if wait:
+            raise errors.RateLimited(f"Rate limit of key '{key}' reached; retry shortly.",
+                                     retry_after=wait)
+
+
 async def _try_candidates(
     request: web.Request, rt: Runtime, st: State, rec: Rec, obj: dict[str, Any],
     cands: tuple[Candidate, ...], chat: bool, stream: bool,
@@ -198,7 +212,9 @@ async def _try_candidates(
     deadline = now + tmo.total
     tried: list[str] = []
     last: errors.UpstreamFailed | None = None
-    for _ in range(st.config.server.retries + 1):
+    for n in range(st.config.server.retries + 1):
+        if n and not limits.retry_allowed(rt.retries_in_progress, len(rt.tasks)):
+            break  # the retry budget is spent: answer with the last failure
         cand = _next_candidate(order, tried, pool)
         if cand is None:
             break
@@ -219,6 +235,7 @@ async def _try_candidates(
             headers["Authorization"] = target.auth
         t_sent = time.perf_counter()
         first_byte = min(tmo.first_byte, deadline - time.monotonic())
+        rt.retries_in_progress += n > 0
         try:
             resp = await upstream.send(
                 rt.session, target,  # type: ignore[arg-type]  # set in cleanup_ctx
@@ -239,6 +256,8 @@ async def _try_candidates(
         except BaseException:
             pool.release(name)
             raise
+        finally:
+            rt.retries_in_progress -= n > 0
         pool.succeeded(name)
         rt.metrics.attempts.labels(name, "ok" if resp.status < 400 else "passed_4xx").inc()
         return attempt

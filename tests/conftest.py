@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from lrproxy.app import RUNTIME, Runtime, make_app
 from lrproxy.config import Config, parse_config, resolve_secrets
+from lrproxy.protocol import Runner
 from lrproxy.simupstream import SimUpstream
 
 T = TypeVar("T")
@@ -114,8 +115,8 @@ class Stack:
         self.config: Config = parse_config(self.data, source="test")
         self.app = make_app(self.config, resolve_secrets(self.config, ENVIRON),
                             registry=self.registry)
-        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
-                                    shutdown_timeout=2)
+        self.runner = Runner(self.app, header_timeout=self.config.timeouts.client_header,
+                             access_log=None, handler_cancellation=True, shutdown_timeout=2)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

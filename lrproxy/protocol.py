@@ -1,0 +1,129 @@
+"""Client-side connection limits aiohttp lacks: a header deadline and OpenAI-shaped parse errors.
+
+aiohttp has no deadline for receiving a request's headers (slowloris), and answers
+unparsable requests (oversized or too many headers, both Content-Length and
+Transfer-Encoding, duplicate Content-Length) with a plain-text 400. This wraps its
+`RequestHandler` so that a connection that has not delivered its headers within
+`timeouts.client_header` gets a 408 and is closed, and parse errors get the OpenAI
+error shape with 431 for header limits (SPEC §1, issue 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from lrproxy import errors
+
+MAX_HEADERS: Final = 128
+MAX_FIELD_SIZE: Final = 16384  # one header line; OpenAI SDK headers are far below this
+KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
+
+
+class _Handler(RequestHandler):
+    """aiohttp's protocol, plus the header deadline and JSON error pages."""
+
+    header_timeout: float = 10.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._lr_timer: asyncio.TimerHandle | None = None
+        self._lr_busy = False
+        self.lr_arm(self.header_timeout)
+
+    def lr_arm(self, delay: float) -> None:
+        """(Re)start the deadline for the next request's headers."""
+        self.lr_disarm()
+        self._lr_timer = self._loop.call_later(delay, self._lr_expired)
+
+    def lr_disarm(self) -> None:
+        if self._lr_timer is not None:
+            self._lr_timer.cancel()
+            self._lr_timer = None
+
+    def lr_begin(self) -> None:
+        self._lr_busy = True
+        self.lr_disarm()
+
+    def lr_end(self) -> None:
+        self._lr_busy = False
+        # Keep-alive: the next request may take its time to start, but then has the
+        # same header deadline (aiohttp closes idle connections itself).
+        self.lr_arm(KEEPALIVE_S + self.header_timeout)
+
+    def _lr_expired(self) -> None:
+        self._lr_timer = None
+        transport = self.transport
+        if self._lr_busy or transport is None or transport.is_closing():
+            return
+        err = errors.RequestTimeout("The request headers did not arrive in time.")
+        body = err.body()
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+            + body
+        )
+        transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lr_disarm()
+        super().connection_lost(exc)
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Requests aiohttp could not parse: the OpenAI error shape, never a traceback."""
+        if status == 500:
+            return super().handle_error(request, status, exc, message)
+        err: errors.ProxyError
+        text = str(getattr(exc, "message", "") or message or "")
+        if isinstance(exc, LineTooLong) or "Too many headers" in text or "too long" in text:
+            err = errors.HeadersTooLarge("Request headers too large or too many.")
+        else:
+            err = errors.InvalidRequest("Malformed HTTP request.")
+        resp = web.Response(status=err.status, body=err.body(), content_type="application/json",
+                            headers={"Server": "lrproxy"})
+        resp.force_close()
+        return resp
+
+
+class Runner(web.AppRunner):
+    """An AppRunner whose connections have the limits above."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        kwargs.setdefault("max_headers", MAX_HEADERS)
+        kwargs.setdefault("max_field_size", MAX_FIELD_SIZE)
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_S)
+        super().__init__(app, **kwargs)
+        self.header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        timeout = self.header_timeout
+
+        class Handler(_Handler):
+            header_timeout = timeout
+
+        class Server(web.Server):
+            def __call__(self) -> RequestHandler:
+                return Handler(self, loop=self._loop, **self._kwargs)
+
+        server.__class__ = Server  # aiohttp builds the Server; we only pick its handler
+        return server
+
+
+def begin(request: web.Request) -> None:
+    proto = request.protocol
+    if isinstance(proto, _Handler):
+        proto.lr_begin()
+
+
+def end(request: web.Request) -> None:
+    proto = request.protocol
+    if isinstance(proto, _Handler):
+        proto.lr_end()

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import signal
+import ssl
 import struct
 import sys
 import time
@@ -315,8 +316,15 @@ class SimUpstream:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on host:port (0 = any free port); return the base URL ending in /v1."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *,
+        ssl_context: ssl.SSLContext | None = None, url_host: str | None = None,
+    ) -> str:
+        """Listen on host:port (0 = any free port); return the base URL ending in /v1.
+
+        With `ssl_context` it serves HTTPS; `url_host` names the host in the URL (the
+        name in the test certificate, e.g. localhost).
+        """
         self._stopping = False
         runner = web.AppRunner(
             self.app,
@@ -326,15 +334,16 @@ class SimUpstream:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self.port = int(runner.addresses[0][1])
-        h = f"[{host}]" if ":" in host else host
-        self.base_url = f"http://{h}:{self.port}/v1"
+        h = url_host or (f"[{host}]" if ":" in host else host)
+        scheme = "https" if ssl_context is not None else "http"
+        self.base_url = f"{scheme}://{h}:{self.port}/v1"
         return self.base_url
 
     async def stop(self) -> None:

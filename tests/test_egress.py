@@ -1,0 +1,186 @@
+"""Corporate egress (SPEC §6): per-upstream forward proxy and CA bundle, and trust_env.
+
+A real forward proxy (Debian's tinyproxy) on loopback carries lrproxy's CONNECT to a
+simulated upstream serving HTTPS with a certificate from a CA made in the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from lrproxy.simupstream import SimUpstream
+
+from conftest import UPSTREAM_KEYS
+
+TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+needs_tinyproxy = pytest.mark.skipif(
+    not os.path.exists(TINYPROXY) and os.environ.get("CI") != "true",
+    reason="Debian's tinyproxy is not installed (.ci/run installs it)",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _make_ca(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for localhost / 127.0.0.1, made with openssl."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        "/CN=lrproxy test CA", "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+        "-keyout", "srv.key", "-out", "srv.csr")
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "srv.pem")
+    return d / "ca.pem", d / "srv.pem", d / "srv.key"
+
+
+class _TlsSim:
+    """A SimUpstream serving HTTPS from a loop of its own."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        self.sim = SimUpstream(name="eu-west-a", api_key=UPSTREAM_KEYS["eu-west-a"],
+                               models=["gpt-4o-mini", "llama-3.1-8b"])
+        self.base_url = asyncio.run_coroutine_threadsafe(
+            self.sim.start(ssl_context=ctx, url_host="localhost"), self.loop).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.sim.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Iterator[tuple[_TlsSim, Path]]:
+    ca, cert, key = _make_ca(tmp_path)
+    sim = _TlsSim(cert, key)
+    yield sim, ca
+    sim.close()
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A tinyproxy on a free loopback port; yields its URL and its log file."""
+    if not os.path.exists(TINYPROXY):
+        pytest.fail("tinyproxy is missing; .ci/run installs Debian's package")
+    port = _free_port()
+    log = tmp_path / "tinyproxy.log"
+    conf = tmp_path / "tinyproxy.conf"
+    conf.write_text(
+        f"Port {port}\nListen 127.0.0.1\nTimeout 30\nAllow 127.0.0.1\nLogFile \"{log}\"\n"
+        "LogLevel Connect\nMaxClients 20\nDisableViaHeader Yes\n"
+    )
+    proc = subprocess.Popen([TINYPROXY, "-d", "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("tinyproxy did not start")
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _pin_eu_west_a(base_url: str, **extra: Any) -> Any:
+    def mutate(d: dict[str, Any]) -> None:
+        up = d["upstreams"][0]
+        assert up["name"] == "eu-west-a"
+        up.update(base_url=base_url, **extra)
+        d["upstreams"] = [up, *(u for u in d["upstreams"][1:] if u["region"] != "eu-west")]
+    return mutate
+
+
+def _ask(stack: Any) -> Any:
+    return stack.client().chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+        extra_body={"route": {"region": "eu-west"}},
+    )
+
+
+def _connects(log: Path) -> list[str]:
+    """The CONNECT requests tinyproxy served (its log also notes bare connections)."""
+    return [line for line in log.read_text(errors="replace").splitlines()
+            if "Request" in line and "CONNECT localhost" in line]
+
+
+@needs_tinyproxy
+def test_upstream_through_forward_proxy_with_ca_file(make_stack: Any, tls: Any, tinyproxy: Any) -> None:
+    """`proxy` sends the upstream connection through CONNECT; `ca_file` verifies its TLS."""
+    sim, ca = tls
+    proxy_url, log = tinyproxy
+    stack = make_stack(_pin_eu_west_a(sim.base_url, proxy=proxy_url, ca_file=str(ca)))
+    r = _ask(stack)
+    assert r.model_extra["lowrouter"]["route"]["upstream"] == "eu-west-a"
+    assert any(f"localhost:{sim.sim.port}" in line for line in _connects(log))
+    got = sim.sim.requests[-1]
+    assert got.headers["Authorization"] == f"Bearer {UPSTREAM_KEYS['eu-west-a']}"
+
+
+@needs_tinyproxy
+def test_unknown_ca_is_refused(make_stack: Any, tls: Any, tinyproxy: Any) -> None:
+    """Without the test CA the TLS handshake fails: 502, and the upstream saw nothing."""
+    sim, _ = tls
+    proxy_url, _log = tinyproxy
+    stack = make_stack(_pin_eu_west_a(sim.base_url, proxy=proxy_url))
+    with pytest.raises(openai.APIStatusError) as e:
+        _ask(stack)
+    assert e.value.status_code == 502
+    assert e.value.body["code"] == "upstream_error"
+    assert not sim.sim.requests
+
+
+@needs_tinyproxy
+def test_trust_env_honours_https_proxy(make_stack: Any, tls: Any, tinyproxy: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With server.trust_env, HTTPS_PROXY carries upstream traffic; without it, it is ignored."""
+    sim, ca = tls
+    proxy_url, log = tinyproxy
+    monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    ignoring = make_stack(_pin_eu_west_a(sim.base_url, ca_file=str(ca)))
+    _ask(ignoring)
+    assert _connects(log) == []
+
+    def trusting(d: dict[str, Any]) -> None:
+        _pin_eu_west_a(sim.base_url, ca_file=str(ca))(d)
+        d["server"]["trust_env"] = True
+
+    _ask(make_stack(trusting))
+    assert len(_connects(log)) == 1

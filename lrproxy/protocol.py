@@ -99,6 +99,7 @@ class Runner(web.AppRunner):
         kwargs.setdefault("max_headers", MAX_HEADERS)
         kwargs.setdefault("max_field_size", MAX_FIELD_SIZE)
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_S)
+        kwargs.setdefault("auto_decompress", False)  # compressed bodies are refused (415)
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
 

@@ -170,7 +170,8 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
         rec.model = model_id
     if region in st.regions:
         rec.region = region
-    cands = pick_candidates(st.table, model_id, region)
+    from_header = region is not None and region == request.headers.get("X-LowRouter-Region")
+    cands = pick_candidates(st.table, model_id, region, None if from_header else "route.region")
     attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
     cand = attempt.cand
     rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
@@ -265,7 +266,6 @@ async def _try_candidates(
         raise errors.NoUpstreamAvailable(
             "Every upstream for this request is at capacity.", retry_after=1
         )
-    last.retry_after = None if last.status != 503 else last.retry_after
     raise last
 
 
@@ -432,10 +432,15 @@ class _Tail:
     content_events: int = 0
     done_event: bytes = DONE_EVENT
     done: bool = False
+    failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
 
 
 def _take_events(events: list[bytes], tail: _Tail) -> bytes:
-    """The bytes to forward now; hold finish and usage chunks; raise on a broken stream."""
+    """The bytes to forward now; hold finish and usage chunks; note a broken stream.
+
+    A broken event sets `tail.failure`, for the caller to raise after it has written the
+    events that came before it in the same read.
+    """
     out: list[bytes] = []
     for ev in events:
         kind, obj = sse.classify(ev)
@@ -458,9 +463,10 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
         if kind == sse.Kind.DONE:
             tail.done, tail.done_event = True, ev
             break
-        if kind == sse.Kind.ERROR:
-            raise errors.UpstreamError("the upstream reported an error inside the stream")
-        raise errors.UpstreamError("the upstream sent a malformed event")
+        tail.failure = errors.UpstreamError(
+            "the upstream reported an error inside the stream" if kind == sse.Kind.ERROR
+            else "the upstream sent a malformed event")
+        break
     return out[0] if len(out) == 1 else b"".join(out)
 
 
@@ -507,8 +513,10 @@ async def _relay_stream(
     tail = _Tail()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    deadline = started + tmo.total
-    first_deadline = started + tmo.first_byte
+    # Both limits count from before the wait in _first_events (SPEC §4: first_byte runs
+    # until the first event, total caps the whole request), not from here.
+    deadline = started + tmo.total - (time.perf_counter() - rec.t0)
+    first_deadline = started + tmo.first_byte - (time.perf_counter() - attempt.t_sent)
     got_event = bool(attempt.events)
     last_byte = loop.time()
     finished = False
@@ -519,6 +527,8 @@ async def _relay_stream(
         rec.status = 200
         if data:
             await out.write(data)
+        if tail.failure is not None:
+            raise tail.failure
         while not tail.done:
             now = loop.time()
             limit = min(last_byte + tmo.idle, deadline, now + 3600.0)
@@ -547,6 +557,8 @@ async def _relay_stream(
                 data = _take_events(events, tail)
                 if data:
                     await out.write(data)
+                if tail.failure is not None:
+                    raise tail.failure
         if splitter.pending and not tail.done:
             raise errors.UpstreamError("the upstream stream ended inside an event")
         end, _ = _finish(rt, rec, obj, cand, region, tail, client_usage)

@@ -52,8 +52,13 @@ def _carbon(c: Candidate) -> float:
     return c.carbon_per_1k
 
 
-def pick_candidates(table: RoutingTable, model_id: str, region: str | None) -> tuple[Candidate, ...]:
-    """The candidates for a model, within the pinned region if any; raises the §1 errors."""
+def pick_candidates(
+    table: RoutingTable, model_id: str, region: str | None, region_param: str | None = "route.region"
+) -> tuple[Candidate, ...]:
+    """The candidates for a model, within the pinned region if any; raises the §1 errors.
+
+    `region_param` names where the pin came from in errors (None for the header).
+    """
     cands = table.by_model.get(model_id)
     if cands is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
@@ -62,7 +67,7 @@ def pick_candidates(table: RoutingTable, model_id: str, region: str | None) -> t
     if region not in table.regions:
         raise UnknownRegion(
             f"Unknown region '{region}'; configured regions: {', '.join(table.regions)}",
-            param="route.region",
+            param=region_param,
         )
     pinned = tuple(c for c in cands if c.region.name == region)
     if not pinned:

@@ -1,0 +1,685 @@
+"""The client API end to end (SPEC §1, §2, §3): the real OpenAI SDK, lrproxy, simulated upstreams.
+
+Expected figures are computed here from the test config (`conftest.base_config`) and from
+what the upstream really sent, never copied from the proxy's answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from conftest import CI_KEY, UPSTREAM_KEYS, Stack
+from openai.types.chat import ChatCompletionMessageParam
+
+from lrproxy.config import DEFAULT_E_COMPLETION, PREFILL_RATIO
+
+MINI = "openai/gpt-4o-mini"
+LLAMA = "meta/llama-3.1-8b"
+AUTO = "lowrouter/auto"
+MSGS: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name three rivers of Europe please"},
+]
+# SPEC §3: (largest active params in B, Wh per 1k completion tokens); prefill is a tenth.
+SIZE_CLASSES = ((15.0, 0.10), (150.0, 0.60), (math.inf, 3.0))
+ROUTE_HEADERS = ("X-LowRouter-Region", "X-LowRouter-Model", "X-LowRouter-Upstream")
+
+# ---------------------------------------------------------------------------------------
+# expectations computed from the config
+
+
+def energy_per_1k(data: dict[str, Any], model_id: str) -> tuple[float, float]:
+    """(e_prompt, e_completion) of a model per SPEC §3."""
+    m = data["models"][model_id]
+    if "energy_wh_per_1k_prompt_tokens" in m:
+        return m["energy_wh_per_1k_prompt_tokens"], m["energy_wh_per_1k_completion_tokens"]
+    if "active_params_b" not in m:  # no figures at all: the global default (accuracy "default")
+        return PREFILL_RATIO * DEFAULT_E_COMPLETION, DEFAULT_E_COMPLETION
+    size = m["active_params_b"]
+    e_c = next(e for limit, e in SIZE_CLASSES if size <= limit)
+    return 0.1 * e_c, e_c
+
+
+def carbon_ref(data: dict[str, Any], model_id: str, region: str) -> float:
+    """Reference carbon per 1k tokens of a candidate (SPEC §2)."""
+    e_p, e_c = energy_per_1k(data, model_id)
+    r = data["regions"][region]
+    return (e_p + e_c) * r["pue"] * r["grid_intensity_g_per_kwh"] / 2000
+
+
+def candidates(data: dict[str, Any], model_id: str, region: str | None = None
+               ) -> list[tuple[float, str, str, str]]:
+    """(carbon, upstream, region, LowRouter model) of every way to serve `model_id`."""
+    ids = data["auto"]["models"] if model_id == AUTO else [model_id]
+    out = []
+    for u in data["upstreams"]:
+        for mid in ids:
+            if mid in u["models"] and region in (None, u["region"]):
+                out.append((carbon_ref(data, mid, u["region"]), u["name"], u["region"], mid))
+    return out
+
+
+def best(data: dict[str, Any], model_id: str, region: str | None = None
+         ) -> list[tuple[float, str, str, str]]:
+    """The lowest-carbon candidates (several when they tie)."""
+    cands = candidates(data, model_id, region)
+    low = min(c[0] for c in cands)
+    return [c for c in cands if c[0] == low]
+
+
+def region_of(data: dict[str, Any], upstream: str) -> str:
+    return next(u["region"] for u in data["upstreams"] if u["name"] == upstream)
+
+
+def check_eco(data: dict[str, Any], eco: dict[str, Any], model_id: str, region: str,
+              prompt: int, completion: int, accuracy: str) -> None:
+    """`eco` is the SPEC §3 formula applied to these tokens, model and region."""
+    e_p, e_c = energy_per_1k(data, model_id)
+    r = data["regions"][region]
+    energy_wh = (prompt * e_p + completion * e_c) / 1000 * r["pue"]
+    carbon_g = energy_wh / 1000 * r["grid_intensity_g_per_kwh"]
+    assert eco["tokens"] == {"prompt": prompt, "completion": completion}
+    assert eco["energy_wh"] == pytest.approx(energy_wh, rel=1e-12)
+    assert eco["carbon_g"] == pytest.approx(carbon_g, rel=1e-12)
+    assert eco["carbon_per_1k_tokens_g"] == pytest.approx(
+        carbon_g * 1000 / (prompt + completion), rel=1e-12)
+    assert eco["grid_intensity_g_per_kwh"] == r["grid_intensity_g_per_kwh"]
+    assert eco["pue"] == r["pue"]
+    assert eco["accuracy"] == accuracy
+    assert all(type(eco[k]) is float for k in ("energy_wh", "carbon_g", "carbon_per_1k_tokens_g"))
+
+
+# ---------------------------------------------------------------------------------------
+# upstream-side records
+
+
+def hits(stack: Stack) -> dict[str, int]:
+    """How many API requests each upstream received."""
+    return {n: len(stack.requests_to(n)) for n in stack.sims}
+
+
+def only_hit(stack: Stack) -> Any:
+    """The one request the whole pool received."""
+    recs = [r for n in stack.sims for r in stack.requests_to(n)]
+    assert len(recs) == 1, hits(stack)
+    return recs[0]
+
+
+def sent_doc(rec: Any) -> dict[str, Any]:
+    """The JSON the upstream answered with."""
+    doc: dict[str, Any] = json.loads(bytes(rec.sent))
+    return doc
+
+
+def lowrouter(resp: Any) -> dict[str, Any]:
+    assert resp.model_extra is not None
+    lr: dict[str, Any] = resp.model_extra["lowrouter"]
+    return lr
+
+
+def check_client_headers(headers: Any) -> None:
+    """The upstream's own Set-Cookie / Server / X-Sim-Name never reach the client."""
+    assert "set-cookie" not in headers
+    assert headers.get("server") != "sim"
+    assert "x-sim-name" not in headers
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def auth(stack: Stack) -> dict[str, str]:
+    return {"Authorization": f"Bearer {stack.key}"}
+
+
+# ---------------------------------------------------------------------------------------
+# the happy paths
+
+
+def test_chat_sync_sdk_relays_answer_with_eco_of_upstream_usage(stack: Stack) -> None:
+    """A non-streaming chat returns the upstream's answer plus §3 eco from its own usage."""
+    with stack.client() as client:
+        raw = client.chat.completions.with_raw_response.create(model=MINI, messages=MSGS)
+    r = raw.parse()
+    rec = only_hit(stack)
+    up = sent_doc(rec)
+    lr = lowrouter(r)
+    route = lr["route"]
+    expected = best(stack.data, MINI)
+    assert (route["upstream"], route["region"]) in {(c[1], c[2]) for c in expected}
+    assert rec in stack.requests_to(route["upstream"])
+    assert route == {"model": MINI, "region": region_of(stack.data, route["upstream"]),
+                     "upstream": route["upstream"], "pinned": False, "attempts": 1}
+    assert r.choices[0].message.content == up["choices"][0]["message"]["content"]
+    assert r.id == up["id"] and r.model == up["model"]
+    usage = up["usage"]
+    assert r.usage is not None and r.usage.prompt_tokens == usage["prompt_tokens"]
+    check_eco(stack.data, lr["eco"], MINI, route["region"], usage["prompt_tokens"],
+              usage["completion_tokens"], "estimated")  # static intensity
+    assert lr["request_id"] == raw.headers["x-request-id"]
+    assert [raw.headers[h] for h in ROUTE_HEADERS] == [route["region"], MINI, route["upstream"]]
+    check_client_headers(raw.headers)
+    labels = {"key": "team-a", "model": MINI, "region": route["region"]}
+    assert stack.metric("lrproxy_tokens_total", **labels, kind="prompt") == usage["prompt_tokens"]
+    assert stack.metric("lrproxy_tokens_total", **labels, kind="completion") == (
+        usage["completion_tokens"])
+    assert stack.metric("lrproxy_carbon_grams_total", **labels) == pytest.approx(
+        lr["eco"]["carbon_g"])
+
+
+async def test_chat_async_sdk_pinned_size_class_model(stack: Stack) -> None:
+    """AsyncOpenAI works the same; a size-class model's eco uses SPEC §3's defaults."""
+    async with stack.aclient() as client:
+        r = await client.chat.completions.create(
+            model=LLAMA, messages=MSGS, extra_body={"route": {"region": "us-east"}})
+    rec = only_hit(stack)
+    assert rec in stack.requests_to("us-east-a")
+    up = sent_doc(rec)
+    lr = lowrouter(r)
+    assert lr["route"] == {"model": LLAMA, "region": "us-east", "upstream": "us-east-a",
+                           "pinned": True, "attempts": 1}
+    assert r.choices[0].message.content == up["choices"][0]["message"]["content"]
+    check_eco(stack.data, lr["eco"], LLAMA, "us-east", up["usage"]["prompt_tokens"],
+              up["usage"]["completion_tokens"], "estimated")
+
+
+def test_answer_without_usage_gets_estimated_tokens(stack: Stack) -> None:
+    """An upstream answer without `usage` still gets eco, from tokens the proxy estimated."""
+    with stack.client() as client:
+        r = client.chat.completions.create(model=MINI, messages=MSGS,
+                                           extra_body={"sim": {"omit_usage": True}})
+    up = sent_doc(only_hit(stack))
+    assert "usage" not in up
+    lr = lowrouter(r)
+    tokens = lr["eco"]["tokens"]
+    content = up["choices"][0]["message"]["content"]
+    prompt_chars = sum(len(m["content"]) for m in MSGS)  # type: ignore[arg-type]
+    # About four characters per token; message framing may add a few prompt tokens.
+    assert tokens["completion"] == pytest.approx(len(content) / 4, abs=1)
+    assert prompt_chars / 4 - 1 <= tokens["prompt"] <= prompt_chars / 4 + 8 * len(MSGS)
+    check_eco(stack.data, lr["eco"], MINI, lr["route"]["region"], tokens["prompt"],
+              tokens["completion"], "estimated")
+
+
+@pytest.mark.parametrize("encoding_format", [None, "float"])
+def test_embeddings(stack: Stack, encoding_format: str | None) -> None:
+    """Embeddings relay the vectors (SDK default base64 or float) with prompt-only eco."""
+    kw: dict[str, Any] = {} if encoding_format is None else {"encoding_format": encoding_format}
+    inputs = ["carbon aware routing", "second input here"]
+    with stack.client() as client:
+        r = client.embeddings.create(model=MINI, input=inputs, **kw)
+    rec = only_hit(stack)
+    assert rec.path.endswith("/embeddings")
+    assert rec.json["encoding_format"] == (encoding_format or "base64")  # the SDK's default
+    up = sent_doc(rec)
+    for got, want in zip(r.data, up["data"], strict=True):
+        vec = want["embedding"]
+        if isinstance(vec, str):
+            raw = base64.b64decode(vec)
+            vec = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        assert got.embedding == pytest.approx(vec)
+    assert len(r.data) == len(inputs)
+    lr = lowrouter(r)
+    assert lr["route"]["model"] == MINI and lr["route"]["attempts"] == 1
+    check_eco(stack.data, lr["eco"], MINI, lr["route"]["region"],
+              up["usage"]["prompt_tokens"], 0, "estimated")
+
+
+def test_models_list(stack: Stack) -> None:
+    """GET /models lists every served model and lowrouter/auto, each with regions and carbon."""
+    with stack.client() as client:
+        page = client.models.list()
+    data = stack.data
+    by_id = {m.id: m for m in page.data}
+    assert set(by_id) == set(data["models"]) | {AUTO}
+    for mid, m in by_id.items():
+        lr = m.model_extra["lowrouter"]  # type: ignore[index]
+        cands = candidates(data, mid)
+        assert lr["regions"] == sorted({c[2] for c in cands})
+        if mid == AUTO:
+            assert lr["models"] == data["auto"]["models"]
+            continue
+        assert set(lr["carbon_per_1k_tokens_g"]) == set(lr["regions"])
+        for region, value in lr["carbon_per_1k_tokens_g"].items():
+            assert value == pytest.approx(carbon_ref(data, mid, region))
+
+
+async def test_health_and_readiness(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """/healthz and /readyz answer 200 without a key while upstreams are usable."""
+    for path in ("/healthz", "/readyz"):
+        async with http.get(stack.origin + path) as r:
+            assert r.status == 200, path
+            assert "X-Request-Id" in r.headers
+
+
+async def test_v1_alias_serves_the_same_api(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """/v1 is an alias of /api/v1: same models list, same chat handling."""
+    bodies = []
+    for base in ("/api/v1", "/v1"):
+        async with http.get(f"{stack.origin}{base}/models", headers=auth(stack)) as r:
+            assert r.status == 200
+            bodies.append(await r.json())
+    assert bodies[0] == bodies[1]
+    async with openai.AsyncOpenAI(base_url=f"{stack.origin}/v1", api_key=stack.key,
+                                  max_retries=0) as client:
+        r = await client.chat.completions.create(model=MINI, messages=MSGS)
+    up = sent_doc(only_hit(stack))
+    assert r.choices[0].message.content == up["choices"][0]["message"]["content"]
+    assert lowrouter(r)["route"]["model"] == MINI
+
+
+def test_key_from_environment_authenticates(stack: Stack) -> None:
+    """A key configured through key_env works, and is counted under its own name."""
+    with stack.client(api_key=CI_KEY) as client:
+        r = client.chat.completions.create(model=MINI, messages=MSGS)
+    region = lowrouter(r)["route"]["region"]
+    assert stack.metric("lrproxy_requests_total", key="ci", model=MINI, region=region,
+                        code="200") == 1
+
+
+# ---------------------------------------------------------------------------------------
+# errors (SPEC §1 table)
+
+
+def check_error(e: openai.APIStatusError, status: int, code: str) -> dict[str, Any]:
+    assert e.status_code == status
+    body = e.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code
+    assert "x-request-id" in e.response.headers
+    err: dict[str, Any] = body["error"]
+    return err
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/embeddings", "/models"])
+@pytest.mark.parametrize("header", [None, "Bearer sk-wrong", "Basic dGVhbS1hOng=", "Bearer "])
+async def test_missing_or_unknown_key_is_401(
+    stack: Stack, http: aiohttp.ClientSession, path: str, header: str | None
+) -> None:
+    """No key, a wrong key or another scheme: 401 invalid_api_key, nothing sent upstream."""
+    headers = {} if header is None else {"Authorization": header}
+    body = {"model": MINI, "messages": MSGS, "input": "x"}
+    method = http.get if path == "/models" else http.post
+    async with method(stack.base_url + path, json=body, headers=headers) as r:
+        assert r.status == 401
+        err = (await r.json())["error"]
+        assert err["code"] == "invalid_api_key"
+        assert "X-Request-Id" in r.headers
+    assert sum(hits(stack).values()) == 0
+
+
+def test_wrong_key_raises_authentication_error(stack: Stack) -> None:
+    """The SDK raises AuthenticationError for an unknown key."""
+    with stack.client(api_key="sk-not-a-key") as client, pytest.raises(
+            openai.AuthenticationError) as ei:
+        client.chat.completions.create(model=MINI, messages=MSGS)
+    check_error(ei.value, 401, "invalid_api_key")
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/chat/completions", b"{not json", None),
+    ("/chat/completions", b"", None),
+    ("/chat/completions", b'["model"]', None),
+    ("/chat/completions", {"model": 5, "messages": MSGS}, "model"),
+    ("/chat/completions", {"messages": MSGS}, "model"),
+    ("/chat/completions", {"model": MINI, "messages": "hi"}, "messages"),
+    ("/chat/completions", {"model": MINI, "messages": MSGS, "stream": "yes"}, "stream"),
+    ("/chat/completions", {"model": MINI, "messages": MSGS, "route": "eu-west"}, "route"),
+    ("/chat/completions", {"model": MINI, "messages": MSGS, "route": {"region": 5}},
+     "route.region"),
+    ("/embeddings", {"model": MINI, "input": 5}, "input"),
+    ("/embeddings", {"model": [MINI], "input": "x"}, "model"),
+])
+async def test_bad_body_is_400_naming_the_field(
+    stack: Stack, http: aiohttp.ClientSession, path: str, body: Any, param: str | None
+) -> None:
+    """A body that is not JSON, not an object or has a mistyped field: 400 invalid_request."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {**auth(stack), "Content-Type": "application/json"}
+    async with http.post(stack.base_url + path, data=raw, headers=headers) as r:
+        assert r.status == 400
+        err = (await r.json())["error"]
+    assert err["code"] == "invalid_request"
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert sum(hits(stack).values()) == 0
+
+
+def test_bad_route_through_sdk_raises_bad_request(stack: Stack) -> None:
+    """A mistyped `route` sent through extra_body raises BadRequestError with param route."""
+    with stack.client() as client, pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=MINI, messages=MSGS, extra_body={"route": ["x"]})
+    assert check_error(ei.value, 400, "invalid_request")["param"] == "route"
+
+
+def test_unknown_model_is_404(stack: Stack) -> None:
+    """An unknown model raises NotFoundError with code model_not_found."""
+    with stack.client() as client, pytest.raises(openai.NotFoundError) as ei:
+        client.chat.completions.create(model="acme/nope", messages=MSGS)
+    check_error(ei.value, 404, "model_not_found")
+    assert sum(hits(stack).values()) == 0
+
+
+@pytest.mark.parametrize("via", ["body", "header"])
+def test_unknown_region_lists_the_configured_ones(stack: Stack, via: str) -> None:
+    """An unknown region (body or header) is 400 unknown_region naming every region."""
+    kw: dict[str, Any] = ({"extra_body": {"route": {"region": "mars-1"}}} if via == "body"
+                          else {"extra_headers": {"X-LowRouter-Region": "mars-1"}})
+    with stack.client() as client, pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=MINI, messages=MSGS, **kw)
+    err = check_error(ei.value, 400, "unknown_region")
+    for region in stack.data["regions"]:
+        assert region in err["message"]
+    assert sum(hits(stack).values()) == 0
+
+
+def test_model_not_in_region(stack: Stack) -> None:
+    """A model pinned to a configured region that does not offer it: 400 model_not_in_region."""
+    regions = {c[2] for c in candidates(stack.data, MINI)}
+    missing = sorted(set(stack.data["regions"]) - regions)[0]
+    with stack.client() as client, pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=MINI, messages=MSGS,
+                                       extra_body={"route": {"region": missing}})
+    check_error(ei.value, 400, "model_not_in_region")
+    assert sum(hits(stack).values()) == 0
+
+
+async def test_body_over_limit_is_413(make_stack: Callable[..., Stack],
+                                      http: aiohttp.ClientSession) -> None:
+    """A body over server.max_body_bytes is 413, with or without Content-Length."""
+    limit = 2048
+
+    def small(data: dict[str, Any]) -> None:
+        data["server"]["max_body_bytes"] = limit
+
+    stack = make_stack(small)
+    big: list[ChatCompletionMessageParam] = [{"role": "user", "content": "word " * limit}]
+    async with stack.aclient() as client:
+        with pytest.raises(openai.APIStatusError) as ei:
+            await client.chat.completions.create(model=MINI, messages=big)
+        check_error(ei.value, 413, "request_too_large")
+
+        async def chunked() -> AsyncIterator[bytes]:
+            payload = json.dumps({"model": MINI, "messages": big}).encode()
+            for i in range(0, len(payload), 512):
+                yield payload[i:i + 512]
+
+        async with http.post(stack.base_url + "/chat/completions", data=chunked(),
+                             headers={**auth(stack), "Content-Type": "application/json"}) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "request_too_large"
+        assert sum(hits(stack).values()) == 0
+        r2 = await client.chat.completions.create(model=MINI, messages=MSGS)  # under the limit
+    assert r2.choices[0].message.content
+
+
+async def test_unknown_path_is_404_in_openai_shape(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """A path outside the API is 404 with an OpenAI error body and a request id."""
+    for method, path in (("GET", "/api/v1/nope"), ("POST", "/api/v2/chat/completions"),
+                         ("GET", "/")):
+        async with http.request(method, stack.origin + path, headers=auth(stack)) as r:
+            assert r.status == 404, path
+            body = await r.json()
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+            assert "X-Request-Id" in r.headers
+
+
+# ---------------------------------------------------------------------------------------
+# upstream failures
+
+
+def fail_all(stack: Stack, names: list[str], **faults: Any) -> None:
+    def apply() -> None:
+        for n in names:
+            for k, v in faults.items():
+                setattr(stack.sims[n].faults, k, v)
+
+    stack.call(apply)
+
+
+def test_pinned_region_all_failing_is_502_and_stays_in_region(stack: Stack) -> None:
+    """Every upstream of the pinned region answering 503: 502 after retries, no other region."""
+    region = "eu-west"
+    inside = [u["name"] for u in stack.data["upstreams"] if u["region"] == region]
+    fail_all(stack, inside, fail_status=503, fail_count=-1)
+    with stack.client() as client, pytest.raises(openai.InternalServerError) as ei:
+        client.chat.completions.create(model=MINI, messages=MSGS,
+                                       extra_body={"route": {"region": region}})
+    check_error(ei.value, 502, "upstream_error")
+    counts = hits(stack)
+    assert sum(counts.values()) == stack.data["server"]["retries"] + 1
+    assert all(counts[n] >= 1 for n in inside)  # each retry to a different upstream first
+    assert all(counts[n] == 0 for n in counts if n not in inside)
+
+
+def test_retries_never_exceed_server_retries(make_stack: Callable[..., Stack]) -> None:
+    """With server.retries = 1, a failing pool sees exactly two attempts."""
+
+    def one_retry(data: dict[str, Any]) -> None:
+        data["server"]["retries"] = 1
+
+    stack = make_stack(one_retry)
+    fail_all(stack, list(stack.sims), fail_status=500, fail_count=-1)
+    with stack.client() as client, pytest.raises(openai.InternalServerError) as ei:
+        client.chat.completions.create(model=MINI, messages=MSGS)
+    check_error(ei.value, 502, "upstream_error")
+    assert sum(hits(stack).values()) == 2
+
+
+def test_failover_within_pinned_region(stack: Stack) -> None:
+    """eu-west-a failing 503: a pinned eu-west request succeeds on eu-west-b, attempt 2."""
+    fail_all(stack, ["eu-west-a"], fail_status=503, fail_count=-1)
+    with stack.client() as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MINI, messages=MSGS, extra_body={"route": {"region": "eu-west"}})
+    r = raw.parse()
+    route = lowrouter(r)["route"]
+    assert route == {"model": MINI, "region": "eu-west", "upstream": "eu-west-b",
+                     "pinned": True, "attempts": 2}
+    assert raw.headers["X-LowRouter-Upstream"] == "eu-west-b"
+    assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
+    assert r.choices[0].message.content == sent_doc(
+        stack.requests_to("eu-west-b")[0])["choices"][0]["message"]["content"]
+
+
+def test_unpinned_failover_walks_the_carbon_order(stack: Stack) -> None:
+    """Unpinned, with the cleanest region down, the next-cleanest region answers."""
+    data = stack.data
+    order = sorted(candidates(data, MINI))
+    low_region = order[0][2]
+    down = [c[1] for c in order if c[2] == low_region]
+    fail_all(stack, down, fail_status=503, fail_count=-1)
+    with stack.client() as client:
+        r = client.chat.completions.create(model=MINI, messages=MSGS)
+    route = lowrouter(r)["route"]
+    nxt = min(c for c in order if c[2] != low_region)
+    assert (route["upstream"], route["region"], route["pinned"]) == (nxt[1], nxt[2], False)
+    assert route["attempts"] == len(down) + 1
+    assert route["attempts"] <= data["server"]["retries"] + 1
+
+
+def test_redirects_are_not_followed(stack: Stack) -> None:
+    """An upstream redirect is a failure (502), never followed to its target."""
+    target = stack.sims["us-east-a"].base_url + "/chat/completions"
+    inside = ["eu-west-a", "eu-west-b"]
+    fail_all(stack, inside, redirect_to=target)
+    with stack.client() as client, pytest.raises(openai.InternalServerError) as ei:
+        client.chat.completions.create(model=MINI, messages=MSGS,
+                                       extra_body={"route": {"region": "eu-west"}})
+    check_error(ei.value, 502, "upstream_error")
+    assert stack.sims["us-east-a"].requests == []  # the redirect's target saw nothing
+    counts = hits(stack)
+    assert counts["eu-west-a"] + counts["eu-west-b"] == stack.data["server"]["retries"] + 1
+    assert counts["eu-north-a"] == 0
+
+
+def test_upstream_401_is_502_without_its_message(make_stack: Callable[..., Stack]) -> None:
+    """An upstream rejecting our key: 502 upstream_auth_failed; its message (echoing the key) is dropped."""
+
+    def wrong_key(data: dict[str, Any]) -> None:
+        for u in data["upstreams"]:
+            if u["name"] == "eu-north-a":
+                u["api_key_env"] = "UP_US_EAST_A"
+
+    stack = make_stack(wrong_key)
+    with stack.client() as client, pytest.raises(openai.InternalServerError) as ei:
+        client.chat.completions.create(model=LLAMA, messages=MSGS,
+                                       extra_body={"route": {"region": "eu-north"}})
+    err = check_error(ei.value, 502, "upstream_auth_failed")
+    echoed = UPSTREAM_KEYS["us-east-a"]
+    recs = stack.requests_to("eu-north-a")
+    assert recs and all(echoed.encode() in bytes(rec.sent) for rec in recs)  # it did echo
+    assert echoed not in ei.value.response.text
+    assert "Incorrect API key" not in err["message"]
+    assert sum(hits(stack).values()) == len(recs)
+
+
+def test_upstream_401_fails_over_to_another_upstream(make_stack: Callable[..., Stack]) -> None:
+    """An upstream 401 counts as that upstream's failure: the next one in the region answers."""
+
+    def wrong_key(data: dict[str, Any]) -> None:
+        data["upstreams"][0]["api_key_env"] = "UP_US_EAST_A"  # eu-west-a
+
+    stack = make_stack(wrong_key)
+    with stack.client() as client:
+        r = client.chat.completions.create(model=MINI, messages=MSGS,
+                                           extra_body={"route": {"region": "eu-west"}})
+    route = lowrouter(r)["route"]
+    assert route["upstream"] == "eu-west-b"
+    assert route["attempts"] == 1 + len(stack.requests_to("eu-west-a"))
+
+
+@pytest.mark.parametrize("knobs", [{"status": 400}, {"bogus_knob": 1}, {"chunks": -1}])
+def test_upstream_400_passes_through(stack: Stack, knobs: dict[str, Any]) -> None:
+    """An upstream 400 reaches the client with its status and body, unchanged, no failover."""
+    with stack.client() as client, pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=MINI, messages=MSGS, extra_body={"sim": knobs})
+    rec = only_hit(stack)
+    assert ei.value.status_code == 400
+    assert ei.value.response.content == bytes(rec.sent)
+    headers = ei.value.response.headers
+    assert headers["X-LowRouter-Upstream"] in stack.sims
+    assert headers["X-LowRouter-Model"] == MINI
+    check_client_headers(headers)
+
+
+# ---------------------------------------------------------------------------------------
+# request ids and headers
+
+
+@pytest.mark.parametrize(("sent", "echoed"), [
+    ("client-req_01.abc:9", True),
+    ("has spaces in it", False),
+    ("x" * 300, False),
+    ("<script>", False),
+    (None, False),
+])
+def test_request_id(stack: Stack, sent: str | None, echoed: bool) -> None:
+    """A sane client X-Request-Id is echoed (body and header), an insane one replaced."""
+    extra = {} if sent is None else {"X-Request-Id": sent}
+    with stack.client(default_headers=extra) as client:
+        raw = client.chat.completions.with_raw_response.create(model=MINI, messages=MSGS)
+        with pytest.raises(openai.NotFoundError) as ei:
+            client.chat.completions.create(model="acme/nope", messages=MSGS)
+    rid = raw.headers["X-Request-Id"]
+    err_rid = ei.value.response.headers["X-Request-Id"]
+    if echoed:
+        assert rid == sent and err_rid == sent
+    else:
+        assert rid != sent and err_rid != sent
+        assert rid and 0 < len(rid) <= 128 and rid.isprintable() and " " not in rid
+        assert rid != err_rid  # generated per request
+    assert lowrouter(raw.parse())["request_id"] == rid
+
+
+def test_routed_responses_carry_route_headers(stack: Stack) -> None:
+    """Routed answers name region, model and upstream; unrouted errors do not."""
+    with stack.client() as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=AUTO, messages=MSGS, extra_body={"route": {"region": "us-east"}})
+        with pytest.raises(openai.NotFoundError) as ei:
+            client.chat.completions.create(model="acme/nope", messages=MSGS)
+    route = lowrouter(raw.parse())["route"]
+    assert [raw.headers[h] for h in ROUTE_HEADERS] == [
+        route["region"], route["model"], route["upstream"]]
+    assert not any(h in ei.value.response.headers for h in ROUTE_HEADERS)
+
+
+# ---------------------------------------------------------------------------------------
+# routing (SPEC §2), checked on the upstream side
+
+
+@pytest.mark.parametrize(("body_region", "header_region", "want"), [
+    ("us-east", None, "us-east"),
+    (None, "us-east", "us-east"),
+    ("us-east", "eu-west", "us-east"),  # the body wins
+    ("eu-west", "us-east", "eu-west"),
+])
+def test_region_pinning_reaches_only_that_region(
+    stack: Stack, body_region: str | None, header_region: str | None, want: str
+) -> None:
+    """A pinned request reaches only that region, with its key, model name and the client's fields."""
+    fields: dict[str, Any] = {
+        "model": MINI, "messages": MSGS, "temperature": 0.25, "user": "user-42",
+        "metadata": {"ticket": "T-1001", "team": "search"}, "max_tokens": 64, "seed": 7,
+    }
+    extra_body = None if body_region is None else {"route": {"region": body_region}}
+    headers = {} if header_region is None else {"X-LowRouter-Region": header_region}
+    with stack.client(default_headers=headers) as client:
+        r = client.chat.completions.create(**fields, extra_body=extra_body)
+    rec = only_hit(stack)
+    name = lowrouter(r)["route"]["upstream"]
+    assert region_of(stack.data, name) == want
+    assert rec in stack.requests_to(name)
+    up_model = next(u for u in stack.data["upstreams"] if u["name"] == name)["models"][MINI]
+    assert rec.json == {**fields, "model": up_model}  # no `route`, everything else as sent
+    assert rec.headers["Authorization"] == f"Bearer {UPSTREAM_KEYS[name]}"
+    assert all(stack.key not in v for v in rec.headers.values())
+    assert stack.key.encode() not in rec.body
+    assert lowrouter(r)["route"]["pinned"] is True
+
+
+@pytest.mark.parametrize("model", [MINI, LLAMA, "acme/unrated", AUTO])
+def test_unpinned_goes_to_the_lowest_carbon_candidate(stack: Stack, model: str) -> None:
+    """Unpinned requests go to the candidate with the lowest reference carbon per 1k tokens."""
+    with stack.client() as client:
+        r = client.chat.completions.create(model=model, messages=MSGS)
+    rec = only_hit(stack)
+    route = lowrouter(r)["route"]
+    want = best(stack.data, model)
+    assert (route["upstream"], route["region"], route["model"]) in {
+        (c[1], c[2], c[3]) for c in want}
+    assert rec in stack.requests_to(route["upstream"])
+    assert route["pinned"] is False and route["attempts"] == 1
+
+
+@pytest.mark.parametrize("region", [None, "eu-west", "us-east", "eu-north"])
+def test_auto_keeps_upstream_model_and_names_lowrouter_id(stack: Stack, region: str | None) -> None:
+    """lowrouter/auto picks the cleanest auto model; `model` stays the upstream's own name."""
+    extra = None if region is None else {"route": {"region": region}}
+    with stack.client() as client:
+        r = client.chat.completions.create(model=AUTO, messages=MSGS, extra_body=extra)
+    rec = only_hit(stack)
+    route = lowrouter(r)["route"]
+    want = best(stack.data, AUTO, region)
+    assert (route["upstream"], route["model"]) in {(c[1], c[3]) for c in want}
+    up_model = next(u for u in stack.data["upstreams"]
+                    if u["name"] == route["upstream"])["models"][route["model"]]
+    assert rec.json["model"] == up_model
+    assert r.model == sent_doc(rec)["model"] == up_model
+    assert route["pinned"] is (region is not None)
+    up = sent_doc(rec)["usage"]
+    check_eco(stack.data, lowrouter(r)["eco"], route["model"], route["region"],
+              up["prompt_tokens"], up["completion_tokens"], "estimated")

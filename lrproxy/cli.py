@@ -136,10 +136,14 @@ async def _serve(args: argparse.Namespace) -> int:
         config, secrets_, key, sims = await _demo_config(args.listen or "127.0.0.1:8080")
     else:
         config, secrets_ = _load(args.config)
-    listen = parse_listen(args.listen) if args.listen else config.server.listen
-    mlisten = parse_listen(args.metrics_listen) if args.metrics_listen else (
-        config.server.metrics_listen
-    )
+    try:
+        listen = parse_listen(args.listen) if args.listen else config.server.listen
+        mlisten = parse_listen(args.metrics_listen) if args.metrics_listen else (
+            config.server.metrics_listen
+        )
+    except ValueError as e:
+        print(f"lrproxy serve: --listen/--metrics-listen: {e}", file=sys.stderr)
+        return EX_USAGE
     worker = os.environ.get(WORKER_FDS_ENV) is not None
     if config.server.workers > 1 and not args.demo and not worker:
         passed = [f"--log-level={args.log_level}", f"--log-format={args.log_format}"]
@@ -152,6 +156,7 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     app = make_app(config, secrets_, registry=registry)
     rt = app[RUNTIME]
+    app.on_response_prepare.append(_close_when_draining)
     runner = Runner(app, header_timeout=config.timeouts.client_header, access_log=None,
                     handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
@@ -203,6 +208,13 @@ async def _start_sites(runner: web.AppRunner, listen: Listen, reuse_port: bool) 
                       reuse_port=reuse_port or None).start()
 
 
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """While draining, answers carry `Connection: close`: no new request on a kept-alive one."""
+    if request.app[RUNTIME].draining:
+        response.force_close()
+        response.headers["Connection"] = "close"  # aiohttp has set its own by now
+
+
 async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
     """Stop accepting, let requests in flight finish for up to `grace` seconds (SPEC §6).
 
@@ -215,8 +227,10 @@ async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
     n = len(rt.tasks)
     if n:
         log.info("draining %d request(s) for up to %ss", n, grace)
-    if rt.tasks:
-        await asyncio.wait(set(rt.tasks), timeout=grace)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while rt.tasks and (left := deadline - loop.time()) > 0:
+        await asyncio.wait(set(rt.tasks), timeout=left)
     if rt.tasks:
         log.warning("shutdown_grace_s over: ending %d request(s) early", len(rt.tasks))
         rt.drain_expired = True

@@ -152,7 +152,7 @@ def read_config(path: str | os.PathLike[str]) -> Config:
     if p.suffix == ".toml":
         try:
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
+        except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits
             raise ConfigError([f"{label}: not valid TOML: {e}"]) from e
         return parse_config(data, source=label)
     if p.suffix in (".ini", ".conf", ".cfg"):
@@ -162,6 +162,7 @@ def read_config(path: str | os.PathLike[str]) -> Config:
 
 
 _INI_SECTIONS: Final = {"region": "regions", "model": "models"}
+_INI_CONTAINERS: Final = ("regions", "models", "upstreams", "auth")
 
 
 def _ini_to_mapping(text: str, label: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -182,6 +183,10 @@ def _ini_to_mapping(text: str, label: str) -> tuple[dict[str, Any], dict[str, st
         items = dict(cp.items(section, raw=True))
         kind, sep, name = section.partition(":")
         if not sep:
+            if section in _INI_CONTAINERS:
+                # written as [upstream:NAME] etc.; a plain [upstreams] would collide with them
+                data[f"[{section}]"] = items  # reported as an unknown section below
+                continue
             if section == "auto" and "models" in items:
                 items["models"] = _ini_list(items["models"])  # type: ignore[assignment]
             data[section] = items
@@ -223,26 +228,44 @@ def _ini_map(value: str) -> dict[str, str] | str:
 
 
 class _Problems:
-    def __init__(self, source: str, ini_names: Mapping[str, str]) -> None:
+    def __init__(self, source: str, ini_names: Mapping[str, str] | None) -> None:
         self.source = source
-        self.ini_names = ini_names
+        self.ini = ini_names
         self.lines: list[str] = []
 
     def add(self, path: str, what: str) -> None:
-        for prefix, section in self.ini_names.items():
-            if path == prefix or path.startswith(prefix + "."):
-                rest = path[len(prefix) + 1 :]
-                path = f"{section} {rest}".rstrip()
-                break
+        if self.ini is not None:
+            path = self._ini_path(path)
         self.lines.append(f"{self.source}: {path}: {what}")
+
+    def _ini_path(self, path: str) -> str:
+        """Name the key as the INI file has it: `[upstream:eu-west-a] region`."""
+        for prefix, section in (self.ini or {}).items():
+            if path == prefix or path.startswith(prefix + "."):
+                return f"{section} {path[len(prefix) + 1 :]}".rstrip()
+        m = re.fullmatch(r'(regions|models)\.("[^"]*"|[^.]+)(?:\.(.+))?', path)
+        if m:
+            kind = "region" if m.group(1) == "regions" else "model"
+            return f"[{kind}:{m.group(2).strip(chr(34))}] {m.group(3) or ''}".rstrip()
+        m = re.fullmatch(r"(server|timeouts|auto)\.(.+)", path)
+        if m:
+            return f"[{m.group(1)}] {m.group(2)}"
+        return path
 
 
 _Conv = Callable[[Any, bool], Any]
 
 
+class _Secret(ValueError):
+    """A problem with a value that must not be echoed (it holds credentials)."""
+
+
 def _conv_int(v: Any, ini: bool) -> int:
     if ini and isinstance(v, str):
-        v = int(v.replace("_", ""))
+        try:
+            v = int(v.replace("_", ""))
+        except ValueError:
+            raise TypeError("expected an integer") from None
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError("expected an integer")
     return v
@@ -251,9 +274,15 @@ def _conv_int(v: Any, ini: bool) -> int:
 def _conv_float(v: Any, ini: bool) -> float:
     if ini and isinstance(v, str):
         v = float(v.replace("_", ""))
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, int | float):
         raise TypeError("expected a number")
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError("number out of range") from None
+    if not math.isfinite(f):
+        raise TypeError("expected a number")
+    return f
 
 
 def _conv_bool(v: Any, ini: bool) -> bool:
@@ -281,14 +310,14 @@ def _conv_listen(v: Any, ini: bool) -> Listen:
 
 
 def parse_listen(v: str) -> Listen:
-    """Parse `HOST:PORT` or `[V6]:PORT`; raises ValueError."""
+    """Parse `HOST:PORT` or `[V6]:PORT`; raises ValueError (not naming the value)."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", v.strip())
     if not m:
-        raise ValueError(f"expected \"HOST:PORT\", got {v!r}")
+        raise ValueError("expected \"HOST:PORT\"")
     host = m.group(1) or m.group(3)
     port = int(m.group(2) or m.group(4))
     if port > 65535:
-        raise ValueError(f"port out of range in {v!r}")
+        raise ValueError("port out of range")
     return Listen(host, port)
 
 
@@ -296,10 +325,20 @@ def _conv_url(v: Any, ini: bool) -> str:
     s = _conv_str(v, ini)
     u = urlsplit(s)
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"expected an http(s) URL, got {s!r}")
+        raise ValueError("expected an http(s) URL")
     if u.username or u.password:
-        raise ValueError("credentials in a URL are not allowed; use api_key_env or api_key_file")
+        raise _Secret("credentials in a URL are not allowed; use api_key_env or api_key_file")
     return s.rstrip("/")
+
+
+def _conv_proxy(v: Any, ini: bool) -> str:
+    """A forward proxy URL; it may carry credentials (never echoed in a problem line)."""
+    if not isinstance(v, str) or not v:
+        raise _Secret("expected a non-empty string")
+    u = urlsplit(v)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise _Secret("expected an http(s) URL such as http://proxy.corp:3128")
+    return v
 
 
 def _take(
@@ -331,7 +370,7 @@ def _take(
             msg = str(e)
             if isinstance(e, ValueError) and msg.startswith(("invalid literal", "could not")):
                 msg = "expected a number"
-            p.add(full, f"{msg} (got {table[key]!r})")
+            p.add(full, msg if isinstance(e, _Secret) else f"{msg} (got {table[key]!r})")
             out[key] = default
     return out
 
@@ -378,7 +417,7 @@ _UPSTREAM: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "api_key_env": (_conv_str, None),
     "api_key_file": (_conv_str, None),
     "max_concurrency": (_conv_int, 512),
-    "proxy": (_conv_url, None),
+    "proxy": (_conv_proxy, None),
     "ca_file": (_conv_str, None),
 }
 _TOP: Final = ("server", "timeouts", "auth", "regions", "models", "upstreams", "auto")
@@ -392,7 +431,7 @@ def parse_config(
     With `ini_names` the scalar values may be strings (the INI form) and are converted.
     """
     ini = ini_names is not None
-    p = _Problems(source, ini_names or {})
+    p = _Problems(source, ini_names)
     for key in data:
         if key not in _TOP:
             p.add(key, "unknown section")
@@ -516,7 +555,7 @@ def _parse_models(p: _Problems, raw: Any, ini: bool) -> dict[str, Model]:
             if ep is None or ec is None:
                 p.add(path, "give both energy_wh_per_1k_prompt_tokens and "
                       "energy_wh_per_1k_completion_tokens, or active_params_b")
-                continue
+                ep = ec = 0.0  # keep the model, so upstreams naming it add no more problems
             source = "config"
         elif size is not None:
             ep, ec = energy_from_size(size)
@@ -611,7 +650,7 @@ def resolve_secrets(
     `check_env=False` (check-config) skips environment variables, which exist only
     under the service, but still checks that absolute key files can be read.
     """
-    p = _Problems(config.source, {})
+    p = _Problems(config.source, None)
     hashes: list[tuple[str, bytes]] = []
     for i, k in enumerate(config.keys):
         path = f"auth.keys[{i}]"

@@ -8,6 +8,7 @@ requests in flight finish on the config they began with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -92,6 +93,11 @@ class Runtime:
 
     def install(self, config: Config, secrets: Secrets) -> None:
         """Adopt a validated config atomically (start and reload)."""
+        for u in set(self.pool.health) - {u.name for u in config.upstreams}:
+            self.metrics.usable.remove(u)  # a series per configured name only
+        for r in set(self.state.config.regions) - set(config.regions):
+            with contextlib.suppress(KeyError):
+                self.metrics.intensity.remove(r)
         self.pool.configure(config.upstreams)
         self.buckets = {
             k.name: self.buckets.get(k.name) or limits.bucket_for(k.rate_per_s)
@@ -105,8 +111,8 @@ class Runtime:
         self.readings = {k: v for k, v in self.readings.items() if k in config.regions}
         self.state = make_state(config, secrets, {})
         self.refresh_table()
-        for u in config.upstreams:
-            self.metrics.usable.labels(u.name).set(1)
+        self.pool.on_change = lambda: publish_usable(self)
+        publish_usable(self)
 
     def refresh_table(self) -> None:
         st = self.state
@@ -233,11 +239,11 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         rt.metrics.inflight.dec()
         if rec.api:
             _account(rt.metrics, rec)
-            _publish_usable(rt)
 
 
-def _publish_usable(rt: Runtime) -> None:
-    """lrproxy_upstream_usable follows passive health, which only requests change (SPEC §2)."""
+def publish_usable(rt: Runtime) -> None:
+    """lrproxy_upstream_usable from passive health: on ejection and recovery (the pool's
+    hook) and every few seconds from the background task, for cool-downs that end."""
     now = time.monotonic()
     for name in rt.pool.health:
         rt.metrics.usable.labels(name).set(1 if rt.pool.usable(name, now) else 0)

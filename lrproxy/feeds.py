@@ -18,7 +18,7 @@ from typing import Final
 from aiohttp import web
 
 from lrproxy import eco
-from lrproxy.app import RUNTIME, Runtime
+from lrproxy.app import RUNTIME, Runtime, publish_usable
 from lrproxy.log import MAIN
 
 POLL_S: Final = 5.0
@@ -63,6 +63,7 @@ async def feeds_ctx(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(rt.feed_poll_s)
             poll_feeds(rt, seen)
+            publish_usable(rt)  # cool-downs end with time, not with an event
 
     task = asyncio.create_task(run())
     yield

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 UNKNOWN: Final = "unknown"
 NONE: Final = "none"
+RELOAD_RESULTS: Final = ("ok", "error")
 
 _LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800,
@@ -36,7 +37,7 @@ class Metrics:
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
         kmr = ("key", "model", "region")
-        return cls(
+        m = cls(
             requests=Counter("lrproxy_requests", "Requests answered, by HTTP status or end",
                              (*kmr, "code"), registry=registry),
             tokens=Counter("lrproxy_tokens", "Tokens processed", (*kmr, "kind"),
@@ -63,3 +64,8 @@ class Metrics:
             reloads=Counter("lrproxy_config_reloads", "Config reloads by result", ("result",),
                             registry=registry),
         )
+        # Both results exist at 0 from the start, so PromQL's increase() also sees the
+        # first failed reload (a series born at 1 shows no increase).
+        for result in RELOAD_RESULTS:
+            m.reloads.labels(result)
+        return m

@@ -9,6 +9,7 @@ stream, whose other events pass through byte for byte.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -19,8 +20,10 @@ from aiohttp import web
 
 from lrproxy import eco, errors, limits, sse, upstream
 from lrproxy.app import REC, RUNTIME, Rec, Runtime, State
+from lrproxy.log import MAIN
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
+log = logging.getLogger(MAIN)
 MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
 KEEPALIVE_EVENT: Final = b": keep-alive\n\n"
 DONE_EVENT: Final = b"data: [DONE]\n\n"
@@ -351,9 +354,10 @@ def _lowrouter(
     prompt: int, completion: int, measured: bool,
 ) -> dict[str, Any]:
     """The §3 object; also books the figures on `rec` for the metrics, so both agree."""
+    # The region as the request's own config has it: a reload mid-stream changes nothing.
+    intensity = eco.current_intensity(cand.region, rt.readings.get(cand.region.name), rt.clock())
     figures = eco.eco_figures(
-        cand.model, cand.region, rt.intensity(cand.region.name), prompt, completion,
-        tokens_measured=measured,
+        cand.model, cand.region, intensity, prompt, completion, tokens_measured=measured,
     )
     rec.prompt, rec.completion = prompt, completion
     rec.energy_wh, rec.carbon_g = figures["energy_wh"], figures["carbon_g"]
@@ -454,8 +458,16 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
             usage = sse.usage_of(obj)
             if usage is not None:
                 tail.usage = usage
-            if obj.get("choices") == [] or not obj.get("choices"):
+            choices = obj.get("choices")
+            if choices == [] or not choices:
                 tail.usage_chunk = obj
+            elif isinstance(choices, list) and not any(
+                isinstance(c, dict) and c.get("finish_reason") for c in choices
+            ):
+                # Usage on a content chunk (vLLM's continuous_usage_stats): counted, not
+                # held, as only finish and usage-only chunks wait (SPEC §1.1).
+                tail.content_events += 1
+                out.append(ev)
             else:
                 tail.content_events += 1
                 tail.held.append((ev, obj))
@@ -587,6 +599,13 @@ async def _relay_stream(
         _stream_lowrouter(rt, rec, obj, cand, region, tail)
         if task.cancelling():
             raise
+    except Exception:
+        # A bug of ours mid-stream: end it the §1.1 way, never with a second status line.
+        log.exception("unexpected error in a stream",
+                      extra={"fields": {"request_id": rec.request_id}})
+        resp.close()
+        await _stream_error(rt, rec, obj, cand, region, tail, errors.ProxyError(
+            "Internal error in the proxy; see its log."), out, request)
     finally:
         if finished:
             resp.release()

@@ -22,6 +22,9 @@ DONE: Final = b"[DONE]"
 _FINAL_HINT: Final = re.compile(
     rb'"finish_reason"\s*:\s*[^n\s]|"usage"\s*:\s*\{|"choices"\s*:\s*\[\s*\]'
 )
+# One `data:` line holding `{...}`: a content chunk as every server sends it, passed on
+# unparsed. Anything else with data (a cut `{not json`, [DONE], multi-line data) is parsed.
+_PLAIN_CHUNK: Final = re.compile(rb"data: ?\{[^\r\n]*\}\r?\n\r?\n")
 
 
 class EventSplitter:
@@ -39,6 +42,10 @@ class EventSplitter:
         start = 0
         scan = self._scan
         n = len(buf)
+        # The next "\n\n" and "\n\r\n" at or after `scan` (-1: none in buf). Each is searched
+        # for again only once passed, so that a read holding many events (an LF stream has
+        # no "\n\r\n" at all) is split in linear time, not rescanned to its end per event.
+        a = b = -2
         while start < n:
             # A blank line at the very start of an event is an (empty) event of its own.
             if buf[start] == 0x0A:
@@ -46,8 +53,10 @@ class EventSplitter:
             elif buf.startswith(b"\r\n", start):
                 end = start + 2
             else:
-                a = buf.find(b"\n\n", scan)
-                b = buf.find(b"\n\r\n", scan)
+                if a != -1 and a < scan:
+                    a = buf.find(b"\n\n", scan)
+                if b != -1 and b < scan:
+                    b = buf.find(b"\n\r\n", scan)
                 if a == -1 and b == -1:
                     break
                 end = a + 2 if b == -1 or (a != -1 and a < b) else b + 3
@@ -94,11 +103,10 @@ class Kind:
 
 def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
     """Kind of one event and, when it had to be parsed, its JSON object."""
-    if not _FINAL_HINT.search(event):
-        if DONE in event and event_data(event) == DONE:
-            return Kind.DONE, None
-        if b'"error"' not in event:
-            return Kind.PASS, None
+    if not _FINAL_HINT.search(event) and b'"error"' not in event and (
+        _PLAIN_CHUNK.fullmatch(event) is not None or not is_data_event(event)
+    ):
+        return Kind.PASS, None
     data = event_data(event)
     if data is None:
         return Kind.PASS, None
@@ -136,6 +144,7 @@ def usage_of(obj: dict[str, Any]) -> tuple[int, int] | None:
     if not isinstance(usage, dict):
         return None
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if isinstance(p, int) and isinstance(c, int) and not isinstance(p, bool) and p >= 0 and c >= 0:
+    if (isinstance(p, int) and isinstance(c, int) and not isinstance(p, bool)
+            and not isinstance(c, bool) and p >= 0 and c >= 0):
         return p, c
     return None

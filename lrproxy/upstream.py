@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 import aiohttp
@@ -49,6 +49,7 @@ class Pool:
     """Health and load of every upstream, with the ejection rule of SPEC §2."""
 
     def __init__(self) -> None:
+        self.on_change: Callable[[], None] | None = None  # an upstream was ejected or came back
         self.health: dict[str, Health] = {}
         self.region_of: dict[str, str] = {}
         self.capacity: dict[str, int] = {}
@@ -82,10 +83,13 @@ class Pool:
 
     def succeeded(self, name: str) -> None:
         h = self.health.get(name)
-        if h is not None:
+        if h is not None and h.failures:
+            was_ejected = h.ejections > 0
             h.failures = h.ejections = 0
             h.ejected_until = 0.0
             h.trial = False
+            if was_ejected and self.on_change is not None:
+                self.on_change()
 
     def failed(self, name: str, now: float, retry_after: float | None = None) -> None:
         h = self.health.get(name)
@@ -108,6 +112,8 @@ class Pool:
         if retry_after is not None:
             cool = max(cool, min(retry_after, COOL_DOWN_CAP_S))
         h.ejected_until = now + cool
+        if self.on_change is not None:
+            self.on_change()
 
     def retry_after(self, names: Iterable[str], now: float) -> float:
         """Seconds until the first of these upstreams may be tried again (at least 1)."""

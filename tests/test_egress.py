@@ -20,10 +20,9 @@ from typing import Any
 
 import openai
 import pytest
+from conftest import UPSTREAM_KEYS
 
 from lrproxy.simupstream import SimUpstream
-
-from conftest import UPSTREAM_KEYS
 
 TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
 needs_tinyproxy = pytest.mark.skipif(

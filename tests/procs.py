@@ -1,0 +1,273 @@
+"""Helpers for tests that run lrproxy as a real process (SPEC §6).
+
+`Proxy` starts `python -m lrproxy serve --config FILE` with its output in files (no pipe
+can fill up), `SimThread` runs a `SimUpstream` in a thread of its own, `Notify` is the
+datagram socket systemd would hold for `NOTIFY_SOCKET`. Every wait is bounded and every
+process is stopped by its own PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lrproxy.simupstream import SimUpstream
+
+T = TypeVar("T")
+
+CLIENT_KEY = "sk-ops-test-4e1f"
+MODEL = "openai/gpt-4o-mini"
+# Variables of a systemd service that must not leak into a child from the test's own env.
+_SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                 "LISTEN_FDNAMES")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_refuses(port: int) -> bool:
+    """True when a TCP connect to 127.0.0.1:port is refused."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def wait_for(pred: Callable[[], T], timeout: float, what: str, step: float = 0.02) -> T:
+    """Poll `pred` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def config_toml(sim_url: str, port: int, *, intensity: float = 100.0,
+                grace: float | None = None, extra_server: str = "") -> str:
+    """One region, one upstream (the simulator), one client key by SHA-256."""
+    sha = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()
+    server = f'listen = "127.0.0.1:{port}"\n'
+    if grace is not None:
+        server += f"shutdown_grace_s = {grace}\n"
+    return f"""\
+[server]
+{server}{extra_server}
+[timeouts]
+connect = 2
+first_byte = 20
+idle = 20
+
+[auth]
+keys = [{{ name = "ops", sha256 = "{sha}" }}]
+
+[regions.r1]
+grid_intensity_g_per_kwh = {intensity}
+pue = 1.0
+
+[models."{MODEL}"]
+energy_wh_per_1k_prompt_tokens = 0.02
+energy_wh_per_1k_completion_tokens = 0.3
+
+[[upstreams]]
+name = "sim"
+region = "r1"
+base_url = "{sim_url}"
+models = {{ "{MODEL}" = "gpt-4o-mini" }}
+"""
+
+
+# A config that parses as TOML but fails validation on exactly one key.
+BROKEN_KEY = "regions.r1.grid_intensity_g_per_kwh"
+
+
+def broken_toml(sim_url: str, port: int) -> str:
+    return config_toml(sim_url, port).replace(
+        "grid_intensity_g_per_kwh = 100.0", 'grid_intensity_g_per_kwh = "lots"')
+
+
+class SimThread:
+    """A SimUpstream serving from its own event loop in a daemon thread."""
+
+    def __init__(self, **kw: Any) -> None:
+        kw.setdefault("models", ("gpt-4o-mini",))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.sim = SimUpstream(**kw)
+        self.base_url: str = self._run(self.sim.start("127.0.0.1", 0))
+
+    def _run(self, coro: Any, timeout: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def chat_requests(self) -> int:
+        return sum(1 for r in list(self.sim.requests) if r.path.endswith("/chat/completions"))
+
+    def close(self) -> None:
+        try:
+            self._run(self.sim.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            self.loop.close()
+
+
+class Notify:
+    """The NOTIFY_SOCKET end: an AF_UNIX datagram socket, read with bounded waits."""
+
+    def __init__(self, directory: Path) -> None:
+        path = directory / "notify.sock"
+        self._tmpdir: str | None = None
+        if len(os.fsencode(path)) > 100:  # sun_path holds 108 bytes
+            self._tmpdir = tempfile.mkdtemp(prefix="lrp-", dir="/tmp")
+            path = Path(self._tmpdir) / "n.sock"
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[dict[str, str]] = []
+
+    def recv(self, timeout: float) -> dict[str, str] | None:
+        """The next datagram as KEY=VALUE pairs, or None after `timeout` seconds."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return None
+        msg = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        self.messages.append(msg)
+        return msg
+
+    def wait_for(self, key: str, timeout: float, skip: Sequence[str] = ("WATCHDOG",)) -> dict[str, str]:
+        """Next datagram carrying `key`; datagrams with only `skip` keys are passed over,
+        any other one before it fails the test (so the order is checked)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            msg = self.recv(left) if left > 0 else None
+            if msg is None:
+                raise AssertionError(f"no {key}=1 within {timeout}s; got {self.messages}")
+            if key in msg:
+                return msg
+            if not set(msg) <= set(skip):
+                raise AssertionError(f"expected {key}, got {msg} (all: {self.messages})")
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        if self._tmpdir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._tmpdir)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS}
+    env.update(extra)
+    return env
+
+
+# Runs in the child before lrproxy: puts the inherited listening socket on fd 3 and sets
+# LISTEN_FDS/LISTEN_PID for its own PID, then execs lrproxy in the same process (same PID).
+_ACTIVATE = (
+    "import os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "if fd != 3:\n"
+    "    os.dup2(fd, 3)\n"
+    "    os.close(fd)\n"
+    "os.environ['LISTEN_FDS'] = '1'\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'lrproxy', *sys.argv[2:]])\n"
+)
+
+
+class Proxy:
+    """`python -m lrproxy ARGS` as a child process; stdout and stderr go to files."""
+
+    def __init__(self, args: Sequence[str], workdir: Path, *, env: dict[str, str] | None = None,
+                 listen_sock: socket.socket | None = None, port: int | None = None) -> None:
+        self.port = port
+        self.out_path = workdir / "proxy.stdout"
+        self.err_path = workdir / "proxy.stderr"
+        env = child_env() if env is None else env
+        if listen_sock is not None:
+            fd = listen_sock.fileno()
+            cmd = [sys.executable, "-c", _ACTIVATE, str(fd), *args]
+            pass_fds: tuple[int, ...] = (fd,)
+        else:
+            cmd = [sys.executable, "-m", "lrproxy", *args]
+            pass_fds = ()
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                         env=env, pass_fds=pass_fds, cwd=workdir)
+        self.pid = self.proc.pid
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"lrproxy did not exit within {timeout}s; stderr:\n"
+                                 f"{self.stderr}") from None
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        assert self.port is not None
+
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lrproxy exited with {self.proc.returncode}:\n{self.stderr}")
+            try:
+                return http_get(self.port, "/healthz", timeout=1)[0] == 200  # type: ignore[arg-type]
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout, "/healthz", step=0.05)
+
+    def stop(self) -> None:
+        """Terminate, wait (bounded), kill if need be; safe to call twice."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

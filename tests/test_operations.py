@@ -1,0 +1,362 @@
+"""Operating lrproxy (SPEC §6, issue 7): reload and drain under load from the OpenAI SDK, and
+the CLI's exit codes, against `python -m lrproxy` as a real process."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from procs import (
+    BROKEN_KEY,
+    CLIENT_KEY,
+    MODEL,
+    Notify,
+    Proxy,
+    SimThread,
+    broken_toml,
+    child_env,
+    config_toml,
+    free_port,
+    port_refuses,
+    wait_for,
+)
+
+from lrproxy import __version__
+
+LRPROXY = [sys.executable, "-m", "lrproxy"]
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimThread]:
+    s = SimThread()
+    yield s
+    s.close()
+
+
+def _client(port: int) -> openai.OpenAI:
+    # max_retries=0: a retry by the SDK would hide a lost request.
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
+                         max_retries=0, timeout=20)
+
+
+def _stream(client: openai.OpenAI, sim: dict[str, Any]) -> float:
+    """A streamed answer read to its end; its grid intensity (the config it ran on)."""
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, extra_body={"sim": sim}))  # type: ignore[arg-type]
+    last = chunks[-1]
+    assert last.choices and last.choices[0].finish_reason == "stop", last
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == sim["chunks"]
+    return float(last.model_extra["lowrouter"]["eco"]["grid_intensity_g_per_kwh"])  # type: ignore[index]
+
+
+def _plain(client: openai.OpenAI, sim: dict[str, Any]) -> float:
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                       extra_body={"sim": sim})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content
+    return float(r.model_extra["lowrouter"]["eco"]["grid_intensity_g_per_kwh"])  # type: ignore[index]
+
+
+class _Runner(threading.Thread):
+    """Runs one call in a thread; keeps its result or its exception and when it ended."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.ended = 0.0
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # the test looks at it
+            self.error = e
+        self.ended = time.monotonic()
+
+    def outcome(self, timeout: float) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), "the request did not end in time"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+# ---------------------------------------------------------------------------------------
+# reload under load
+
+
+def test_reload_under_load_loses_nothing(tmp_path: Path, sim: SimThread) -> None:
+    """SDK streams and plain requests across a good and a bad SIGHUP all end in full."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, intensity=100))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=str(notify.path)), port=port)
+    results: list[tuple[str, float, float, float]] = []  # kind, intensity, began, ended
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def load(i: int) -> None:
+        with _client(port) as client:
+            for n in range(40):  # bounded: about 6 s at most
+                if stop.is_set():
+                    return
+                began = time.monotonic()
+                try:
+                    if (i + n) % 2:
+                        value = _stream(client, {"chunks": 5, "chunk_delay_s": 0.02})
+                        kind = "stream"
+                    else:
+                        value = _plain(client, {"headers_delay_s": 0.05})
+                        kind = "plain"
+                except BaseException as e:
+                    with lock:
+                        failures.append(e)
+                    return
+                with lock:
+                    results.append((kind, value, began, time.monotonic()))
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
+    try:
+        notify.wait_for("READY", 20)
+        for t in threads:
+            t.start()
+        # One long stream that begins before the reload and ends after it.
+        with _client(port) as long_client:
+            long = _Runner(_stream, long_client, {"chunks": 10, "chunk_delay_s": 0.1})
+            long.start()
+            wait_for(lambda: len(results) >= 8 or failures, 10, "load to run")
+
+            cfg.write_text(config_toml(sim.base_url, port, intensity=200))
+            t_hup = time.monotonic()
+            proxy.signal(signal.SIGHUP)
+            notify.wait_for("RELOADING", 5)
+            notify.wait_for("READY", 5)
+            t_new = time.monotonic()
+            n_good = len(results)
+            wait_for(lambda: len(results) >= n_good + 8 or failures, 10, "load after the reload")
+
+            cfg.write_text(broken_toml(sim.base_url, port))
+            proxy.signal(signal.SIGHUP)
+            notify.wait_for("RELOADING", 5)
+            notify.wait_for("READY", 5)
+            n_bad = len(results)
+            wait_for(lambda: len(results) >= n_bad + 8 or failures, 10, "load after the bad reload")
+            stop.set()
+            for t in threads:
+                t.join(15)
+            assert not any(t.is_alive() for t in threads)
+            assert long.outcome(10) in (100, 200)  # in full; which config: see the next test
+
+        assert not failures, failures
+        assert {r[0] for r in results} == {"stream", "plain"}
+        assert all(v == 100 for _, v, _, ended in results if ended < t_hup)
+        # Begun after the good reload: its config, the refused one changed nothing.
+        assert all(v == 200 for _, v, began, _ in results if began > t_new)
+        assert sum(1 for r in results if r[2] > t_new) >= 8
+        refused = [ln for ln in proxy.stderr.splitlines() if BROKEN_KEY in ln]
+        assert len(refused) == 1 and "lrproxy.toml" in refused[0]
+
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(10) == 0
+        access = [json.loads(ln) for ln in proxy.stdout.splitlines() if ln.strip()]
+        chats = [a for a in access if a.get("model") == MODEL]
+        assert len(chats) == len(results) + 1  # + the long stream
+        assert all(a["status"] == 200 for a in chats)
+    finally:
+        stop.set()
+        proxy.stop()
+        notify.close()
+
+
+def test_stream_in_flight_finishes_on_its_config(tmp_path: Path, sim: SimThread) -> None:
+    """A stream in flight across a reload that renames its region ends in full, on its old config."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, intensity=100))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        with _client(port) as client:
+            chunks = iter(client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, stream=True,  # type: ignore[arg-type]
+                extra_body={"sim": {"chunks": 5, "chunk_delay_s": 0.15}}))
+            first = next(chunks)
+            cfg.write_text(config_toml(sim.base_url, port, intensity=200).replace("r1", "r2"))
+            proxy.signal(signal.SIGHUP)
+            wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
+            rest = list(chunks)
+        assert first.choices[0].delta.role == "assistant"
+        last = rest[-1]
+        assert last.choices[0].finish_reason == "stop"
+        lr = last.model_extra["lowrouter"]  # type: ignore[index]
+        assert lr["route"]["region"] == "r1"
+        assert lr["eco"]["grid_intensity_g_per_kwh"] == 100
+    finally:
+        proxy.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# drain on SIGTERM
+
+
+def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread) -> None:
+    """SIGTERM: new connections refused, requests in flight (kept-alive too) finish, then exit 0."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        proxy.wait_healthy()
+        status, headers, _ = _raw_post(kept, {})
+        assert status == 200 and headers.get("Connection") != "close"  # kept alive
+        with _client(port) as c1, _client(port) as c2:
+            before = sim.chat_requests()
+            stream = _Runner(_stream, c1, {"chunks": 10, "chunk_delay_s": 0.15})  # ~1.5 s
+            plain = _Runner(_plain, c2, {"headers_delay_s": 1.0})
+            stream.start()
+            plain.start()
+            wait_for(lambda: sim.chat_requests() >= before + 2, 5, "both requests upstream")
+            t_sig = time.monotonic()
+            proxy.signal(signal.SIGTERM)
+            wait_for(lambda: port_refuses(port), 2, "the listener to close")
+            assert proxy.proc.poll() is None  # still draining
+            assert not stream.ended and not plain.ended
+            # Sent during the drain on the kept-alive connection, lasting past the others:
+            # answered in full, and told to close its connection.
+            late = _Runner(_raw_post, kept, {"headers_delay_s": 2.0})
+            late.start()
+            assert stream.outcome(10) == 100
+            assert plain.outcome(10) == 100
+            assert stream.ended - t_sig > 0.8  # it really was in flight across the signal
+            status, headers, doc = late.outcome(10)
+            assert status == 200, doc
+            assert doc["choices"][0]["finish_reason"] == "stop"
+            assert headers.get("Connection") == "close"
+            assert late.ended > stream.ended
+        assert proxy.wait(10) == 0
+        assert "draining 2 request(s)" in proxy.stderr
+        assert "shutdown_grace_s over" not in proxy.stderr
+    finally:
+        kept.close()
+        proxy.stop()
+
+
+def _raw_post(conn: http.client.HTTPConnection, sim: dict[str, Any]) -> tuple[int, Any, Any]:
+    """A plain chat request on `conn` (kept alive): status, headers, JSON body."""
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "sim": sim})
+    conn.request("POST", "/api/v1/chat/completions", body=body, headers={
+        "Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, resp.headers, json.loads(resp.read())
+
+
+def _raw_stream(port: int, sim: dict[str, Any]) -> bytes:
+    """POST a streamed chat request and read the whole body; IncompleteRead if it is cut."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        body = json.dumps({"model": MODEL, "messages": MESSAGES, "stream": True, "sim": sim})
+        conn.request("POST", "/api/v1/chat/completions", body=body, headers={
+            "Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return resp.read()
+    finally:
+        conn.close()
+
+
+def test_drain_deadline_ends_streams_with_error_event(tmp_path: Path, sim: SimThread) -> None:
+    """Past shutdown_grace_s an open stream gets the §1.1 error event (SDK APIError), no cut."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=0.5))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        slow = {"chunks": 10, "chunk_delay_s": 0.5}  # ~5 s
+        with _client(port) as client:
+            before = sim.chat_requests()
+            sdk = _Runner(_stream, client, slow)
+            raw = _Runner(_raw_stream, port, slow)
+            sdk.start()
+            raw.start()
+            wait_for(lambda: sim.chat_requests() >= before + 2, 5, "both streams upstream")
+            time.sleep(0.2)  # a few chunks on the way
+            t_sig = time.monotonic()
+            proxy.signal(signal.SIGTERM)
+            assert proxy.wait(4) == 0
+            assert time.monotonic() - t_sig < 4
+
+            with pytest.raises(openai.APIError) as info:
+                sdk.outcome(5)
+            assert not isinstance(info.value, openai.APIConnectionError)
+            assert isinstance(info.value.body, dict) and info.value.body["code"] == "shutting_down"
+
+            data = raw.outcome(5)  # read to a clean end of the chunked body
+            events = [e for e in data.decode().split("\n\n") if e.strip()]
+            assert all(e.startswith("data: ") for e in events)
+            assert "[DONE]" not in data.decode()
+            last = json.loads(events[-1].removeprefix("data: "))
+            assert last["error"]["code"] == "shutting_down"
+            assert {"message", "type", "code"} <= set(last["error"])
+            assert last["choices"] == [{"index": 0, "delta": {}, "finish_reason": "error"}]
+            assert last["lowrouter"]["eco"]["tokens"]["completion"] >= 1
+            assert len(events) >= 3  # role chunk and content came before it
+        assert "shutdown_grace_s over" in proxy.stderr
+    finally:
+        proxy.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# the command line
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LRPROXY, *args], capture_output=True, text=True, timeout=30,
+                          cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL)
+
+
+def test_check_config_broken_exits_78(tmp_path: Path) -> None:
+    """`lrproxy check-config` exits 78 with one line naming file and key; 0 on a good file."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(broken_toml("http://127.0.0.1:9/v1", 8080))
+    r = _run("check-config", str(bad))
+    assert r.returncode == 78
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.toml" in lines[0] and BROKEN_KEY in lines[0], r.stderr
+    good = tmp_path / "good.toml"
+    good.write_text(config_toml("http://127.0.0.1:9/v1", 8080))
+    r = _run("check-config", str(good))
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+def test_version() -> None:
+    """`lrproxy --version` prints the package's version and exits 0."""
+    r = _run("--version")
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"lrproxy {__version__}"
+
+
+def test_serve_missing_config_exits_78(tmp_path: Path) -> None:
+    """`lrproxy serve --config missing.toml` exits 78 with one line on stderr."""
+    r = _run("serve", "--config", "missing.toml", cwd=tmp_path)
+    assert r.returncode == 78
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.toml" in lines[0], r.stderr
+    assert r.stdout == ""

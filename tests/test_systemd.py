@@ -1,0 +1,295 @@
+"""systemd integration (SPEC §6, issue 7): the unit files through systemd-analyze, sd_notify
+read off a real datagram socket, and socket activation, all against `python -m lrproxy`."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from procs import (
+    BROKEN_KEY,
+    CLIENT_KEY,
+    MODEL,
+    Notify,
+    Proxy,
+    SimThread,
+    broken_toml,
+    child_env,
+    config_toml,
+    free_port,
+    http_get,
+    port_refuses,
+)
+
+from lrproxy.sdnotify import Notifier, activated_sockets
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+_EXPOSURE_RE = re.compile(r"Overall exposure level for lrproxy\.service:\s*([0-9]+(?:\.[0-9]+)?)")
+
+
+@pytest.fixture(scope="module")
+def systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("systemd-analyze is missing; .ci/run installs the systemd package")
+        pytest.skip("systemd-analyze is not installed")
+    return path
+
+
+@pytest.fixture
+def units(tmp_path: Path) -> Path:
+    """Copies of the unit files whose ExecStart= names the lrproxy really installed."""
+    exe = shutil.which("lrproxy")
+    assert exe, "the lrproxy console script is installed with the package"
+    for name in ("lrproxy.service", "lrproxy.socket"):
+        text = (UNITS / name).read_text()
+        (tmp_path / name).write_text(text.replace("/usr/local/bin/lrproxy", exe))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimThread]:
+    s = SimThread()
+    yield s
+    s.close()
+
+
+def _service() -> dict[str, list[str]]:
+    """The service file as key -> every value given (systemd keys may repeat)."""
+    out: dict[str, list[str]] = {}
+    for raw in (UNITS / "lrproxy.service").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def _monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def _intensity(port: int) -> float:
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
+                       max_retries=0, timeout=10) as client:
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].finish_reason == "stop"
+    return float(r.model_extra["lowrouter"]["eco"]["grid_intensity_g_per_kwh"])  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------------------
+# the unit files
+
+
+def test_unit_files_verify_clean(systemd_analyze: str, units: Path) -> None:
+    """`systemd-analyze verify` on lrproxy.service and lrproxy.socket says nothing and exits 0."""
+    r = subprocess.run([systemd_analyze, "verify", str(units / "lrproxy.service"),
+                        str(units / "lrproxy.socket")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (r.stdout + r.stderr).strip() == ""
+
+
+def test_unit_security_exposure_ok(systemd_analyze: str, units: Path) -> None:
+    """`systemd-analyze security --offline=true` rates the service's exposure at 2.0 or less."""
+    r = subprocess.run([systemd_analyze, "security", "--offline=true", "--no-pager",
+                        str(units / "lrproxy.service")], capture_output=True, text=True, timeout=60)
+    m = _EXPOSURE_RE.search(r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.0, r.stdout
+
+
+def test_unit_settings() -> None:
+    """The service is Type=notify, reloads by SIGHUP, does not retry exit 78, is hardened."""
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read(UNITS / "lrproxy.service")
+    assert cp.has_section("Unit") and cp.has_section("Install")
+    svc = _service()
+    one = {k: v[-1] for k, v in svc.items()}
+    assert one["Type"] == "notify"
+    assert one["NotifyAccess"] in ("main", "all")
+    assert "-HUP" in one["ExecReload"] and "$MAINPID" in one["ExecReload"]
+    assert "serve --config /etc/lrproxy/" in one["ExecStart"]
+    assert one["ExecStart"].split()[0] == "/usr/local/bin/lrproxy"
+    assert one["Restart"] in ("on-failure", "always")
+    assert "78" in one["RestartPreventExitStatus"].split()
+    assert any(v.startswith("/etc/lrproxy/") or ":/etc/lrproxy/" in v for v in svc["LoadCredential"])
+    assert one["DynamicUser"] == "yes"
+    assert one["NoNewPrivileges"] == "yes"
+    assert one["ProtectSystem"] == "strict"
+    assert one["CapabilityBoundingSet"] == ""
+    assert set(one["RestrictAddressFamilies"].split()) <= {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert "@system-service" in svc["SystemCallFilter"]
+    # TimeoutStopSec leaves room for the default 30 s drain.
+    assert int(one["TimeoutStopSec"].rstrip("s")) > 30
+    sock = configparser.ConfigParser(strict=False, interpolation=None)
+    sock.read(UNITS / "lrproxy.socket")
+    assert sock.get("Socket", "ListenStream")
+
+
+# ---------------------------------------------------------------------------------------
+# sd_notify
+
+
+def test_sd_notify_ready_reload_stopping(tmp_path: Path, sim: SimThread) -> None:
+    """READY=1 when serving; RELOADING=1+MONOTONIC_USEC, READY=1 on any SIGHUP; STOPPING=1 on SIGTERM."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, intensity=100))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=str(notify.path)), port=port)
+    try:
+        ready = notify.wait_for("READY", 20)
+        assert ready["READY"] == "1"
+        assert http_get(port, "/healthz")[0] == 200  # no retry: READY=1 means serving
+        assert _intensity(port) == 100
+
+        cfg.write_text(config_toml(sim.base_url, port, intensity=250))
+        before = _monotonic_usec()
+        proxy.signal(signal.SIGHUP)
+        reloading = notify.wait_for("RELOADING", 5)
+        assert reloading["RELOADING"] == "1"
+        assert before <= int(reloading["MONOTONIC_USEC"]) <= _monotonic_usec()
+        assert notify.wait_for("READY", 5)["READY"] == "1"
+        assert _intensity(port) == 250
+
+        cfg.write_text(broken_toml(sim.base_url, port))
+        proxy.signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING", 5)["MONOTONIC_USEC"].isdigit()
+        assert notify.wait_for("READY", 5)["READY"] == "1"  # after a refused reload too
+        refused = [ln for ln in proxy.stderr.splitlines() if BROKEN_KEY in ln]
+        assert len(refused) == 1, proxy.stderr
+        assert "lrproxy.toml" in refused[0] and '"level":"error"' in refused[0]
+        assert _intensity(port) == 250  # the old config keeps serving
+
+        proxy.signal(signal.SIGTERM)
+        assert notify.wait_for("STOPPING", 5)["STOPPING"] == "1"
+        assert proxy.wait(10) == 0
+        assert all("WATCHDOG" not in m for m in notify.messages)  # not asked for
+    finally:
+        proxy.stop()
+        notify.close()
+
+
+def test_sd_notify_watchdog(tmp_path: Path, sim: SimThread) -> None:
+    """With WATCHDOG_USEC=200000 WATCHDOG=1 arrives about every 0.1 s."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="200000"), port=port)
+    try:
+        notify.wait_for("READY", 20)
+        start = len(notify.messages)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:
+            notify.recv(0.5)
+        pings = [m for m in notify.messages[start:] if m.get("WATCHDOG") == "1"]
+        assert 5 <= len(pings) <= 15, notify.messages
+        # the gaps stay under WATCHDOG_USEC, so systemd would never kill it
+        proxy.signal(signal.SIGTERM)
+        notify.wait_for("STOPPING", 5)
+        assert proxy.wait(10) == 0
+    finally:
+        proxy.stop()
+        notify.close()
+
+
+def test_without_notify_socket_nothing_breaks(tmp_path: Path, sim: SimThread) -> None:
+    """Without NOTIFY_SOCKET (WATCHDOG_USEC set all the same) serving, reload and stop work."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, intensity=100))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
+                  env=child_env(WATCHDOG_USEC="200000"), port=port)
+    try:
+        proxy.wait_healthy()
+        assert _intensity(port) == 100
+        cfg.write_text(config_toml(sim.base_url, port, intensity=300))
+        proxy.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "config reloaded" not in proxy.stderr and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _intensity(port) == 300
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(10) == 0
+        assert "sd_notify" not in proxy.stderr
+        assert '"level":"error"' not in proxy.stderr and '"level":"warning"' not in proxy.stderr
+    finally:
+        proxy.stop()
+
+
+def test_notifier_datagrams_in_process(tmp_path: Path) -> None:
+    """Notifier: silent without NOTIFY_SOCKET, `@` abstract sockets, WATCHDOG_PID respected."""
+    off = Notifier({})
+    assert not off.enabled and off.watchdog_s is None
+    off.ready()  # a no-op, no error
+    assert Notifier({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_s is None
+    assert Notifier({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}).watchdog_s == 0.1
+
+    name = f"lrproxy-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(b"\0" + name.encode())
+        rx.settimeout(2)
+        n = Notifier({"NOTIFY_SOCKET": "@" + name})
+        try:
+            n.ready("up")
+            assert rx.recv(4096).decode().splitlines() == ["READY=1", "STATUS=up"]
+            n.stopping()
+            assert rx.recv(4096) == b"STOPPING=1"
+        finally:
+            n.close()
+
+
+# ---------------------------------------------------------------------------------------
+# socket activation
+
+
+def test_socket_activation(tmp_path: Path, sim: SimThread) -> None:
+    """With LISTEN_FDS=1 and a listening socket on fd 3 lrproxy serves on it, not on its listen."""
+    conf_port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, conf_port))
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    port = lsock.getsockname()[1]
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, listen_sock=lsock, port=port)
+    lsock.close()  # the child holds it now, as systemd would
+    try:
+        proxy.wait_healthy()
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
+                           max_retries=0, timeout=10) as client:
+            r = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            assert r.choices[0].finish_reason == "stop"
+            chunks = list(client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True))
+            assert chunks[-1].choices[0].finish_reason == "stop"
+        assert port_refuses(conf_port)
+        assert f"127.0.0.1:{port}" in proxy.stderr  # the start line names the socket it got
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(10) == 0
+    finally:
+        proxy.stop()
+
+
+def test_listen_fds_for_another_pid_are_ignored() -> None:
+    """LISTEN_FDS meant for another process (LISTEN_PID differs) is not taken."""
+    assert activated_sockets({"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid() + 1)}) == []
+    assert activated_sockets({"LISTEN_FDS": "1"}) == []

@@ -25,6 +25,7 @@ from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
 log = logging.getLogger(MAIN)
 MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
+MAX_EVENT_BYTES: Final = 16 * 1024 * 1024  # one SSE event; no chunk of an LLM stream is near it
 KEEPALIVE_EVENT: Final = b": keep-alive\n\n"
 DONE_EVENT: Final = b"data: [DONE]\n\n"
 _STREAM_HEADERS: Final = {
@@ -571,6 +572,8 @@ async def _relay_stream(
                     await out.write(data)
                 if tail.failure is not None:
                     raise tail.failure
+            elif splitter.pending > MAX_EVENT_BYTES:
+                raise errors.UpstreamError("the upstream sent an event over 16 MiB")
         if splitter.pending and not tail.done:
             raise errors.UpstreamError("the upstream stream ended inside an event")
         end, _ = _finish(rt, rec, obj, cand, region, tail, client_usage)

@@ -8,6 +8,7 @@ over before the first byte, or end a stream with the §1.1 error event after it.
 from __future__ import annotations
 
 import asyncio
+import io
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
@@ -22,6 +23,7 @@ EJECT_AFTER: Final = 5  # consecutive failures
 COOL_DOWN_S: Final = 30.0  # × the number of ejections in a row
 COOL_DOWN_CAP_S: Final = 300.0
 USER_AGENT: Final = "lrproxy"
+_LARGE_BODY: Final = 1 << 20
 
 
 @attrs.define
@@ -208,7 +210,9 @@ async def send(
     try:
         async with asyncio.timeout(timeout):
             resp = await session.post(
-                url, data=body, headers=headers, allow_redirects=False,
+                # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
+                url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
+                headers=headers, allow_redirects=False,
                 ssl=target.ssl_context if target.ssl_context is not None else True,
                 proxy=target.proxy, timeout=client_timeout,
             )

@@ -683,3 +683,15 @@ def test_auto_keeps_upstream_model_and_names_lowrouter_id(stack: Stack, region: 
     up = sent_doc(rec)["usage"]
     check_eco(stack.data, lowrouter(r)["eco"], route["model"], route["region"],
               up["prompt_tokens"], up["completion_tokens"], "estimated")
+
+
+def test_large_request_body_reaches_the_upstream_intact(stack: Any) -> None:
+    """A 2 MiB prompt (under max_body_bytes) is relayed whole, without aiohttp's large-body path failing."""
+    text = "lorem " * (2 * 1024 * 1024 // 6)
+    r = stack.client().chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": text}],
+        extra_body={"route": {"region": "eu-west"}},
+    )
+    upstream = r.model_extra["lowrouter"]["route"]["upstream"]
+    got = stack.requests_to(upstream)[-1].json
+    assert got["messages"][0]["content"] == text

@@ -1,0 +1,331 @@
+"""The pure SSE core (lrproxy.sse): bytes in, exact event bytes out (SPEC §1.1)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import types
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from lrproxy import sse
+from lrproxy.sse import EventSplitter, Kind, classify, event_data, usage_of
+
+HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+ROLE = HEAD + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+CONTENT = HEAD + b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}],"usage":null}\n\n'
+FINISH = HEAD + b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\n\n'
+USAGE = HEAD + b'"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":2,"total_tokens":14}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+# A realistic OpenAI stream, with a keep-alive comment, a CRLF event and a blank line.
+REALISTIC: list[bytes] = [
+    b": keep-alive\n\n",
+    ROLE,
+    CONTENT,
+    CONTENT.replace(b"\n", b"\r\n"),
+    b"\n",
+    CONTENT.replace(b'"Hi"', b'"line\\nbreak {}"'),
+    FINISH,
+    USAGE,
+    DONE,
+]
+
+
+def feed_all(pieces: list[bytes]) -> tuple[list[bytes], bytes]:
+    """Feed every piece into one splitter; (all events, close() leftover)."""
+    sp = EventSplitter()
+    out: list[bytes] = []
+    for p in pieces:
+        out.extend(sp.feed(p))
+    return out, sp.close()
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    """`data` cut at the given offsets (any order, duplicates allowed: empty pieces)."""
+    bounds = [0, *sorted(p % (len(data) + 1) for p in points), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+# ---------------------------------------------------------------------------------------
+# EventSplitter: examples
+
+
+def test_lf_events_split_at_blank_lines() -> None:
+    """LF events come out one by one, each with its own terminator."""
+    assert feed_all([b"data: a\n\ndata: b\n\n"]) == ([b"data: a\n\n", b"data: b\n\n"], b"")
+
+
+def test_crlf_events_keep_their_crlf() -> None:
+    """CRLF line ends are kept byte for byte."""
+    data = b"data: a\r\n\r\ndata: b\r\nid: 3\r\n\r\n"
+    assert feed_all([data]) == ([b"data: a\r\n\r\n", b"data: b\r\nid: 3\r\n\r\n"], b"")
+
+
+def test_mixed_line_ends_inside_one_event() -> None:
+    """An LF line followed by a CRLF blank line (and the reverse) ends an event."""
+    assert feed_all([b"data: a\n\r\ndata: b\r\n\n"]) == ([b"data: a\n\r\n", b"data: b\r\n\n"], b"")
+
+
+def test_comment_lines_are_events_or_part_of_one() -> None:
+    """A comment-only event is an event; a comment inside an event stays in it."""
+    data = b": keep-alive\n\n:\n\n: note\ndata: x\n\n"
+    assert feed_all([data]) == ([b": keep-alive\n\n", b":\n\n", b": note\ndata: x\n\n"], b"")
+
+
+def test_multi_line_data_is_one_event() -> None:
+    """Several data lines before the blank line make one event."""
+    ev = b"data: {\ndata: \"a\": 1\ndata: }\n\n"
+    assert feed_all([ev]) == ([ev], b"")
+    assert event_data(ev) == b'{\n"a": 1\n}'
+
+
+def test_blank_line_only_events() -> None:
+    """A blank line where an event would begin is an (empty) event of its own."""
+    data = b"\n\r\n\ndata: a\n\n\n"
+    assert feed_all([data]) == ([b"\n", b"\r\n", b"\n", b"data: a\n\n", b"\n"], b"")
+    assert feed_all([b"\r", b"\n", b"\n"]) == ([b"\r\n", b"\n"], b"")
+
+
+def test_close_returns_trailing_partial_event() -> None:
+    """Bytes after the last complete event come back from close(), once."""
+    sp = EventSplitter()
+    assert sp.feed(b"data: a\n\ndata: b\n") == [b"data: a\n\n"]
+    assert sp.pending == len(b"data: b\n")
+    assert sp.close() == b"data: b\n"
+    assert sp.close() == b"" and sp.pending == 0
+    assert sp.feed(b"data: c\n\n") == [b"data: c\n\n"]
+
+
+def test_terminator_split_across_feeds() -> None:
+    """The blank line may arrive byte by byte, in any number of reads."""
+    sp = EventSplitter()
+    assert sp.feed(b"data: a\r") == []
+    assert sp.feed(b"\n") == []
+    assert sp.feed(b"\r") == []
+    assert sp.feed(b"\n") == [b"data: a\r\n\r\n"]
+    assert sp.feed(b"") == []
+    assert sp.close() == b""
+
+
+def test_lone_cr_is_not_a_line_end() -> None:
+    """Lone CR is not a line end (documented choice): it stays inside the event."""
+    assert feed_all([b"data: a\r\rdata: b\n\n"]) == ([b"data: a\r\rdata: b\n\n"], b"")
+
+
+def test_one_byte_at_a_time() -> None:
+    """Feeding the realistic stream a byte at a time gives the same events."""
+    data = b"".join(REALISTIC)
+    assert feed_all([data[i:i + 1] for i in range(len(data))]) == (REALISTIC, b"")
+
+
+def test_every_single_split_point_of_a_realistic_stream() -> None:
+    """Cut anywhere in two: the events are exactly the original ones."""
+    data = b"".join(REALISTIC)
+    for i in range(len(data) + 1):
+        events, rest = feed_all([data[:i], data[i:]])
+        assert events == REALISTIC, i
+        assert rest == b""
+
+
+def test_every_split_point_with_a_partial_tail() -> None:
+    """Cut anywhere in two with an unfinished event at the end: close() returns it."""
+    tail = b"data: {\"partial\": tr"
+    data = b"".join(REALISTIC) + tail
+    for i in range(len(data) + 1):
+        assert feed_all([data[:i], data[i:]]) == (REALISTIC, tail), i
+
+
+# ---------------------------------------------------------------------------------------
+# EventSplitter: properties
+
+_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=40
+).map(lambda s: s.encode())
+_EOL = st.sampled_from([b"\n", b"\r\n"])
+_LINE = st.one_of(
+    _TEXT.map(lambda t: b"data: " + t),
+    _TEXT.map(lambda t: b"data:" + t),
+    st.dictionaries(st.text(max_size=5), st.integers(-(2**53), 2**53) | st.text(max_size=8), max_size=3).map(
+        lambda d: b"data: " + orjson.dumps(d)
+    ),
+    _TEXT.map(lambda t: b":" + t),
+    st.sampled_from([b"data", b"event: message", b"id: 7", b"retry: 1000", b"data: [DONE]"]),
+)
+
+
+@st.composite
+def _event(draw: st.DrawFn) -> bytes:
+    """One valid event: zero or more lines, each LF or CRLF ended, then a blank line."""
+    lines = draw(st.lists(st.tuples(_LINE, _EOL), max_size=4))
+    return b"".join(line + eol for line, eol in lines) + draw(_EOL)
+
+
+@st.composite
+def _partial(draw: st.DrawFn) -> bytes:
+    """An unfinished event: whole lines, maybe an unterminated last line, no blank line."""
+    lines = draw(st.lists(st.tuples(_LINE, _EOL), max_size=3))
+    last = draw(st.one_of(st.just(b""), _LINE))
+    return b"".join(line + eol for line, eol in lines) + last
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(_event(), max_size=12), points=st.lists(st.integers(0, 10_000), max_size=12))
+@example(events=[b"\r\n", b"data: a\r\n\r\n"], points=[1, 3])
+def test_any_split_gives_the_original_events(events: list[bytes], points: list[int]) -> None:
+    """Whatever the TCP split, the splitter returns the sent events byte for byte."""
+    data = b"".join(events)
+    got, rest = feed_all(cut(data, points))
+    assert got == events
+    assert b"".join(got) == data
+    assert rest == b""
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(_event(), max_size=6), tail=_partial(),
+       points=st.lists(st.integers(0, 10_000), max_size=8))
+def test_any_split_keeps_the_partial_tail(events: list[bytes], tail: bytes, points: list[int]) -> None:
+    """An unfinished last event is never emitted, and close() gives back its bytes."""
+    got, rest = feed_all(cut(b"".join(events) + tail, points))
+    assert got == events
+    assert rest == tail
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300), points=st.lists(st.integers(0, 10_000), max_size=8))
+def test_arbitrary_bytes_are_conserved(data: bytes, points: list[int]) -> None:
+    """Untrusted input: no byte is lost or invented, and the split does not matter."""
+    whole = feed_all([data])
+    got, rest = feed_all(cut(data, points))
+    assert b"".join(got) + rest == data
+    assert (got, rest) == whole
+
+
+# ---------------------------------------------------------------------------------------
+# classify
+
+
+class _NoParse(types.SimpleNamespace):
+    """A stand-in for orjson that fails the test if classify parses."""
+
+    JSONDecodeError = orjson.JSONDecodeError
+
+    @staticmethod
+    def loads(data: Any) -> Any:
+        raise AssertionError("classify parsed a chunk it should have passed as it is")
+
+
+def test_content_chunk_passes_without_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A content chunk (finish_reason null, usage null) is PASS and is not parsed."""
+    monkeypatch.setattr(sse, "orjson", _NoParse())
+    for ev in (ROLE, CONTENT, CONTENT.replace(b"\n", b"\r\n"),
+               CONTENT.replace(b'"finish_reason":null', b'"finish_reason": null'),
+               b": keep-alive\n\n", b"\n", b"event: ping\n\n"):
+        assert classify(ev) == (Kind.PASS, None), ev
+
+
+def test_finish_chunk_is_final() -> None:
+    """A chunk with a non-null finish_reason is held: FINAL, with its parsed object."""
+    kind, obj = classify(FINISH)
+    assert kind == Kind.FINAL and obj is not None
+    assert obj["choices"][0]["finish_reason"] == "stop"
+    spaced = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+    assert classify(spaced)[0] == Kind.FINAL
+    assert classify(FINISH.replace(b'"stop"', b'"length"').replace(b"\n", b"\r\n"))[0] == Kind.FINAL
+
+
+def test_finish_reason_inside_content_text_is_not_final() -> None:
+    """The words `"finish_reason": "stop"` inside the content text do not finish a chunk."""
+    ev = CONTENT.replace(b'"Hi"', b'"say \\"finish_reason\\": \\"stop\\" and \\"error\\""')
+    kind, _ = classify(ev)
+    assert kind == Kind.PASS
+
+
+def test_usage_only_chunk_is_final() -> None:
+    """The usage-only chunk (`choices: []`) is held: FINAL."""
+    kind, obj = classify(USAGE)
+    assert kind == Kind.FINAL and obj is not None and obj["choices"] == []
+    assert classify(b'data: {"choices": [], "usage": null}\n\n')[0] == Kind.FINAL
+
+
+def test_done() -> None:
+    """`data: [DONE]` in its usual spellings is DONE."""
+    for ev in (DONE, b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n"):
+        assert classify(ev) == (Kind.DONE, None), ev
+
+
+def test_malformed() -> None:
+    """Data that is not a JSON object is MALFORMED, even when it looks like a content chunk."""
+    for ev in (b"data: {not json\n\n", b"data: {not json\r\n\r\n", b"data: [1, 2]\n\n",
+               b'data: {"finish_reason": "stop"\n\n'):
+        assert classify(ev) == (Kind.MALFORMED, None), ev
+
+
+def test_error_object() -> None:
+    """An upstream error object inside the stream is ERROR."""
+    ev = b'data: {"error": {"message": "overloaded", "type": "server_error", "code": null}}\n\n'
+    kind, obj = classify(ev)
+    assert kind == Kind.ERROR and obj is not None and obj["error"]["message"] == "overloaded"
+    assert classify(b'event: error\ndata: {"error":{"message":"x"}}\n\n')[0] == Kind.ERROR
+
+
+# ---------------------------------------------------------------------------------------
+# usage_of, event_data, make_event
+
+
+@pytest.mark.parametrize(("obj", "want"), [
+    ({"usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}, (12, 2)),
+    ({"usage": {"prompt_tokens": 5, "total_tokens": 5}}, (5, 0)),  # embeddings
+    ({"usage": {"prompt_tokens": 0, "completion_tokens": 0}}, (0, 0)),
+    ({}, None),
+    ({"usage": None}, None),
+    ({"usage": [1, 2]}, None),
+    ({"usage": {"completion_tokens": 2}}, None),
+    ({"usage": {"prompt_tokens": "12", "completion_tokens": 2}}, None),
+    ({"usage": {"prompt_tokens": 1.5, "completion_tokens": 2}}, None),
+    ({"usage": {"prompt_tokens": -1, "completion_tokens": 2}}, None),
+    ({"usage": {"prompt_tokens": 3, "completion_tokens": -2}}, None),
+    ({"usage": {"prompt_tokens": True, "completion_tokens": 2}}, None),
+    ({"usage": {"prompt_tokens": 3, "completion_tokens": True}}, None),
+    ({"usage": {"prompt_tokens": 3, "completion_tokens": None}}, None),
+])
+def test_usage_of(obj: dict[str, Any], want: tuple[int, int] | None) -> None:
+    """Only non-negative integer counts are trusted; anything else is no usage."""
+    assert usage_of(obj) == want
+
+
+@pytest.mark.parametrize(("event", "want"), [
+    (b"data: x\n\n", b"x"),
+    (b"data:x\n\n", b"x"),
+    (b"data:  x\n\n", b" x"),  # only one leading space is part of the field syntax
+    (b"data: a\r\ndata: b\r\n\r\n", b"a\nb"),
+    (b"data\n\n", b""),
+    (b"data: a\ndata\n\n", b"a\n"),
+    (b": c\nevent: m\nid: 1\ndata: y\n\n", b"y"),
+    (b": keep-alive\n\n", None),
+    (b"\n", None),
+    (b"event: ping\n\n", None),
+])
+def test_event_data(event: bytes, want: bytes | None) -> None:
+    """The data lines joined by LF, or None without any."""
+    assert event_data(event) == want
+
+
+def test_make_event_round_trips() -> None:
+    """A built event is one complete LF event whose data is the object's JSON."""
+    ev = sse.make_event({"a": [1, "ü"]})
+    assert feed_all([ev]) == ([ev], b"")
+    assert orjson.loads(event_data(ev) or b"") == {"a": [1, "ü"]}
+
+
+def test_a_read_of_many_events_splits_in_linear_time() -> None:
+    """A 2 MB read of small LF events is split at once, not rescanned per event."""
+    data = CONTENT * (2_000_000 // len(CONTENT))
+    t0 = time.perf_counter()
+    events, rest = feed_all([data])
+    assert time.perf_counter() - t0 < 1.5  # linear: ~10 ms; rescanning per event: ~15 s
+    assert len(events) == len(data) // len(CONTENT) and rest == b""

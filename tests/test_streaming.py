@@ -1,0 +1,635 @@
+"""Streaming relay against real simulated upstreams (SPEC §1.1, §3, §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import attrs
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from conftest import Stack
+
+from lrproxy.simupstream import RecordedRequest
+from lrproxy.sse import EventSplitter, Kind, classify, event_data
+
+LLAMA = "meta/llama-3.1-8b"  # served only by eu-north-a, the cleanest region: one sim
+MINI = "openai/gpt-4o-mini"  # eu-west-a/b and us-east-a
+KEY_LABELS = {"key": "team-a", "model": LLAMA, "region": "eu-north"}
+MSGS: list[Any] = [{"role": "user", "content": "tell me about the grid tonight"}]
+KEEPALIVE = b": keep-alive\n\n"
+
+MakeStack = Callable[..., Stack]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def live_stack(make_stack: MakeStack, tmp_path: Path, **timeouts: float) -> Stack:
+    """A stack whose eu-north region has a fresh live reading (30 g/kWh, as its static
+    figure), so upstream usage makes eco `measured` and estimated tokens show."""
+    feed = tmp_path / "eu-north.json"
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    feed.write_text(json.dumps({"zone": "SE", "carbonIntensity": 30, "datetime": now,
+                                "updatedAt": now}))
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-north"]["intensity_feed"] = str(feed)
+        d["timeouts"].update(timeouts)
+
+    return make_stack(mutate)
+
+
+def split_events(data: bytes | bytearray) -> list[bytes]:
+    """Complete events of a whole SSE body; there must be no unfinished tail."""
+    sp = EventSplitter()
+    events = sp.feed(bytes(data))
+    assert sp.close() == b""
+    return events
+
+
+def obj_of(event: bytes) -> dict[str, Any]:
+    data = event_data(event)
+    assert data is not None, event
+    doc = orjson.loads(data)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def kinds(events: list[bytes], kind: int) -> list[bytes]:
+    return [e for e in events if classify(e)[0] == kind]
+
+
+def usage_sent(up: RecordedRequest) -> dict[str, int]:
+    """The upstream's own usage, from its usage-only chunk."""
+    (chunk,) = [obj_of(e) for e in kinds(split_events(up.sent), Kind.FINAL)
+                if obj_of(e)["choices"] == []]
+    return {"prompt": chunk["usage"]["prompt_tokens"],
+            "completion": chunk["usage"]["completion_tokens"]}
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
+    """Poll until `cond()` is true (the server runs in another thread)."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.005)
+
+
+async def await_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def body_of(model: str = LLAMA, usage: bool | None = None, **knobs: Any) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": MSGS, "stream": True}
+    if knobs:
+        body["sim"] = knobs
+    if usage is not None:
+        body["stream_options"] = {"include_usage": usage}
+    return orjson.dumps(body)
+
+
+def auth(stack: Stack) -> dict[str, str]:
+    return {"Authorization": f"Bearer {stack.key}", "Content-Type": "application/json"}
+
+
+@attrs.define
+class Raw:
+    """One raw streaming exchange: what the client got and what the upstream sent."""
+
+    status: int
+    headers: Mapping[str, str]
+    events: list[bytes]
+    up: RecordedRequest
+    up_events: list[bytes]
+    elapsed: float
+
+
+async def raw_post(stack: Stack, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+    """POST a streaming request with aiohttp; (status, headers, the whole raw body)."""
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{stack.base_url}/chat/completions", data=body, headers=auth(stack),
+        timeout=aiohttp.ClientTimeout(total=15),
+    ) as r:
+        data = await r.read()  # raises if the chunked body does not end cleanly
+        return r.status, r.headers.copy(), data
+
+
+async def raw_stream(stack: Stack, body: bytes) -> Raw:
+    """A raw streaming exchange, with the simulated upstream's record of it."""
+    t0 = time.monotonic()
+    status, headers, data = await raw_post(stack, body)
+    elapsed = time.monotonic() - t0
+    up = stack.requests_to(headers["X-LowRouter-Upstream"])[-1]
+    await await_for(lambda: up.finished_at is not None)
+    return Raw(status, headers, split_events(data), up, split_events(up.sent), elapsed)
+
+
+def check_passthrough(raw: Raw, client_usage: bool) -> dict[str, Any]:
+    """Everything before the end is byte for byte the upstream's; the end is as §1.1 says.
+
+    Returns the `lowrouter` object of the final chunk.
+    """
+    assert raw.status == 200
+    assert raw.headers["Content-Type"].startswith("text/event-stream")
+    assert raw.headers["Cache-Control"] == "no-cache"
+    assert raw.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Encoding" not in raw.headers
+    passed = kinds(raw.up_events, Kind.PASS)
+    finals = kinds(raw.up_events, Kind.FINAL)
+    (up_done,) = kinds(raw.up_events, Kind.DONE)
+    (finish,) = [e for e in finals if obj_of(e)["choices"]]
+    (usage,) = [e for e in finals if obj_of(e)["choices"] == []]
+    n = len(passed)
+    assert raw.events[:n] == passed
+    assert raw.events[-1] == up_done
+    if client_usage:
+        assert raw.events[n:] == [finish, raw.events[-2], up_done]
+        last = obj_of(raw.events[-2])
+        lr = last.pop("lowrouter")
+        assert last == obj_of(usage)
+    else:
+        assert len(raw.events) == n + 2
+        last = obj_of(raw.events[-2])
+        lr = last.pop("lowrouter")
+        assert last == obj_of(finish)
+        assert all(obj_of(e).get("choices") != [] for e in raw.events[:-1] if event_data(e))
+    assert lr["eco"]["tokens"] == usage_sent(raw.up)
+    assert lr["eco"]["accuracy"] == "measured"
+    assert lr["route"] == {"model": LLAMA, "region": "eu-north", "upstream": "eu-north-a",
+                           "pinned": False, "attempts": 1}
+    assert lr["request_id"] == raw.headers["X-Request-Id"]
+    return lr
+
+
+def error_event(raw: Raw) -> dict[str, Any]:
+    """The §1.1 error end: events so far byte for byte, one error event, no [DONE]."""
+    assert raw.status == 200
+    assert not kinds(raw.events, Kind.DONE)
+    passed = kinds(raw.up_events, Kind.PASS)
+    assert raw.events[:-1] == passed[: len(raw.events) - 1]
+    last = obj_of(raw.events[-1])
+    assert set(last["error"]) == {"message", "type", "code"}
+    assert last["choices"] == [{"index": 0, "delta": {}, "finish_reason": "error"}]
+    assert "lowrouter" in last
+    return last
+
+
+@pytest.fixture
+def live(make_stack: MakeStack, tmp_path: Path) -> Stack:
+    return live_stack(make_stack, tmp_path)
+
+
+@attrs.define
+class Canned:
+    """A hand-written upstream: every chat request gets `events`, one write each; a None
+    in the list waits for `go` to be set."""
+
+    events: list[bytes | None] = attrs.Factory(list)
+    requests: list[Any] = attrs.Factory(list)
+    go: asyncio.Event = attrs.Factory(asyncio.Event)
+    url: str = ""
+
+
+@pytest.fixture
+async def canned() -> AsyncIterator[Canned]:
+    c = Canned()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        c.requests.append(await request.json())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for ev in c.events:
+            if ev is None:
+                await c.go.wait()
+            else:
+                await resp.write(ev)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    c.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    yield c
+    c.go.set()
+    await runner.cleanup()
+
+
+def canned_stack(make_stack: MakeStack, canned: Canned) -> Stack:
+    """A stack whose eu-north-a (the one upstream for LLAMA) is the canned upstream."""
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["upstreams"][2]["base_url"] = canned.url
+
+    return make_stack(mutate)
+
+
+def chunk(choices: list[dict[str, Any]] | None = None, usage: dict[str, int] | None = None,
+          *, content: str | None = None, finish: str | None = None, index: int = 0) -> bytes:
+    """One chat.completion.chunk event, as OpenAI spells it."""
+    if choices is None:
+        delta = {} if content is None else {"content": content}
+        choices = [{"index": index, "delta": delta, "finish_reason": finish}]
+    doc: dict[str, Any] = {"id": "chatcmpl-c", "object": "chat.completion.chunk", "created": 1,
+                           "model": "llama-3.1-8b", "choices": choices}
+    if usage is not None:
+        doc["usage"] = usage
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------
+# the OpenAI SDK's own loop
+
+
+def test_sdk_sync_loop_never_meets_empty_choices(live: Stack) -> None:
+    """The README loop `chunk.choices[0].delta.content` runs to the end; eco is on the last chunk."""
+    stream = live.client().chat.completions.create(
+        model=LLAMA, messages=MSGS, stream=True, extra_body={"sim": {"text": "one two three"}})
+    text, last = "", None
+    for chunk in stream:
+        text += chunk.choices[0].delta.content or ""
+        last = chunk
+    assert text == "one two three "
+    assert last is not None and last.choices[0].finish_reason == "stop"
+    lr = (last.model_extra or {})["lowrouter"]
+    assert lr["eco"]["tokens"] == usage_sent(live.requests_to("eu-north-a")[-1])
+
+
+async def test_sdk_async_loop_never_meets_empty_choices(live: Stack) -> None:
+    """The async README loop meets no empty `choices` either."""
+    async with live.aclient() as client:
+        stream = await client.chat.completions.create(
+            model=LLAMA, messages=MSGS, stream=True, extra_body={"sim": {"chunks": 20}})
+        chunks = [c async for c in stream]
+    assert all(c.choices and c.choices[0].delta is not None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).count(" ") == 20
+    assert [c.choices[0].finish_reason for c in chunks][-2:] == [None, "stop"]
+    assert "lowrouter" in (chunks[-1].model_extra or {})
+    assert not any("lowrouter" in (c.model_extra or {}) for c in chunks[:-1])
+
+
+def test_sdk_include_usage_gets_usage_chunk_last(live: Stack) -> None:
+    """With include_usage the SDK gets finish chunk, then usage chunk carrying lowrouter."""
+    stream = live.client().chat.completions.create(
+        model=LLAMA, messages=MSGS, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    lr = (chunks[-1].model_extra or {})["lowrouter"]
+    assert lr["eco"]["tokens"] == {"prompt": chunks[-1].usage.prompt_tokens,
+                                   "completion": chunks[-1].usage.completion_tokens}
+    assert all(c.choices for c in chunks[:-1])
+
+
+# ---------------------------------------------------------------------------------------
+# byte for byte
+
+
+@pytest.mark.parametrize("knobs", [
+    {},
+    {"split": "bytes"},
+    {"split": "coalesce"},
+    {"crlf": True},
+    {"keepalive": True},
+    {"split": "bytes", "crlf": True, "keepalive": True},
+    {"split": "coalesce", "crlf": True, "keepalive": True, "chunks": 10},
+], ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "plain")
+async def test_events_pass_byte_for_byte(live: Stack, knobs: dict[str, Any]) -> None:
+    """Each event before the end reaches the client exactly as the upstream sent it."""
+    raw = await raw_stream(live, body_of(**knobs))
+    check_passthrough(raw, client_usage=False)
+    if knobs.get("crlf"):
+        assert b"\r\n" in raw.events[1]
+
+
+@pytest.mark.parametrize("knobs", [{}, {"split": "bytes", "crlf": True, "keepalive": True}])
+async def test_include_usage_on(live: Stack, knobs: dict[str, Any]) -> None:
+    """include_usage: finish chunk as sent, then the usage chunk with lowrouter, then [DONE]."""
+    raw = await raw_stream(live, body_of(usage=True, **knobs))
+    check_passthrough(raw, client_usage=True)
+    assert raw.up.json["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("usage", [None, False])
+async def test_include_usage_off_is_asked_upstream_but_consumed(live: Stack, usage: bool | None) -> None:
+    """Without include_usage no `choices: []` chunk reaches the client, yet upstream is asked."""
+    raw = await raw_stream(live, body_of(usage=usage))
+    check_passthrough(raw, client_usage=False)
+    assert raw.up.json["stream_options"] == {"include_usage": True}
+    assert any(obj_of(e)["choices"] == [] for e in kinds(raw.up_events, Kind.FINAL))
+
+
+async def test_omit_usage_estimates_tokens(live: Stack) -> None:
+    """An upstream that sends no usage gets its tokens estimated, and accuracy says so."""
+    raw = await raw_stream(live, body_of(omit_usage=True, chunks=6))
+    assert raw.status == 200
+    assert not [e for e in raw.up_events if b'"usage":{' in e]
+    passed = kinds(raw.up_events, Kind.PASS)
+    assert raw.events[: len(passed)] == passed
+    lr = obj_of(raw.events[-2])["lowrouter"]
+    assert raw.events[-1] == b"data: [DONE]\n\n"
+    assert lr["eco"]["accuracy"] == "estimated"
+    assert lr["eco"]["tokens"]["prompt"] > 0 and lr["eco"]["tokens"]["completion"] >= 6
+    await await_for(lambda: live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="prompt") > 0)
+    assert live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="completion") == \
+        lr["eco"]["tokens"]["completion"]
+
+
+async def test_finish_reason_in_content_chunk(live: Stack) -> None:
+    """A content chunk that also finishes is held, then sent with lowrouter and its text."""
+    raw = await raw_stream(live, body_of(text="a b c", finish_in_content=True))
+    last = obj_of(raw.events[-2])
+    assert last["choices"][0] == {"index": 0, "delta": {"content": "c "}, "logprobs": None,
+                                  "finish_reason": "stop"}
+    assert last["lowrouter"]["eco"]["tokens"] == usage_sent(raw.up)
+
+
+async def test_stream_without_done_is_finished_by_the_proxy(live: Stack) -> None:
+    """An upstream that ends cleanly without [DONE] still gives the client the full tail."""
+    raw = await raw_stream(live, body_of(no_done=True))
+    assert not kinds(raw.up_events, Kind.DONE)
+    assert raw.events[-1] == b"data: [DONE]\n\n"
+    assert obj_of(raw.events[-2])["lowrouter"]["eco"]["tokens"] == usage_sent(raw.up)
+
+
+async def test_metrics_count_the_final_chunks_tokens(live: Stack) -> None:
+    """Tokens, carbon and energy counted equal the eco object of the final chunk."""
+    raw = await raw_stream(live, body_of(chunks=9))
+    lr = check_passthrough(raw, client_usage=False)
+    eco = lr["eco"]
+    await await_for(lambda: live.metric("lrproxy_requests_total", **KEY_LABELS, code="200") == 1)
+    assert live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="prompt") == eco["tokens"]["prompt"]
+    assert live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="completion") == 9
+    assert live.metric("lrproxy_carbon_grams_total", **KEY_LABELS) == pytest.approx(eco["carbon_g"])
+    assert live.metric("lrproxy_energy_wh_total", **KEY_LABELS) == pytest.approx(eco["energy_wh"])
+
+
+# ---------------------------------------------------------------------------------------
+# upstream failures after the first byte
+
+
+@pytest.mark.parametrize("knob", ["cut_after", "malformed_after"])
+async def test_upstream_failure_mid_stream_ends_with_error_event(live: Stack, knob: str) -> None:
+    """A cut or malformed stream ends with one error event, no [DONE], a clean chunked end."""
+    raw = await raw_stream(live, body_of(**{knob: 3, "chunks": 8}))
+    last = error_event(raw)
+    assert last["error"]["code"] == "upstream_error"
+    assert len(kinds(raw.events, Kind.PASS)) == 1 + 3  # the role chunk and three words
+    assert last["lowrouter"]["eco"]["tokens"]["completion"] > 0
+    await await_for(
+        lambda: live.metric("lrproxy_requests_total", **KEY_LABELS, code="stream_error") == 1)
+    assert live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="completion") == \
+        last["lowrouter"]["eco"]["tokens"]["completion"]
+
+
+@pytest.mark.parametrize("knob", ["cut_after", "malformed_after"])
+def test_sdk_raises_api_error_on_failed_stream(live: Stack, knob: str) -> None:
+    """The OpenAI SDK raises APIError at the error event, after the text so far."""
+    stream = live.client().chat.completions.create(
+        model=LLAMA, messages=MSGS, stream=True, extra_body={"sim": {knob: 2}})
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+    assert len(got) == 3
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "upstream_error"
+
+
+async def test_stall_longer_than_idle_times_out(make_stack: MakeStack, tmp_path: Path) -> None:
+    """Silence past timeouts.idle ends the stream with an upstream_timeout error event."""
+    stack = live_stack(make_stack, tmp_path, idle=0.4)
+    raw = await raw_stream(stack, body_of(stall_after=2, stall_s=5))
+    last = error_event(raw)
+    assert last["error"]["code"] == "upstream_timeout"
+    assert len(kinds(raw.events, Kind.PASS)) == 3
+    assert 0.35 < raw.elapsed < 2.5
+    assert raw.up.client_closed  # the proxy hung up on the stalled upstream
+
+
+async def test_upstream_error_object_mid_stream(canned: Canned, make_stack: MakeStack) -> None:
+    """An error object inside the upstream's stream ends the client's with the error event."""
+    stack = canned_stack(make_stack, canned)
+    before = [chunk(content="a"), b": note\n\n", chunk(content="b")]
+    canned.events = [*before,
+                     b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
+                     chunk(content="never")]
+    status, _, data = await raw_post(stack, body_of())
+    events = split_events(data)
+    assert status == 200 and events[:3] == before and len(events) == 4
+    last = obj_of(events[-1])
+    assert last["error"]["code"] == "upstream_error"
+    assert last["choices"][0]["finish_reason"] == "error"
+    assert last["lowrouter"]["eco"]["tokens"]["completion"] == 2
+
+
+async def test_usage_on_content_chunks_is_not_held(canned: Canned, make_stack: MakeStack) -> None:
+    """Content chunks that carry usage (vLLM continuous_usage_stats) go out at once."""
+    stack = canned_stack(make_stack, canned)
+    words = [chunk(content=w, usage={"prompt_tokens": 5, "completion_tokens": i + 1})
+             for i, w in enumerate(["x", "y"])]
+    finish = chunk(finish="stop", usage={"prompt_tokens": 5, "completion_tokens": 2})
+    canned.events = [*words, None, finish, chunk([], {"prompt_tokens": 5, "completion_tokens": 2}),
+                     b"data: [DONE]\n\n"]
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{stack.base_url}/chat/completions", data=body_of(), headers=auth(stack),
+        timeout=aiohttp.ClientTimeout(total=15),
+    ) as r:
+        async with asyncio.timeout(3):  # held chunks would never come before `go`
+            got = [await r.content.readuntil(b"\n\n") for _ in words]
+        assert got == words
+        canned.go.set()
+        rest = split_events(await r.read())
+    assert rest[-1] == b"data: [DONE]\n\n" and len(rest) == 2
+    last = obj_of(rest[0])
+    assert last.pop("lowrouter")["eco"]["tokens"] == {"prompt": 5, "completion": 2}
+    assert last == obj_of(finish)
+
+
+@pytest.mark.parametrize("usage", [False, True])
+async def test_two_choices_hold_every_finish_chunk(
+    canned: Canned, make_stack: MakeStack, usage: bool,
+) -> None:
+    """With n=2 both finish chunks wait for the end, in order; lowrouter goes on the last."""
+    stack = canned_stack(make_stack, canned)
+    fin0, fin1 = chunk(finish="stop", index=0), chunk(finish="length", index=1)
+    use = chunk([], {"prompt_tokens": 4, "completion_tokens": 6})
+    canned.events = [chunk(content="a", index=0), chunk(content="b", index=1), fin0,
+                     chunk(content="c", index=1), fin1, use, b"data: [DONE]\r\n\r\n"]
+    status, _, data = await raw_post(stack, body_of(usage=usage))
+    events = split_events(data)
+    assert status == 200
+    assert events[:3] == [chunk(content="a", index=0), chunk(content="b", index=1),
+                          chunk(content="c", index=1)]
+    assert events[-1] == b"data: [DONE]\r\n\r\n"
+    assert events[3] == fin0
+    last = obj_of(events[-2])
+    assert last.pop("lowrouter")["eco"]["tokens"] == {"prompt": 4, "completion": 6}
+    if usage:
+        assert events[4] == fin1 and last == obj_of(use) and len(events) == 7
+    else:
+        assert last == obj_of(fin1) and len(events) == 6
+    assert canned.requests[0]["stream_options"] == {"include_usage": True}
+
+
+# ---------------------------------------------------------------------------------------
+# keep-alive
+
+
+async def test_stall_shorter_than_idle_gets_keepalives(make_stack: MakeStack, tmp_path: Path) -> None:
+    """Upstream silence past timeouts.keepalive sends `: keep-alive`; the stream then completes."""
+    stack = live_stack(make_stack, tmp_path, keepalive=0.15, idle=5)
+    raw = await raw_stream(stack, body_of(stall_after=2, stall_s=0.8))
+    assert KEEPALIVE not in raw.up_events
+    ours = [i for i, e in enumerate(raw.events) if e == KEEPALIVE]
+    assert len(ours) >= 2
+    assert ours == list(range(ours[0], ours[0] + len(ours)))  # together, during the stall
+    assert ours[0] == 3  # after the role chunk and two words
+    raw.events = [e for e in raw.events if e != KEEPALIVE]
+    check_passthrough(raw, client_usage=False)
+
+
+async def test_slow_first_event_commits_with_keepalive(make_stack: MakeStack, tmp_path: Path) -> None:
+    """A first event later than timeouts.keepalive: 200 and keep-alive come before it."""
+    stack = live_stack(make_stack, tmp_path, keepalive=0.2)
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{stack.base_url}/chat/completions", data=body_of(first_delay_s=1.2), headers=auth(stack),
+        timeout=aiohttp.ClientTimeout(total=15),
+    ) as r:
+        t_headers = time.monotonic() - t0
+        first = await r.content.readuntil(b"\n\n")
+        t_first = time.monotonic() - t0
+        rest = await r.read()
+    assert r.status == 200
+    assert t_headers < 0.9 and t_first < 0.9
+    assert first == KEEPALIVE
+    events = split_events(first + rest)
+    assert events[-1] == b"data: [DONE]\n\n"
+    assert obj_of(events[-2])["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_first_byte_timeout_counts_from_the_request(make_stack: MakeStack, tmp_path: Path) -> None:
+    """Keep-alives do not extend timeouts.first_byte: the error comes at first_byte, not later."""
+    stack = live_stack(make_stack, tmp_path, keepalive=0.6, first_byte=0.8)
+    raw = await raw_stream(stack, body_of(first_delay_s=5))
+    assert raw.events[0] == KEEPALIVE
+    raw.events = [e for e in raw.events if e != KEEPALIVE]
+    last = error_event(raw)
+    assert last["error"]["code"] == "upstream_timeout"
+    assert raw.elapsed < 1.15  # 0.8 s; the keep-alive time (0.6 s) must not be added
+
+
+# ---------------------------------------------------------------------------------------
+# failover before the first byte
+
+
+async def test_503_before_first_event_fails_over_within_region(stack: Stack) -> None:
+    """A 503 before the first event fails over to the other upstream of the pinned region."""
+    stack.sims["eu-west-a"].faults.fail_status = 503
+    stack.sims["eu-west-a"].faults.fail_count = -1
+    body = orjson.loads(body_of(MINI))
+    body["route"] = {"region": "eu-west"}
+    raw = await raw_stream(stack, orjson.dumps(body))
+    assert raw.status == 200
+    assert raw.headers["X-LowRouter-Upstream"] == "eu-west-b"
+    assert [r.sent for r in stack.requests_to("eu-west-a")] == [
+        bytearray(b'{"error":{"message":"Simulated error 503 from eu-west-a.",'
+                  b'"type":"server_error","param":null,"code":null}}')]
+    assert stack.requests_to("us-east-a") == []
+    passed = kinds(raw.up_events, Kind.PASS)
+    assert raw.events[: len(passed)] == passed
+    assert raw.events[-1] == b"data: [DONE]\n\n" and len(raw.events) == len(passed) + 2
+    lr = obj_of(raw.events[-2])["lowrouter"]
+    assert lr["route"] == {"model": MINI, "region": "eu-west", "upstream": "eu-west-b",
+                           "pinned": True, "attempts": 2}
+    assert stack.metric("lrproxy_upstream_attempts_total", upstream="eu-west-a",
+                        outcome="status_5xx") == 1
+
+
+# ---------------------------------------------------------------------------------------
+# the client leaves
+
+
+async def test_client_disconnect_cancels_upstream_and_counts(live: Stack) -> None:
+    """A client gone mid-stream cancels the upstream request at once; tokens so far count."""
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(f"{live.base_url}/chat/completions",
+                         data=body_of(chunks=400, chunk_delay_s=0.05), headers=auth(live))
+        for _ in range(4):
+            await r.content.readuntil(b"\n\n")
+        up = live.requests_to("eu-north-a")[-1]
+        r.close()
+        t_close = time.monotonic()
+    await await_for(lambda: up.finished_at is not None, timeout=3)
+    assert up.finished_at is not None
+    assert up.finished_at - t_close < 0.5
+    assert up.client_closed
+    assert len(split_events(up.sent)) < 20
+    code = {**KEY_LABELS, "code": "client_closed"}
+    await await_for(lambda: live.metric("lrproxy_requests_total", **code) == 1)
+    assert live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="prompt") > 0
+    assert live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="completion") >= 3
+    assert live.metric("lrproxy_carbon_grams_total", **KEY_LABELS) > 0
+    assert live.sims["eu-north-a"].open_streams == 0
+
+
+# ---------------------------------------------------------------------------------------
+# backpressure
+
+
+def test_slow_reader_stalls_the_upstream(stack: Stack) -> None:
+    """A client that stops reading stalls the upstream's writes: nothing buffers unboundedly."""
+    chunks = 200_000  # a stream of over 30 MB, several times what the socket buffers hold
+    body = body_of(chunks=chunks)
+    sim = stack.sims["eu-north-a"]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", stack.port))
+        sock.sendall(
+            b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: lrproxy\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer " + stack.key.encode()
+            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
+        wait_for(lambda: sim.requests and len(sim.requests[-1].sent) > 0, timeout=10)
+        up = sim.requests[-1]
+        # Read nothing: the upstream's `sent` must stop growing, far below the whole stream.
+        sizes = [len(up.sent)]
+        deadline = time.monotonic() + 8
+        while len(sizes) < 3 or sizes[-1] != sizes[-3]:
+            assert time.monotonic() < deadline, f"upstream never stalled: {sizes[-5:]}"
+            time.sleep(0.15)
+            sizes.append(len(up.sent))
+        stalled_at = sizes[-1]
+        smallest = min(map(len, EventSplitter().feed(bytes(up.sent[: 1 << 20]))))
+        assert stalled_at < chunks * smallest // 3, (stalled_at, chunks * smallest)
+        assert sim.open_streams == 1 and up.finished_at is None
+        # Reading again lets the upstream write again.
+        got = 0
+        while got < 4 << 20:
+            data = sock.recv(1 << 16)
+            assert data, "connection closed early"
+            got += len(data)
+        wait_for(lambda: len(up.sent) > stalled_at)
+        t_close = time.monotonic()
+    # The client leaves with most of the stream unsent: the upstream is cancelled.
+    wait_for(lambda: up.finished_at is not None)
+    assert up.client_closed and up.finished_at is not None
+    assert up.finished_at - t_close < 0.5
+    assert len(up.sent) < chunks * smallest // 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lrproxy"
-CORE = ("config", "eco", "routing", "sse", "errors")
+CORE = ("config", "eco", "routing", "sse", "errors", "limits")
 FORBIDDEN = {"aiohttp", "asyncio", "socket", "prometheus_client"}
 
 

@@ -1,0 +1,41 @@
+"""Pure limits (issue 5): the per-key token bucket and the retry budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from lrproxy.limits import RETRY_BUDGET_MIN, TokenBucket, bucket_for, retry_allowed
+
+
+def test_bucket_allows_a_burst_then_paces() -> None:
+    """A new bucket allows `burst` requests at once, then one per 1/rate seconds."""
+    b = bucket_for(4.0)
+    assert [b.take(100.0) for _ in range(4)] == [0.0] * 4
+    wait = b.take(100.0)
+    assert wait == pytest.approx(0.25)
+    assert b.take(100.0 + wait) == 0.0
+
+
+def test_bucket_refills_no_more_than_burst() -> None:
+    """A long idle time refills the bucket to its burst size, never beyond."""
+    b = TokenBucket(rate=2.0, burst=3.0)
+    for _ in range(3):
+        assert b.take(0.0) == 0.0
+    taken = [b.take(1000.0) for _ in range(4)]
+    assert taken[:3] == [0.0] * 3 and taken[3] > 0
+
+
+def test_slow_rates_have_a_burst_of_one() -> None:
+    """Below one request per second the burst is one request, and the wait is long."""
+    b = bucket_for(0.5)
+    assert b.take(0.0) == 0.0
+    assert b.take(0.0) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("retries", "inflight", "allowed"), [
+    (0, 0, True), (RETRY_BUDGET_MIN - 1, 1, True), (RETRY_BUDGET_MIN, 1, False),
+    (19, 100, True), (20, 100, False), (20, 101, True),
+])
+def test_retry_budget(retries: int, inflight: int, allowed: bool) -> None:
+    """Retries in progress stay under max(3, 20 % of requests in flight)."""
+    assert retry_allowed(retries, inflight) is allowed

@@ -241,6 +241,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             _account(rt.metrics, rec)
 
 
+def _refused(rt: Runtime, status: int, code: str) -> None:
+    """An answer given before a request could be parsed (protocol.REFUSED): counted and
+    logged like any other, with no key, model or region."""
+    _account(rt.metrics, Rec(uuid.uuid4().hex, time.perf_counter(), api=True, status=status,
+                             error=code))
+
+
 def publish_usable(rt: Runtime) -> None:
     """lrproxy_upstream_usable from passive health: on ejection and recovery (the pool's
     hook) and every few seconds from the background task, for cool-downs that end."""
@@ -350,6 +357,7 @@ def make_app(
     rt.install(config, secrets)
     app = web.Application(middlewares=[edge], client_max_size=config.server.max_body_bytes)
     app[RUNTIME] = rt
+    app[protocol.REFUSED] = lambda status, code: _refused(rt, status, code)
     app.on_response_prepare.append(_on_prepare)
     for base in ("/api/v1", "/v1"):
         app.router.add_post(f"{base}/chat/completions", relay.chat_completions)

@@ -11,7 +11,8 @@ error shape with 431 for header limits (SPEC §1, issue 5).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, ClassVar, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -22,12 +23,16 @@ from lrproxy import errors
 MAX_HEADERS: Final = 128
 MAX_FIELD_SIZE: Final = 16384  # one header line; OpenAI SDK headers are far below this
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
+# Called with (status, code) for each answer given here, before the app saw a request
+# (parse errors, the header deadline), so that metrics and the access log count it too.
+REFUSED: Final = web.AppKey[Callable[[int, str], None]]("lrproxy_refused")
 
 
 class _Handler(RequestHandler):
     """aiohttp's protocol, plus the header deadline and JSON error pages."""
 
     header_timeout: float = 10.0
+    on_refused: ClassVar[Callable[[int, str], None] | None] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -61,6 +66,7 @@ class _Handler(RequestHandler):
         if self._lr_busy or transport is None or transport.is_closing():
             return
         err = errors.RequestTimeout("The request headers did not arrive in time.")
+        self._lr_refused(err)
         body = err.body()
         transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
@@ -68,6 +74,11 @@ class _Handler(RequestHandler):
             + body
         )
         transport.close()
+
+    def _lr_refused(self, err: errors.ProxyError) -> None:
+        hook = type(self).on_refused
+        if hook is not None:
+            hook(err.status, err.code)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lr_disarm()
@@ -86,6 +97,7 @@ class _Handler(RequestHandler):
             err = errors.HeadersTooLarge("Request headers too large or too many.")
         else:
             err = errors.InvalidRequest("Malformed HTTP request.")
+        self._lr_refused(err)
         resp = web.Response(status=err.status, body=err.body(), content_type="application/json",
                             headers={"Server": "lrproxy"})
         resp.force_close()
@@ -106,9 +118,11 @@ class Runner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         timeout = self.header_timeout
+        refused = self.app.get(REFUSED)
 
         class Handler(_Handler):
             header_timeout = timeout
+            on_refused = refused
 
         class Server(web.Server):
             def __call__(self) -> RequestHandler:

@@ -257,6 +257,8 @@ async def _try_candidates(
             pool.failed(name, time.monotonic(), e.retry_after)
             rt.metrics.attempts.labels(name, _outcome(e)).inc()
             last = e
+            if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
+                order = [c for c in order if c.upstream.name != name]
             continue
         except BaseException:
             pool.release(name)
@@ -307,7 +309,7 @@ async def _read_answer(resp: upstream.UpstreamResponse, timeout: float) -> bytes
     except TimeoutError as e:
         resp.close()
         raise errors.UpstreamTimeout("upstream did not finish its answer in time") from e
-    except errors.UpstreamFailed:
+    except BaseException:  # a failure, or the client gone: the upstream stops at once
         resp.close()
         raise
     resp.release()
@@ -341,7 +343,7 @@ async def _first_events(attempt: _Attempt, first_byte: float, keepalive: float) 
             return  # silent for the keep-alive time: commit and wait on in the relay
         resp.close()
         raise errors.UpstreamTimeout("upstream sent no event in time") from None
-    except errors.UpstreamFailed:
+    except BaseException:  # a failure, or the client gone: the upstream stops at once
         resp.close()
         raise
 
@@ -378,9 +380,15 @@ def _answer(
     """A whole JSON answer: eco spliced into a success, a client error passed through."""
     resp, data = attempt.resp, attempt.body
     rec.upstream_s = time.perf_counter() - attempt.t_sent
-    headers = attempt_headers(rec)
+    headers = attempt_headers(rec, rec.upstream_s)
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
+        target = rt.state.targets.get(attempt.cand.upstream.name)
+        key = target.auth.partition(" ")[2] if target is not None and target.auth else ""
+        if key and key.encode() in data:  # … unless it echoes our key (issue 5: no key anywhere)
+            data = errors.error_body(
+                "The upstream's error message was withheld: it quoted the proxy's credentials.",
+                "invalid_request_error", "upstream_error")
         return web.Response(status=resp.status, body=data, headers=headers,
                             content_type="application/json")
     doc = orjson.loads(data)
@@ -396,8 +404,14 @@ def _answer(
                         content_type="application/json")
 
 
-def attempt_headers(rec: Rec) -> dict[str, str]:
-    return rec.route_headers()
+def attempt_headers(rec: Rec, upstream_s: float) -> dict[str, str]:
+    """Route headers plus Server-Timing: the upstream's share and the proxy's own (W3C)."""
+    headers = rec.route_headers()
+    total = time.perf_counter() - rec.t0
+    headers["Server-Timing"] = (
+        f"upstream;dur={upstream_s * 1000:.3f}, proxy;dur={max(0.0, total - upstream_s) * 1000:.3f}"
+    )
+    return headers
 
 
 def _splice(data: bytes, doc: dict[str, Any], lr: dict[str, Any]) -> bytes:
@@ -522,7 +536,10 @@ async def _relay_stream(
     resp, splitter, cand = attempt.resp, attempt.splitter, attempt.cand
     assert splitter is not None
     tmo = st.config.timeouts
-    out = web.StreamResponse(status=200, headers={**_STREAM_HEADERS, **rec.route_headers()})
+    # Server-Timing goes with the headers, so for a stream it covers the time to its
+    # first event: the upstream's wait, and what the proxy added before the first byte.
+    out = web.StreamResponse(status=200, headers={
+        **_STREAM_HEADERS, **attempt_headers(rec, time.perf_counter() - attempt.t_sent)})
     tail = _Tail()
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -695,3 +695,25 @@ def test_large_request_body_reaches_the_upstream_intact(stack: Any) -> None:
     upstream = r.model_extra["lowrouter"]["route"]["upstream"]
     got = stack.requests_to(upstream)[-1].json
     assert got["messages"][0]["content"] == text
+
+
+def _server_timing(value: str) -> dict[str, float]:
+    out = {}
+    for part in value.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_timing_splits_upstream_and_proxy_time(stack: Any, stream: bool) -> None:
+    """Server-Timing names the upstream's share (here ≥ its 200 ms delay) and the proxy's own."""
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+        stream=stream, extra_body={"route": {"region": "eu-west"}, "sim": {"headers_delay_s": 0.2}},
+    )
+    timing = _server_timing(raw.headers["Server-Timing"])
+    assert set(timing) == {"upstream", "proxy"}
+    assert timing["upstream"] >= 200.0
+    assert 0.0 <= timing["proxy"] < timing["upstream"]
+    raw.parse()

@@ -17,7 +17,8 @@ def test_ruff_is_clean() -> None:
     """ruff finds nothing in the package, the tests and the benchmark."""
     ruff = shutil.which("ruff")
     assert ruff, "ruff is part of the test extra"
-    r = subprocess.run([ruff, "check", "lrproxy", "tests", "bench"], cwd=ROOT,
+    paths = [p for p in ("lrproxy", "tests", "bench") if (ROOT / p).is_dir()]
+    r = subprocess.run([ruff, "check", *paths], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 

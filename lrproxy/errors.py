@@ -134,6 +134,14 @@ class UpstreamError(UpstreamFailed):
     pass
 
 
+class UpstreamConnectionLost(UpstreamError):
+    """The upstream's connection broke while its answer was being read."""
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The upstream answered, but not with a usable answer (not JSON, a malformed event)."""
+
+
 class UpstreamTimeout(UpstreamFailed):
     status = 504
     code = "upstream_timeout"

@@ -38,11 +38,17 @@ class _Handler(RequestHandler):
         super().connection_made(transport)
         self._lr_timer: asyncio.TimerHandle | None = None
         self._lr_busy = False
+        self._lr_seen = False  # bytes of a request arrived since the deadline was armed
         self.lr_arm(self.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._lr_seen = True
+        super().data_received(data)
 
     def lr_arm(self, delay: float) -> None:
         """(Re)start the deadline for the next request's headers."""
         self.lr_disarm()
+        self._lr_seen = False
         self._lr_timer = self._loop.call_later(delay, self._lr_expired)
 
     def lr_disarm(self) -> None:
@@ -64,6 +70,9 @@ class _Handler(RequestHandler):
         self._lr_timer = None
         transport = self.transport
         if self._lr_busy or transport is None or transport.is_closing():
+            return
+        if not self._lr_seen:  # an idle connection, not a slow request: just close it
+            transport.close()
             return
         err = errors.RequestTimeout("The request headers did not arrive in time.")
         self._lr_refused(err)

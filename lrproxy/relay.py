@@ -272,6 +272,9 @@ async def _try_candidates(
         raise errors.NoUpstreamAvailable(
             "Every upstream for this request is at capacity.", retry_after=1
         )
+    if last.upstream_status == 429:  # every upstream tried is rate-limiting us: say so
+        raise errors.RateLimited("The upstream providers are rate-limiting this request; "
+                                 "retry later.", retry_after=last.retry_after or 1)
     raise last
 
 
@@ -294,6 +297,10 @@ def _outcome(e: errors.UpstreamFailed) -> str:
         return "timeout"
     if isinstance(e, errors.UpstreamAuthFailed):
         return "auth_failed"
+    if isinstance(e, errors.UpstreamBadResponse):
+        return "bad_response"
+    if isinstance(e, errors.UpstreamConnectionLost):
+        return "connection_lost"
     s = e.upstream_status
     if s is None:
         return "connect_error"
@@ -317,9 +324,9 @@ async def _read_answer(resp: upstream.UpstreamResponse, timeout: float) -> bytes
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as e:
-            raise errors.UpstreamError("upstream answered with a body that is not JSON") from e
+            raise errors.UpstreamBadResponse("upstream answered with a body that is not JSON") from e
         if not isinstance(doc, dict):
-            raise errors.UpstreamError("upstream answered with a body that is not an object")
+            raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
     return data
 
 
@@ -336,7 +343,7 @@ async def _first_events(attempt: _Attempt, first_byte: float, keepalive: float) 
             while not attempt.events:
                 data = await resp.read_some()
                 if not data:
-                    raise errors.UpstreamError("upstream ended the stream before any event")
+                    raise errors.UpstreamBadResponse("upstream ended the stream before any event")
                 attempt.events = splitter.feed(data)
     except TimeoutError:
         if keepalive < first_byte:
@@ -490,7 +497,7 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
         if kind == sse.Kind.DONE:
             tail.done, tail.done_event = True, ev
             break
-        tail.failure = errors.UpstreamError(
+        tail.failure = errors.UpstreamBadResponse(
             "the upstream reported an error inside the stream" if kind == sse.Kind.ERROR
             else "the upstream sent a malformed event")
         break
@@ -590,9 +597,9 @@ async def _relay_stream(
                 if tail.failure is not None:
                     raise tail.failure
             elif splitter.pending > MAX_EVENT_BYTES:
-                raise errors.UpstreamError("the upstream sent an event over 16 MiB")
+                raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
         if splitter.pending and not tail.done:
-            raise errors.UpstreamError("the upstream stream ended inside an event")
+            raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
         end, _ = _finish(rt, rec, obj, cand, region, tail, client_usage)
         await out.write(end)
         await out.write_eof()

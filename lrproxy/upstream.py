@@ -17,7 +17,13 @@ import aiohttp
 import attrs
 
 from lrproxy.config import Config, Upstream
-from lrproxy.errors import UpstreamAuthFailed, UpstreamError, UpstreamFailed, UpstreamTimeout
+from lrproxy.errors import (
+    UpstreamAuthFailed,
+    UpstreamConnectionLost,
+    UpstreamError,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 
 EJECT_AFTER: Final = 5  # consecutive failures
 COOL_DOWN_S: Final = 30.0  # × the number of ejections in a row
@@ -172,7 +178,7 @@ class UpstreamResponse:
         try:
             return await self._resp.content.readany()
         except (aiohttp.ClientError, OSError) as e:
-            raise UpstreamError(f"upstream connection lost: {type(e).__name__}") from e
+            raise UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}") from e
 
     async def read_all(self, limit: int) -> bytes:
         chunks: list[bytes] = []

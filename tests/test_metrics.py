@@ -51,7 +51,7 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "lrproxy_config_reloads": ("counter", {"result"}),
 }
 OUTCOMES = {"ok", "passed_4xx", "timeout", "auth_failed", "connect_error", "rate_limited",
-            "redirect", "status_5xx"}
+            "redirect", "status_5xx", "bad_response", "connection_lost"}
 FIXED_WORDS = {
     "unknown", "none", "client_closed", "stream_error", "true", "false", "prompt",
     "completion", "ok", "error", *OUTCOMES, *(f"stream_{o}" for o in OUTCOMES),
@@ -235,16 +235,16 @@ def _mixed_traffic(stack: Stack) -> dict[str, Any]:
                                        extra_body={"sim": SIM, "route": {"region": "eu-west"}})
     assert r.model_extra["lowrouter"]["route"]["attempts"] == 3
     sdk_seen.append(r.model_extra["lowrouter"])
-    # Errors: an upstream 400 passed through, retries spent on 429s (502), unknown model
+    # Errors: an upstream 400 passed through, the only upstream answering 429 (429), unknown model
     # (404), a wrong key (401).
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, **rid("up400"),
                                        extra_body={"sim": {"status": 400}})
-    with pytest.raises(openai.InternalServerError) as exc5:
+    with pytest.raises(openai.RateLimitError) as exc5:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, **rid("up429"),
                                        extra_body={"sim": {"status": 429},
                                                    "route": {"region": "us-east"}})
-    assert exc5.value.status_code == 502
+    assert exc5.value.status_code == 429
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="acme/no-such-model", messages=MESSAGES,
                                        **rid("nomodel"))
@@ -345,7 +345,7 @@ def test_request_codes_attempt_outcomes_and_gauges(stack: Stack, logs: _Records)
         for s in fam.samples:
             if s.name == "lrproxy_requests_total":
                 codes[s.labels["code"]] = codes.get(s.labels["code"], 0) + s.value
-    assert codes == {"200": 7, "400": 1, "401": 1, "404": 1, "502": 1,
+    assert codes == {"200": 7, "400": 1, "401": 1, "404": 1, "429": 1,
                      "stream_error": 1, "client_closed": 1}
     assert m("lrproxy_requests_total", key="unknown", model="unknown", region="none",
              code="401") == 1
@@ -362,7 +362,7 @@ def test_request_codes_attempt_outcomes_and_gauges(stack: Stack, logs: _Records)
     assert m("lrproxy_upstream_attempts_total", upstream="us-east-a", outcome="rate_limited") == 1
     assert m("lrproxy_upstream_attempts_total", upstream="eu-west-a", outcome="passed_4xx") == 1
     assert m("lrproxy_upstream_attempts_total", upstream="eu-west-a",
-             outcome="stream_connect_error") == 1
+             outcome="stream_connection_lost") == 1
     assert stack.metric_sum("lrproxy_upstream_attempts_total", outcome="ok") == 8
     assert m("lrproxy_inflight_requests") == 0
     assert m("lrproxy_time_to_first_byte_seconds_count", model=MODEL, region="eu-west") >= 4

@@ -1,0 +1,1494 @@
+"""Fault injection (issue 5): misbehaving clients, failing upstreams, limits and residency.
+
+Each test is one case of the README's "Fault cases" table and checks four things: the
+status and error code, what the client saw, what the upstream saw (the simulators' or a
+scripted upstream's records) and what the metrics counted. The autouse `seen` guard
+checks after every test that no client key and no upstream (canary) key appears in any
+byte lrproxy wrote to a client socket, in any record of its loggers or in the /metrics
+exposition, that no client key reached an upstream, and that nothing was logged as an
+error (an unexpected exception).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gzip
+import hashlib
+import http.client
+import logging
+import select
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiohttp
+import attrs
+import openai
+import orjson
+import pytest
+from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS, Stack
+from prometheus_client import generate_latest
+
+from lrproxy import protocol, upstream
+from lrproxy.log import ACCESS, MAIN, JsonFormatter
+from lrproxy.sse import EventSplitter, event_data
+
+MINI = "openai/gpt-4o-mini"  # eu-west-a, eu-west-b (equal carbon, the lowest) and us-east-a
+LLAMA = "meta/llama-3.1-8b"  # eu-north-a is its cleanest upstream and eu-north's only one
+CHAT = "/api/v1/chat/completions"
+MSGS: list[Any] = [{"role": "user", "content": "how windy is it in Aberdeen tonight"}]
+EU_WEST = ("eu-west-a", "eu-west-b")
+SECRETS = (TEAM_A_KEY, CI_KEY, *UPSTREAM_KEYS.values())
+CLIENT_KEYS = (TEAM_A_KEY, CI_KEY)
+# All that lrproxy ever sends upstream: it builds the headers, it never copies the client's.
+UPSTREAM_HEADERS = {"host", "content-type", "content-length", "accept", "accept-encoding",
+                    "user-agent", "x-request-id", "authorization"}
+
+MakeStack = Callable[..., Stack]
+
+
+# ---------------------------------------------------------------------------------------
+# the guard: no key in any answer, log line or metric
+
+
+@attrs.define
+class Seen:
+    """Everything that left lrproxy during one test, for the guard's checks."""
+
+    stacks: list[Stack] = attrs.Factory(list)
+    scripted: list[Scripted] = attrs.Factory(list)
+    wire: list[bytes] = attrs.Factory(list)  # every byte lrproxy wrote to a client socket
+    logs: list[str] = attrs.Factory(list)  # every record of its loggers, formatted
+    records: list[logging.LogRecord] = attrs.Factory(list)
+
+
+class _Capture(logging.Handler):
+    def __init__(self, seen: Seen) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen = seen
+        self.fmt = JsonFormatter()
+        self.ids: set[int] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if id(record) in self.ids:  # the access logger propagates to the main one
+            return
+        self.ids.add(id(record))
+        self.seen.records.append(record)
+        self.seen.logs.append(self.fmt.format(record))
+
+
+@pytest.fixture(autouse=True)
+def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
+    """Capture lrproxy's logs and client-side bytes; check them after the test."""
+    s = Seen()
+    cap = _Capture(s)
+    levels = {MAIN: logging.DEBUG, ACCESS: logging.DEBUG, "aiohttp": logging.INFO}
+    saved = {}
+    for name, level in levels.items():
+        lg = logging.getLogger(name)
+        saved[name] = lg.level
+        lg.setLevel(level)
+        lg.addHandler(cap)
+    made = protocol._Handler.connection_made
+
+    def connection_made(self: protocol._Handler, transport: Any) -> None:
+        write, writelines = transport.write, transport.writelines
+
+        def tee(data: bytes) -> None:
+            s.wire.append(bytes(data))
+            write(data)
+
+        def tee_lines(lines: Any) -> None:
+            lines = list(lines)
+            s.wire.extend(bytes(b) for b in lines)
+            writelines(lines)
+
+        transport.write, transport.writelines = tee, tee_lines
+        made(self, transport)
+
+    monkeypatch.setattr(protocol._Handler, "connection_made", connection_made)
+    try:
+        yield s
+    finally:
+        for name, level in saved.items():
+            lg = logging.getLogger(name)
+            lg.removeHandler(cap)
+            lg.setLevel(level)
+    wire = b"".join(s.wire)
+    if any(set(codes(st)) - {"client_closed"} for st in s.stacks):
+        assert wire, "the guard saw none of the answers"
+    exposition = [generate_latest(st.registry) for st in s.stacks]
+    for secret in SECRETS:
+        assert secret.encode() not in wire, "a key in an answer"
+        assert not [line for line in s.logs if secret in line], "a key in a log record"
+        assert not [m for m in exposition if secret.encode() in m], "a key in /metrics"
+    upstream_saw = [(r.headers, r.body) for st in s.stacks for sim in st.sims.values()
+                    for r in sim.requests]
+    upstream_saw += [(r.headers, r.body) for sc in s.scripted for r in sc.requests]
+    for headers, body in upstream_saw:
+        for key in CLIENT_KEYS:
+            assert key not in repr(headers) and key.encode() not in body, "a client key upstream"
+    bad = [line for r, line in zip(s.records, s.logs, strict=True) if r.levelno >= logging.ERROR]
+    assert not bad, bad
+
+
+@pytest.fixture
+def make_stack(make_stack: MakeStack, seen: Seen) -> MakeStack:
+    """conftest's make_stack, with every stack known to the guard."""
+
+    def make(mutate: Callable[[dict[str, Any]], None] | None = None) -> Stack:
+        st = make_stack(mutate)
+        seen.stacks.append(st)
+        return st
+
+    return make
+
+
+@pytest.fixture
+def stack(make_stack: MakeStack) -> Stack:
+    return make_stack()
+
+
+def cfg(*, server: dict[str, Any] | None = None, timeouts: dict[str, Any] | None = None,
+        keys: dict[str, dict[str, Any]] | None = None,
+        upstreams: dict[str, dict[str, Any]] | None = None) -> Callable[[dict[str, Any]], None]:
+    """A make_stack mutation: settings merged into the test config."""
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["server"].update(server or {})
+        d["timeouts"].update(timeouts or {})
+        for k in d["auth"]["keys"]:
+            k.update((keys or {}).get(k["name"], {}))
+        for u in d["upstreams"]:
+            u.update((upstreams or {}).get(u["name"], {}))
+
+    return mutate
+
+
+# ---------------------------------------------------------------------------------------
+# what the metrics counted, what the upstreams saw
+
+
+def codes(stack: Stack, key: str | None = None) -> dict[str, float]:
+    """lrproxy_requests_total by code (non-zero only)."""
+    out: dict[str, float] = {}
+    for fam in stack.registry.collect():
+        for s in fam.samples:
+            if s.name == "lrproxy_requests_total" and key in (None, s.labels["key"]) and s.value:
+                out[s.labels["code"]] = out.get(s.labels["code"], 0) + s.value
+    return out
+
+
+def outcomes(stack: Stack) -> dict[tuple[str, str], float]:
+    """lrproxy_upstream_attempts_total by (upstream, outcome) (non-zero only)."""
+    return {(s.labels["upstream"], s.labels["outcome"]): s.value
+            for fam in stack.registry.collect() for s in fam.samples
+            if s.name == "lrproxy_upstream_attempts_total" and s.value}
+
+
+def hits(stack: Stack) -> dict[str, int]:
+    """API requests each simulated upstream received."""
+    return {n: len(stack.requests_to(n)) for n in stack.sims}
+
+
+def only_hit(stack: Stack) -> tuple[str, Any]:
+    """The one request the whole pool received, with the upstream's name."""
+    recs = [(n, r) for n in stack.sims for r in stack.requests_to(n)]
+    assert len(recs) == 1, hits(stack)
+    return recs[0]
+
+
+def usable(stack: Stack, name: str) -> float:
+    return stack.metric("lrproxy_upstream_usable", upstream=name)
+
+
+def idle(stack: Stack) -> dict[str, Any]:
+    """What must be back to zero once no request is in flight."""
+
+    def read() -> dict[str, Any]:
+        rt = stack.runtime
+        return {"tasks": len(rt.tasks), "retries": rt.retries_in_progress,
+                "outstanding": {n: h.outstanding for n, h in rt.pool.health.items()},
+                "streams": {n: s.open_streams for n, s in stack.sims.items()}}
+
+    return stack.call(read)
+
+
+def assert_idle(stack: Stack) -> None:
+    wait_for(lambda: stack.metric("lrproxy_inflight_requests") == 0)
+    state = idle(stack)
+    assert state["tasks"] == 0 and state["retries"] == 0, state
+    assert set(state["outstanding"].values()) == {0}, state
+    assert set(state["streams"].values()) <= {0}, state
+
+
+def faults(stack: Stack, names: tuple[str, ...] | list[str], **knobs: Any) -> None:
+    def apply() -> None:
+        for n in names:
+            for k, v in knobs.items():
+                setattr(stack.sims[n].faults, k, v)
+
+    stack.call(apply)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.005)
+
+
+async def await_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------
+# clients: http.client, raw sockets
+
+
+def chat(model: str = MINI, *, region: str | None = None, stream: bool = False,
+         sim: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": MSGS, **fields}
+    if stream:
+        body["stream"] = True
+    if region is not None:
+        body["route"] = {"region": region}
+    if sim:
+        body["sim"] = sim
+    return body
+
+
+@attrs.define
+class Answer:
+    """One HTTP answer as the client saw it."""
+
+    status: int
+    headers: list[tuple[str, str]]  # names lower-cased, in order, repeats kept
+    body: bytes
+    elapsed: float = 0.0
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name]
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+    def error(self, status: int, code: str) -> dict[str, Any]:
+        """The §1 error shape with this status and code."""
+        assert self.status == status, (self.status, self.body[:300])
+        assert (self.header("content-type") or "").startswith("application/json")
+        doc = orjson.loads(self.body)
+        assert list(doc) == ["error"]
+        err: dict[str, Any] = doc["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["code"] == code and isinstance(err["message"], str) and err["message"]
+        return err
+
+    def route(self) -> dict[str, Any]:
+        assert self.status == 200, (self.status, self.body[:300])
+        route: dict[str, Any] = self.json()["lowrouter"]["route"]
+        assert self.header("x-lowrouter-upstream") == route["upstream"]
+        return route
+
+    def events(self) -> list[bytes]:
+        assert self.status == 200 and (self.header("content-type") or "").startswith("text/event-stream")
+        return split_events(self.body)
+
+
+def split_events(data: bytes | bytearray) -> list[bytes]:
+    sp = EventSplitter()
+    events = sp.feed(bytes(data))
+    assert sp.close() == b""
+    return events
+
+
+def obj_of(event: bytes) -> dict[str, Any]:
+    data = event_data(event)
+    assert data is not None, event
+    doc: dict[str, Any] = orjson.loads(data)
+    return doc
+
+
+def data_events(events: list[bytes]) -> list[bytes]:
+    return [e for e in events if event_data(e) is not None]
+
+
+def post(stack: Stack, body: bytes | dict[str, Any], *, key: str | None = TEAM_A_KEY,
+         headers: dict[str, str] | None = None, path: str = CHAT, timeout: float = 15) -> Answer:
+    """POST with http.client (a clean chunked end is checked by its reader)."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    h = {"Content-Type": "application/json"}
+    if key is not None:
+        h["Authorization"] = f"Bearer {key}"
+    h.update(headers or {})
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=timeout)
+    t0 = time.monotonic()
+    try:
+        conn.request("POST", path, body=data, headers=h)
+        r = conn.getresponse()
+        got = r.read()
+        return Answer(r.status, [(k.lower(), v) for k, v in r.getheaders()], got,
+                      time.monotonic() - t0)
+    finally:
+        conn.close()
+
+
+def get(stack: Stack, path: str) -> Answer:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=5)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return Answer(r.status, [(k.lower(), v) for k, v in r.getheaders()], r.read())
+    finally:
+        conn.close()
+
+
+def head(*lines: str, key: str | None = TEAM_A_KEY, path: str = CHAT) -> bytes:
+    """A raw request head: the request line, Host, Content-Type, Authorization and `lines`."""
+    out = [f"POST {path} HTTP/1.1", "Host: lrproxy", "Content-Type: application/json"]
+    if key is not None:
+        out.append(f"Authorization: Bearer {key}")
+    out += lines
+    return ("\r\n".join(out) + "\r\n\r\n").encode()
+
+
+def request(body: bytes, *lines: str, key: str | None = TEAM_A_KEY) -> bytes:
+    return head(f"Content-Length: {len(body)}", *lines, key=key) + body
+
+
+def open_raw(stack: Stack) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", stack.port), timeout=5)
+
+
+def read_answer(sock: socket.socket, timeout: float = 5.0) -> Answer:
+    """One HTTP answer from a raw socket: by Content-Length, chunked or until close."""
+    sock.settimeout(timeout)
+    t0 = time.monotonic()
+    buf = b""
+
+    def more() -> None:
+        nonlocal buf
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError(buf[:200])
+        buf += data
+
+    while b"\r\n\r\n" not in buf:
+        more()
+    top, _, buf = buf.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = [(k.strip().lower(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines[1:])]
+    hd = dict(headers)
+    if "content-length" in hd:
+        n = int(hd["content-length"])
+        while len(buf) < n:
+            more()
+        body = buf[:n]
+    elif hd.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            while b"\r\n" not in buf:
+                more()
+            size_line, _, buf = buf.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(buf) < size + 2:
+                more()
+            body, buf = body + buf[:size], buf[size + 2:]
+            if size == 0:
+                break
+    else:
+        with contextlib.suppress(EOFError):
+            while True:
+                more()
+        body = buf
+    return Answer(status, headers, body, time.monotonic() - t0)
+
+
+def closed_by_peer(sock: socket.socket, within: float = 1.0) -> bool:
+    """True when the server closes the connection (and sends nothing more) in time."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@contextlib.contextmanager
+def blackhole() -> Iterator[str]:
+    """A base URL whose port never completes a connect: its accept queue is full."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        fillers.append(c)
+    time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        for c in [*fillers, srv]:
+            c.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# ---------------------------------------------------------------------------------------
+# a scripted upstream, for what the simulator cannot do
+
+
+@attrs.define
+class ScriptedRequest:
+    """One request a scripted upstream received."""
+
+    conn: int  # which connection (0, 1, …)
+    n: int  # which request on that connection
+    headers: dict[str, str]
+    body: bytes
+
+
+Script = Callable[[int, int, bytes], tuple[bytes, bool] | None]
+
+
+class Scripted:
+    """A threaded raw-TCP upstream: `script(conn, n, body)` gives (bytes, keep open) or None
+    to close the connection without an answer."""
+
+    def __init__(self, script: Script) -> None:
+        self.requests: list[ScriptedRequest] = []
+        self._conns = 0
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                with outer._lock:
+                    conn, outer._conns = outer._conns, outer._conns + 1
+                n = 0
+                while self.rfile.readline():
+                    headers = {}
+                    while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                        k, _, v = line.decode("latin-1").partition(":")
+                        headers[k.strip().lower()] = v.strip()
+                    body = self.rfile.read(int(headers.get("content-length", "0")))
+                    outer.requests.append(ScriptedRequest(conn, n, headers, body))
+                    answer = script(conn, n, body)
+                    if answer is None:
+                        return
+                    self.wfile.write(answer[0])
+                    self.wfile.flush()
+                    if not answer[1]:
+                        return
+                    n += 1
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def scripted(seen: Seen) -> Iterator[Callable[[Script], Scripted]]:
+    made: list[Scripted] = []
+
+    def make(script: Script) -> Scripted:
+        sc = Scripted(script)
+        made.append(sc)
+        seen.scripted.append(sc)
+        return sc
+
+    yield make
+    for sc in made:
+        sc.close()
+
+
+def json_answer() -> bytes:
+    body = orjson.dumps({
+        "id": "chatcmpl-scripted", "object": "chat.completion", "created": 1,
+        "model": "llama-3.1-8b",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "calm"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10},
+    })
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def chunk(content: str) -> bytes:
+    return b"data: " + orjson.dumps({
+        "id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 1,
+        "model": "llama-3.1-8b",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+    }) + b"\n\n"
+
+
+def sse_answer(events: list[bytes]) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+            + b"".join(events))
+
+
+# =======================================================================================
+# bad input
+
+
+BODY = orjson.dumps(chat(LLAMA))
+SMUGGLED = request(BODY)  # a complete, valid request hidden in the first one's body
+SMUGGLING = {
+    "cl-and-te": head("Content-Length: 5", "Transfer-Encoding: chunked") + b"0\r\n\r\n" + SMUGGLED,
+    "te-and-cl": head("Transfer-Encoding: chunked", "Content-Length: 5") + b"0\r\n\r\n" + SMUGGLED,
+    "cl-twice-equal": head(f"Content-Length: {len(BODY)}", f"Content-Length: {len(BODY)}")
+    + BODY + SMUGGLED,
+    "cl-twice-differ": head(f"Content-Length: {len(BODY)}", "Content-Length: 0") + BODY + SMUGGLED,
+    "te-obfuscated": head("Transfer-Encoding: xchunked", f"Content-Length: {len(BODY)}")
+    + BODY + SMUGGLED,
+    "te-list": head("Transfer-Encoding: chunked, identity") + b"0\r\n\r\n" + SMUGGLED,
+    "cl-signed": head(f"Content-Length: +{len(BODY)}") + BODY + SMUGGLED,
+    "space-before-colon": head("Transfer-Encoding : chunked", f"Content-Length: {len(BODY)}")
+    + BODY + SMUGGLED,
+}
+
+
+@pytest.mark.parametrize("case", list(SMUGGLING))
+def test_smuggling_attempt_is_400_and_closes(stack: Stack, case: str) -> None:
+    """Ambiguous framing (CL with TE, CL twice, odd TE): 400, one answer, connection closed."""
+    with open_raw(stack) as sock:
+        sock.sendall(SMUGGLING[case])
+        a = read_answer(sock)
+        a.error(400, "invalid_request")
+        assert closed_by_peer(sock)  # and the hidden request got no answer of its own
+    assert a.header("connection") in (None, "close")
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="unknown") == {"400": 1}
+
+
+@pytest.mark.parametrize("case", ["long-line", "too-many"])
+def test_header_limits_are_431(stack: Stack, case: str) -> None:
+    """A header line over 16 KiB, or more than 128 headers: 431 headers_too_large, closed."""
+    lines = ([f"X-Padding: {'a' * (protocol.MAX_FIELD_SIZE + 1)}"] if case == "long-line"
+             else [f"X-H{i}: v" for i in range(protocol.MAX_HEADERS + 10)])
+    with open_raw(stack) as sock:
+        sock.sendall(request(BODY, *lines))
+        a = read_answer(sock)
+        a.error(431, "headers_too_large")
+        assert closed_by_peer(sock)
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="unknown") == {"431": 1}
+
+
+def test_slowloris_headers_get_408(make_stack: MakeStack) -> None:
+    """Headers dripping in a byte at a time: 408 at timeouts.client_header, connection closed."""
+    stack = make_stack(cfg(timeouts={"client_header": 0.5}))
+    with open_raw(stack) as sock:
+        t0 = time.monotonic()
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: lrproxy\r\n".encode())
+        for byte in b"X-Slow: " + b"a" * 40:
+            if select.select([sock], [], [], 0.1)[0]:
+                break
+            sock.sendall(bytes([byte]))
+        a = read_answer(sock)
+        took = time.monotonic() - t0
+        a.error(408, "request_timeout")
+        assert closed_by_peer(sock)
+    assert 0.45 < took < 1.5
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="unknown") == {"408": 1}
+
+
+def test_slow_body_gets_408(make_stack: MakeStack) -> None:
+    """A body that stops arriving: 408 request_timeout at timeouts.client_body, nothing sent upstream."""
+    stack = make_stack(cfg(timeouts={"client_body": 0.5}))
+    with open_raw(stack) as sock:
+        sock.sendall(request(BODY)[:-20])
+        a = read_answer(sock)
+    a.error(408, "request_timeout")
+    assert 0.45 < a.elapsed < 1.5
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="team-a") == {"408": 1}
+
+
+def test_content_length_over_limit_is_413_before_the_body(make_stack: MakeStack) -> None:
+    """Content-Length over server.max_body_bytes: 413 from the headers alone, no body sent."""
+    stack = make_stack(cfg(server={"max_body_bytes": 4096}))
+    with open_raw(stack) as sock:
+        sock.sendall(head("Content-Length: 10000000"))  # and not one byte of the body
+        a = read_answer(sock, timeout=2)
+    err = a.error(413, "request_too_large")
+    assert "4096" in err["message"] and a.elapsed < 1
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="team-a") == {"413": 1}
+
+
+def test_chunked_body_over_limit_is_413(make_stack: MakeStack) -> None:
+    """A chunked body (no Content-Length) growing past max_body_bytes: 413, nothing sent upstream."""
+    stack = make_stack(cfg(server={"max_body_bytes": 4096}))
+    with open_raw(stack) as sock:
+        sock.sendall(head("Transfer-Encoding: chunked"))
+        for _ in range(6):
+            sock.sendall(b"400\r\n" + b" " * 1024 + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        a = read_answer(sock)
+    a.error(413, "request_too_large")
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="team-a") == {"413": 1}
+
+
+@pytest.mark.parametrize("case", ["gzip", "gzip-bomb", "br"])
+def test_compressed_body_is_415(stack: Stack, case: str) -> None:
+    """A Content-Encoding body (gzip, a 20 MB gzip bomb, br): 415, never decompressed."""
+    enc, data = {
+        "gzip": ("gzip", gzip.compress(BODY)),
+        "gzip-bomb": ("gzip", gzip.compress(b"0" * 20_000_000, compresslevel=1)),
+        "br": ("br", b"\x1b\x03\x00\xf8\xa5@\x02"),
+    }[case]
+    with open_raw(stack) as sock:
+        sock.sendall(request(data, f"Content-Encoding: {enc}"))
+        a = read_answer(sock)
+    a.error(415, "unsupported_media_type")
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="team-a") == {"415": 1}
+
+
+_PREFIX = b'{"model":"meta/llama-3.1-8b","messages":[{"role":"user","content":'
+BAD_JSON = {
+    "invalid-utf8": _PREFIX + b'"caf\xc3\x28 \xff"}]}',
+    "truncated": BODY[:-9],
+    "deeply-nested": b"[" * 100_000 + b"]" * 100_000,
+    "nested-in-message": _PREFIX + b'{"a":' * 1100 + b"1" + b"}" * 1100 + b"}]}",
+    "number-overflows-to-infinity": BODY[:-1] + b',"temperature":1e999}',
+    "nan-literal": BODY[:-1] + b',"temperature":NaN}',
+    "not-an-object": b'["model", "messages"]',
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JSON))
+def test_unparsable_body_is_400(stack: Stack, case: str) -> None:
+    """Invalid UTF-8, truncated, nested past 1024 levels, infinite numbers, non-objects: 400."""
+    a = post(stack, BAD_JSON[case])
+    a.error(400, "invalid_request")
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="team-a") == {"400": 1}
+
+
+def test_huge_integer_is_forwarded_as_a_number(stack: Stack) -> None:
+    """A 40-digit integer (beyond 64 bits) does not break the proxy: forwarded as a JSON number."""
+    a = post(stack, BODY[:-1] + b',"seed":' + b"9" * 40 + b"}")
+    assert a.route()["upstream"] == "eu-north-a"
+    _, rec = only_hit(stack)
+    assert rec.json["seed"] == pytest.approx(1e40)
+    assert codes(stack) == {"200": 1}
+    assert outcomes(stack) == {("eu-north-a", "ok"): 1}
+
+
+# =======================================================================================
+# auth
+
+
+AUTH = {
+    "no-header": None,
+    "basic-scheme": "Basic " + base64.b64encode(f"{TEAM_A_KEY}:".encode()).decode(),
+    "token-scheme": f"Token {TEAM_A_KEY}",
+    "bare-bearer": "Bearer",
+    "blank-bearer": "Bearer \t ",
+    "key-with-inner-space": f"Bearer {TEAM_A_KEY[:7]} {TEAM_A_KEY[7:]}",
+    "key-then-word": f"Bearer {TEAM_A_KEY} extra",
+    "key-prefix": f"Bearer {TEAM_A_KEY[:-1]}",
+    "configured-hash": f"Bearer {hashlib.sha256(TEAM_A_KEY.encode()).hexdigest()}",
+    "other-keys-hash-prefix": f"Bearer {hashlib.sha256(CI_KEY.encode()).hexdigest()[:16]}",
+    "an-upstream-key": f"Bearer {UPSTREAM_KEYS['eu-west-a']}",
+}
+
+
+@pytest.mark.parametrize("case", list(AUTH))
+def test_bad_credentials_are_401(stack: Stack, case: str) -> None:
+    """No header, another scheme, empty or altered bearer, a hash, an upstream's key: 401."""
+    value = AUTH[case]
+    a = post(stack, chat(LLAMA), key=None,
+             headers={} if value is None else {"Authorization": value})
+    a.error(401, "invalid_api_key")
+    token = (value or "").partition(" ")[2].strip()
+    assert not token or token.encode() not in a.body  # the answer never echoes it
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack) == {"401": 1} == codes(stack, key="unknown")
+
+
+def test_auth_is_checked_before_the_body_is_read(stack: Stack) -> None:
+    """No key and a 10 MB Content-Length: 401 at once, without waiting for the body."""
+    with open_raw(stack) as sock:
+        sock.sendall(head("Content-Length: 10000000", key=None))
+        a = read_answer(sock, timeout=2)
+    a.error(401, "invalid_api_key")
+    assert a.elapsed < 1
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="unknown") == {"401": 1}
+
+
+# =======================================================================================
+# limits
+
+
+def test_key_rate_limit_is_429_then_recovers(make_stack: MakeStack) -> None:
+    """A key over its rate_per_s gets 429 rate_limited with Retry-After; others do not; it recovers."""
+    stack = make_stack(cfg(keys={"ci": {"rate_per_s": 2}}))
+    first = [post(stack, chat(LLAMA), key=CI_KEY) for _ in range(2)]
+    with stack.client(api_key=CI_KEY) as client, pytest.raises(openai.RateLimitError) as ei:
+        client.chat.completions.create(model=LLAMA, messages=MSGS)
+    other = post(stack, chat(LLAMA))  # team-a has no rate: unaffected
+    time.sleep(0.55)  # one token back at 2/s
+    again = post(stack, chat(LLAMA), key=CI_KEY)
+    assert [a.status for a in first] == [200, 200] and other.status == again.status == 200
+    assert ei.value.status_code == 429 and ei.value.code == "rate_limited"
+    assert ei.value.response.headers["retry-after"] == "1"
+    assert len(stack.requests_to("eu-north-a")) == 4
+    assert codes(stack, key="ci") == {"200": 3, "429": 1}
+    assert codes(stack, key="team-a") == {"200": 1}
+
+
+def test_global_inflight_cap_is_a_fast_429(make_stack: MakeStack) -> None:
+    """Over server.max_inflight: an immediate 429 rate_limited with Retry-After, never a queue."""
+    stack = make_stack(cfg(server={"max_inflight": 2}))
+    slow = chat(LLAMA, sim={"headers_delay_s": 0.8})
+    with ThreadPoolExecutor(2) as ex:
+        busy = [ex.submit(post, stack, slow) for _ in range(2)]
+        wait_for(lambda: len(stack.requests_to("eu-north-a")) == 2)
+        a = post(stack, chat(LLAMA))
+        done = [f.result() for f in busy]
+    a.error(429, "rate_limited")
+    assert a.header("retry-after") == "1" and a.elapsed < 0.3
+    assert [d.status for d in done] == [200, 200]
+    assert len(stack.requests_to("eu-north-a")) == 2
+    assert codes(stack) == {"200": 2, "429": 1}
+
+
+def test_upstream_at_capacity_moves_on_then_503(make_stack: MakeStack) -> None:
+    """max_concurrency=1: the next request takes the region's other upstream; then 503 with Retry-After."""
+    stack = make_stack(cfg(upstreams={n: {"max_concurrency": 1} for n in EU_WEST}))
+    slow = chat(MINI, region="eu-west", sim={"headers_delay_s": 0.8})
+
+    def in_eu_west() -> int:
+        return sum(len(stack.requests_to(n)) for n in EU_WEST)
+
+    with ThreadPoolExecutor(2) as ex:
+        f1 = ex.submit(post, stack, slow)
+        wait_for(lambda: in_eu_west() == 1)
+        f2 = ex.submit(post, stack, slow)
+        wait_for(lambda: in_eu_west() == 2)
+        full = post(stack, chat(MINI, region="eu-west"))
+        unpinned = post(stack, chat(MINI))
+        busy = [f1.result(), f2.result()]
+    full.error(503, "no_upstream_available")
+    assert full.header("retry-after") == "1" and full.elapsed < 0.3
+    assert sorted(b.route()["upstream"] for b in busy) == list(EU_WEST)
+    assert unpinned.route()["upstream"] == "us-east-a"  # unpinned may leave the region
+    assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 1}
+    assert codes(stack) == {"200": 3, "503": 1}
+    assert outcomes(stack) == {("eu-west-a", "ok"): 1, ("eu-west-b", "ok"): 1, ("us-east-a", "ok"): 1}
+
+
+# =======================================================================================
+# upstream faults before the first byte
+
+
+@pytest.mark.parametrize("down", [("eu-west-a",), EU_WEST], ids=["one", "all"])
+def test_connect_refused_fails_over_in_region(make_stack: MakeStack, down: tuple[str, ...]) -> None:
+    """An upstream on a closed port: the next in the region answers; none left: 502 upstream_error."""
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    stack = make_stack(cfg(upstreams={n: {"base_url": url} for n in down}))
+    a = post(stack, chat(MINI, region="eu-west"))
+    if len(down) == 1:
+        assert a.route() == {"model": MINI, "region": "eu-west", "upstream": "eu-west-b",
+                             "pinned": True, "attempts": 2}
+        assert hits(stack) == {"eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
+        assert outcomes(stack) == {("eu-west-a", "connect_error"): 1, ("eu-west-b", "ok"): 1}
+        assert codes(stack) == {"200": 1}
+    else:
+        a.error(502, "upstream_error")
+        assert hits(stack) == {"eu-north-a": 0, "us-east-a": 0}
+        got = outcomes(stack)
+        assert {u for u, _ in got} == set(EU_WEST) and {o for _, o in got} == {"connect_error"}
+        assert sum(got.values()) == 3  # server.retries = 2
+        assert codes(stack) == {"502": 1}
+
+
+def test_connect_timeout_is_504(make_stack: MakeStack) -> None:
+    """An upstream whose connect hangs: 504 upstream_timeout after timeouts.connect, not first_byte."""
+    with blackhole() as url:
+        stack = make_stack(cfg(server={"retries": 0}, timeouts={"connect": 0.3, "first_byte": 5},
+                               upstreams={"eu-north-a": {"base_url": url}}))
+        a = post(stack, chat(LLAMA, region="eu-north"))
+    a.error(504, "upstream_timeout")
+    assert 0.25 < a.elapsed < 1.5
+    assert sum(hits(stack).values()) == 0
+    assert outcomes(stack) == {("eu-north-a", "timeout"): 1}
+    assert codes(stack) == {"504": 1}
+
+
+def test_reset_before_the_answer_fails_over(stack: Stack) -> None:
+    """An upstream resetting the connection: failover to the region's other upstream."""
+    faults(stack, ["eu-west-a"], reset=True)
+    a = post(stack, chat(MINI, region="eu-west"))
+    route = a.route()
+    assert (route["upstream"], route["attempts"]) == ("eu-west-b", 2)
+    assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
+    sent = orjson.loads(bytes(stack.requests_to("eu-west-b")[0].sent))
+    assert a.json()["choices"] == sent["choices"]
+    assert outcomes(stack) == {("eu-west-a", "connect_error"): 1, ("eu-west-b", "ok"): 1}
+    assert codes(stack) == {"200": 1}
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_5xx_fails_over_within_the_pinned_region(stack: Stack, status: int) -> None:
+    """A 5xx before any byte: the next upstream of the pinned region answers, attempts = 2."""
+    faults(stack, ["eu-west-a"], fail_status=status, fail_count=-1)
+    a = post(stack, chat(MINI, region="eu-west"))
+    assert a.route() == {"model": MINI, "region": "eu-west", "upstream": "eu-west-b",
+                         "pinned": True, "attempts": 2}
+    assert b"Simulated error" not in a.body
+    assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
+    assert outcomes(stack) == {("eu-west-a", "status_5xx"): 1, ("eu-west-b", "ok"): 1}
+    assert codes(stack) == {"200": 1}
+
+
+@pytest.mark.parametrize("limited", [("eu-west-a",), EU_WEST], ids=["one", "all"])
+def test_upstream_429_moves_to_a_different_upstream_only(stack: Stack, limited: tuple[str, ...]) -> None:
+    """An upstream 429 is never retried on that upstream: another answers, or 429 with its Retry-After."""
+    faults(stack, limited, fail_status=429, fail_count=-1, retry_after="7")
+    a = post(stack, chat(MINI, region="eu-west"))
+    if len(limited) == 1:
+        assert (a.route()["upstream"], a.route()["attempts"]) == ("eu-west-b", 2)
+        assert outcomes(stack) == {("eu-west-a", "rate_limited"): 1, ("eu-west-b", "ok"): 1}
+        assert codes(stack) == {"200": 1}
+    else:
+        a.error(429, "rate_limited")  # server.retries = 2, but each upstream once only
+        assert a.header("retry-after") == "7"
+        assert outcomes(stack) == {("eu-west-a", "rate_limited"): 1, ("eu-west-b", "rate_limited"): 1}
+        assert codes(stack) == {"429": 1}
+    assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3])
+def test_retries_never_exceed_server_retries(make_stack: MakeStack, retries: int) -> None:
+    """Every upstream failing: exactly server.retries + 1 attempts, then 502 upstream_error."""
+    stack = make_stack(cfg(server={"retries": retries}))
+    faults(stack, list(stack.sims), fail_status=503, fail_count=-1)
+    a = post(stack, chat(MINI))
+    a.error(502, "upstream_error")
+    assert sum(hits(stack).values()) == retries + 1
+    assert hits(stack)["eu-north-a"] == 0  # it does not serve the model
+    got = outcomes(stack)
+    assert sum(got.values()) == retries + 1 and {o for _, o in got} == {"status_5xx"}
+    assert codes(stack) == {"502": 1}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_silent_upstream_is_504_after_first_byte(make_stack: MakeStack, stream: bool) -> None:
+    """No headers (or no first event) within timeouts.first_byte on every try: 504 upstream_timeout."""
+    stack = make_stack(cfg(server={"retries": 1}, timeouts={"first_byte": 0.5}))
+    if stream:
+        body = chat(MINI, region="eu-west", stream=True, sim={"first_delay_s": 3})
+    else:
+        faults(stack, EU_WEST, headers_delay_s=3)
+        body = chat(MINI, region="eu-west")
+    a = post(stack, body)
+    a.error(504, "upstream_timeout")  # nothing was committed: a real status, not a stream
+    assert 0.9 < a.elapsed < 2.0
+    recs = [r for n in EU_WEST for r in stack.requests_to(n)]
+    assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
+    wait_for(lambda: all(r.client_closed for r in recs))  # the proxy hung up on both
+    assert outcomes(stack) == {("eu-west-a", "timeout"): 1, ("eu-west-b", "timeout"): 1}
+    assert codes(stack) == {"504": 1}
+
+
+@pytest.mark.parametrize("redirecting", [("eu-west-a",), EU_WEST], ids=["one", "all"])
+def test_redirect_is_never_followed(stack: Stack, redirecting: tuple[str, ...]) -> None:
+    """A 307 from an upstream is a failure: never followed, its target (another region) never reached."""
+    target = stack.sims["us-east-a"].base_url + "/chat/completions"
+    faults(stack, redirecting, redirect_to=target)
+    a = post(stack, chat(MINI, region="eu-west"))
+    if len(redirecting) == 1:
+        assert (a.route()["upstream"], a.route()["attempts"]) == ("eu-west-b", 2)
+        assert outcomes(stack) == {("eu-west-a", "redirect"): 1, ("eu-west-b", "ok"): 1}
+        assert codes(stack) == {"200": 1}
+    else:
+        a.error(502, "upstream_error")
+        got = outcomes(stack)
+        assert sum(got.values()) == 3 and {o for _, o in got} == {"redirect"}
+        assert codes(stack) == {"502": 1}
+    assert stack.sims["us-east-a"].requests == []
+    assert a.header("location") is None and target.encode() not in a.body
+
+
+@pytest.mark.parametrize("how", ["401-echoing-our-key", "403"])
+def test_upstream_auth_failure_is_502_without_its_text(make_stack: MakeStack, how: str) -> None:
+    """An upstream refusing our key: 502 upstream_auth_failed; its text (echoing the key) dropped."""
+    wrong = {"eu-north-a": {"api_key_env": "UP_US_EAST_A"}} if how.startswith("401") else {}
+    stack = make_stack(cfg(server={"retries": 0}, upstreams=wrong))
+    body = chat(LLAMA, region="eu-north", sim=None if wrong else {"status": 403})
+    a = post(stack, body)
+    err = a.error(502, "upstream_auth_failed")
+    name, rec = only_hit(stack)
+    assert name == "eu-north-a"
+    if wrong:
+        assert rec.headers["Authorization"] == f"Bearer {UPSTREAM_KEYS['us-east-a']}"
+        assert UPSTREAM_KEYS["us-east-a"].encode() in bytes(rec.sent)  # it did echo the key
+    assert bytes(rec.sent) not in a.body and "Incorrect" not in err["message"]
+    assert outcomes(stack) == {("eu-north-a", "auth_failed"): 1}
+    assert stack.call(lambda: stack.runtime.pool.health["eu-north-a"].failures) == 1
+    assert codes(stack) == {"502": 1}
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_upstream_4xx_passes_through_without_retry(stack: Stack, status: int) -> None:
+    """Other upstream 4xx: status and body passed through as they are, one attempt only."""
+    a = post(stack, chat(MINI, region="eu-west", sim={"status": status}))
+    assert a.status == status
+    name, rec = only_hit(stack)
+    assert a.body == bytes(rec.sent)
+    assert a.header("x-lowrouter-upstream") == name
+    assert outcomes(stack) == {(name, "passed_4xx"): 1}
+    assert codes(stack) == {str(status): 1}
+
+
+def test_upstream_4xx_quoting_our_key_is_withheld(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """An upstream 4xx whose body quotes our key: its status kept, its body replaced."""
+    body = orjson.dumps({"error": {
+        "message": f"Key {UPSTREAM_KEYS['eu-north-a']} may not use this model",
+        "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
+    answer = (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    up = scripted(lambda conn, n, req: (answer, True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA))
+    a.error(404, "upstream_error")
+    assert a.header("x-lowrouter-upstream") == "eu-north-a"
+    assert len(up.requests) == 1
+    assert outcomes(stack) == {("eu-north-a", "passed_4xx"): 1}
+    assert codes(stack) == {"404": 1}
+
+
+def test_upstream_answer_that_is_not_json_is_502(stack: Stack) -> None:
+    """A 200 whose body is not JSON is a failure: tried in the region only, then 502."""
+    a = post(stack, chat(MINI, region="eu-west", sim={"malformed_after": 0}))
+    a.error(502, "upstream_error")
+    assert b"not json" not in a.body
+    assert hits(stack)["eu-west-a"] + hits(stack)["eu-west-b"] == 3
+    assert hits(stack)["us-east-a"] == 0
+    assert sum(outcomes(stack).values()) == 3
+    assert codes(stack) == {"502": 1}
+
+
+def test_stale_pooled_connection_after_upstream_restart(stack: Stack) -> None:
+    """The upstream restarts between two requests: the second still succeeds."""
+    sim = stack.sims["eu-north-a"]
+    first = post(stack, chat(LLAMA, region="eu-north"))
+    port = sim.port
+    stack.run(sim.stop())
+    stack.run(sim.start(port=port))
+    second = post(stack, chat(LLAMA, region="eu-north"))
+    assert first.route()["attempts"] == 1 and second.route()["upstream"] == "eu-north-a"
+    assert len(stack.requests_to("eu-north-a")) == 2
+    retried = second.route()["attempts"] - 1
+    assert outcomes(stack) == {("eu-north-a", "ok"): 2,
+                               **({("eu-north-a", "connect_error"): 1} if retried else {})}
+    assert codes(stack) == {"200": 2}
+
+
+def test_stale_pooled_connection_closed_on_reuse(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """A pooled keep-alive connection the upstream drops on reuse: retried on a new one, 200."""
+    up = scripted(lambda conn, n, body: None if n else (json_answer(), True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    first = post(stack, chat(LLAMA, region="eu-north"))
+    second = post(stack, chat(LLAMA, region="eu-north"))
+    assert first.route()["attempts"] == 1
+    assert second.route()["attempts"] == 2 and second.json()["choices"][0]["message"]["content"] == "calm"
+    assert [(r.conn, r.n) for r in up.requests] == [(0, 0), (0, 1), (1, 0)]
+    assert {r.headers["authorization"] for r in up.requests} == {
+        f"Bearer {UPSTREAM_KEYS['eu-north-a']}"}
+    assert outcomes(stack) == {("eu-north-a", "ok"): 2, ("eu-north-a", "connect_error"): 1}
+    assert codes(stack) == {"200": 2}
+
+
+# =======================================================================================
+# passive health
+
+
+def eject_eu_west_a(stack: Stack, **knobs: Any) -> None:
+    """Five requests that eu-west-a fails and eu-west-b serves: eu-west-a is ejected."""
+    faults(stack, ["eu-west-a"], fail_status=503, fail_count=-1, **knobs)
+    for _ in range(upstream.EJECT_AFTER):
+        route = post(stack, chat(MINI, region="eu-west")).route()
+        assert (route["upstream"], route["attempts"]) == ("eu-west-b", 2)
+
+
+def test_five_failures_eject_an_upstream(stack: Stack) -> None:
+    """5 consecutive failures eject an upstream: skipped, usable=0, /readyz still 200."""
+    eject_eu_west_a(stack)
+    for _ in range(3):
+        route = post(stack, chat(MINI, region="eu-west")).route()
+        assert (route["upstream"], route["attempts"]) == ("eu-west-b", 1)
+    assert hits(stack) == {"eu-west-a": 5, "eu-west-b": 8, "eu-north-a": 0, "us-east-a": 0}
+    assert usable(stack, "eu-west-a") == 0 and usable(stack, "eu-west-b") == 1
+    ready = get(stack, "/readyz")
+    assert ready.status == 200 and ready.json()["usable_upstreams"] == 3
+    assert outcomes(stack) == {("eu-west-a", "status_5xx"): 5, ("eu-west-b", "ok"): 8}
+    assert codes(stack) == {"200": 8}
+
+
+@pytest.mark.parametrize("region", ["eu-north", "eu-west"])
+def test_last_usable_upstream_of_a_region_is_never_ejected(make_stack: MakeStack, region: str) -> None:
+    """A whole region failing: one upstream is always kept usable (502s, never 503), and serves again."""
+    stack = make_stack(cfg(server={"retries": 0}))
+    names = [n for n in stack.sims if n.startswith(region)]
+    faults(stack, names, fail_status=503, fail_count=-1)
+    model = LLAMA if region == "eu-north" else MINI
+    for _ in range(12):
+        post(stack, chat(model, region=region)).error(502, "upstream_error")
+    counts = hits(stack)
+    if region == "eu-north":
+        assert counts == {"eu-west-a": 0, "eu-west-b": 0, "eu-north-a": 12, "us-east-a": 0}
+        assert usable(stack, "eu-north-a") == 1
+    else:  # a is ejected after 5; b then fails 7 times and stays
+        assert counts == {"eu-west-a": 5, "eu-west-b": 7, "eu-north-a": 0, "us-east-a": 0}
+        assert (usable(stack, "eu-west-a"), usable(stack, "eu-west-b")) == (0, 1)
+    assert get(stack, "/readyz").status == 200
+    faults(stack, names, fail_status=None)
+    route = post(stack, chat(model, region=region)).route()
+    assert route["upstream"] == names[-1] and route["attempts"] == 1
+    assert sum(v for (_, o), v in outcomes(stack).items() if o == "status_5xx") == 12
+    assert codes(stack) == {"502": 12, "200": 1}
+
+
+def test_after_cool_down_one_trial_request_readmits(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the cool-down exactly one trial request goes to the ejected upstream; its success readmits it."""
+    monkeypatch.setattr(upstream, "COOL_DOWN_S", 0.3)
+    eject_eu_west_a(stack)
+    faults(stack, ["eu-west-a"], fail_status=None)
+    time.sleep(0.35)
+    with ThreadPoolExecutor(1) as ex:
+        trial = ex.submit(post, stack, chat(MINI, region="eu-west", sim={"headers_delay_s": 0.5}))
+        wait_for(lambda: len(stack.requests_to("eu-west-a")) == 6)
+        during = post(stack, chat(MINI, region="eu-west"))  # the trial is out: not a second one
+        route = trial.result().route()
+    assert (route["upstream"], route["attempts"]) == ("eu-west-a", 1)
+    assert during.route()["upstream"] == "eu-west-b"
+    health = stack.call(lambda: attrs.asdict(stack.runtime.pool.health["eu-west-a"]))
+    assert (health["failures"], health["ejections"], health["trial"]) == (0, 0, False)
+    assert usable(stack, "eu-west-a") == 1
+    assert hits(stack)["eu-west-a"] == 6
+    assert outcomes(stack) == {("eu-west-a", "status_5xx"): 5, ("eu-west-a", "ok"): 1,
+                               ("eu-west-b", "ok"): 6}
+    assert codes(stack) == {"200": 7}
+
+
+def test_failed_trial_ejects_again_for_longer(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed trial ejects the upstream again, for twice the cool-down."""
+    monkeypatch.setattr(upstream, "COOL_DOWN_S", 0.3)
+    eject_eu_west_a(stack)
+    time.sleep(0.35)
+    route = post(stack, chat(MINI, region="eu-west")).route()  # the trial, failing
+    assert (route["upstream"], route["attempts"]) == ("eu-west-b", 2)
+    h = stack.call(lambda: stack.runtime.pool.health["eu-west-a"])
+    left = stack.call(lambda: h.cool_down_left(time.monotonic()))
+    assert h.ejections == 2 and 0.45 < left <= 0.6
+    assert post(stack, chat(MINI, region="eu-west")).route()["attempts"] == 1
+    assert hits(stack)["eu-west-a"] == 6 and usable(stack, "eu-west-a") == 0
+    assert outcomes(stack)[("eu-west-a", "status_5xx")] == 6
+    assert codes(stack) == {"200": 7}
+
+
+@pytest.mark.parametrize(("retry_after", "cool"), [("120", 120.0), ("9999", 300.0)])
+def test_ejection_honours_retry_after(stack: Stack, retry_after: str, cool: float) -> None:
+    """The cool-down is at least the upstream's Retry-After, capped at 300 s."""
+    eject_eu_west_a(stack, retry_after=retry_after)
+    left = stack.call(lambda: stack.runtime.pool.health["eu-west-a"].cool_down_left(time.monotonic()))
+    assert cool - 5 < left <= cool
+    assert usable(stack, "eu-west-a") == 0
+    assert outcomes(stack)[("eu-west-a", "status_5xx")] == 5
+    assert codes(stack) == {"200": 5}
+
+
+# =======================================================================================
+# faults during a stream
+
+
+def stream_error(a: Answer, code: str) -> tuple[list[bytes], dict[str, Any]]:
+    """A §1.1 failed stream: 200, events, then one error event, no [DONE]; (before, error)."""
+    events = a.events()
+    last = obj_of(events[-1])
+    assert last["error"]["code"] == code and set(last["error"]) == {"message", "type", "code"}
+    assert last["choices"] == [{"index": 0, "delta": {}, "finish_reason": "error"}]
+    assert "eco" in last["lowrouter"]
+    assert b"[DONE]" not in a.body
+    return events[:-1], last
+
+
+def test_stream_cut_ends_with_error_event(stack: Stack) -> None:
+    """An upstream cut mid-stream: what came is relayed, then the error event, no [DONE]."""
+    a = post(stack, chat(LLAMA, stream=True, sim={"cut_after": 3}))
+    before, last = stream_error(a, "upstream_error")
+    _, rec = only_hit(stack)
+    assert before == split_events(rec.sent)  # role chunk + 3 words, byte for byte
+    assert last["lowrouter"]["eco"]["tokens"]["completion"] == len(before)  # one per chunk
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert outcomes(stack) == {("eu-north-a", "ok"): 1, ("eu-north-a", "stream_connection_lost"): 1}
+
+
+def test_stream_stall_past_idle_ends_with_timeout_event(make_stack: MakeStack) -> None:
+    """Upstream silent past timeouts.idle mid-stream: upstream_timeout event, upstream hung up."""
+    stack = make_stack(cfg(timeouts={"idle": 0.5}))
+    a = post(stack, chat(LLAMA, stream=True, sim={"stall_after": 2, "stall_s": 5}))
+    before, _ = stream_error(a, "upstream_timeout")
+    assert 0.45 < a.elapsed < 2
+    _, rec = only_hit(stack)
+    assert len(data_events(before)) == 3
+    wait_for(lambda: rec.client_closed)
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert outcomes(stack) == {("eu-north-a", "ok"): 1, ("eu-north-a", "stream_timeout"): 1}
+
+
+def test_stream_malformed_event_ends_with_error_event(stack: Stack) -> None:
+    """A malformed event: never relayed; the error event ends the stream."""
+    a = post(stack, chat(LLAMA, stream=True, sim={"malformed_after": 2}))
+    before, _ = stream_error(a, "upstream_error")
+    _, rec = only_hit(stack)
+    assert b"{not json" in bytes(rec.sent) and b"{not json" not in a.body
+    assert before == split_events(rec.sent)[:3]
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert outcomes(stack)[("eu-north-a", "stream_bad_response")] == 1
+
+
+def test_stream_over_total_is_ended(make_stack: MakeStack) -> None:
+    """A stream still going at timeouts.total: ended with an upstream_timeout event."""
+    stack = make_stack(cfg(timeouts={"total": 1}))
+    a = post(stack, chat(LLAMA, stream=True, sim={"chunks": 40, "chunk_delay_s": 0.1}))
+    before, _ = stream_error(a, "upstream_timeout")
+    assert 0.9 < a.elapsed < 2 and 3 < len(before) < 15
+    _, rec = only_hit(stack)
+    wait_for(lambda: rec.client_closed)
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert outcomes(stack)[("eu-north-a", "stream_timeout")] == 1
+
+
+def test_upstream_error_object_in_stream_raises_api_error(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """An error object inside the upstream's stream: the SDK gets the text so far, then APIError."""
+    leak = f"Incorrect API key provided: {UPSTREAM_KEYS['eu-north-a']}"
+    events = [chunk("calm "), chunk("seas"),
+              b'data: {"error": {"message": ' + orjson.dumps(leak) + b', "type": "server_error"}}\n\n',
+              chunk("never")]
+    up = scripted(lambda conn, n, body: (sse_answer(events), False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    got: list[str] = []
+    with stack.client() as client, pytest.raises(openai.APIError) as ei:
+        for c in client.chat.completions.create(model=LLAMA, messages=MSGS, stream=True):
+            got.append(c.choices[0].delta.content or "")
+    assert got == ["calm ", "seas"]
+    assert isinstance(ei.value.body, dict) and ei.value.body["code"] == "upstream_error"
+    assert "Incorrect" not in str(ei.value.body)
+    (rec,) = up.requests
+    assert orjson.loads(rec.body)["stream_options"] == {"include_usage": True}
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert outcomes(stack)[("eu-north-a", "stream_bad_response")] == 1
+
+
+def test_upstream_silence_gets_keepalive_comments(make_stack: MakeStack) -> None:
+    """Upstream silence past timeouts.keepalive mid-stream: `: keep-alive` comments, then the rest."""
+    stack = make_stack(cfg(timeouts={"keepalive": 0.3, "idle": 3}))
+    a = post(stack, chat(LLAMA, stream=True, sim={"stall_after": 1, "stall_s": 1.0}))
+    events = a.events()
+    assert events.count(b": keep-alive\n\n") >= 2 and events[-1] == b"data: [DONE]\n\n"
+    _, rec = only_hit(stack)
+    assert data_events(events)[:2] == split_events(rec.sent)[:2]
+    wait_for(lambda: codes(stack) == {"200": 1})
+    assert outcomes(stack) == {("eu-north-a", "ok"): 1}
+
+
+# =======================================================================================
+# client faults
+
+
+def test_client_leaves_before_the_body_is_complete(stack: Stack) -> None:
+    """The client closes with half its body sent: nothing goes upstream, counted client_closed."""
+    with open_raw(stack) as sock:
+        sock.sendall(request(BODY)[:-30])
+        wait_for(lambda: idle(stack)["tasks"] == 1)
+    wait_for(lambda: codes(stack) == {"client_closed": 1})
+    assert codes(stack, key="team-a") == {"client_closed": 1}
+    assert sum(hits(stack).values()) == 0 and outcomes(stack) == {}
+    assert_idle(stack)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_client_leaves_while_waiting_for_the_first_byte(stack: Stack, stream: bool) -> None:
+    """The client leaves before the upstream's first byte: the upstream request is closed at once."""
+    sim = {"first_delay_s": 5} if stream else {"headers_delay_s": 5}
+    with open_raw(stack) as sock:
+        sock.sendall(request(orjson.dumps(chat(LLAMA, stream=stream, sim=sim))))
+        wait_for(lambda: stack.requests_to("eu-north-a"))
+        time.sleep(0.1)
+        t_close = time.monotonic()
+    rec = stack.requests_to("eu-north-a")[0]
+    wait_for(lambda: rec.client_closed, timeout=2)
+    assert rec.finished_at is not None and rec.finished_at - t_close < 0.5
+    wait_for(lambda: codes(stack) == {"client_closed": 1})
+    assert outcomes(stack) == {}  # not the upstream's failure, nor an answer
+    assert stack.call(lambda: stack.runtime.pool.health["eu-north-a"].failures) == 0
+    assert_idle(stack)
+
+
+def test_client_leaves_mid_stream(stack: Stack) -> None:
+    """The client leaves mid-stream: the upstream is closed at once; tokens so far counted client_closed."""
+    with open_raw(stack) as sock:
+        sock.sendall(request(orjson.dumps(
+            chat(LLAMA, stream=True, sim={"chunks": 400, "chunk_delay_s": 0.02}))))
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += sock.recv(65536)
+        t_close = time.monotonic()
+    assert got.startswith(b"HTTP/1.1 200 ")
+    rec = stack.requests_to("eu-north-a")[0]
+    wait_for(lambda: rec.client_closed)
+    assert rec.finished_at is not None and rec.finished_at - t_close < 0.5
+    assert len(split_events(rec.sent)) < 40
+    wait_for(lambda: codes(stack) == {"client_closed": 1})
+    labels = {"key": "team-a", "model": LLAMA, "region": "eu-north"}
+    assert stack.metric("lrproxy_tokens_total", **labels, kind="completion") >= 2
+    assert outcomes(stack) == {("eu-north-a", "ok"): 1}
+    assert_idle(stack)
+
+
+async def test_thousand_disconnects_mid_stream_leave_nothing_behind(stack: Stack) -> None:
+    """1,000 clients leaving mid-stream (50 at a time): no task, slot or stream left; serving goes on."""
+    total, width = 1000, 50
+    req = request(orjson.dumps(chat(MINI, stream=True, sim={"chunks": 200, "chunk_delay_s": 0.01})))
+    sem = asyncio.Semaphore(width)
+    statuses: list[bytes] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+            try:
+                writer.write(req)
+                buf = b""
+                while b"data: " not in buf:
+                    data = await reader.read(65536)
+                    assert data, buf
+                    buf += data
+                statuses.append(buf[:13])
+            finally:
+                if i % 2:
+                    writer.transport.abort()  # a reset
+                else:
+                    writer.close()  # a clean close
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    t0 = time.monotonic()
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(one(i) for i in range(total)))
+    assert set(statuses) == {b"HTTP/1.1 200 "} and len(statuses) == total
+    await await_for(lambda: codes(stack).get("client_closed") == total, timeout=10)
+    await await_for(lambda: stack.metric("lrproxy_inflight_requests") == 0)
+    await await_for(lambda: idle(stack)["tasks"] == 0)
+    state = idle(stack)
+    assert set(state["outstanding"].values()) == {0} and set(state["streams"].values()) == {0}
+    recs = [r for n in EU_WEST for r in stack.requests_to(n)]  # MINI's cleanest: eu-west only
+    assert len(recs) == total and hits(stack)["us-east-a"] == 0
+    await await_for(lambda: all(r.client_closed for r in recs))
+    assert time.monotonic() - t0 < 20
+    # Business as usual afterwards.
+    async with stack.aclient() as client:
+        r = await client.chat.completions.create(model=MINI, messages=MSGS)
+        assert r.choices[0].message.content
+        parts = [c.choices[0].delta.content or "" async for c in await client.chat.completions.create(
+            model=MINI, messages=MSGS, stream=True)]
+        assert "".join(parts)
+    await await_for(lambda: codes(stack) == {"client_closed": total, "200": 2})
+    assert sum(v for (_, o), v in outcomes(stack).items() if o == "ok") == total + 2
+
+
+# =======================================================================================
+# overload
+
+
+async def test_burst_over_the_inflight_cap_gets_fast_429s(make_stack: MakeStack) -> None:
+    """20 concurrent slow requests with max_inflight=5: 5 served, 15 fast 429s, nothing queued."""
+    stack = make_stack(cfg(server={"max_inflight": 5}))
+    body = orjson.dumps(chat(LLAMA, sim={"headers_delay_s": 0.6}))
+
+    async def one(s: aiohttp.ClientSession) -> Answer:
+        t0 = time.monotonic()
+        async with s.post(stack.base_url + "/chat/completions", data=body,
+                          headers={"Authorization": f"Bearer {TEAM_A_KEY}",
+                                   "Content-Type": "application/json"}) as r:
+            data = await r.read()
+            return Answer(r.status, [(k.lower(), v) for k, v in r.headers.items()], data,
+                          time.monotonic() - t0)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        answers = await asyncio.gather(*(one(s) for _ in range(20)))
+    ok = [a for a in answers if a.status == 200]
+    limited = [a for a in answers if a.status != 200]
+    assert len(ok) == 5 and len(limited) == 15
+    for a in limited:
+        a.error(429, "rate_limited")
+        assert a.header("retry-after") == "1" and a.elapsed < 0.4
+    assert len(stack.requests_to("eu-north-a")) == 5
+    assert codes(stack) == {"200": 5, "429": 15}
+    assert outcomes(stack) == {("eu-north-a", "ok"): 5}
+
+
+async def test_retry_budget_spares_a_failing_region(stack: Stack) -> None:
+    """30 concurrent requests to a failing region: retries stay within the budget (20 %, min 3)."""
+    body = orjson.dumps(chat(MINI, region="eu-west", sim={"status": 503, "headers_delay_s": 0.3}))
+
+    async def one(s: aiohttp.ClientSession) -> Answer:
+        async with s.post(stack.base_url + "/chat/completions", data=body,
+                          headers={"Authorization": f"Bearer {TEAM_A_KEY}",
+                                   "Content-Type": "application/json"}) as r:
+            return Answer(r.status, [(k.lower(), v) for k, v in r.headers.items()], await r.read())
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        answers = await asyncio.gather(*(one(s) for _ in range(30)))
+    for a in answers:
+        a.error(502, "upstream_error")
+    total = sum(hits(stack).values())
+    # Without the budget: 90 (30 × 3). With it: 30 first tries, ≤ 6 (20 % of 30) retries in
+    # the first wave, ≤ 3 (the minimum) in the second.
+    assert 30 + 3 <= total <= 30 + 6 + 3, total
+    assert hits(stack)["us-east-a"] == 0
+    assert sum(outcomes(stack).values()) == total
+    assert codes(stack) == {"502": 30}
+
+
+# =======================================================================================
+# data residency and what crosses the proxy
+
+
+RESIDENCY_FAULTS = ["503", "reset", "429", "redirect", "timeout", "auth"]
+
+
+@pytest.mark.parametrize("pin", ["body", "header"])
+@pytest.mark.parametrize("fault", RESIDENCY_FAULTS)
+def test_pinned_request_never_leaves_its_region(make_stack: MakeStack, fault: str, pin: str) -> None:
+    """Every eu-west upstream failing: a pinned request gets 502/504, and no other region sees a byte."""
+    wrong = {n: {"api_key_env": "UP_US_EAST_A"} for n in EU_WEST} if fault == "auth" else {}
+    stack = make_stack(cfg(timeouts={"first_byte": 0.4}, upstreams=wrong))
+    knobs = {
+        "503": {"fail_status": 503, "fail_count": -1}, "reset": {"reset": True},
+        "429": {"fail_status": 429, "fail_count": -1},
+        "redirect": {"redirect_to": stack.sims["us-east-a"].base_url + "/chat/completions"},
+        "timeout": {"headers_delay_s": 3}, "auth": {},
+    }[fault]
+    faults(stack, EU_WEST, **knobs)
+    if pin == "body":
+        a = post(stack, chat(MINI, region="eu-west"))
+    else:
+        a = post(stack, chat(MINI), headers={"X-LowRouter-Region": "eu-west"})
+    status, code = {"timeout": (504, "upstream_timeout"), "429": (429, "rate_limited"),
+                    "auth": (502, "upstream_auth_failed")}.get(fault, (502, "upstream_error"))
+    a.error(status, code)
+    for name, sim in stack.sims.items():
+        if name not in EU_WEST:
+            assert sim.requests == [], name
+    inside = [r for n in EU_WEST for r in stack.requests_to(n)]
+    assert len(inside) == (2 if fault == "429" else 3)
+    assert {u for u, _ in outcomes(stack)} == set(EU_WEST)
+    assert codes(stack) == {str(status): 1}
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_body_fields_cannot_redirect_a_request(stack: Stack, pinned: bool) -> None:
+    """api_base, base_url, extra_headers, api_key in a body: forwarded inert, routing unchanged."""
+    elsewhere = stack.sims["us-east-a"].base_url
+    inert = {
+        "api_base": elsewhere, "base_url": elsewhere, "api_key": "sk-from-the-body",
+        "extra_headers": {"Authorization": "Bearer sk-evil", "X-LowRouter-Region": "us-east",
+                          "Host": "us-east.example"},
+        "extra_query": {"region": "us-east"}, "api_version": "2024-06-01",
+    }
+    a = post(stack, chat(MINI, region="eu-west" if pinned else None, **inert))
+    route = a.route()
+    assert route["region"] == "eu-west" and route["pinned"] is pinned
+    name, rec = only_hit(stack)
+    assert name in EU_WEST and stack.sims["us-east-a"].requests == []
+    assert {k: rec.json[k] for k in inert} == inert and "route" not in rec.json
+    assert rec.headers["Authorization"] == f"Bearer {UPSTREAM_KEYS[name]}"
+    assert {k.lower() for k in rec.headers} <= UPSTREAM_HEADERS
+    assert outcomes(stack) == {(name, "ok"): 1}
+    assert codes(stack) == {"200": 1}
+
+
+def test_client_headers_never_reach_the_upstream(stack: Stack) -> None:
+    """Cookie, Proxy-*, hop-by-hop (Connection: X-Foo), X-Forwarded-For, client key: never sent upstream."""
+    sent = {
+        "Cookie": "session=cookie-value", "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+        "Proxy-Connection": "keep-alive", "Connection": "X-Foo", "X-Foo": "hop-value",
+        "Keep-Alive": "timeout=5", "TE": "trailers", "Upgrade": "h2c",
+        "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Host": "evil.example",
+        "Forwarded": "for=203.0.113.7", "X-Real-IP": "203.0.113.7", "Via": "1.1 evil",
+        "Api-Key": "az-value", "X-Api-Key": "x-value", "OpenAI-Organization": "org-value",
+    }
+    a = post(stack, chat(MINI), headers=sent)
+    name, rec = only_hit(stack)
+    assert a.route()["upstream"] == name
+    assert {k.lower() for k in rec.headers} <= UPSTREAM_HEADERS
+    assert rec.headers["Authorization"] == f"Bearer {UPSTREAM_KEYS[name]}"
+    seen_upstream = repr(rec.headers) + rec.body.decode()
+    for v in sent.values():
+        assert v not in seen_upstream, v
+    assert outcomes(stack) == {(name, "ok"): 1}
+    assert codes(stack) == {"200": 1}
+
+
+@pytest.mark.parametrize("kind", ["json", "stream", "passed-4xx", "failed-502"])
+def test_upstream_headers_never_reach_the_client(stack: Stack, kind: str) -> None:
+    """The upstream's Set-Cookie, Server and own headers never reach the client, whatever the answer."""
+    if kind == "failed-502":
+        faults(stack, list(stack.sims), fail_status=503, fail_count=-1)
+    body = chat(LLAMA, stream=kind == "stream", sim={"status": 400} if kind == "passed-4xx" else None)
+    a = post(stack, body)
+    assert a.all("set-cookie") == [] and a.header("x-sim-name") is None
+    assert a.all("server") == ["lrproxy"]
+    status = {"json": 200, "stream": 200, "passed-4xx": 400, "failed-502": 502}[kind]
+    assert a.status == status
+    assert [r for n in stack.sims for r in stack.requests_to(n)]  # an upstream did answer
+    wait_for(lambda: codes(stack) == {str(status): 1})
+    expected = {"json": "ok", "stream": "ok", "passed-4xx": "passed_4xx", "failed-502": "status_5xx"}
+    assert {o for _, o in outcomes(stack)} == {expected[kind]}

@@ -1,0 +1,107 @@
+"""server.workers = N (SPEC §4, §6): N processes on one port, one summed /metrics,
+reload and drain reaching every worker, a crashed worker restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from procs import (
+    CLIENT_KEY,
+    MODEL,
+    Notify,
+    Proxy,
+    SimThread,
+    child_env,
+    config_toml,
+    free_port,
+    http_get,
+    wait_for,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@pytest.fixture
+def sim() -> Iterator[SimThread]:
+    s = SimThread(name="sim")
+    yield s
+    s.close()
+
+
+def _children(pid: int) -> set[int]:
+    """PIDs whose parent is `pid` (from /proc, no extra tools)."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(d))
+    return out
+
+
+def _metric(port: int, name: str) -> float:
+    status, body = http_get(port, "/metrics")
+    assert status == 200
+    total = 0.0
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            if s.name == name:
+                total += s.value
+    return total
+
+
+def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, sim: SimThread) -> None:
+    """Two workers share the port; /metrics sums both; SIGHUP reaches both; a killed worker is
+    replaced; SIGTERM stops all with exit 0, READY=1 only once every worker is ready."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server=(
+        f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        assert notify.wait_for("READY", 30)["READY"] == "1"
+        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
+                           "two workers")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
+                               max_retries=0, timeout=20)
+        n = 40
+        for _ in range(n):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert _metric(mport, "lrproxy_requests_total") == n
+        assert sim.chat_requests() == n
+
+        proxy.signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
+        assert notify.wait_for("READY", 15)["READY"] == "1"
+        wait_for(lambda: proxy.stderr.count("config reloaded") == 2, 10, "both workers reloaded")
+
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(c := _children(proxy.pid)) == 2 and victim not in c, 15,
+                 "a replacement worker")
+        wait_for(lambda: proxy.stderr.count("listening on") >= 3, 15, "the replacement listening")
+        for _ in range(n):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        # The dead worker's counts stay in the sum: nothing counted is lost with it.
+        assert _metric(mport, "lrproxy_requests_total") == 2 * n
+
+        current = _children(proxy.pid)
+        proxy.signal(signal.SIGTERM)
+        assert notify.wait_for("STOPPING", 10)["STOPPING"] == "1"
+        assert proxy.wait(40) == 0
+        assert not any(Path(f"/proc/{p}").exists() and "zombie" not in
+                       Path(f"/proc/{p}/status").read_text().lower() for p in current)
+    finally:
+        proxy.stop()
+        for p in _children(proxy.pid):
+            os.kill(p, signal.SIGKILL)
+        notify.close()

@@ -360,3 +360,34 @@ def test_serve_missing_config_exits_78(tmp_path: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.toml" in lines[0], r.stderr
     assert r.stdout == ""
+
+
+def test_reload_rereads_upstream_key_files(make_stack: Any, tmp_path: Path) -> None:
+    """An upstream key in api_key_file is read again on reload: the next request carries the new key."""
+    from conftest import ENVIRON, UPSTREAM_KEYS
+
+    from lrproxy.config import parse_config, resolve_secrets
+
+    key_file = tmp_path / "eu-west-a.key"
+    key_file.write_text(UPSTREAM_KEYS["eu-west-a"] + "\n")
+
+    def mutate(d: dict[str, Any]) -> None:
+        up = d["upstreams"][0]
+        del up["api_key_env"]
+        up["api_key_file"] = str(key_file)
+
+    stack = make_stack(mutate)
+    ask = lambda: stack.client().chat.completions.create(  # noqa: E731
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+        extra_body={"route": {"region": "eu-west"}},
+    )
+    ask()
+    seen = [r.headers.get("Authorization") for r in stack.requests_to("eu-west-a")]
+    assert seen[-1] == f"Bearer {UPSTREAM_KEYS['eu-west-a']}"
+    key_file.write_text("  rotated-key-0042 \n")
+    config = parse_config(stack.data, source="test")
+    stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
+    stack.sims["eu-west-a"].api_key = "rotated-key-0042"
+    ask()
+    seen = [r.headers.get("Authorization") for r in stack.requests_to("eu-west-a")]
+    assert seen[-1] == "Bearer rotated-key-0042"

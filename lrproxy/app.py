@@ -12,9 +12,9 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final
 
@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from lrproxy import __version__, eco, errors, limits, protocol
 from lrproxy.config import AUTO_MODEL, Config, Secrets
-from lrproxy.log import MAIN, access_line
+from lrproxy.log import MAIN, access_enabled, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
 from lrproxy.routing import RoutingTable, build_table
 from lrproxy.upstream import Pool, Target, make_session, make_targets
@@ -173,7 +173,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _request_id(value: str | None) -> str:
     if value is not None and _REQUEST_ID_RE.fullmatch(value):
         return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as unique as uuid4().hex, a few times cheaper
 
 
 def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:
@@ -244,7 +244,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _refused(rt: Runtime, status: int, code: str) -> None:
     """An answer given before a request could be parsed (protocol.REFUSED): counted and
     logged like any other, with no key, model or region."""
-    _account(rt.metrics, Rec(uuid.uuid4().hex, time.perf_counter(), api=True, status=status,
+    _account(rt.metrics, Rec(_request_id(None), time.perf_counter(), api=True, status=status,
                              error=code))
 
 
@@ -258,25 +258,26 @@ def publish_usable(rt: Runtime) -> None:
 
 def _account(m: Metrics, rec: Rec) -> None:
     duration = time.perf_counter() - rec.t0
-    code = str(rec.status)
-    m.requests.labels(rec.key, rec.model, rec.region, code).inc()
+    key, model, region = rec.key, rec.model, rec.region
+    m.child(m.requests, key, model, region, str(rec.status)).inc()
     if rec.prompt or rec.completion:
-        m.tokens.labels(rec.key, rec.model, rec.region, "prompt").inc(rec.prompt)
-        m.tokens.labels(rec.key, rec.model, rec.region, "completion").inc(rec.completion)
-        m.carbon.labels(rec.key, rec.model, rec.region).inc(rec.carbon_g)
-        m.energy.labels(rec.key, rec.model, rec.region).inc(rec.energy_wh)
-    m.duration.labels(rec.model, rec.region, "true" if rec.stream else "false").observe(duration)
+        m.child(m.tokens, key, model, region, "prompt").inc(rec.prompt)
+        m.child(m.tokens, key, model, region, "completion").inc(rec.completion)
+        m.child(m.carbon, key, model, region).inc(rec.carbon_g)
+        m.child(m.energy, key, model, region).inc(rec.energy_wh)
+    m.child(m.duration, model, region, "true" if rec.stream else "false").observe(duration)
     if rec.ttfb is not None:
-        m.ttfb.labels(rec.model, rec.region).observe(rec.ttfb)
-    access_line({
-        "request_id": rec.request_id, "key": rec.key, "model": rec.model,
-        "region": rec.region, "upstream": rec.upstream or None, "status": rec.status,
-        "error": rec.error, "stream": rec.stream, "attempts": rec.attempts,
-        "prompt_tokens": rec.prompt, "completion_tokens": rec.completion,
-        "carbon_g": rec.carbon_g, "energy_wh": rec.energy_wh,
-        "ttfb_ms": None if rec.ttfb is None else round(rec.ttfb * 1000, 3),
-        "duration_ms": round(duration * 1000, 3),
-    })
+        m.child(m.ttfb, model, region).observe(rec.ttfb)
+    if access_enabled():
+        access_line({
+            "request_id": rec.request_id, "key": key, "model": model,
+            "region": region, "upstream": rec.upstream or None, "status": rec.status,
+            "error": rec.error, "stream": rec.stream, "attempts": rec.attempts,
+            "prompt_tokens": rec.prompt, "completion_tokens": rec.completion,
+            "carbon_g": rec.carbon_g, "energy_wh": rec.energy_wh,
+            "ttfb_ms": None if rec.ttfb is None else round(rec.ttfb * 1000, 3),
+            "duration_ms": round(duration * 1000, 3),
+        })
 
 
 # ---------------------------------------------------------------------------------------

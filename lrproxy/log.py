@@ -76,7 +76,13 @@ class _AccessFormatter(logging.Formatter):
         return orjson.dumps(getattr(record, "fields", {})).decode()
 
 
+_access = logging.getLogger(ACCESS)
+
+
+def access_enabled() -> bool:
+    """Checked before the fields are built, so a disabled access log costs nothing."""
+    return _access.isEnabledFor(logging.INFO)
+
+
 def access_line(fields: dict[str, Any]) -> None:
-    logger = logging.getLogger(ACCESS)
-    if logger.isEnabledFor(logging.INFO):
-        logger.info("", extra={"fields": fields})
+    _access.info("", extra={"fields": fields})

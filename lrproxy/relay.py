@@ -56,11 +56,14 @@ async def _read_body(request: web.Request, st: State) -> bytes:
         raise errors.UnsupportedMediaType(
             f"Content-Encoding '{enc[:32]}' is not accepted; send the body uncompressed."
         )
+    content = request.content
+    if request.content_length is not None and content.is_eof():
+        return content.read_nowait()  # the whole (small) body came with the headers
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(st.config.timeouts.client_body):
-            while data := await request.content.readany():
+            while data := await content.readany():
                 size += len(data)
                 if size > limit:
                     raise errors.RequestTooLarge(f"Request body over the limit of {limit} bytes.")
@@ -155,6 +158,7 @@ class _Attempt:
     cand: Candidate
     resp: upstream.UpstreamResponse
     body: bytes = b""  # a whole JSON answer (non-streaming, or an error to pass through)
+    doc: dict[str, Any] | None = None  # the answer's JSON object, for a success
     events: list[bytes] = attrs.Factory(list)  # the first events of a stream
     splitter: sse.EventSplitter | None = None
     t_sent: float = 0.0
@@ -251,7 +255,7 @@ async def _try_candidates(
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 await _first_events(attempt, first_byte, tmo.keepalive)
             else:
-                attempt.body = await _read_answer(resp, first_byte)
+                attempt.body, attempt.doc = await _read_answer(resp, first_byte)
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
@@ -309,10 +313,15 @@ def _outcome(e: errors.UpstreamFailed) -> str:
     return "redirect" if s < 400 else "status_5xx"
 
 
-async def _read_answer(resp: upstream.UpstreamResponse, timeout: float) -> bytes:
+async def _read_answer(
+    resp: upstream.UpstreamResponse, timeout: float
+) -> tuple[bytes, dict[str, Any] | None]:
+    """The whole answer and, for a success, its JSON object; raises UpstreamFailed."""
     try:
-        async with asyncio.timeout(timeout):
-            data = await resp.read_all(MAX_UPSTREAM_BODY)
+        data = resp.read_complete()
+        if data is None or len(data) > MAX_UPSTREAM_BODY:
+            async with asyncio.timeout(timeout):
+                data = (data or b"") + await resp.read_all(MAX_UPSTREAM_BODY)
     except TimeoutError as e:
         resp.close()
         raise errors.UpstreamTimeout("upstream did not finish its answer in time") from e
@@ -320,14 +329,15 @@ async def _read_answer(resp: upstream.UpstreamResponse, timeout: float) -> bytes
         resp.close()
         raise
     resp.release()
-    if resp.status < 300:
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError as e:
-            raise errors.UpstreamBadResponse("upstream answered with a body that is not JSON") from e
-        if not isinstance(doc, dict):
-            raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
-    return data
+    if resp.status >= 300:
+        return data, None
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise errors.UpstreamBadResponse("upstream answered with a body that is not JSON") from e
+    if not isinstance(doc, dict):
+        raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
+    return data, doc
 
 
 async def _first_events(attempt: _Attempt, first_byte: float, keepalive: float) -> None:
@@ -398,7 +408,8 @@ def _answer(
                 "invalid_request_error", "upstream_error")
         return web.Response(status=resp.status, body=data, headers=headers,
                             content_type="application/json")
-    doc = orjson.loads(data)
+    doc = attempt.doc
+    assert doc is not None  # _read_answer parsed every success
     usage = sse.usage_of(doc)
     if usage is not None:
         lr = _lowrouter(rt, rec, attempt.cand, region, *usage, measured=True)

@@ -180,6 +180,19 @@ class UpstreamResponse:
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}") from e
 
+    def read_complete(self) -> bytes | None:
+        """The whole body when it has already arrived (usual for a JSON answer), else None.
+
+        Saves the deadline and the read loop of `read_all` on the common path.
+        """
+        content = self._resp.content
+        if not content.is_eof():
+            return None
+        try:
+            return content.read_nowait()
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}") from e
+
     async def read_all(self, limit: int) -> bytes:
         chunks: list[bytes] = []
         size = 0

@@ -36,20 +36,16 @@ class _Handler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._lr_timer: asyncio.TimerHandle | None = None
         self._lr_busy = False
-        self._lr_seen = False  # bytes of a request arrived since the deadline was armed
-        self.lr_arm(self.header_timeout)
+        self._lr_seen = False  # bytes of a request arrived since the deadline was set
+        # One timer per connection, moved lazily: a request only sets attributes.
+        self._lr_deadline = self._loop.time() + self.header_timeout
+        self._lr_timer: asyncio.TimerHandle | None = self._loop.call_at(
+            self._lr_deadline, self._lr_check)
 
     def data_received(self, data: bytes) -> None:
         self._lr_seen = True
         super().data_received(data)
-
-    def lr_arm(self, delay: float) -> None:
-        """(Re)start the deadline for the next request's headers."""
-        self.lr_disarm()
-        self._lr_seen = False
-        self._lr_timer = self._loop.call_later(delay, self._lr_expired)
 
     def lr_disarm(self) -> None:
         if self._lr_timer is not None:
@@ -58,19 +54,30 @@ class _Handler(RequestHandler):
 
     def lr_begin(self) -> None:
         self._lr_busy = True
-        self.lr_disarm()
 
     def lr_end(self) -> None:
         self._lr_busy = False
+        self._lr_seen = False
         # Keep-alive: the next request may take its time to start, but then has the
         # same header deadline (aiohttp closes idle connections itself).
-        self.lr_arm(KEEPALIVE_S + self.header_timeout)
+        self._lr_deadline = self._loop.time() + KEEPALIVE_S + self.header_timeout
 
-    def _lr_expired(self) -> None:
+    def _lr_check(self) -> None:
         self._lr_timer = None
         transport = self.transport
-        if self._lr_busy or transport is None or transport.is_closing():
+        if transport is None or transport.is_closing():
             return
+        now = self._loop.time()
+        if self._lr_busy:  # a request is being handled: look again later
+            self._lr_timer = self._loop.call_at(now + self.header_timeout, self._lr_check)
+        elif now < self._lr_deadline:
+            self._lr_timer = self._loop.call_at(self._lr_deadline, self._lr_check)
+        else:
+            self._lr_expired()
+
+    def _lr_expired(self) -> None:
+        transport = self.transport
+        assert transport is not None
         if not self._lr_seen:  # an idle connection, not a slow request: just close it
             transport.close()
             return

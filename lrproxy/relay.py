@@ -546,6 +546,46 @@ def _stream_lowrouter(
     return _lowrouter(rt, rec, cand, region, prompt, tail.content_events, measured=False)
 
 
+class _Watchdog:
+    """The deadline of a stream's reads, with one timer moved lazily.
+
+    An `asyncio.timeout` around every read of every chunk costs a timer each; this
+    keeps one, which only re-checks when it fires (at most every `keepalive` seconds)
+    and cancels the read it guards once the deadline has really passed.
+    """
+
+    __slots__ = ("deadline", "fired", "handle", "loop", "reading", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+        self.loop, self.task = loop, task
+        self.deadline = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+        self.fired = self.reading = False
+
+    def expect(self, deadline: float) -> None:
+        """The next read must end by `deadline`."""
+        self.deadline = deadline
+        if self.handle is None or self.handle.when() > deadline:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.handle = self.loop.call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        self.handle = None
+        if not self.reading:
+            return  # between reads: the next expect() sets a timer again
+        if self.loop.time() >= self.deadline:
+            self.fired = True
+            self.task.cancel()
+        else:
+            self.handle = self.loop.call_at(self.deadline, self._check)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 async def _relay_stream(
     request: web.Request, rt: Runtime, st: State, rec: Rec, obj: dict[str, Any],
     attempt: _Attempt, region: str | None, client_usage: bool,
@@ -568,6 +608,9 @@ async def _relay_stream(
     got_event = bool(attempt.events)
     last_byte = loop.time()
     finished = False
+    task = asyncio.current_task()
+    assert task is not None
+    watchdog = _Watchdog(loop, task)
     try:
         data = _take_events(attempt.events, tail) if attempt.events else KEEPALIVE_EVENT
         await out.prepare(request)
@@ -585,10 +628,16 @@ async def _relay_stream(
             wait = limit - now
             if splitter.pending == 0:  # keep-alive comments only between events
                 wait = min(wait, tmo.keepalive)
+            watchdog.expect(now + max(wait, 0.0))
             try:
-                async with asyncio.timeout(max(wait, 0.0)):
-                    chunk = await resp.read_some()
-            except TimeoutError:
+                watchdog.reading = True
+                chunk = await resp.read_some()
+                watchdog.reading = False
+            except asyncio.CancelledError:
+                if not watchdog.fired or task.cancelling() != 1:
+                    raise
+                task.uncancel()  # our own deadline, not the client leaving
+                watchdog.fired = watchdog.reading = False
                 now = loop.time()
                 if now >= limit - 0.001:
                     what = "in total" if now >= deadline - 0.001 else (
@@ -645,6 +694,7 @@ async def _relay_stream(
         await _stream_error(rt, rec, obj, cand, region, tail, errors.ProxyError(
             "Internal error in the proxy; see its log."), out, request)
     finally:
+        watchdog.stop()
         if finished:
             resp.release()
         else:

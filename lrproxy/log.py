@@ -8,6 +8,7 @@ keys or message text.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, Final
@@ -62,21 +63,20 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True) -
     acc = logging.getLogger(ACCESS)
     acc.handlers.clear()
     acc.propagate = False
+    global _direct_fd
     if access:
-        out = logging.StreamHandler(sys.stdout)
-        out.setFormatter(_AccessFormatter())
-        acc.addHandler(out)
+        # The access line is the one log write per request: it goes to stdout in one
+        # os.write (a few µs) rather than through logging's records and handlers (15-30 µs).
+        sys.stdout.flush()
+        _direct_fd = sys.stdout.fileno()
         acc.setLevel(logging.INFO)
     else:
+        _direct_fd = None
         acc.setLevel(logging.CRITICAL + 1)
 
 
-class _AccessFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return orjson.dumps(getattr(record, "fields", {})).decode()
-
-
 _access = logging.getLogger(ACCESS)
+_direct_fd: int | None = None
 
 
 def access_enabled() -> bool:
@@ -85,4 +85,11 @@ def access_enabled() -> bool:
 
 
 def access_line(fields: dict[str, Any]) -> None:
+    """One JSON line; through logging when something (a test) attached handlers."""
+    if _direct_fd is not None and not _access.handlers:
+        try:  # noqa: SIM105 - contextlib.suppress costs more on this hot path
+            os.write(_direct_fd, orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+        except OSError:  # stdout closed or full: losing a log line must not fail a request
+            pass
+        return
     _access.info("", extra={"fields": fields})

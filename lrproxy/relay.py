@@ -233,15 +233,8 @@ async def _try_candidates(
         pool.acquire(name, time.monotonic())
         target = st.targets[name]
         obj["model"] = cand.upstream_model
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream" if stream else "application/json",
-            "Accept-Encoding": "identity",
-            "User-Agent": upstream.USER_AGENT,
-            "X-Request-Id": rec.request_id,
-        }
-        if target.auth is not None:
-            headers["Authorization"] = target.auth
+        headers = (target.stream_headers if stream else target.json_headers).copy()
+        headers["X-Request-Id"] = rec.request_id
         t_sent = time.perf_counter()
         first_byte = min(tmo.first_byte, deadline - time.monotonic())
         rt.retries_in_progress += n > 0

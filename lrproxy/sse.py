@@ -101,10 +101,30 @@ class Kind:
     MALFORMED: Final = 4  # data that is not JSON
 
 
+def _plain_chunk(event: bytes) -> bool:
+    """One `data: {...}` line and its blank line: what `_PLAIN_CHUNK` matches, by plain
+    byte searches (a regex over every event cost ~3 µs, a stream has dozens)."""
+    if event.startswith(b"data: {"):
+        start = 7
+    elif event.startswith(b"data:{"):
+        start = 6
+    else:
+        return False
+    if event.endswith(b"}\n\n"):
+        end = len(event) - 2
+    elif event.endswith(b"}\r\n\r\n"):
+        end = len(event) - 4
+    elif event.endswith((b"}\r\n\n", b"}\n\r\n")):
+        end = len(event) - 3
+    else:
+        return False
+    return event.find(b"\n", start, end - 1) == -1 and event.find(b"\r", start, end - 1) == -1
+
+
 def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
     """Kind of one event and, when it had to be parsed, its JSON object."""
     if not _FINAL_HINT.search(event) and b'"error"' not in event and (
-        _PLAIN_CHUNK.fullmatch(event) is not None or not is_data_event(event)
+        _plain_chunk(event) or not is_data_event(event)
     ):
         return Kind.PASS, None
     data = event_data(event)

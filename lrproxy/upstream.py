@@ -11,7 +11,7 @@ import asyncio
 import io
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import attrs
@@ -149,6 +149,24 @@ class Target:
     auth: str | None  # the Authorization header value
     ssl_context: ssl.SSLContext | None
     proxy: str | None
+    json_headers: dict[str, str] = attrs.field(init=False)
+    stream_headers: dict[str, str] = attrs.field(init=False)
+    post_options: dict[str, Any] = attrs.field(init=False)  # only what differs from defaults
+
+    def __attrs_post_init__(self) -> None:
+        # Nothing of the client's goes upstream: these headers are the whole set.
+        base = {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                "User-Agent": USER_AGENT}
+        if self.auth is not None:
+            base["Authorization"] = self.auth
+        object.__setattr__(self, "json_headers", {**base, "Accept": "application/json"})
+        object.__setattr__(self, "stream_headers", {**base, "Accept": "text/event-stream"})
+        opts: dict[str, Any] = {}
+        if self.ssl_context is not None:
+            opts["ssl"] = self.ssl_context
+        if self.proxy is not None:
+            opts["proxy"] = self.proxy
+        object.__setattr__(self, "post_options", opts)
 
 
 def make_targets(config: Config, keys: Mapping[str, str | None]) -> dict[str, Target]:
@@ -231,9 +249,8 @@ async def send(
             resp = await session.post(
                 # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
                 url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
-                headers=headers, allow_redirects=False,
-                ssl=target.ssl_context if target.ssl_context is not None else True,
-                proxy=target.proxy, timeout=client_timeout,
+                headers=headers, allow_redirects=False, timeout=client_timeout,
+                **target.post_options,
             )
     except TimeoutError as e:
         raise UpstreamTimeout("upstream did not answer in time") from e

@@ -329,3 +329,13 @@ def test_a_read_of_many_events_splits_in_linear_time() -> None:
     events, rest = feed_all([data])
     assert time.perf_counter() - t0 < 1.5  # linear: ~10 ms; rescanning per event: ~15 s
     assert len(events) == len(data) // len(CONTENT) and rest == b""
+
+
+@given(st.lists(st.sampled_from([b"data: ", b"data:", b"{", b"}", b"\n", b"\r\n", b"\r", b"x",
+                                 b":", b" ", b"data", b'"k"']), max_size=12))
+def test_plain_chunk_check_equals_its_regex(parts: list[bytes]) -> None:
+    """The byte-search fast path accepts exactly what the `_PLAIN_CHUNK` regex matches."""
+    from lrproxy.sse import _PLAIN_CHUNK, _plain_chunk
+
+    event = b"".join(parts)
+    assert _plain_chunk(event) == (_PLAIN_CHUNK.fullmatch(event) is not None)

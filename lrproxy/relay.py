@@ -181,12 +181,17 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
     from_header = region is not None and region == request.headers.get("X-LowRouter-Region")
     cands = pick_candidates(st.table, model_id, region, None if from_header else "route.region")
     attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
+    # What the answer still needs of the request; a long stream need not keep the
+    # parsed request (often the whole conversation) alive.
+    prompt_chars = _prompt_chars(obj, chat)
+    del body, obj
     cand = attempt.cand
     rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
     try:
         if attempt.splitter is not None:
-            return await _relay_stream(request, rt, st, rec, obj, attempt, region, client_usage)
-        return _answer(rt, rec, obj, attempt, region, chat)
+            return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region,
+                                       client_usage)
+        return _answer(rt, rec, prompt_chars, attempt, region)
     finally:
         rt.pool.release(cand.upstream.name)
 
@@ -385,7 +390,7 @@ def _lowrouter(
 
 
 def _answer(
-    rt: Runtime, rec: Rec, obj: dict[str, Any], attempt: _Attempt, region: str | None, chat: bool,
+    rt: Runtime, rec: Rec, prompt_chars: int, attempt: _Attempt, region: str | None,
 ) -> web.Response:
     """A whole JSON answer: eco spliced into a success, a client error passed through."""
     resp, data = attempt.resp, attempt.body
@@ -407,7 +412,7 @@ def _answer(
     if usage is not None:
         lr = _lowrouter(rt, rec, attempt.cand, region, *usage, measured=True)
     else:
-        prompt = eco.estimate_tokens(_prompt_chars(obj, chat))
+        prompt = eco.estimate_tokens(prompt_chars)
         lr = _lowrouter(rt, rec, attempt.cand, region, prompt,
                         eco.estimate_tokens(_completion_chars(doc)), measured=False)
     rec.ttfb = time.perf_counter() - rec.t0
@@ -509,11 +514,11 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
 
 
 def _finish(
-    rt: Runtime, rec: Rec, obj: dict[str, Any], cand: Candidate, region: str | None,
+    rt: Runtime, rec: Rec, prompt_chars: int, cand: Candidate, region: str | None,
     tail: _Tail, client_usage: bool,
 ) -> tuple[bytes, dict[str, Any]]:
     """The tail of a stream that ended well: finish chunks, usage, lowrouter, [DONE]."""
-    lr = _stream_lowrouter(rt, rec, obj, cand, region, tail)
+    lr = _stream_lowrouter(rt, rec, prompt_chars, cand, region, tail)
     out = [ev for ev, _ in tail.held[:-1]]
     if client_usage and tail.usage_chunk is not None:
         if tail.held:
@@ -531,11 +536,11 @@ def _finish(
 
 
 def _stream_lowrouter(
-    rt: Runtime, rec: Rec, obj: dict[str, Any], cand: Candidate, region: str | None, tail: _Tail
+    rt: Runtime, rec: Rec, prompt_chars: int, cand: Candidate, region: str | None, tail: _Tail
 ) -> dict[str, Any]:
     if tail.usage is not None:
         return _lowrouter(rt, rec, cand, region, *tail.usage, measured=True)
-    prompt = eco.estimate_tokens(_prompt_chars(obj, True))
+    prompt = eco.estimate_tokens(prompt_chars)
     return _lowrouter(rt, rec, cand, region, prompt, tail.content_events, measured=False)
 
 
@@ -580,7 +585,7 @@ class _Watchdog:
 
 
 async def _relay_stream(
-    request: web.Request, rt: Runtime, st: State, rec: Rec, obj: dict[str, Any],
+    request: web.Request, rt: Runtime, st: State, rec: Rec, prompt_chars: int,
     attempt: _Attempt, region: str | None, client_usage: bool,
 ) -> web.StreamResponse:
     """Relay an SSE stream event by event; only the end is held back (SPEC §1.1)."""
@@ -606,6 +611,7 @@ async def _relay_stream(
     watchdog = _Watchdog(loop, task)
     try:
         data = _take_events(attempt.events, tail) if attempt.events else KEEPALIVE_EVENT
+        attempt.events = []
         await out.prepare(request)
         rec.ttfb = time.perf_counter() - rec.t0
         rec.status = 200
@@ -653,7 +659,7 @@ async def _relay_stream(
                 raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
         if splitter.pending and not tail.done:
             raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
-        end, _ = _finish(rt, rec, obj, cand, region, tail, client_usage)
+        end, _ = _finish(rt, rec, prompt_chars, cand, region, tail, client_usage)
         await out.write(end)
         await out.write_eof()
         finished = True
@@ -661,7 +667,7 @@ async def _relay_stream(
     except errors.UpstreamFailed as e:
         rt.pool.failed(cand.upstream.name, time.monotonic())
         rt.metrics.attempts.labels(cand.upstream.name, "stream_" + _outcome(e)).inc()
-        await _stream_error(rt, rec, obj, cand, region, tail, e, out, request)
+        await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
         task = asyncio.current_task()
         assert task is not None
@@ -669,14 +675,14 @@ async def _relay_stream(
             task.uncancel()
             # The drain's deadline, not the client: end with the §1.1 error event.
             resp.close()
-            await _stream_error(rt, rec, obj, cand, region, tail, errors.ShuttingDown(
+            await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.ShuttingDown(
                 "The proxy is shutting down; the stream was ended early."), out, request)
             return out
         # The client left: drop the upstream connection at once so it stops generating,
         # and keep the tokens so far for the metrics (SPEC §1.1).
         resp.close()
         rec.status = "client_closed"
-        _stream_lowrouter(rt, rec, obj, cand, region, tail)
+        _stream_lowrouter(rt, rec, prompt_chars, cand, region, tail)
         if task.cancelling():
             raise
     except Exception:
@@ -684,7 +690,7 @@ async def _relay_stream(
         log.exception("unexpected error in a stream",
                       extra={"fields": {"request_id": rec.request_id}})
         resp.close()
-        await _stream_error(rt, rec, obj, cand, region, tail, errors.ProxyError(
+        await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.ProxyError(
             "Internal error in the proxy; see its log."), out, request)
     finally:
         watchdog.stop()
@@ -697,12 +703,12 @@ async def _relay_stream(
 
 
 async def _stream_error(
-    rt: Runtime, rec: Rec, obj: dict[str, Any], cand: Candidate, region: str | None,
+    rt: Runtime, rec: Rec, prompt_chars: int, cand: Candidate, region: str | None,
     tail: _Tail, e: errors.ProxyError, out: web.StreamResponse, request: web.Request,
 ) -> None:
     """End a started stream with the §1.1 error event: no [DONE], a clean end of body."""
     rec.status, rec.error = "stream_error", e.code
-    lr = _stream_lowrouter(rt, rec, obj, cand, region, tail)
+    lr = _stream_lowrouter(rt, rec, prompt_chars, cand, region, tail)
     event = sse.make_event({
         "error": {"message": e.message, "type": e.type, "code": e.code},
         "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],

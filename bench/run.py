@@ -3,13 +3,14 @@
 Usage (from the repository root, with lrproxy installed and `wrk` and `taskset` on PATH;
 nginx, uvloop and py-spy are used when installed):
 
-    python bench/run.py                 # full run: 3 repetitions, about 8 minutes
-    python bench/run.py --quick         # shorter runs, fewer streams: about 2 minutes
+    python bench/run.py                 # full run: 3 repetitions, about 9 minutes
+    python bench/run.py --quick         # shorter runs, fewer streams: about 2.5 minutes
+    python bench/run.py --scenarios workers   # only lrproxy with 1 against 2 workers: ~1 min
     python bench/run.py --profile [S]   # py-spy (else cProfile) summary of lrproxy under
                                         # S seconds (10) of 64-connection non-streaming load
     python bench/run.py --soak 100000   # VmRSS of each proxy every 20k of 100k requests
     options: --reps N; --loop asyncio (keep uvloop from the proxies); --only NAME,...
-    (targets besides direct and minimal); --scenarios wrk,gaps,slow,memory (a subset);
+    (targets besides direct and minimal); --scenarios wrk,gaps,slow,memory,workers (a subset);
     --prompt-kib N (N KiB of earlier turns in every request); --wait-quiet S (first
     wait up to S seconds for idle cores); --json FILE (every repetition's figures);
     with --profile: --profile-streams, --profile-target minimal, --profiler cprofile,
@@ -34,7 +35,14 @@ Scenarios, each run `--reps` times with the targets interleaved; one table of me
 - slow streams held open (1000; 200 with --quick) in a fresh process: VmRSS growth per
   stream (with --quick, at the end of the other process instead);
 - memory flatness: VmRSS after 2k requests and again once 20k are served, the wrk runs
-  included (500 and 4k with --quick).
+  included (500 and 4k with --quick);
+- workers (after the rest, in its own table): `lrproxy serve --no-access-log` with
+  `server.workers = 1` and with `= 2`, otherwise the same config, a fresh process tree
+  each repetition, under 64-connection non-streaming wrk runs of 5 s (2 s with --quick):
+  req/s of each, the ratio 2w/1w, and CPU per request of lrproxy (the supervisor and its
+  workers summed), the sim and the load. Here the proxy, a sim of its own, wrk and this
+  script all run on both cores (`taskset -c 0,1`): there is no third core for the load,
+  so the ratio is a lower bound on how lrproxy itself scales. About 1 minute.
 Latency is compared with `direct` (ms added), CPU with `minimal` (ratio); the issue's
 targets are checked at the end. Noise rows say how much CPU other processes took on the
 two cores during the wrk runs: on a shared machine, read the table with them. Loopback
@@ -96,12 +104,15 @@ class Plan:
     gap_streams: int
     gap_conc: int = 4
     slow_in_own_process: bool = True  # else after the rest, in the same process (faster)
+    workers_s: float = 5.0  # each wrk run of the workers scenario
 
 
 FULL = Plan(reps=3, wrk_s=3.0, warmup=300, mem_first=2000, mem_total=20000,
             slow_streams=1000, gap_streams=16)
 QUICK = Plan(reps=3, wrk_s=1.0, warmup=200, mem_first=500, mem_total=4000,
-             slow_streams=200, gap_streams=8, slow_in_own_process=False)
+             slow_streams=200, gap_streams=8, slow_in_own_process=False, workers_s=2.0)
+SCENARIOS = ("wrk", "gaps", "slow", "memory", "workers")
+BOTH_CORES = "0,1"  # the workers scenario: everything on both cores
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,15 +182,20 @@ def pid_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_s(pid: int) -> float:
-    """utime + stime of the process tree, in seconds."""
-    total = 0
+def tree_cpu_s(pid: int) -> dict[int, float]:
+    """utime + stime of each process of the tree, in seconds."""
+    out = {}
     for p in pid_tree(pid):
         with contextlib.suppress(OSError):
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
-    return total / TICK
+            out[p] = (int(fields[11]) + int(fields[12])) / TICK  # fields 14, 15 of stat(5)
+    return out
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of the process tree (the process and all its descendants), in seconds."""
+    return sum(tree_cpu_s(pid).values())
 
 
 def rss_kib(pid: int) -> int:
@@ -304,10 +320,11 @@ def own_s() -> float:
 
 
 def run_wrk(url: str, script: Path, conns: int, seconds: float, pid: int | None,
-            limit: int = 0, sim_pid: int | None = None) -> dict[str, float]:
+            limit: int = 0, sim_pid: int | None = None, cores: str = LOAD_CORE
+            ) -> dict[str, float]:
     """One wrk run; the proxy's CPU seconds, and the cores' use by others, around it."""
     env = {**os.environ, "BENCH_LIMIT": str(limit)}
-    argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s",
+    argv = ["taskset", "-c", cores, "wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s",
             "--timeout", "10s", "--latency", "-s", str(script), url]
     t0, (b0, b1), o0 = time.monotonic(), core_busy_s(), own_s()
     c0 = cpu_s(pid) if pid else 0.0
@@ -334,6 +351,12 @@ def run_wrk(url: str, script: Path, conns: int, seconds: float, pid: int | None,
         # what other processes took of the proxy's core and of the load core, in %
         "others0": max(0.0, 100 * ((e0 - b0) - (c1 - c0)) / wall),
         "others1": max(0.0, 100 * ((e1 - b1) - (s1 - s0) - (o1 - o0)) / wall),
+        # the same for both cores together (of 200%), and the sim's and the load's CPU
+        "busy": 100 * ((e0 - b0) + (e1 - b1)) / wall,
+        "others": max(0.0, 100 * ((e0 - b0) + (e1 - b1) - (c1 - c0) - (s1 - s0) - (o1 - o0))
+                      / wall),
+        "sim_us": (s1 - s0) * 1e6 / n if sim_pid else float("nan"),
+        "load_us": (o1 - o0) * 1e6 / n,  # wrk and this script
     }
 
 
@@ -374,10 +397,13 @@ class Bench:
         self.rss_mark = 0
         self.results: dict[str, dict[str, list[float]]] = collections.defaultdict(
             lambda: collections.defaultdict(list))
+        # the workers scenario: "1" and "2" workers -> metric -> one value per repetition
+        self.wresults: dict[str, dict[str, list[float]]] = collections.defaultdict(
+            lambda: collections.defaultdict(list))
 
     # -- processes under test ---------------------------------------------------------
 
-    def start_sim(self) -> None:
+    def start_sim(self, cores: str = LOAD_CORE) -> None:
         self.sim_port = free_port()
         argv = ["--listen", f"{HOST}:{self.sim_port}", "--api-key", self.key,
                 "--models", SIM_MODEL]
@@ -387,7 +413,7 @@ class Bench:
                 "except ImportError: pass\n"
                 "from lrproxy.simupstream import main\nsys.exit(main(sys.argv[1:]))")
         log = self.tmp / "sim.log"
-        p = self.procs.start(["taskset", "-c", LOAD_CORE, sys.executable, "-c", code, *argv],
+        p = self.procs.start(["taskset", "-c", cores, sys.executable, "-c", code, *argv],
                              log=log)
         wait_port(self.sim_port, p, log)
         self.sim = p
@@ -409,13 +435,14 @@ class Bench:
         wait_port(t.port, p, log)
         return p
 
-    def lrproxy_config(self, port: int) -> Path:
+    def lrproxy_config(self, port: int, workers: int | None = None) -> Path:
         cfg = self.tmp / f"lrproxy-{port}.toml"
         cfg.write_text(f"""\
 [server]
 listen = "{HOST}:{port}"
 metrics_listen = "{HOST}:{free_port()}"
 shutdown_grace_s = 1
+{"" if workers is None else f"workers = {workers}"}
 
 [auth]
 keys = [{{ name = "bench", sha256 = "{hashlib.sha256(self.key.encode()).hexdigest()}" }}]
@@ -438,10 +465,11 @@ max_concurrency = 4096
 """)
         return cfg
 
-    def start_lrproxy(self, t: Target, access_log: bool) -> subprocess.Popen[bytes]:
+    def start_lrproxy(self, t: Target, access_log: bool, workers: int | None = None,
+                      cores: str = PROXY_CORE) -> subprocess.Popen[bytes]:
         log = self.tmp / f"{t.name}.log"
-        cfg = self.lrproxy_config(t.port)
-        argv = ["taskset", "-c", PROXY_CORE, *self._python()]
+        cfg = self.lrproxy_config(t.port, workers)
+        argv = ["taskset", "-c", cores, *self._python()]
         if self.uvloop:
             argv += ["-m", "lrproxy"]
         else:
@@ -450,8 +478,21 @@ max_concurrency = 4096
         if not access_log:
             argv.append("--no-access-log")
         env = {**os.environ, "LRPROXY_BENCH_UPSTREAM_KEY": self.key}
+        if not self.uvloop and workers is not None:
+            # The supervisor starts its workers as `python -m lrproxy`, out of reach of
+            # _python()'s trick: hide uvloop from them with a sitecustomize instead.
+            d = self.tmp / "no-uvloop"
+            d.mkdir(exist_ok=True)
+            (d / "sitecustomize.py").write_text("import sys\nsys.modules['uvloop'] = None\n")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(d), env.get("PYTHONPATH")]))
         p = self.procs.start(argv, log=log, env=env, stdout=self.tmp / f"{t.name}.access.log")
         wait_port(t.port, p, log)
+        if workers is not None and workers > 1:  # the supervisor has started them all
+            end = time.monotonic() + 20
+            while len(pid_tree(p.pid)) < 1 + workers:
+                if time.monotonic() > end or p.poll() is not None:
+                    raise SystemExit(f"{t.name}: {workers} workers did not start; see {log}")
+                time.sleep(0.05)
         return p
 
     def start_nginx(self, t: Target) -> subprocess.Popen[bytes]:
@@ -646,12 +687,73 @@ http {{
         print(f"  {t.name}: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
 
     def run(self) -> None:
-        self.start_sim()
-        targets = self.targets()
-        for rep in range(self.plan.reps):
-            print(f"repetition {rep + 1}/{self.plan.reps}", file=sys.stderr, flush=True)
-            for t in targets:
-                self.run_target(t)
+        if self.scenarios - {"workers"}:
+            self.start_sim()
+            targets = self.targets()
+            for rep in range(self.plan.reps):
+                print(f"repetition {rep + 1}/{self.plan.reps}", file=sys.stderr, flush=True)
+                for t in targets:
+                    self.run_target(t)
+        if "workers" in self.scenarios:
+            self.run_workers()
+
+    def run_workers(self) -> None:
+        """lrproxy-nolog with server.workers = 1 and = 2, everything on both cores.
+
+        Its own sim (the other one is pinned to core 1), then per repetition one fresh
+        process tree of each, warmed up, and one non-streaming wrk -c64 run.
+        """
+        t0 = time.monotonic()
+        old_sim, old_port = self.sim, self.sim_port
+        self.start_sim(cores=BOTH_CORES)
+        sim = self.sim
+        assert sim is not None
+        ns = body(MODEL_ID, stream=False, sim={"chunks": CHUNKS}, history_kib=self.args.prompt_kib)
+        mix = [ns, body(MODEL_ID, stream=True, sim={"chunks": CHUNKS},
+                        history_kib=self.args.prompt_kib)]
+        ts = {}
+        for n in (1, 2):
+            t = Target(f"lrproxy-{n}w", MODEL_ID, lambda: None, port=free_port())
+            t.start = lambda t=t, n=n: self.start_lrproxy(t, access_log=False, workers=n,
+                                                          cores=BOTH_CORES)
+            t.lua = {"ns": write_lua(self.tmp / f"{t.name}-ns.lua", self.key, [ns], False),
+                     "mix": write_lua(self.tmp / f"{t.name}-mix.lua", self.key, mix, True)}
+            ts[n] = t
+        try:
+            for rep in range(self.plan.reps):
+                print(f"workers: repetition {rep + 1}/{self.plan.reps}", file=sys.stderr,
+                      flush=True)
+                for n, t in ts.items():
+                    with self.running(t):
+                        assert t.pid
+                        self.warm(t)
+                        self.scenario_workers(t, n, sim.pid)
+        finally:
+            self.procs.stop(sim)
+            self.sim, self.sim_port = old_sim, old_port
+        print(f"  workers: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    def scenario_workers(self, t: Target, n: int, sim_pid: int) -> None:
+        assert t.pid
+        before = tree_cpu_s(t.pid)
+        r = run_wrk(t.url, t.lua["ns"], 64, self.plan.workers_s, t.pid, sim_pid=sim_pid,
+                    cores=BOTH_CORES)
+        after = tree_cpu_s(t.pid)
+        procs = len(after)
+        if procs != (1 if n == 1 else 1 + n) or set(after) != set(before):
+            raise SystemExit(f"{t.name}: expected {1 if n == 1 else 1 + n} processes "
+                             f"throughout the run, had {sorted(before)} then {sorted(after)}")
+        res = self.wresults[str(n)]
+        for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "sim_us", "load_us", "busy", "others",
+                  "errors"):
+            res[k].append(r[k])
+        res["procs"].append(procs)
+        if n > 1:  # how evenly SO_REUSEPORT spread the 64 connections: busiest worker's share
+            used = {p: after[p] - before[p] for p in after if p != t.pid}
+            res["top_worker_pct"].append(100 * max(used.values()) / max(sum(used.values()),
+                                                                        1e-9))
+            res["supervisor_us"].append((after[t.pid] - before[t.pid]) * 1e6
+                                        / max(r["requests"], 1))
 
     def soak(self, total: int, steps: int = 5) -> str:
         """VmRSS of each proxy every total/steps mixed requests, in one fresh process each."""
@@ -994,6 +1096,56 @@ def verdicts(med: dict[str, dict[str, float]], plan: Plan) -> str:
     return "\n".join(out)
 
 
+WORKER_ROWS = [
+    ("rps", "non-stream, 64 conns: req/s", True),
+    ("p50_ms", "non-stream, 64 conns: p50 ms", True),
+    ("p99_ms", "non-stream, 64 conns: p99 ms", True),
+    ("cpu_us", "lrproxy CPU µs/req (supervisor + workers)", True),
+    ("supervisor_us", "of which the supervisor µs/req", False),
+    ("top_worker_pct", "busiest worker's share of the workers' CPU %", False),
+    ("sim_us", "sim CPU µs/req", True),
+    ("load_us", "wrk + this script CPU µs/req", True),
+    ("busy", "both cores busy % (of 200)", False),
+    ("others", "noise: other processes' use of both cores % (of 200)", False),
+    ("errors", "errors (socket + non-2xx), all runs", False),
+]
+
+
+def workers_report(wres: dict[str, dict[str, list[float]]], plan: Plan) -> str:
+    """The workers scenario's table of medians, the per-repetition req/s and a CPU ceiling."""
+    one, two = wres.get("1", {}), wres.get("2", {})
+
+    def med(r: dict[str, list[float]], k: str) -> float | None:
+        v = r.get(k)
+        if not v:
+            return None
+        return sum(v) if k == "errors" else statistics.median(v)
+
+    lines = ["| metric (median of runs) | workers = 1 | workers = 2 | 2w / 1w |",
+             "|---|---|---|---|"]
+    for key, label, ratio in WORKER_ROWS:
+        a, b = med(one, key), med(two, key)
+        if a is None and b is None:
+            continue
+        r = f"×{b / a:.2f}" if ratio and a and b is not None else ""
+        f = (lambda v: f"{v:.0f}") if key == "errors" else _fmt
+        lines.append(f"| {label} | {'–' if a is None else f(a)} | "
+                     f"{'–' if b is None else f(b)} | {r} |")
+    a_rps, b_rps = one.get("rps", []), two.get("rps", [])
+    lines.append("")
+    lines.append("req/s per repetition: workers = 1: " + ", ".join(f"{v:,.0f}" for v in a_rps)
+                 + "; workers = 2: " + ", ".join(f"{v:,.0f}" for v in b_rps)
+                 + "; 2w/1w: " + ", ".join(f"×{b / a:.2f}" for a, b in zip(a_rps, b_rps,
+                                                                            strict=False)))
+    per = [med(two, k) for k in ("cpu_us", "sim_us", "load_us")]
+    if all(v for v in per) and med(one, "rps"):
+        ceiling = 2e6 / sum(v for v in per if v)
+        lines.append(f"CPU ceiling with workers = 2: 2 cores / ({' + '.join(_fmt(v or 0) for v in per)}"
+                     f" µs per request, lrproxy + sim + load) = {ceiling:,.0f} req/s, "
+                     f"×{ceiling / (med(one, 'rps') or 1):.2f} the workers = 1 req/s.")
+    return "\n".join(lines)
+
+
 def machine(uvloop: bool) -> str:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -1027,8 +1179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loop", choices=("auto", "asyncio"), default="auto",
                     help="auto: proxies use uvloop when installed (as `lrproxy serve` does)")
     ap.add_argument("--only", help="comma-separated targets besides direct and minimal")
-    ap.add_argument("--scenarios", default="wrk,gaps,slow,memory",
-                    help="comma-separated subset of wrk,gaps,slow,memory (default: all)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="comma-separated subset of wrk,gaps,slow,memory,workers "
+                         "(default: all)")
     ap.add_argument("--prompt-kib", type=int, default=0, metavar="N",
                     help="add N KiB of earlier conversation turns to every request (default 0)")
     ap.add_argument("--wait-quiet", type=float, metavar="SECONDS", default=0,
@@ -1049,6 +1202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-raw", metavar="FILE",
                     help="with --profile: keep py-spy's collapsed stacks in FILE")
     args = ap.parse_args(argv)
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"--scenarios: unknown {','.join(sorted(unknown))} (known: {','.join(SCENARIOS)})")
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed", file=sys.stderr)
@@ -1086,16 +1242,24 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python bench/run.py" + ("" if argv is None and len(sys.argv) == 1
                                    else " " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"\n`{cmd}` — {plan.reps} repetitions, {time.monotonic() - t0:.0f}s; {machine(bench.uvloop)}")
-    print(f"wrk -t1 runs of {plan.wrk_s:g}s; streams of {CHUNKS} chunks (+ finish, usage, "
-          f"[DONE]); gaps over {plan.gap_streams} streams, {GAP_DELAY_S * 1000:g} ms apart; "
-          f"{plan.slow_streams} slow streams. (×r) = ratio to direct (req/s) or to minimal "
-          "(CPU); (+d) = ms added to direct.\n")
-    print(table(med, plan))
-    print()
-    print(verdicts(med, plan))
+    if med:
+        print(f"wrk -t1 runs of {plan.wrk_s:g}s; streams of {CHUNKS} chunks (+ finish, usage, "
+              f"[DONE]); gaps over {plan.gap_streams} streams, {GAP_DELAY_S * 1000:g} ms "
+              f"apart; {plan.slow_streams} slow streams. (×r) = ratio to direct (req/s) or to "
+              "minimal (CPU); (+d) = ms added to direct.\n")
+        print(table(med, plan))
+        print()
+        print(verdicts(med, plan))
+    if bench.wresults:
+        print(f"\nWorkers: lrproxy --no-access-log with server.workers = 1 and = 2, each a "
+              f"fresh process tree per repetition, `taskset -c {BOTH_CORES}`; wrk -t1 -c64 "
+              f"runs of {plan.workers_s:g}s of non-streaming requests. The sim, wrk and this "
+              "script share the same 2 cores, so 2w/1w is a lower bound on how lrproxy "
+              "scales.\n")
+        print(workers_report(bench.wresults, plan))
     if args.json:
-        Path(args.json).write_text(json.dumps({"plan": plan.__dict__, "results": bench.results},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"plan": plan.__dict__, "results": bench.results,
+                                               "workers": bench.wresults}, indent=1))
     return 0
 
 

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry
 
 from lrproxy import __version__
 from lrproxy.app import RUNTIME, Runtime, make_app
@@ -32,6 +31,7 @@ from lrproxy.config import (
     resolve_secrets,
 )
 from lrproxy.log import MAIN, setup_logging
+from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner
 from lrproxy.sdnotify import Notifier, activated_sockets
 from lrproxy.workers import WORKER_FDS_ENV, supervise, worker_sockets
@@ -166,7 +166,7 @@ async def _serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s: %s", listen, e.strerror or e)
         await runner.cleanup()
         return 1
-    mrunner = await _start_metrics(registry, mlisten) if mlisten else None
+    mrunner = await serve_metrics(lambda: registry, mlisten) if mlisten else None
     bound = _bound(runner, listen)
     log.info("lrproxy %s listening on http://%s/api/v1", __version__, bound,
              extra={"fields": {"listen": str(bound), "metrics": str(mlisten) if mlisten else None}})
@@ -275,21 +275,6 @@ def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
     rt.install(config, secrets_)
     rt.metrics.reloads.labels("ok").inc()
     log.info("config reloaded from %s", path)
-
-
-async def _start_metrics(registry: CollectorRegistry, listen: Listen) -> web.AppRunner:
-    """/metrics on its own listener, so API clients cannot read it (SPEC §5)."""
-
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, listen.host, listen.port).start()
-    return runner
 
 
 async def _demo_config(listen: str) -> tuple[Config, Secrets, str, list[Any]]:

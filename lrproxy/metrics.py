@@ -6,10 +6,15 @@ from the fixed words below, so a client cannot add series by inventing names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from lrproxy.config import Listen
 
 UNKNOWN: Final = "unknown"
 NONE: Final = "none"
@@ -79,3 +84,22 @@ class Metrics:
         for result in RELOAD_RESULTS:
             m.reloads.labels(result)
         return m
+
+
+async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Listen) -> web.AppRunner:
+    """/metrics on its own listener, so API clients cannot read it (SPEC §5).
+
+    `registry` is called per scrape: the process's own registry, or a fresh one that
+    sums every worker's files (multiprocess mode).
+    """
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry()),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, listen.host, listen.port).start()
+    return runner

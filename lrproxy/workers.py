@@ -24,13 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lrproxy.config import Config, Listen
 from lrproxy.log import MAIN
+from lrproxy.metrics import serve_metrics
 from lrproxy.sdnotify import Notifier, activated_sockets
 
 WORKER_FDS_ENV: Final = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
@@ -169,7 +168,8 @@ async def supervise(
         await spawn(w)
     watchers = [asyncio.create_task(watch(w)) for w in workers]
     transport, _ = await loop.create_datagram_endpoint(lambda: _Inbox(on_datagram), sock=inbox)
-    mrunner = await _metrics(prom_dir, metrics_listen) if metrics_listen else None
+    mrunner = (await serve_metrics(lambda: _summed(prom_dir), metrics_listen)
+               if metrics_listen else None)
     ready: asyncio.Future[Any] = asyncio.ensure_future(
         asyncio.gather(*(w.ready.wait() for w in workers)))
     stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
@@ -220,18 +220,8 @@ async def supervise(
     return 0 if all(c == 0 for c in codes) else 1
 
 
-async def _metrics(prom_dir: str, listen: Listen) -> web.AppRunner:
-    """One /metrics for all workers: prometheus-client sums their files."""
-
-    async def metrics(request: web.Request) -> web.Response:
-        registry = CollectorRegistry()
-        prom_mp.MultiProcessCollector(registry, path=prom_dir)  # type: ignore[no-untyped-call]
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, listen.host, listen.port).start()
-    return runner
+def _summed(prom_dir: str) -> CollectorRegistry:
+    """A registry summing every worker's metric files (prometheus-client multiprocess)."""
+    registry = CollectorRegistry()
+    prom_mp.MultiProcessCollector(registry, path=prom_dir)  # type: ignore[no-untyped-call]
+    return registry

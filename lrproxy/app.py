@@ -89,7 +89,7 @@ class Runtime:
         return eco.current_intensity(r, self.readings.get(region), self.clock())
 
     def intensities(self) -> dict[str, float]:
-        return {r: self.intensity(r).g_per_kwh for r in self.state.config.regions}
+        return self._intensities(self.state.config)
 
     def install(self, config: Config, secrets: Secrets) -> None:
         """Adopt a validated config atomically (start and reload)."""
@@ -99,27 +99,35 @@ class Runtime:
             with contextlib.suppress(KeyError):
                 self.metrics.intensity.remove(r)
         self.pool.configure(config.upstreams)
-        self.buckets = {
-            k.name: self.buckets.get(k.name) or limits.bucket_for(k.rate_per_s)
-            for k in config.keys if k.rate_per_s is not None
-        }
+        buckets = {}
         for k in config.keys:  # a changed rate takes effect at once, tokens kept
-            if k.rate_per_s is not None and self.buckets[k.name].rate != k.rate_per_s:
-                old = self.buckets[k.name]
-                self.buckets[k.name] = attrs.evolve(limits.bucket_for(k.rate_per_s),
-                                                    tokens=old.tokens, at=old.at)
+            if k.rate_per_s is not None:
+                new, old = limits.bucket_for(k.rate_per_s), self.buckets.get(k.name)
+                buckets[k.name] = new if old is None else attrs.evolve(new, tokens=old.tokens,
+                                                                       at=old.at)
+        self.buckets = buckets
         self.readings = {k: v for k, v in self.readings.items() if k in config.regions}
-        self.state = make_state(config, secrets, {})
-        self.refresh_table()
+        intensities = self._intensities(config)
+        self.state = make_state(config, secrets, intensities)
+        self._publish_intensities(intensities)
         self.pool.on_change = lambda: publish_usable(self)
         publish_usable(self)
 
     def refresh_table(self) -> None:
+        """Rebuild the routing table for new live intensities (feeds.py)."""
         st = self.state
-        intensities = self.intensities()
+        intensities = self._intensities(st.config)
         self.state = attrs.evolve(st, table=build_table(st.config, intensities))
+        self._publish_intensities(intensities)
+
+    def _intensities(self, config: Config) -> dict[str, float]:
+        now = self.clock()
+        return {name: eco.current_intensity(r, self.readings.get(name), now).g_per_kwh
+                for name, r in config.regions.items()}
+
+    def _publish_intensities(self, intensities: Mapping[str, float]) -> None:
         for region, value in intensities.items():
-            self.metrics.intensity.labels(region).set(value)
+            self.metrics.intensity.labels(region).set(value)  # not cached: reloads remove series
 
 
 def make_state(config: Config, secrets: Secrets, intensities: Mapping[str, float]) -> State:

@@ -257,7 +257,7 @@ async def _try_candidates(
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
-            rt.metrics.attempts.labels(name, _outcome(e)).inc()
+            rt.metrics.child(rt.metrics.attempts, name, _outcome(e)).inc()
             last = e
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
@@ -268,7 +268,7 @@ async def _try_candidates(
         finally:
             rt.retries_in_progress -= n > 0
         pool.succeeded(name)
-        rt.metrics.attempts.labels(name, "ok" if resp.status < 400 else "passed_4xx").inc()
+        rt.metrics.child(rt.metrics.attempts, name, "ok" if resp.status < 400 else "passed_4xx").inc()
         return attempt
     if last is None:
         raise errors.NoUpstreamAvailable(
@@ -317,9 +317,11 @@ async def _read_answer(
     """The whole answer and, for a success, its JSON object; raises UpstreamFailed."""
     try:
         data = resp.read_complete()
-        if data is None or len(data) > MAX_UPSTREAM_BODY:
+        if data is None:
             async with asyncio.timeout(timeout):
-                data = (data or b"") + await resp.read_all(MAX_UPSTREAM_BODY)
+                data = await resp.read_all(MAX_UPSTREAM_BODY)
+        elif len(data) > MAX_UPSTREAM_BODY:
+            raise errors.UpstreamError("upstream answer too large")
     except TimeoutError as e:
         resp.close()
         raise errors.UpstreamTimeout("upstream did not finish its answer in time") from e
@@ -395,7 +397,7 @@ def _answer(
     """A whole JSON answer: eco spliced into a success, a client error passed through."""
     resp, data = attempt.resp, attempt.body
     rec.upstream_s = time.perf_counter() - attempt.t_sent
-    headers = attempt_headers(rec, rec.upstream_s)
+    headers = _answer_headers(rec, rec.upstream_s)
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
         target = rt.state.targets.get(attempt.cand.upstream.name)
@@ -420,7 +422,7 @@ def _answer(
                         content_type="application/json")
 
 
-def attempt_headers(rec: Rec, upstream_s: float) -> dict[str, str]:
+def _answer_headers(rec: Rec, upstream_s: float) -> dict[str, str]:
     """Route headers plus Server-Timing: the upstream's share and the proxy's own (W3C)."""
     headers = rec.route_headers()
     total = time.perf_counter() - rec.t0
@@ -595,7 +597,7 @@ async def _relay_stream(
     # Server-Timing goes with the headers, so for a stream it covers the time to its
     # first event: the upstream's wait, and what the proxy added before the first byte.
     out = web.StreamResponse(status=200, headers={
-        **_STREAM_HEADERS, **attempt_headers(rec, time.perf_counter() - attempt.t_sent)})
+        **_STREAM_HEADERS, **_answer_headers(rec, time.perf_counter() - attempt.t_sent)})
     tail = _Tail()
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -666,7 +668,7 @@ async def _relay_stream(
         rt.pool.succeeded(cand.upstream.name)
     except errors.UpstreamFailed as e:
         rt.pool.failed(cand.upstream.name, time.monotonic())
-        rt.metrics.attempts.labels(cand.upstream.name, "stream_" + _outcome(e)).inc()
+        rt.metrics.child(rt.metrics.attempts, cand.upstream.name, "stream_" + _outcome(e)).inc()
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
         task = asyncio.current_task()

@@ -11,12 +11,14 @@ import asyncio
 import copy
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import openai
 import pytest
 from aiohttp import web
+from procs import SimThread
 from prometheus_client import CollectorRegistry
 
 from lrproxy.app import RUNTIME, Runtime, make_app
@@ -168,6 +170,30 @@ class Stack:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
             self.loop.close()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
+    """Poll until `cond()` is true (the server runs in another thread); bounded."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.005)
+
+
+async def await_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
+    """`wait_for` from a coroutine, yielding to the test's own event loop."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimThread]:
+    """A simulated upstream in a thread, for the tests that run lrproxy as a process."""
+    s = SimThread()
+    yield s
+    s.close()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import attrs
 import openai
 import orjson
 import pytest
-from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS, Stack
+from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS, Stack, await_for, wait_for
 from prometheus_client import generate_latest
 
 from lrproxy import protocol, upstream
@@ -237,18 +237,6 @@ def faults(stack: Stack, names: tuple[str, ...] | list[str], **knobs: Any) -> No
     stack.call(apply)
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.005)
-
-
-async def await_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------

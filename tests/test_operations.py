@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,6 @@ from lrproxy import __version__
 
 LRPROXY = [sys.executable, "-m", "lrproxy"]
 MESSAGES = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimThread]:
-    s = SimThread()
-    yield s
-    s.close()
 
 
 def _client(port: int) -> openai.OpenAI:

@@ -17,7 +17,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from conftest import Stack
+from conftest import Stack, await_for, wait_for
 
 from lrproxy.simupstream import RecordedRequest
 from lrproxy.sse import EventSplitter, Kind, classify, event_data
@@ -78,19 +78,6 @@ def usage_sent(up: RecordedRequest) -> dict[str, int]:
             "completion": chunk["usage"]["completion_tokens"]}
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
-    """Poll until `cond()` is true (the server runs in another thread)."""
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.005)
-
-
-async def await_for(cond: Callable[[], Any], timeout: float = 3.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def body_of(model: str = LLAMA, usage: bool | None = None, **knobs: Any) -> bytes:

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -57,13 +56,6 @@ def units(tmp_path: Path) -> Path:
         text = (UNITS / name).read_text()
         (tmp_path / name).write_text(text.replace("/usr/local/bin/lrproxy", exe))
     return tmp_path
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimThread]:
-    s = SimThread()
-    yield s
-    s.close()
 
 
 def _service() -> dict[str, list[str]]:

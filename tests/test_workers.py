@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
-import pytest
 from procs import (
     CLIENT_KEY,
     MODEL,
@@ -23,13 +21,6 @@ from procs import (
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
-
-
-@pytest.fixture
-def sim() -> Iterator[SimThread]:
-    s = SimThread(name="sim")
-    yield s
-    s.close()
 
 
 def _children(pid: int) -> set[int]:

@@ -159,8 +159,10 @@ class _Attempt:
     resp: upstream.UpstreamResponse
     body: bytes = b""  # a whole JSON answer (non-streaming, or an error to pass through)
     doc: dict[str, Any] | None = None  # the answer's JSON object, for a success
-    events: list[bytes] = attrs.Factory(list)  # the first events of a stream
-    splitter: sse.EventSplitter | None = None
+    splitter: sse.EventSplitter | None = None  # a stream's; with its tail and first bytes
+    tail: _Tail | None = None
+    first: bytes = b""  # what the stream's first events give the client
+    got_event: bool = False
     t_sent: float = 0.0
 
 
@@ -347,14 +349,17 @@ async def _first_events(attempt: _Attempt, first_byte: float, keepalive: float) 
     (no failover after that); past `first_byte` the attempt has failed.
     """
     splitter = attempt.splitter = sse.EventSplitter()
+    tail = attempt.tail = _Tail()
     resp = attempt.resp
     try:
         async with asyncio.timeout(min(first_byte, keepalive)):
-            while not attempt.events:
+            while not attempt.got_event:
                 data = await resp.read_some()
                 if not data:
                     raise errors.UpstreamBadResponse("upstream ended the stream before any event")
-                attempt.events = splitter.feed(data)
+                out, events = _take(data, splitter, tail)
+                attempt.first += out
+                attempt.got_event = events > 0
     except TimeoutError:
         if keepalive < first_byte:
             return  # silent for the keep-alive time: commit and wait on in the relay
@@ -470,6 +475,23 @@ class _Tail:
     done_event: bytes = DONE_EVENT
     done: bool = False
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
+
+
+def _take(data: bytes, splitter: sse.EventSplitter, tail: _Tail) -> tuple[bytes, int]:
+    """What to forward of one upstream read, and how many events it completed.
+
+    The plain content chunks at its start (usually all of it) go on as they are; only
+    the rest is split into events and looked at one by one (`_take_events`).
+    """
+    cut, plain = (0, 0) if splitter.pending else sse.plain_prefix(data)
+    tail.content_events += plain
+    if cut == len(data):
+        return data, plain
+    events = splitter.feed(data[cut:] if cut else data)
+    rest = _take_events(events, tail) if events else b""
+    if not cut:
+        return rest, len(events)
+    return (data[:cut] + rest if rest else data[:cut]), plain + len(events)
 
 
 def _take_events(events: list[bytes], tail: _Tail) -> bytes:
@@ -591,29 +613,28 @@ async def _relay_stream(
     attempt: _Attempt, region: str | None, client_usage: bool,
 ) -> web.StreamResponse:
     """Relay an SSE stream event by event; only the end is held back (SPEC §1.1)."""
-    resp, splitter, cand = attempt.resp, attempt.splitter, attempt.cand
-    assert splitter is not None
+    resp, splitter, tail, cand = attempt.resp, attempt.splitter, attempt.tail, attempt.cand
+    assert splitter is not None and tail is not None
     tmo = st.config.timeouts
     # Server-Timing goes with the headers, so for a stream it covers the time to its
     # first event: the upstream's wait, and what the proxy added before the first byte.
     out = web.StreamResponse(status=200, headers={
         **_STREAM_HEADERS, **_answer_headers(rec, time.perf_counter() - attempt.t_sent)})
-    tail = _Tail()
     loop = asyncio.get_running_loop()
     started = loop.time()
     # Both limits count from before the wait in _first_events (SPEC §4: first_byte runs
     # until the first event, total caps the whole request), not from here.
     deadline = started + tmo.total - (time.perf_counter() - rec.t0)
     first_deadline = started + tmo.first_byte - (time.perf_counter() - attempt.t_sent)
-    got_event = bool(attempt.events)
+    got_event = attempt.got_event
     last_byte = loop.time()
     finished = False
     task = asyncio.current_task()
     assert task is not None
     watchdog = _Watchdog(loop, task)
     try:
-        data = _take_events(attempt.events, tail) if attempt.events else KEEPALIVE_EVENT
-        attempt.events = []
+        data = attempt.first if got_event else KEEPALIVE_EVENT
+        attempt.first = b""
         await out.prepare(request)
         rec.ttfb = time.perf_counter() - rec.t0
         rec.status = 200
@@ -649,10 +670,9 @@ async def _relay_stream(
             if not chunk:
                 break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
             last_byte = loop.time()
-            events = splitter.feed(chunk)
+            data, events = _take(chunk, splitter, tail)
             if events:
                 got_event = True
-                data = _take_events(events, tail)
                 if data:
                     await out.write(data)
                 if tail.failure is not None:

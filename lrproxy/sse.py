@@ -77,6 +77,51 @@ class EventSplitter:
         return len(self._buf)
 
 
+# Bytes that make an event worth a closer look: an error, the end, or CR line ends; and
+# usage or a finish_reason unless null (OpenAI sends `"usage":null` on every chunk).
+_MARKERS: Final = (b'"error"', b"[DONE]", b"\r")
+_NULLABLE: Final = (b'"finish_reason"', b'"usage"')
+
+
+def plain_prefix(data: bytes) -> tuple[int, int]:
+    """(length, events) of the longest start of `data` made of whole plain content chunks.
+
+    A plain chunk is one `data: {...}` line and its blank line, with no error, usage or
+    finish_reason other than null, and non-empty choices: what `classify` passes on
+    unparsed. The relay forwards such a prefix as it is, without splitting it into
+    events, which is most of every read of a stream; only the rest goes through
+    `EventSplitter` and `classify`. Checked by counting bytes (memchr speed), never
+    by parsing, and on any doubt the answer is (0, 0): the careful path then does it all.
+    Call it only at an event boundary (the splitter holds nothing).
+    """
+    end = data.rfind(b"\n\n") + 2
+    for marker in _MARKERS:
+        i = data.find(marker, 0, end)
+        if i >= 0:
+            end = data.rfind(b"\n\n", 0, i) + 2
+    for name in _NULLABLE:
+        skip = len(name) + 1
+        i = data.find(name, 0, end)
+        while i >= 0:
+            if not data.startswith(b"null", i + skip) or data[i + skip - 1] != 0x3A:  # ':'
+                end = data.rfind(b"\n\n", 0, i) + 2
+                break
+            i = data.find(name, i + skip + 4, end)
+    if end < 2:
+        return 0, 0
+    n = data.count(b"\n\n", 0, end)
+    if (
+        not data.startswith(b"data: {")
+        # each event is exactly one line: `data: {` … `}` LF LF
+        or data.count(b"\n", 0, end) != 2 * n
+        or data.count(b"\n\ndata: {", 0, end) != n - 1
+        or data.count(b"}\n\n", 0, end) != n
+        or data.count(b'"choices":[{', 0, end) != n
+    ):
+        return 0, 0
+    return end, n
+
+
 def event_data(event: bytes) -> bytes | None:
     """The event's data (its `data:` lines joined by LF), or None if it has none."""
     parts: list[bytes] = []

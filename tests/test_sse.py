@@ -339,3 +339,43 @@ def test_plain_chunk_check_equals_its_regex(parts: list[bytes]) -> None:
 
     event = b"".join(parts)
     assert _plain_chunk(event) == (_PLAIN_CHUNK.fullmatch(event) is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# plain_prefix: the relay's whole-read fast path
+
+# Events of every kind the relay meets, plain content chunks among them several times.
+_PREFIX_EVENTS: list[bytes] = [
+    ROLE, CONTENT, CONTENT, CONTENT.replace(b'"Hi"', b'"\\"usage\\": 1"'),
+    CONTENT.replace(b"\n", b"\r\n"), CONTENT.replace(b'"finish_reason":null', b'"finish_reason": null'),
+    FINISH, USAGE, DONE, b": keep-alive\n\n", b"\n",
+    HEAD + b'"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n',
+    b'data: {"error":{"message":"overloaded"}}\n\n', b"data: {not json}\n\n",
+    HEAD + b'"choices":[]}\n\n', b"event: message\ndata: {}\n\n",
+]
+
+
+def test_plain_prefix_takes_content_chunks_up_to_the_first_other_event() -> None:
+    head = ROLE + CONTENT + CONTENT
+    assert sse.plain_prefix(head) == (len(head), 3)
+    assert sse.plain_prefix(head + FINISH + USAGE + DONE) == (len(head), 3)
+    assert sse.plain_prefix(head + CONTENT[:30]) == (len(head), 3)  # a cut event stays out
+    assert sse.plain_prefix(FINISH + CONTENT) == (0, 0)
+    assert sse.plain_prefix(b": keep-alive\n\n" + CONTENT) == (0, 0)
+    assert sse.plain_prefix(b"") == (0, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(st.sampled_from(_PREFIX_EVENTS), max_size=10),
+       cut_at=st.integers(0, 10_000))
+def test_plain_prefix_is_whole_events_that_classify_passes(events: list[bytes], cut_at: int) -> None:
+    """The prefix is always the first k whole events, each one a data event that
+    `classify` passes on unchanged; nothing after them is taken."""
+    data = b"".join(events)
+    data = data[: cut_at % (len(data) + 1)]
+    length, n = sse.plain_prefix(data)
+    whole, _ = feed_all([data])
+    assert data[:length] == b"".join(whole[:n])
+    for ev in whole[:n]:
+        assert classify(ev)[0] == Kind.PASS and sse.is_data_event(ev)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import socket
 import time
@@ -18,6 +19,8 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import Stack, await_for, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lrproxy.simupstream import RecordedRequest
 from lrproxy.sse import EventSplitter, Kind, classify, event_data
@@ -620,3 +623,52 @@ def test_slow_reader_stalls_the_upstream(stack: Stack) -> None:
     assert up.client_closed and up.finished_at is not None
     assert up.finished_at - t_close < 0.5
     assert len(up.sent) < chunks * smallest // 2
+
+
+# ---------------------------------------------------------------------------------------
+# the whole-read fast path: same bytes, same counts as event by event
+
+_HEAD = b'data: {"id":"c","object":"chat.completion.chunk","model":"m",'
+_READ_EVENTS: list[bytes] = [
+    _HEAD + b'"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}],"usage":null}\n\n',
+    _HEAD + b'"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}]}\n\n',
+    _HEAD + b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\n\n',
+    _HEAD + b'"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n',
+    _HEAD + b'"choices":[{"index":0,"delta":{"content":"c"},"finish_reason":null}]}\r\n\r\n',
+    b": keep-alive\n\n",
+    b'data: {"error":{"message":"x"}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(st.sampled_from(_READ_EVENTS), max_size=12),
+       points=st.lists(st.integers(0, 100_000), max_size=6))
+def test_whole_read_fast_path_equals_event_by_event(events: list[bytes], points: list[int]) -> None:
+    """However the upstream's bytes are cut into reads, `relay._take` forwards the same
+    bytes and counts the same events, usage, held chunks and end as splitting every read
+    into events and classifying each one."""
+    from lrproxy import relay
+
+    data = b"".join(events)
+    bounds = [0, *sorted(p % (len(data) + 1) for p in points), len(data)]
+    reads = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    fast_sp, slow_sp = EventSplitter(), EventSplitter()
+    fast, slow = relay._Tail(), relay._Tail()
+    fast_out, slow_out = [], []
+    fast_n = slow_n = 0
+    for r in reads:
+        if fast.done or fast.failure:
+            break
+        out, n = relay._take(r, fast_sp, fast)
+        fast_out.append(out)
+        fast_n += n
+        evs = slow_sp.feed(r)
+        slow_out.append(relay._take_events(evs, slow) if evs else b"")
+        slow_n += len(evs)
+    assert b"".join(fast_out) == b"".join(slow_out)
+    assert attrs.asdict(fast, recurse=False, filter=lambda a, v: a.name != "failure") == \
+        attrs.asdict(slow, recurse=False, filter=lambda a, v: a.name != "failure")
+    assert type(fast.failure) is type(slow.failure)
+    if not (fast.done or fast.failure):
+        assert fast_n == slow_n

@@ -29,7 +29,7 @@ from lrproxy.config import AUTO_MODEL, Config, Secrets
 from lrproxy.log import MAIN, access_enabled, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
 from lrproxy.routing import RoutingTable, build_table
-from lrproxy.upstream import Pool, Target, make_session, make_targets
+from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets
 
 log = logging.getLogger(MAIN)
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -76,6 +76,7 @@ class Runtime:
     metrics: Metrics
     readings: dict[str, eco.Reading] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
+    deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer
     draining: bool = False
     drain_expired: bool = False  # shutdown_grace_s is over: end what is left with an error
     tasks: set[asyncio.Task[Any]] = attrs.Factory(set)  # handlers in flight, for the drain
@@ -349,6 +350,9 @@ def _dumps(obj: Any) -> str:
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER_HEADER
+    if request.app[RUNTIME].draining:  # no new request on a kept-alive connection (SPEC §6)
+        response.force_close()
+        response.headers["Connection"] = "close"  # aiohttp has set its own by now
 
 
 def make_app(
@@ -384,4 +388,5 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     rt.session = make_session(rt.state.config)
     log.debug("lrproxy %s: upstream session open", __version__)
     yield
+    rt.deadlines.close()
     await rt.session.close()

@@ -158,7 +158,6 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     app = make_app(config, secrets_, registry=registry)
     rt = app[RUNTIME]
-    app.on_response_prepare.append(_close_when_draining)
     runner = Runner(app, header_timeout=config.timeouts.client_header, access_log=None,
                     handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
@@ -222,13 +221,6 @@ async def _start_sites(runner: web.AppRunner, listen: Listen, reuse_port: bool) 
         return
     await web.TCPSite(runner, listen.host, listen.port, backlog=1024,
                       reuse_port=reuse_port or None).start()
-
-
-async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
-    """While draining, answers carry `Connection: close`: no new request on a kept-alive one."""
-    if request.app[RUNTIME].draining:
-        response.force_close()
-        response.headers["Connection"] = "close"  # aiohttp has set its own by now
 
 
 async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:

@@ -249,11 +249,11 @@ async def _try_candidates(
             resp = await upstream.send(
                 rt.session, target,  # type: ignore[arg-type]  # set in cleanup_ctx
                 target.chat_url if chat else target.embeddings_url,
-                orjson.dumps(obj), headers, first_byte, st.client_timeout,
+                orjson.dumps(obj), headers, rt.deadlines, first_byte, st.client_timeout,
             )
             attempt = _Attempt(cand, resp, t_sent=t_sent)
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
-                await _first_events(attempt, first_byte, tmo.keepalive)
+                await _first_events(attempt, rt.deadlines, first_byte, tmo.keepalive)
             else:
                 attempt.body, attempt.doc = await _read_answer(resp, first_byte)
         except errors.UpstreamFailed as e:
@@ -342,7 +342,9 @@ async def _read_answer(
     return data, doc
 
 
-async def _first_events(attempt: _Attempt, first_byte: float, keepalive: float) -> None:
+async def _first_events(
+    attempt: _Attempt, deadlines: upstream.Deadlines, first_byte: float, keepalive: float,
+) -> None:
     """Read until the stream's first event (SPEC §1.1: the status waits for it).
 
     Past `keepalive` seconds of silence the caller commits and sends keep-alive comments
@@ -351,23 +353,30 @@ async def _first_events(attempt: _Attempt, first_byte: float, keepalive: float) 
     splitter = attempt.splitter = sse.EventSplitter()
     tail = attempt.tail = _Tail()
     resp = attempt.resp
+    task = asyncio.current_task()
+    assert task is not None
+    deadlines.arm(task, task.get_loop().time() + min(first_byte, keepalive))
     try:
-        async with asyncio.timeout(min(first_byte, keepalive)):
-            while not attempt.got_event:
-                data = await resp.read_some()
-                if not data:
-                    raise errors.UpstreamBadResponse("upstream ended the stream before any event")
-                out, events = _take(data, splitter, tail)
-                attempt.first += out
-                attempt.got_event = events > 0
-    except TimeoutError:
+        while not attempt.got_event:
+            data = await resp.read_some()
+            if not data:
+                raise errors.UpstreamBadResponse("upstream ended the stream before any event")
+            out, events = _take(data, splitter, tail)
+            attempt.first += out
+            attempt.got_event = events > 0
+    except asyncio.CancelledError:
+        if not deadlines.disarm(task):  # the client left: the upstream stops at once
+            resp.close()
+            raise
         if keepalive < first_byte:
             return  # silent for the keep-alive time: commit and wait on in the relay
         resp.close()
         raise errors.UpstreamTimeout("upstream sent no event in time") from None
-    except BaseException:  # a failure, or the client gone: the upstream stops at once
+    except BaseException:  # a failure: the upstream stops at once
         resp.close()
         raise
+    finally:
+        deadlines.disarm(task)
 
 
 # ---------------------------------------------------------------------------------------

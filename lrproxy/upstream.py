@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
@@ -181,6 +182,66 @@ def make_targets(config: Config, keys: Mapping[str, str | None]) -> dict[str, Ta
     return out
 
 
+class Deadlines:
+    """Deadlines of many tasks on one timer.
+
+    `asyncio.timeout()` creates and cancels a timer per use (~8 µs on uvloop here), and
+    upstream calls nearly always end long before theirs. Here `arm` is a dict store;
+    the one timer wakes at the earliest deadline armed, cancels the tasks that are
+    overdue, and re-arms at the earliest one left.
+    """
+
+    __slots__ = ("_at", "_due", "_loop", "_timer")
+
+    def __init__(self) -> None:
+        # task -> [deadline, its cancelling() count when armed, cancelled by us]
+        self._due: dict[asyncio.Task[Any], list[Any]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def arm(self, task: asyncio.Task[Any], when: float) -> None:
+        """Cancel `task` if it is still armed at loop time `when`."""
+        self._due[task] = [when, task.cancelling(), False]
+        if when < self._at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._loop = loop = task.get_loop()
+            self._at = when
+            self._timer = loop.call_at(when, self._fire)
+
+    def disarm(self, task: asyncio.Task[Any]) -> bool:
+        """Stop watching `task`. True when its deadline passed and the cancellation it
+        got was ours alone: the caller then turns its CancelledError into a timeout."""
+        entry = self._due.pop(task, None)
+        if entry is None or not entry[2]:
+            return False
+        base: int = entry[1]
+        return task.uncancel() <= base
+
+    def _fire(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._timer, self._at = None, math.inf
+        now, nxt = loop.time(), math.inf
+        for task, entry in self._due.items():
+            if entry[2]:
+                continue
+            if entry[0] <= now:
+                entry[2] = True
+                task.cancel()
+            elif entry[0] < nxt:
+                nxt = entry[0]
+        if nxt < math.inf:
+            self._at = nxt
+            self._timer = loop.call_at(nxt, self._fire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._at = None, math.inf
+
+
 class UpstreamResponse:
     """An upstream answer whose status is 2xx or a client error to pass through."""
 
@@ -236,6 +297,7 @@ async def send(
     url: str,
     body: bytes,
     headers: dict[str, str],
+    deadlines: Deadlines,
     timeout: float,
     client_timeout: aiohttp.ClientTimeout,
 ) -> UpstreamResponse:
@@ -244,20 +306,26 @@ async def send(
     `timeout` bounds the time until the response headers. Redirects are never followed:
     they would carry our key to another host.
     """
+    task = asyncio.current_task()
+    assert task is not None
+    deadlines.arm(task, task.get_loop().time() + timeout)
     try:
-        async with asyncio.timeout(timeout):
-            resp = await session.post(
-                # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
-                url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
-                headers=headers, allow_redirects=False, timeout=client_timeout,
-                **target.post_options,
-            )
-    except TimeoutError as e:
-        raise UpstreamTimeout("upstream did not answer in time") from e
+        resp = await session.post(
+            # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
+            url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
+            headers=headers, allow_redirects=False, timeout=client_timeout,
+            **target.post_options,
+        )
+    except asyncio.CancelledError:
+        if deadlines.disarm(task):
+            raise UpstreamTimeout("upstream did not answer in time") from None
+        raise
     except aiohttp.ServerTimeoutError as e:
         raise UpstreamTimeout("upstream did not answer in time") from e
     except (aiohttp.ClientError, OSError) as e:
         raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
+    finally:
+        deadlines.disarm(task)
     status = resp.status
     if status < 300 or (400 <= status < 500 and status not in (401, 403, 429)):
         return UpstreamResponse(resp)
@@ -285,6 +353,7 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
         auto_decompress=False,
         trust_env=config.server.trust_env,
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        # No skip_auto_headers: Target's headers already hold User-Agent, Accept and
+        # Accept-Encoding, so aiohttp adds none of its own, and skipping costs ~4 µs a call.
         raise_for_status=False,
     )

@@ -200,10 +200,12 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REC] = rec
     # Every API request gets its access line and count, /models and unknown paths too (SPEC §6).
     rec.api = request.path.startswith(("/api/v1/", "/v1/"))
-    rt.metrics.inflight.inc()
     task = asyncio.current_task()
     assert task is not None
     rt.tasks.add(task)
+    count_inflight = rt.metrics.immediate  # else the gauge reads len(rt.tasks) itself
+    if count_inflight:
+        rt.metrics.inflight.inc()
     protocol.begin(request)
     try:
         resp = await handler(request)
@@ -245,7 +247,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         protocol.end(request)
         rt.tasks.discard(task)
-        rt.metrics.inflight.dec()
+        if count_inflight:
+            rt.metrics.inflight.dec()
         if rec.api:
             _account(rt.metrics, rec)
 
@@ -268,15 +271,8 @@ def publish_usable(rt: Runtime) -> None:
 def _account(m: Metrics, rec: Rec) -> None:
     duration = time.perf_counter() - rec.t0
     key, model, region = rec.key, rec.model, rec.region
-    m.child(m.requests, key, model, region, str(rec.status)).inc()
-    if rec.prompt or rec.completion:
-        m.child(m.tokens, key, model, region, "prompt").inc(rec.prompt)
-        m.child(m.tokens, key, model, region, "completion").inc(rec.completion)
-        m.child(m.carbon, key, model, region).inc(rec.carbon_g)
-        m.child(m.energy, key, model, region).inc(rec.energy_wh)
-    m.child(m.duration, model, region, "true" if rec.stream else "false").observe(duration)
-    if rec.ttfb is not None:
-        m.child(m.ttfb, model, region).observe(rec.ttfb)
+    m.record(key, model, region, str(rec.status), rec.stream, rec.prompt, rec.completion,
+             rec.carbon_g, rec.energy_wh, duration, rec.ttfb)
     if access_enabled():
         access_line({
             "request_id": rec.request_id, "key": key, "model": model,
@@ -368,6 +364,8 @@ def make_app(
     metrics = Metrics.create(registry or CollectorRegistry())
     rt = Runtime(make_state(config, secrets, {}), Pool(), metrics, clock=clock)
     rt.install(config, secrets)
+    if not metrics.immediate:  # in multiprocess mode a function cannot be summed
+        metrics.inflight.set_function(lambda: len(rt.tasks))
     app = web.Application(middlewares=[edge], client_max_size=config.server.max_body_bytes)
     app[RUNTIME] = rt
     app[protocol.REFUSED] = lambda status, code: _refused(rt, status, code)

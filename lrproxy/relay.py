@@ -259,7 +259,7 @@ async def _try_candidates(
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
-            rt.metrics.child(rt.metrics.attempts, name, _outcome(e)).inc()
+            rt.metrics.attempt(name, _outcome(e))
             last = e
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
@@ -270,7 +270,7 @@ async def _try_candidates(
         finally:
             rt.retries_in_progress -= n > 0
         pool.succeeded(name)
-        rt.metrics.child(rt.metrics.attempts, name, "ok" if resp.status < 400 else "passed_4xx").inc()
+        rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
         return attempt
     if last is None:
         raise errors.NoUpstreamAvailable(
@@ -697,7 +697,7 @@ async def _relay_stream(
         rt.pool.succeeded(cand.upstream.name)
     except errors.UpstreamFailed as e:
         rt.pool.failed(cand.upstream.name, time.monotonic())
-        rt.metrics.child(rt.metrics.attempts, cand.upstream.name, "stream_" + _outcome(e)).inc()
+        rt.metrics.attempt(cand.upstream.name, "stream_" + _outcome(e))
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
         task = asyncio.current_task()

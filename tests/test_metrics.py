@@ -19,7 +19,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS, Stack, base_config
+from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS, Stack, base_config, wait_for
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -502,3 +502,42 @@ async def test_invented_names_add_no_label_values(stack: Stack, logs: _Records) 
     assert stack.metric_sum("lrproxy_requests_total") == n
     assert len(logs.access()) == n
     _assert_no_secrets(logs)
+
+
+def test_inflight_gauge_counts_requests_being_handled(stack: Stack, logs: _Records) -> None:
+    """lrproxy_inflight_requests is 1 while a stream is open and 0 once it ended."""
+    client = stack.client()
+    with client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True,
+        extra_body={"sim": {"chunks": 3, "chunk_delay_s": 0.2}},
+    ) as s:
+        next(iter(s))
+        assert stack.metric("lrproxy_inflight_requests") == 1
+        for _ in s:
+            pass
+    wait_for(lambda: stack.metric("lrproxy_inflight_requests") == 0)
+
+
+def test_pending_figures_are_bounded_and_immediate_mode_writes_at_once() -> None:
+    """Finished requests wait in a bounded buffer for the next collection; in
+    multiprocess mode (immediate) each goes into the metrics as it ends."""
+    from prometheus_client import CollectorRegistry
+
+    from lrproxy.metrics import Metrics
+
+    deferred = Metrics.create(dreg := CollectorRegistry(), immediate=False)
+    for _ in range(1500):
+        deferred.record("k", "m", "r", "200", False, 3, 4, 0.5, 0.25, 0.01, 0.005)
+        assert sum(len(p[5]) for p in deferred._pending.values()) < 512
+    labels = {"key": "k", "model": "m", "region": "r"}
+    assert dreg.get_sample_value("lrproxy_requests_total", {**labels, "code": "200"}) == 1500
+    assert dreg.get_sample_value("lrproxy_tokens_total", {**labels, "kind": "prompt"}) == 4500
+    assert dreg.get_sample_value("lrproxy_time_to_first_byte_seconds_count",
+                                 {"model": "m", "region": "r"}) == 1500
+    immediate = Metrics.create(ireg := CollectorRegistry(), immediate=True)
+    immediate.record("k", "m", "r", "200", True, 3, 4, 0.5, 0.25, 0.01, None)
+    immediate.attempt("u", "ok")
+    assert not immediate._pending and not immediate._attempts
+    assert ireg.get_sample_value("lrproxy_tokens_total", {**labels, "kind": "prompt"}) == 3
+    assert ireg.get_sample_value("lrproxy_upstream_attempts_total",
+                                 {"upstream": "u", "outcome": "ok"}) == 1

@@ -717,3 +717,13 @@ def test_server_timing_splits_upstream_and_proxy_time(stack: Any, stream: bool) 
     assert timing["upstream"] >= 200.0
     assert 0.0 <= timing["proxy"] < timing["upstream"]
     raw.parse()
+
+
+def test_generated_request_ids_are_unique_hex_of_uuid_length() -> None:
+    """Generated ids: 32 hex digits, all different, with a per-process random part."""
+    from lrproxy.app import _request_id
+
+    ids = [_request_id(None) for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len({i[:16] for i in ids}) == 1

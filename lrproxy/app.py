@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -82,6 +82,7 @@ class Runtime:
     readings: dict[str, eco.Reading] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer
+    background: set[asyncio.Task[Any]] = attrs.Factory(set)  # short tasks of finished requests
     draining: bool = False
     drain_expired: bool = False  # shutdown_grace_s is over: end what is left with an error
     tasks: set[asyncio.Task[Any]] = attrs.Factory(set)  # handlers in flight, for the drain
@@ -89,6 +90,12 @@ class Runtime:
     retries_in_progress: int = 0
     clock: Callable[[], float] = time.time  # wall clock for intensity ages
     feed_poll_s: float = 5.0
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` as a task of its own, held until it ends (cancelled at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def intensity(self, region: str) -> eco.Intensity:
         r = self.state.config.regions[region]
@@ -397,5 +404,8 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     rt.session = make_session(rt.state.config)
     log.debug("lrproxy %s: upstream session open", __version__)
     yield
+    for task in list(rt.background):
+        task.cancel()
+    await asyncio.gather(*rt.background, return_exceptions=True)
     rt.deadlines.close()
     await rt.session.close()

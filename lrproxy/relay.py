@@ -725,11 +725,14 @@ async def _relay_stream(
             "Internal error in the proxy; see its log."), out, request)
     finally:
         watchdog.stop()
-        if finished:
-            resp.release()
-        else:
+        if not finished:
             resp.close()
         rec.upstream_s = time.perf_counter() - attempt.t_sent
+    if finished:
+        if resp.done():
+            resp.release()
+        else:  # the upstream's end is still coming: read it apart from the client's request
+            rt.spawn(resp.finish(rt.deadlines))
     return out
 
 

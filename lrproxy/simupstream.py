@@ -84,6 +84,7 @@ class RecordedRequest:
     sent: bytearray
     client_closed: bool = False
     finished_at: float | None = None
+    peer: Any = None  # the client's (host, port): the same for requests on one connection
 
 
 @attrs.define
@@ -109,6 +110,7 @@ class _Knobs:
     sleep `first_delay_s + chunk_delay_s * chunks` (+ `stall_s`), a `cut_after` within
     the text drops the connection instead, and `malformed_after` gives a non-JSON body.
     `headers_delay_s` replaces the server's `latency_s`; `status` answers that error.
+    `end_delay_s` waits between a stream's last event and the end of its body.
     """
 
     chunks: int = _DEFAULT_CHUNKS
@@ -128,6 +130,7 @@ class _Knobs:
     retry_after: str | None = None
     no_done: bool = False
     finish_in_content: bool = False
+    end_delay_s: float = 0.0
 
 
 _DEFAULT_KNOBS = _Knobs()
@@ -149,6 +152,7 @@ _KNOB_TYPES: dict[str, tuple[type, ...]] = {
     "retry_after": (str,),
     "no_done": (bool,),
     "finish_in_content": (bool,),
+    "end_delay_s": (int, float),
 }
 _SPLITS = frozenset({"none", "bytes", "coalesce"})
 
@@ -390,6 +394,7 @@ class SimUpstream:
                 body=body,
                 json=data,
                 sent=bytearray(),
+                peer=request.transport.get_extra_info("peername") if request.transport else None,
             )
             self.requests.append(rec)
         try:
@@ -674,6 +679,8 @@ class SimUpstream:
                     await out.event(comment)
                 await out.event(ev)
             await out.flush()
+            if knobs.end_delay_s > 0:
+                await asyncio.sleep(knobs.end_delay_s)
             await resp.write_eof()
         except ConnectionResetError:
             # The client went away while we wrote; aiohttp finishes the stub response quietly.

@@ -282,6 +282,37 @@ class UpstreamResponse:
             chunks.append(data)
         return b"".join(chunks)
 
+    def done(self) -> bool:
+        """True when the whole body has been read (the connection can go back)."""
+        return self._resp.content.is_eof()
+
+    async def finish(self, deadlines: Deadlines, limit: int = 65536, timeout: float = 1.0) -> None:
+        """Read the rest of a body the relay is done with, then release the connection.
+
+        A stream is done at its [DONE] event, which may come before the chunked
+        encoding's end. Releasing a body not read to its end closes the connection,
+        and the next request pays a new TCP connection (and TLS): read the rest first,
+        unless it is over `limit` bytes or takes over `timeout` seconds.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        deadlines.arm(task, task.get_loop().time() + timeout)
+        size = 0
+        try:
+            while size <= limit and (data := await self._resp.content.readany()):
+                size += len(data)
+        except BaseException:  # timed out, the upstream failed, or the proxy stops
+            size = limit + 1
+            if not deadlines.disarm(task):
+                self.close()
+                raise
+        finally:
+            deadlines.disarm(task)
+        if size > limit:
+            self.close()
+        else:
+            self.release()
+
     def close(self) -> None:
         """Drop the connection: the upstream stops generating (client gone, error)."""
         self._resp.close()

@@ -672,3 +672,25 @@ def test_whole_read_fast_path_equals_event_by_event(events: list[bytes], points:
     assert type(fast.failure) is type(slow.failure)
     if not (fast.done or fast.failure):
         assert fast_n == slow_n
+
+
+def test_streams_and_answers_reuse_one_upstream_connection(live: Stack) -> None:
+    """Streams and answers one after another all travel on one upstream
+    connection: a stream's end, which may come after [DONE], is read so that its
+    connection is kept (and the client does not wait for it)."""
+    client = live.client()
+    for i in range(6):
+        if i % 3 == 2:
+            client.chat.completions.create(model=LLAMA, messages=MSGS)
+        else:
+            t0 = time.monotonic()
+            for _ in client.chat.completions.create(
+                    model=LLAMA, messages=MSGS, stream=True,
+                    stream_options={"include_usage": bool(i % 2)},
+                    extra_body={"sim": {"end_delay_s": 0.5}}):
+                pass
+            assert time.monotonic() - t0 < 0.4  # the client does not wait for it
+            time.sleep(0.7)  # the proxy reads the upstream's end meanwhile
+    peers = {r.peer for r in live.requests_to("eu-north-a")}
+    assert len(live.requests_to("eu-north-a")) == 6
+    assert len(peers) == 1 and None not in peers

@@ -77,10 +77,11 @@ class EventSplitter:
         return len(self._buf)
 
 
-# Bytes that make an event worth a closer look: an error, the end, or CR line ends; and
-# usage or a finish_reason unless null (OpenAI sends `"usage":null` on every chunk).
-_MARKERS: Final = (b'"error"', b"[DONE]", b"\r")
-_NULLABLE: Final = (b'"finish_reason"', b'"usage"')
+# Where a read stops being plain content chunks: usage or a finish_reason that is not
+# null (OpenAI sends `"usage":null` on every chunk), an error, or a CR line end. Each
+# regex starts with a literal, which `re` finds at memchr speed.
+_NOT_NULL: Final = (re.compile(rb'"finish_reason"(?!:null)'), re.compile(rb'"usage"(?!:null)'))
+_ERROR: Final = b'"error"'
 
 
 def plain_prefix(data: bytes) -> tuple[int, int]:
@@ -90,32 +91,30 @@ def plain_prefix(data: bytes) -> tuple[int, int]:
     finish_reason other than null, and non-empty choices: what `classify` passes on
     unparsed. The relay forwards such a prefix as it is, without splitting it into
     events, which is most of every read of a stream; only the rest goes through
-    `EventSplitter` and `classify`. Checked by counting bytes (memchr speed), never
-    by parsing, and on any doubt the answer is (0, 0): the careful path then does it all.
-    Call it only at an event boundary (the splitter holds nothing).
+    `EventSplitter` and `classify`. Checked by scanning bytes (about ten scans of the
+    read), never by parsing, and on any doubt the answer is (0, 0): the careful path
+    then does it all. Call it only at an event boundary (the splitter holds nothing).
     """
+    if data.find(b"\r") >= 0:
+        return 0, 0
     end = data.rfind(b"\n\n") + 2
-    for marker in _MARKERS:
-        i = data.find(marker, 0, end)
-        if i >= 0:
-            end = data.rfind(b"\n\n", 0, i) + 2
-    for name in _NULLABLE:
-        skip = len(name) + 1
-        i = data.find(name, 0, end)
-        while i >= 0:
-            if not data.startswith(b"null", i + skip) or data[i + skip - 1] != 0x3A:  # ':'
-                end = data.rfind(b"\n\n", 0, i) + 2
-                break
-            i = data.find(name, i + skip + 4, end)
+    for pattern in _NOT_NULL:
+        m = pattern.search(data, 0, end)
+        if m is not None:
+            end = data.rfind(b"\n\n", 0, m.start()) + 2
+    i = data.find(_ERROR, 0, end)
+    if i >= 0:
+        end = data.rfind(b"\n\n", 0, i) + 2
     if end < 2:
         return 0, 0
-    n = data.count(b"\n\n", 0, end)
+    # Each event is exactly one line, `data: {` … `}` LF LF ([DONE] is not `{`): all
+    # LFs are in the n `}` LF LF ends, and n - 1 of them are followed by `data: {`.
+    n = data.count(b"}\n\n", 0, end)
     if (
-        not data.startswith(b"data: {")
-        # each event is exactly one line: `data: {` … `}` LF LF
+        not n
+        or not data.startswith(b"data: {")
         or data.count(b"\n", 0, end) != 2 * n
         or data.count(b"\n\ndata: {", 0, end) != n - 1
-        or data.count(b"}\n\n", 0, end) != n
         or data.count(b'"choices":[{', 0, end) != n
     ):
         return 0, 0

@@ -647,7 +647,9 @@ async def _relay_stream(
         await out.prepare(request)
         rec.ttfb = time.perf_counter() - rec.t0
         rec.status = 200
-        if data:
+        # What comes with [DONE] goes out with the stream's end, in one write.
+        last = data if tail.done else b""
+        if data and not tail.done:
             await out.write(data)
         if tail.failure is not None:
             raise tail.failure
@@ -682,7 +684,9 @@ async def _relay_stream(
             data, events = _take(chunk, splitter, tail)
             if events:
                 got_event = True
-                if data:
+                if tail.done:
+                    last = data
+                elif data:
                     await out.write(data)
                 if tail.failure is not None:
                     raise tail.failure
@@ -691,8 +695,7 @@ async def _relay_stream(
         if splitter.pending and not tail.done:
             raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
         end, _ = _finish(rt, rec, prompt_chars, cand, region, tail, client_usage)
-        await out.write(end)
-        await out.write_eof()
+        await out.write_eof(last + end if last else end)
         finished = True
         rt.pool.succeeded(cand.upstream.name)
     except errors.UpstreamFailed as e:

@@ -16,6 +16,7 @@ from typing import Any, Final
 import orjson
 
 DONE: Final = b"[DONE]"
+_DONE_EVENT: Final = b"data: [DONE]\n\n"
 
 # A chunk needs a closer look only if it may finish a choice or carry usage; every
 # OpenAI content chunk has `"finish_reason":null`, so match a non-null value only.
@@ -167,6 +168,8 @@ def _plain_chunk(event: bytes) -> bool:
 
 def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
     """Kind of one event and, when it had to be parsed, its JSON object."""
+    if event == _DONE_EVENT:  # every stream's last event, as OpenAI writes it
+        return Kind.DONE, None
     if not _FINAL_HINT.search(event) and b'"error"' not in event and (
         _plain_chunk(event) or not is_data_event(event)
     ):

@@ -353,30 +353,23 @@ async def _first_events(
     splitter = attempt.splitter = sse.EventSplitter()
     tail = attempt.tail = _Tail()
     resp = attempt.resp
-    task = asyncio.current_task()
-    assert task is not None
-    deadlines.arm(task, task.get_loop().time() + min(first_byte, keepalive))
     try:
-        while not attempt.got_event:
-            data = await resp.read_some()
-            if not data:
-                raise errors.UpstreamBadResponse("upstream ended the stream before any event")
-            out, events = _take(data, splitter, tail)
-            attempt.first += out
-            attempt.got_event = events > 0
-    except asyncio.CancelledError:
-        if not deadlines.disarm(task):  # the client left: the upstream stops at once
-            resp.close()
-            raise
+        with deadlines.timeout(min(first_byte, keepalive)):
+            while not attempt.got_event:
+                data = await resp.read_some()
+                if not data:
+                    raise errors.UpstreamBadResponse("upstream ended the stream before any event")
+                out, events = _take(data, splitter, tail)
+                attempt.first += out
+                attempt.got_event = events > 0
+    except TimeoutError:
         if keepalive < first_byte:
             return  # silent for the keep-alive time: commit and wait on in the relay
         resp.close()
         raise errors.UpstreamTimeout("upstream sent no event in time") from None
-    except BaseException:  # a failure: the upstream stops at once
+    except BaseException:  # a failure, or the client gone: the upstream stops at once
         resp.close()
         raise
-    finally:
-        deadlines.disarm(task)
 
 
 # ---------------------------------------------------------------------------------------
@@ -577,46 +570,6 @@ def _stream_lowrouter(
     return _lowrouter(rt, rec, cand, region, prompt, tail.content_events, measured=False)
 
 
-class _Watchdog:
-    """The deadline of a stream's reads, with one timer moved lazily.
-
-    An `asyncio.timeout` around every read of every chunk costs a timer each; this
-    keeps one, which only re-checks when it fires (at most every `keepalive` seconds)
-    and cancels the read it guards once the deadline has really passed.
-    """
-
-    __slots__ = ("deadline", "fired", "handle", "loop", "reading", "task")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
-        self.loop, self.task = loop, task
-        self.deadline = 0.0
-        self.handle: asyncio.TimerHandle | None = None
-        self.fired = self.reading = False
-
-    def expect(self, deadline: float) -> None:
-        """The next read must end by `deadline`."""
-        self.deadline = deadline
-        if self.handle is None or self.handle.when() > deadline:
-            if self.handle is not None:
-                self.handle.cancel()
-            self.handle = self.loop.call_at(deadline, self._check)
-
-    def _check(self) -> None:
-        self.handle = None
-        if not self.reading:
-            return  # between reads: the next expect() sets a timer again
-        if self.loop.time() >= self.deadline:
-            self.fired = True
-            self.task.cancel()
-        else:
-            self.handle = self.loop.call_at(self.deadline, self._check)
-
-    def stop(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-
 async def _relay_stream(
     request: web.Request, rt: Runtime, st: State, rec: Rec, prompt_chars: int,
     attempt: _Attempt, region: str | None, client_usage: bool,
@@ -638,9 +591,6 @@ async def _relay_stream(
     got_event = attempt.got_event
     last_byte = loop.time()
     finished = False
-    task = asyncio.current_task()
-    assert task is not None
-    watchdog = _Watchdog(loop, task)
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
         attempt.first = b""
@@ -661,16 +611,10 @@ async def _relay_stream(
             wait = limit - now
             if splitter.pending == 0:  # keep-alive comments only between events
                 wait = min(wait, tmo.keepalive)
-            watchdog.expect(now + max(wait, 0.0))
             try:
-                watchdog.reading = True
-                chunk = await resp.read_some()
-                watchdog.reading = False
-            except asyncio.CancelledError:
-                if not watchdog.fired or task.cancelling() != 1:
-                    raise
-                task.uncancel()  # our own deadline, not the client leaving
-                watchdog.fired = watchdog.reading = False
+                with rt.deadlines.timeout(max(wait, 0.0)):
+                    chunk = await resp.read_some()
+            except TimeoutError:
                 now = loop.time()
                 if now >= limit - 0.001:
                     what = "in total" if now >= deadline - 0.001 else (
@@ -727,7 +671,6 @@ async def _relay_stream(
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.ProxyError(
             "Internal error in the proxy; see its log."), out, request)
     finally:
-        watchdog.stop()
         if not finished:
             resp.close()
         rec.upstream_s = time.perf_counter() - attempt.t_sent

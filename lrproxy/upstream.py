@@ -12,6 +12,7 @@ import io
 import math
 import ssl
 from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
 from typing import Any, Final
 
 import aiohttp
@@ -236,10 +237,33 @@ class Deadlines:
             self._at = nxt
             self._timer = loop.call_at(nxt, self._fire)
 
+    def timeout(self, seconds: float) -> _Deadline:
+        """`with deadlines.timeout(s):` is `async with asyncio.timeout(s):` on the shared
+        timer: the current task's own expiry becomes TimeoutError, any other cancel
+        stays a CancelledError."""
+        task = asyncio.current_task()
+        assert task is not None
+        return _Deadline(self, task, task.get_loop().time() + seconds)
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer, self._at = None, math.inf
+
+
+class _Deadline:
+    __slots__ = ("_deadlines", "_task", "_when")
+
+    def __init__(self, deadlines: Deadlines, task: asyncio.Task[Any], when: float) -> None:
+        self._deadlines, self._task, self._when = deadlines, task, when
+
+    def __enter__(self) -> None:
+        self._deadlines.arm(self._task, self._when)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._deadlines.disarm(self._task) and kind is asyncio.CancelledError:
+            raise TimeoutError from exc
 
 
 class UpstreamResponse:
@@ -294,20 +318,16 @@ class UpstreamResponse:
         and the next request pays a new TCP connection (and TLS): read the rest first,
         unless it is over `limit` bytes or takes over `timeout` seconds.
         """
-        task = asyncio.current_task()
-        assert task is not None
-        deadlines.arm(task, task.get_loop().time() + timeout)
         size = 0
         try:
-            while size <= limit and (data := await self._resp.content.readany()):
-                size += len(data)
-        except BaseException:  # timed out, the upstream failed, or the proxy stops
+            with deadlines.timeout(timeout):
+                while size <= limit and (data := await self._resp.content.readany()):
+                    size += len(data)
+        except (TimeoutError, aiohttp.ClientError, OSError):
             size = limit + 1
-            if not deadlines.disarm(task):
-                self.close()
-                raise
-        finally:
-            deadlines.disarm(task)
+        except BaseException:  # the proxy stops
+            self.close()
+            raise
         if size > limit:
             self.close()
         else:
@@ -337,26 +357,20 @@ async def send(
     `timeout` bounds the time until the response headers. Redirects are never followed:
     they would carry our key to another host.
     """
-    task = asyncio.current_task()
-    assert task is not None
-    deadlines.arm(task, task.get_loop().time() + timeout)
     try:
-        resp = await session.post(
-            # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
-            url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
-            headers=headers, allow_redirects=False, timeout=client_timeout,
-            **target.post_options,
-        )
-    except asyncio.CancelledError:
-        if deadlines.disarm(task):
-            raise UpstreamTimeout("upstream did not answer in time") from None
-        raise
+        with deadlines.timeout(timeout):
+            resp = await session.post(
+                # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
+                url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
+                headers=headers, allow_redirects=False, timeout=client_timeout,
+                **target.post_options,
+            )
+    except TimeoutError as e:
+        raise UpstreamTimeout("upstream did not answer in time") from e
     except aiohttp.ServerTimeoutError as e:
         raise UpstreamTimeout("upstream did not answer in time") from e
     except (aiohttp.ClientError, OSError) as e:
         raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
-    finally:
-        deadlines.disarm(task)
     status = resp.status
     if status < 300 or (400 <= status < 500 and status not in (401, 403, 429)):
         return UpstreamResponse(resp)

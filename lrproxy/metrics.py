@@ -6,8 +6,10 @@ from the fixed words below, so a client cannot add series by inventing names.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -22,11 +24,11 @@ from lrproxy.config import Listen
 UNKNOWN: Final = "unknown"
 NONE: Final = "none"
 RELOAD_RESULTS: Final = ("ok", "error")
-_PENDING_MAX: Final = 512  # observations held per series before a flush (bounded memory)
-
 _LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800,
 )
+# Histogram.observe() puts a value in the first bucket whose bound is >= it, +Inf last.
+_BOUNDS: Final = (*(float(b) for b in _LATENCY_BUCKETS), math.inf)
 
 
 @attrs.frozen
@@ -51,8 +53,9 @@ class Metrics:
     # Figures of finished requests not yet in the metrics above: one dict update per
     # request under one lock, where prometheus_client takes a lock per inc() and
     # observe() (8-9 per request). Moved in by `flush`, which every collection of the
-    # registry runs first, so a scrape never misses a request that has ended.
-    _pending: dict[tuple[Any, ...], list[Any]] = attrs.field(factory=dict, init=False)
+    # registry runs first, so a scrape never misses a request that has ended. Durations
+    # wait as bucket counts and sums, so the memory held is one list per label set.
+    _pending: dict[tuple[Any, ...], _Pending] = attrs.field(factory=dict, init=False)
     _attempts: dict[tuple[str, str], int] = attrs.field(factory=dict, init=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
@@ -71,17 +74,18 @@ class Metrics:
         with self._lock:
             p = self._pending.get(k := (key, model, region, code, stream))
             if p is None:
-                p = self._pending[k] = [0, 0, 0, 0.0, 0.0, [], []]
-            p[0] += 1
-            p[1] += prompt
-            p[2] += completion
-            p[3] += carbon_g
-            p[4] += energy_wh
-            p[5].append(duration)
+                p = self._pending[k] = _Pending()
+            p.requests += 1
+            p.prompt += prompt
+            p.completion += completion
+            p.carbon_g += carbon_g
+            p.energy_wh += energy_wh
+            p.durations[bisect_left(_BOUNDS, duration)] += 1
+            p.duration_sum += duration
             if ttfb is not None:
-                p[6].append(ttfb)
-            full = len(p[5]) >= _PENDING_MAX
-        if full or self.immediate:
+                p.ttfbs[bisect_left(_BOUNDS, ttfb)] += 1
+                p.ttfb_sum += ttfb
+        if self.immediate:
             self.flush()
 
     def attempt(self, upstream: str, outcome: str) -> None:
@@ -97,22 +101,18 @@ class Metrics:
         with self._lock:
             if not self._pending and not self._attempts:
                 return
-            for (key, model, region, code, stream), (n, p, c, g, e, durations, ttfbs) in (
-                self._pending.items()
-            ):
-                self.child(self.requests, key, model, region, code).inc(n)
-                if p or c:  # a token series exists once tokens were counted, as before
-                    self.child(self.tokens, key, model, region, "prompt").inc(p)
-                    self.child(self.tokens, key, model, region, "completion").inc(c)
-                    self.child(self.carbon, key, model, region).inc(g)
-                    self.child(self.energy, key, model, region).inc(e)
-                hist = self.child(self.duration, model, region, "true" if stream else "false")
-                for d in durations:
-                    hist.observe(d)
-                if ttfbs:
-                    hist = self.child(self.ttfb, model, region)
-                    for t in ttfbs:
-                        hist.observe(t)
+            for (key, model, region, code, stream), p in self._pending.items():
+                self.child(self.requests, key, model, region, code).inc(p.requests)
+                if p.prompt or p.completion:  # a token series exists once tokens were counted
+                    self.child(self.tokens, key, model, region, "prompt").inc(p.prompt)
+                    self.child(self.tokens, key, model, region, "completion").inc(p.completion)
+                    self.child(self.carbon, key, model, region).inc(p.carbon_g)
+                    self.child(self.energy, key, model, region).inc(p.energy_wh)
+                _add_observations(
+                    self.child(self.duration, model, region, "true" if stream else "false"),
+                    p.durations, p.duration_sum)
+                if any(p.ttfbs):
+                    _add_observations(self.child(self.ttfb, model, region), p.ttfbs, p.ttfb_sum)
             for (upstream, outcome), n in self._attempts.items():
                 self.child(self.attempts, upstream, outcome).inc(n)
             self._pending.clear()
@@ -124,6 +124,7 @@ class Metrics:
         test for multiprocess mode (PROMETHEUS_MULTIPROC_DIR set)."""
         if immediate is None:
             immediate = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        _check_bulk_observe()
         flusher = _FlushFirst()
         registry.register(flusher)  # before the metrics: collected, so flushed, first
         kmr = ("key", "model", "region")
@@ -163,6 +164,61 @@ class Metrics:
         return m
 
 
+@attrs.define(slots=True)
+class _Pending:
+    """The figures of one label set's finished requests, until the next flush."""
+
+    requests: int = 0
+    prompt: int = 0
+    completion: int = 0
+    carbon_g: float = 0.0
+    energy_wh: float = 0.0
+    durations: list[int] = attrs.Factory(lambda: [0] * len(_BOUNDS))  # counts per bucket
+    duration_sum: float = 0.0
+    ttfbs: list[int] = attrs.Factory(lambda: [0] * len(_BOUNDS))
+    ttfb_sum: float = 0.0
+
+
+def _add_observations(hist: Any, counts: list[int], total: float) -> None:
+    """What `observe()` of each value would add, for values already counted per bucket.
+
+    prometheus_client has no public call for this; a histogram child keeps a value per
+    bucket (`_buckets`, non-cumulative, in `_upper_bounds` order) and `_sum`, as in
+    every release since 0.4. tests/test_metrics.py checks the result against
+    `observe()` so a change there fails the tests rather than the figures.
+    """
+    buckets = hist._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    hist._sum.inc(total)
+
+
+def _check_bulk_observe() -> None:
+    """Refuse to start, rather than count wrong, on a prometheus_client whose histogram
+    internals differ from what `_add_observations` expects."""
+    values = (0.0, 0.005, 0.3, 7.0, 5000.0)
+    bulk = Histogram("check_bulk", "", buckets=_LATENCY_BUCKETS, registry=None)
+    each = Histogram("check_bulk", "", buckets=_LATENCY_BUCKETS, registry=None)
+    counts = [0] * len(_BOUNDS)
+    for v in values:
+        counts[bisect_left(_BOUNDS, v)] += 1
+        each.observe(v)
+    try:
+        _add_observations(bulk, counts, sum(values))
+        ok = _samples(bulk) == _samples(each)
+    except (AttributeError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        raise RuntimeError("this prometheus_client's Histogram is not supported by lrproxy's "
+                           "deferred metrics; install prometheus-client 0.19 to 0.26")
+
+
+def _samples(hist: Histogram) -> list[tuple[str, dict[str, str], float]]:
+    return [(s.name, s.labels, s.value) for m in hist.collect() for s in m.samples
+            if not s.name.endswith("_created")]
+
+
 class _FlushFirst:
     """A collector with no samples of its own: it flushes the pending figures."""
 
@@ -186,7 +242,7 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry()),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+                            headers={"Content-Type": CONTENT_TYPE_LATEST, "Server": "lrproxy"})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -20,6 +20,8 @@ import openai
 import orjson
 import pytest
 from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS, Stack, base_config, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -519,21 +521,23 @@ def test_inflight_gauge_counts_requests_being_handled(stack: Stack, logs: _Recor
 
 
 def test_pending_figures_are_bounded_and_immediate_mode_writes_at_once() -> None:
-    """Finished requests wait in a bounded buffer for the next collection; in
-    multiprocess mode (immediate) each goes into the metrics as it ends."""
+    """Finished requests wait for the next collection as one entry per label set
+    (bounded memory); in multiprocess mode (immediate) each goes into the metrics as it
+    ends."""
     from prometheus_client import CollectorRegistry
 
     from lrproxy.metrics import Metrics
 
     deferred = Metrics.create(dreg := CollectorRegistry(), immediate=False)
-    for _ in range(1500):
-        deferred.record("k", "m", "r", "200", False, 3, 4, 0.5, 0.25, 0.01, 0.005)
-        assert sum(len(p[5]) for p in deferred._pending.values()) < 512
+    for i in range(1500):
+        deferred.record("k", "m", "r", "200", False, 3, 4, 0.5, 0.25, 0.001 * i, 0.005)
+    assert len(deferred._pending) == 1
     labels = {"key": "k", "model": "m", "region": "r"}
     assert dreg.get_sample_value("lrproxy_requests_total", {**labels, "code": "200"}) == 1500
     assert dreg.get_sample_value("lrproxy_tokens_total", {**labels, "kind": "prompt"}) == 4500
     assert dreg.get_sample_value("lrproxy_time_to_first_byte_seconds_count",
                                  {"model": "m", "region": "r"}) == 1500
+    assert not deferred._pending
     immediate = Metrics.create(ireg := CollectorRegistry(), immediate=True)
     immediate.record("k", "m", "r", "200", True, 3, 4, 0.5, 0.25, 0.01, None)
     immediate.attempt("u", "ok")
@@ -541,3 +545,45 @@ def test_pending_figures_are_bounded_and_immediate_mode_writes_at_once() -> None
     assert ireg.get_sample_value("lrproxy_tokens_total", {**labels, "kind": "prompt"}) == 3
     assert ireg.get_sample_value("lrproxy_upstream_attempts_total",
                                  {"upstream": "u", "outcome": "ok"}) == 1
+
+
+_ON_BOUNDS = st.sampled_from([0.005, 0.01, 0.25, 1.0, 2.5, 1800.0])
+
+
+@given(st.lists(st.tuples(st.floats(0, 4000, allow_nan=False) | _ON_BOUNDS, st.booleans()),
+                min_size=1, max_size=60),
+       st.integers(1, 5))
+@settings(max_examples=60, deadline=None)
+def test_deferred_histograms_equal_observe(values: list[tuple[float, bool]], flushes: int) -> None:
+    """Durations counted per bucket and added at a flush give exactly the samples that
+    observe() of each value gives (bucket bounds included: a value on a bound counts
+    in that bucket), whatever the flushes in between."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from lrproxy.metrics import _LATENCY_BUCKETS, Metrics
+
+    m = Metrics.create(reg := CollectorRegistry(), immediate=False)
+    ref_reg = CollectorRegistry()
+    ref_d = Histogram("d", "d", buckets=_LATENCY_BUCKETS, registry=ref_reg)
+    ref_t = Histogram("t", "t", buckets=_LATENCY_BUCKETS, registry=ref_reg)
+    for i, (v, has_ttfb) in enumerate(values):
+        m.record("k", "m", "r", "200", True, 1, 1, 0.0, 0.0, v, v / 2 if has_ttfb else None)
+        ref_d.observe(v)
+        if has_ttfb:
+            ref_t.observe(v / 2)
+        if i % flushes == 0:
+            m.flush()
+
+    def samples(r: CollectorRegistry, name: str) -> dict[tuple[str, str], float]:
+        return {(s.name.rpartition("_")[2], s.labels.get("le", "")): s.value
+                for metric in r.collect() if metric.name == name for s in metric.samples
+                if not s.name.endswith("_created")}
+
+    # Sums are added in another order: equal up to float rounding; counts exactly.
+    got = samples(reg, "lrproxy_request_duration_seconds")
+    assert got == pytest.approx(samples(ref_reg, "d"), rel=1e-9, abs=1e-9)
+    if any(t for _, t in values):
+        assert samples(reg, "lrproxy_time_to_first_byte_seconds") == pytest.approx(
+            samples(ref_reg, "t"), rel=1e-9, abs=1e-9)
+    else:
+        assert not samples(reg, "lrproxy_time_to_first_byte_seconds")

@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from lrproxy import eco, errors, limits, sse, upstream
-from lrproxy.app import REC, RUNTIME, Rec, Runtime, State
+from lrproxy.app import REC, RUNTIME, Rec, Runtime, State, finish_headers
 from lrproxy.log import MAIN
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
@@ -582,6 +582,7 @@ async def _relay_stream(
     # first event: the upstream's wait, and what the proxy added before the first byte.
     out = web.StreamResponse(status=200, headers={
         **_STREAM_HEADERS, **_answer_headers(rec, time.perf_counter() - attempt.t_sent)})
+    finish_headers(rt, out, rec.request_id)
     loop = asyncio.get_running_loop()
     started = loop.time()
     # Both limits count from before the wait in _first_events (SPEC §4: first_byte runs

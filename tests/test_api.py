@@ -260,6 +260,7 @@ async def test_health_and_readiness(stack: Stack, http: aiohttp.ClientSession) -
         async with http.get(stack.origin + path) as r:
             assert r.status == 200, path
             assert "X-Request-Id" in r.headers
+            assert r.headers.getall("Server") == ["lrproxy"]  # no library versions
 
 
 async def test_v1_alias_serves_the_same_api(stack: Stack, http: aiohttp.ClientSession) -> None:
@@ -434,6 +435,7 @@ async def test_unknown_path_is_404_in_openai_shape(
             body = await r.json()
             assert set(body["error"]) == {"message", "type", "param", "code"}
             assert "X-Request-Id" in r.headers
+            assert r.headers.getall("Server") == ["lrproxy"]
 
 
 # ---------------------------------------------------------------------------------------

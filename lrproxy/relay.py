@@ -592,6 +592,10 @@ async def _relay_stream(
     got_event = attempt.got_event
     last_byte = loop.time()
     finished = False
+    task = asyncio.current_task()
+    assert task is not None
+    until, read = rt.deadlines.until, resp.read_some
+    idle, keepalive = tmo.idle, tmo.keepalive
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
         attempt.first = b""
@@ -605,16 +609,22 @@ async def _relay_stream(
         if tail.failure is not None:
             raise tail.failure
         while not tail.done:
+            # The read ends by the first of: idle since the last byte, the total, the
+            # first event's deadline until it came, and (between events) the keep-alive.
             now = loop.time()
-            limit = min(last_byte + tmo.idle, deadline, now + 3600.0)
-            if not got_event:
-                limit = min(limit, first_deadline)
-            wait = limit - now
-            if splitter.pending == 0:  # keep-alive comments only between events
-                wait = min(wait, tmo.keepalive)
+            limit = last_byte + idle
+            if limit > deadline:
+                limit = deadline
+            if not got_event and limit > first_deadline:
+                limit = first_deadline
+            if limit > now + 3600.0:  # with no limits configured, an hour of silence
+                limit = now + 3600.0
+            when = limit
+            if when > now + keepalive and not splitter.pending:
+                when = now + keepalive  # keep-alive comments go only between events
             try:
-                with rt.deadlines.timeout(max(wait, 0.0)):
-                    chunk = await resp.read_some()
+                with until(task, when):
+                    chunk = await read()
             except TimeoutError:
                 now = loop.time()
                 if now >= limit - 0.001:

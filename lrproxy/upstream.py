@@ -245,6 +245,11 @@ class Deadlines:
         assert task is not None
         return _Deadline(self, task, task.get_loop().time() + seconds)
 
+    def until(self, task: asyncio.Task[Any], when: float) -> _Deadline:
+        """`timeout()` for a loop that knows its task and computes loop times anyway (a
+        stream's reads): no current_task() lookup (a getpid() call on Python 3.11)."""
+        return _Deadline(self, task, when)
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

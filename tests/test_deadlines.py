@@ -73,3 +73,23 @@ async def test_one_timer_for_many_deadlines() -> None:
         dl.disarm(t)
         t.cancel()
     dl.close()
+
+
+async def test_until_is_timeout_at_a_loop_time() -> None:
+    """`until(task, when)` ends the block with TimeoutError at loop time `when`, as
+    `timeout(when - now)` would; a later `when` lets the block finish."""
+    dl = Deadlines()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    t0 = loop.time()
+    try:
+        with dl.until(task, t0 + 0.05):
+            await asyncio.sleep(1.0)
+        raise AssertionError("the deadline did not end the block")
+    except TimeoutError:
+        assert 0.04 <= loop.time() - t0 < 0.9
+    with dl.until(task, loop.time() + 5.0):
+        await asyncio.sleep(0.01)
+    assert not dl._due
+    dl.close()

@@ -379,3 +379,23 @@ def test_plain_prefix_is_whole_events_that_classify_passes(events: list[bytes], 
     assert data[:length] == b"".join(whole[:n])
     for ev in whole[:n]:
         assert classify(ev)[0] == Kind.PASS and sse.is_data_event(ev)
+
+
+@settings(max_examples=400, deadline=None)
+@given(event=st.sampled_from(_PREFIX_EVENTS),
+       edits=st.lists(st.tuples(st.integers(0, 400), st.sampled_from(
+           [b"", b"\n", b"\r", b"}", b"{", b'"error"', b'"choices":[{', b'"usage":1',
+            b'"finish_reason":"stop"', b"data: {", b"[DONE]"])), max_size=3))
+def test_one_event_read_shortcut_agrees_with_the_scan(
+    event: bytes, edits: list[tuple[int, bytes]]
+) -> None:
+    """A read of one event (the usual shape of a live stream) takes a shortcut in
+    `plain_prefix`; whatever the event, and with bytes put in or cut out anywhere,
+    it gives what the scan of any read gives."""
+    from lrproxy.sse import _plain_prefix_scan
+
+    for at, piece in edits:
+        at %= len(event) + 1
+        event = event[:at] + piece + event[at + (0 if piece else 1):]
+    assert sse.plain_prefix(event) == _plain_prefix_scan(event)
+    assert sse.plain_prefix(event + CONTENT) == _plain_prefix_scan(event + CONTENT)

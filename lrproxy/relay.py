@@ -594,7 +594,9 @@ async def _relay_stream(
     finished = False
     task = asyncio.current_task()
     assert task is not None
-    until, read = rt.deadlines.until, resp.read_some
+    dl = rt.deadlines
+    watch = dl.watch(task)  # moved before each read below, with no call
+    read = resp.read_some
     idle, keepalive = tmo.idle, tmo.keepalive
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
@@ -622,10 +624,15 @@ async def _relay_stream(
             when = limit
             if when > now + keepalive and not splitter.pending:
                 when = now + keepalive  # keep-alive comments go only between events
+            watch.when = when
+            if when < dl.due_at:
+                dl.schedule(when)
+            watch.armed = True
             try:
-                with until(task, when):
-                    chunk = await read()
-            except TimeoutError:
+                chunk = await read()
+            except asyncio.CancelledError:
+                if not watch.expired():
+                    raise
                 now = loop.time()
                 if now >= limit - 0.001:
                     what = "in total" if now >= deadline - 0.001 else (
@@ -633,6 +640,9 @@ async def _relay_stream(
                     raise errors.UpstreamTimeout(f"the upstream went silent {what}") from None
                 await out.write(KEEPALIVE_EVENT)
                 continue
+            watch.armed = False
+            if watch.fired:  # due just as the read ended: take back the cancel
+                watch.expired()
             if not chunk:
                 break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
             last_byte = loop.time()
@@ -682,6 +692,7 @@ async def _relay_stream(
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.ProxyError(
             "Internal error in the proxy; see its log."), out, request)
     finally:
+        watch.close()
         if not finished:
             resp.close()
         rec.upstream_s = time.perf_counter() - attempt.t_sent

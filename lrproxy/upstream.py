@@ -187,55 +187,20 @@ class Deadlines:
     """Deadlines of many tasks on one timer.
 
     `asyncio.timeout()` creates and cancels a timer per use (~8 µs on uvloop here), and
-    upstream calls nearly always end long before theirs. Here `arm` is a dict store;
-    the one timer wakes at the earliest deadline armed, cancels the tasks that are
-    overdue, and re-arms at the earliest one left.
+    upstream calls nearly always end long before theirs. Here a deadline is a `Watch`:
+    arming one is a few attribute stores, and the one timer wakes at the earliest
+    deadline armed, cancels the tasks that are overdue, and re-arms at the earliest one
+    left. `timeout()` is a `with` block over a Watch of its own; a loop of waits (a
+    stream's reads) keeps one Watch and moves it before each wait, without a call.
     """
 
     __slots__ = ("_at", "_due", "_loop", "_timer")
 
     def __init__(self) -> None:
-        # task -> [deadline, its cancelling() count when armed, cancelled by us]
-        self._due: dict[asyncio.Task[Any], list[Any]] = {}
+        self._due: set[Watch] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._at = math.inf
+        self._at = math.inf  # when the timer fires; an armed watch due earlier moves it
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    def arm(self, task: asyncio.Task[Any], when: float) -> None:
-        """Cancel `task` if it is still armed at loop time `when`."""
-        self._due[task] = [when, task.cancelling(), False]
-        if when < self._at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._loop = loop = task.get_loop()
-            self._at = when
-            self._timer = loop.call_at(when, self._fire)
-
-    def disarm(self, task: asyncio.Task[Any]) -> bool:
-        """Stop watching `task`. True when its deadline passed and the cancellation it
-        got was ours alone: the caller then turns its CancelledError into a timeout."""
-        entry = self._due.pop(task, None)
-        if entry is None or not entry[2]:
-            return False
-        base: int = entry[1]
-        return task.uncancel() <= base
-
-    def _fire(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        self._timer, self._at = None, math.inf
-        now, nxt = loop.time(), math.inf
-        for task, entry in self._due.items():
-            if entry[2]:
-                continue
-            if entry[0] <= now:
-                entry[2] = True
-                task.cancel()
-            elif entry[0] < nxt:
-                nxt = entry[0]
-        if nxt < math.inf:
-            self._at = nxt
-            self._timer = loop.call_at(nxt, self._fire)
 
     def timeout(self, seconds: float) -> _Deadline:
         """`with deadlines.timeout(s):` is `async with asyncio.timeout(s):` on the shared
@@ -245,10 +210,47 @@ class Deadlines:
         assert task is not None
         return _Deadline(self, task, task.get_loop().time() + seconds)
 
-    def until(self, task: asyncio.Task[Any], when: float) -> _Deadline:
-        """`timeout()` for a loop that knows its task and computes loop times anyway (a
-        stream's reads): no current_task() lookup (a getpid() call on Python 3.11)."""
-        return _Deadline(self, task, when)
+    def watch(self, task: asyncio.Task[Any]) -> Watch:
+        """A deadline that `task` moves itself, for a loop of waits; `close()` it after.
+
+        Before each wait: `w.when = t`, `if t < deadlines.due_at: deadlines.schedule(t)`
+        (rare), `w.armed = True`; after it: `w.armed = False`. When the wait raises
+        CancelledError, `w.expired()` tells whether it was this deadline's. Unarmed (the
+        task busy elsewhere, e.g. writing to its client), it cancels nothing.
+        """
+        self._loop = task.get_loop()
+        w = Watch(self, task, math.inf)
+        self._due.add(w)
+        return w
+
+    @property
+    def due_at(self) -> float:
+        return self._at
+
+    def schedule(self, when: float) -> None:
+        """Make the timer fire at `when`, an armed deadline earlier than the timer's."""
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self._loop
+        assert loop is not None
+        self._at = when
+        self._timer = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._timer, self._at = None, math.inf
+        now, nxt = loop.time(), math.inf
+        for w in self._due:
+            if not w.armed or w.fired:
+                continue
+            if w.when <= now:
+                w.fired = True
+                w.task.cancel()
+            elif w.when < nxt:
+                nxt = w.when
+        if nxt < math.inf:
+            self.schedule(nxt)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -256,18 +258,51 @@ class Deadlines:
         self._timer, self._at = None, math.inf
 
 
-class _Deadline:
-    __slots__ = ("_deadlines", "_task", "_when")
+class Watch:
+    """One task's deadline on a `Deadlines` timer (see `Deadlines.watch`)."""
 
-    def __init__(self, deadlines: Deadlines, task: asyncio.Task[Any], when: float) -> None:
-        self._deadlines, self._task, self._when = deadlines, task, when
+    __slots__ = ("_owner", "armed", "base", "fired", "task", "when")
+
+    def __init__(self, owner: Deadlines, task: asyncio.Task[Any], when: float) -> None:
+        self._owner, self.task, self.when = owner, task, when
+        self.armed = self.fired = False
+        self.base = task.cancelling()  # cancels that are not ours
+
+    def arm(self, when: float) -> None:
+        self.when = when
+        self.armed = True
+        owner = self._owner
+        if when < owner._at:
+            owner._loop = self.task.get_loop()
+            owner.schedule(when)
+
+    def expired(self) -> bool:
+        """Disarm. True when this deadline passed while armed and its cancel was the
+        task's only one: the caller then turns its CancelledError into a timeout."""
+        self.armed = False
+        if not self.fired:
+            return False
+        self.fired = False
+        return self.task.uncancel() <= self.base
+
+    def close(self) -> None:
+        self.armed = False
+        self._owner._due.discard(self)
+
+
+class _Deadline(Watch):
+    """`Deadlines.timeout()`: a Watch armed for one `with` block."""
+
+    __slots__ = ()
 
     def __enter__(self) -> None:
-        self._deadlines.arm(self._task, self._when)
+        self._owner._due.add(self)
+        self.arm(self.when)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._deadlines.disarm(self._task) and kind is asyncio.CancelledError:
+        self._owner._due.discard(self)
+        if self.expired() and kind is asyncio.CancelledError:
             raise TimeoutError from exc
 
 

@@ -8,18 +8,19 @@ from lrproxy.upstream import Deadlines
 
 
 async def _guarded(dl: Deadlines, after: float, sleep: float) -> str:
-    """Sleep under a deadline; say how it ended."""
+    """Sleep under a deadline (a Watch, as a stream's reads use it); say how it ended."""
     task = asyncio.current_task()
     assert task is not None
-    dl.arm(task, task.get_loop().time() + after)
+    w = dl.watch(task)
+    w.arm(task.get_loop().time() + after)
     try:
         await asyncio.sleep(sleep)
     except asyncio.CancelledError:
-        if dl.disarm(task):
+        if w.expired():
             return "timeout"
         raise
     finally:
-        dl.disarm(task)
+        w.close()
     return "done"
 
 
@@ -62,34 +63,62 @@ async def test_one_timer_for_many_deadlines() -> None:
     loop = asyncio.get_running_loop()
     tasks = [asyncio.create_task(asyncio.sleep(1)) for _ in range(50)]
     now = loop.time()
-    dl.arm(tasks[0], now + 10)
+    watches = [dl.watch(t) for t in tasks]
+    watches[0].arm(now + 10)
     timer = dl._timer
-    for i, t in enumerate(tasks[1:], 1):
-        dl.arm(t, now + 10 + i)
+    for i, w in enumerate(watches[1:], 1):
+        w.arm(now + 10 + i)
     assert dl._timer is timer
-    dl.arm(tasks[-1], now + 1)  # an earlier one moves it
+    watches[-1].arm(now + 1)  # an earlier one moves it
     assert dl._timer is not timer and dl._at == now + 1
-    for t in tasks:
-        dl.disarm(t)
+    for t, w in zip(tasks, watches, strict=True):
+        w.close()
         t.cancel()
+    assert not dl._due
     dl.close()
 
 
-async def test_until_is_timeout_at_a_loop_time() -> None:
-    """`until(task, when)` ends the block with TimeoutError at loop time `when`, as
-    `timeout(when - now)` would; a later `when` lets the block finish."""
+async def test_an_unarmed_watch_cancels_nothing() -> None:
+    """A watch is only a deadline while armed: a stream writing to its client (unarmed)
+    is not cancelled by a read deadline that passed meanwhile, and once armed again a
+    deadline already past cancels it at once."""
     dl = Deadlines()
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
+    w = dl.watch(task)
+    w.arm(loop.time() + 0.02)
+    w.armed = False  # the read ended; now busy elsewhere
+    await asyncio.sleep(0.1)  # the timer fires meanwhile: nothing happens
+    assert not w.fired
+    w.armed = True  # its deadline is long past
+    dl.schedule(w.when)
+    try:
+        await asyncio.sleep(1.0)
+        raise AssertionError("the past deadline did not end the wait")
+    except asyncio.CancelledError:
+        assert w.expired()
+    w.close()
+    assert not dl._due
+    dl.close()
+
+
+async def test_timeout_blocks_and_watches_share_the_timer() -> None:
+    """A `timeout()` block inside a task that also holds a watch: each ends by its own."""
+    dl = Deadlines()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    w = dl.watch(task)
+    w.arm(loop.time() + 5.0)
     t0 = loop.time()
     try:
-        with dl.until(task, t0 + 0.05):
+        with dl.timeout(0.05):
             await asyncio.sleep(1.0)
-        raise AssertionError("the deadline did not end the block")
+        raise AssertionError("the block's deadline did not end it")
     except TimeoutError:
         assert 0.04 <= loop.time() - t0 < 0.9
-    with dl.until(task, loop.time() + 5.0):
-        await asyncio.sleep(0.01)
+    assert not w.fired
+    w.close()
     assert not dl._due
     dl.close()

@@ -596,7 +596,7 @@ async def _relay_stream(
     assert task is not None
     dl = rt.deadlines
     watch = dl.watch(task)  # moved before each read below, with no call
-    read = resp.read_some
+    read = resp.reader()
     idle, keepalive = tmo.idle, tmo.keepalive
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
@@ -630,6 +630,8 @@ async def _relay_stream(
             watch.armed = True
             try:
                 chunk = await read()
+            except upstream.READ_ERRORS as e:
+                raise upstream.connection_lost(e) from e
             except asyncio.CancelledError:
                 if not watch.expired():
                     raise

@@ -11,7 +11,7 @@ import asyncio
 import io
 import math
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
@@ -306,6 +306,14 @@ class _Deadline(Watch):
             raise TimeoutError from exc
 
 
+# What reading an upstream body may raise when the connection breaks.
+READ_ERRORS: Final = (aiohttp.ClientError, OSError)
+
+
+def connection_lost(e: BaseException) -> UpstreamConnectionLost:
+    return UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}")
+
+
 class UpstreamResponse:
     """An upstream answer whose status is 2xx or a client error to pass through."""
 
@@ -320,8 +328,14 @@ class UpstreamResponse:
         """The next bytes of the body, b"" at its end; raises UpstreamError if cut."""
         try:
             return await self._resp.content.readany()
-        except (aiohttp.ClientError, OSError) as e:
-            raise UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}") from e
+        except READ_ERRORS as e:
+            raise connection_lost(e) from e
+
+    def reader(self) -> Callable[[], Awaitable[bytes]]:
+        """`read_some` without its wrapper coroutine, for a loop of reads that catches
+        READ_ERRORS itself and raises `connection_lost(e)` (a stream: one read per
+        chunk, where a coroutine more per read shows)."""
+        return self._resp.content.readany
 
     def read_complete(self) -> bytes | None:
         """The whole body when it has already arrived (usual for a JSON answer), else None.

@@ -1,6 +1,6 @@
 """One error tree: each error knows its HTTP status and its OpenAI error code (SPEC §1).
 
-Handlers raise these; one middleware renders them in the OpenAI error shape, so the
+Handlers raise these; the edge (app.edged) renders them in the OpenAI error shape, so the
 OpenAI SDK raises the matching exception (AuthenticationError for 401, and so on).
 """
 

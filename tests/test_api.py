@@ -729,3 +729,15 @@ def test_generated_request_ids_are_unique_hex_of_uuid_length() -> None:
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert len({i[:16] for i in ids}) == 1
+
+
+async def test_wrong_method_is_405_with_allow(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """A known path with another method: 405 in the OpenAI shape, naming what is allowed."""
+    for method, path, allow in (("GET", "/api/v1/chat/completions", {"POST"}),
+                                ("DELETE", "/v1/models", {"GET", "HEAD"}),
+                                ("POST", "/healthz", {"GET", "HEAD"})):
+        async with http.request(method, stack.origin + path, headers=auth(stack)) as r:
+            assert r.status == 405, (method, path)
+            assert (await r.json())["error"]["code"] == "method_not_allowed"
+            assert set(r.headers["Allow"].split(",")) == allow
+            assert r.headers.getall("Server") == ["lrproxy"] and "X-Request-Id" in r.headers

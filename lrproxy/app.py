@@ -201,7 +201,7 @@ _ids: Final = itertools.count(int.from_bytes(os.urandom(4), "big"))
 def _request_id(value: str | None) -> str:
     if value is not None and _REQUEST_ID_RE.fullmatch(value):
         return value
-    return f"{_ID_PREFIX}{next(_ids) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return _ID_PREFIX + "%016x" % (next(_ids) & 0xFFFFFFFFFFFFFFFF)  # %: faster than an f-string
 
 
 def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:

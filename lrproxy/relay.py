@@ -49,15 +49,16 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def _read_body(request: web.Request, st: State) -> bytes:
     limit = st.config.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise errors.RequestTooLarge(f"Request body over the limit of {limit} bytes.")
-    enc = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if enc not in ("identity", ""):
+    enc = request.headers.get("Content-Encoding")
+    if enc is not None and enc.strip().lower() not in ("identity", ""):
         raise errors.UnsupportedMediaType(
-            f"Content-Encoding '{enc[:32]}' is not accepted; send the body uncompressed."
+            f"Content-Encoding '{enc.strip()[:32]}' is not accepted; send the body uncompressed."
         )
     content = request.content
-    if request.content_length is not None and content.is_eof():
+    if length is not None and content.is_eof():
         return content.read_nowait()  # the whole (small) body came with the headers
     chunks: list[bytes] = []
     size = 0
@@ -425,17 +426,17 @@ def _answer(
         lr = _lowrouter(rt, rec, attempt.cand, region, prompt,
                         eco.estimate_tokens(_completion_chars(doc)), measured=False)
     rec.ttfb = time.perf_counter() - rec.t0
-    return web.Response(body=_splice(data, doc, lr), headers=headers,
-                        content_type="application/json")
+    headers["Content-Type"] = "application/json"
+    return web.Response(body=_splice(data, doc, lr), headers=headers)
 
 
 def _answer_headers(rec: Rec, upstream_s: float) -> dict[str, str]:
     """Route headers plus Server-Timing: the upstream's share and the proxy's own (W3C)."""
     headers = rec.route_headers()
     total = time.perf_counter() - rec.t0
-    headers["Server-Timing"] = (
-        f"upstream;dur={upstream_s * 1000:.3f}, proxy;dur={max(0.0, total - upstream_s) * 1000:.3f}"
-    )
+    # %-formatting: half the time of the f-string's float format here (~0.9 against 1.7 µs)
+    headers["Server-Timing"] = "upstream;dur=%.3f, proxy;dur=%.3f" % (  # noqa: UP031
+        upstream_s * 1000, max(0.0, total - upstream_s) * 1000)
     return headers
 
 

@@ -643,7 +643,8 @@ async def _relay_stream(
                     raise errors.UpstreamTimeout(f"the upstream went silent {what}") from None
                 await out.write(KEEPALIVE_EVENT)
                 continue
-            watch.armed = False
+            finally:  # never armed outside the read: not while writing to the client
+                watch.armed = False
             if watch.fired:  # due just as the read ended: take back the cancel
                 watch.expired()
             if not chunk:

@@ -31,7 +31,7 @@ from lrproxy.config import (
     read_config,
     resolve_secrets,
 )
-from lrproxy.log import MAIN, setup_logging
+from lrproxy.log import ACCESS_FLUSH_MS, MAIN, flush_access, setup_logging
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner
 from lrproxy.sdnotify import Notifier, activated_sockets
@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="stderr log format; 'plain' reads best in the journal (default: json)")
     s.add_argument("--no-access-log", action="store_true",
                    help="do not write the per-request JSON line on stdout")
+    s.add_argument("--access-log-flush-ms", type=_non_negative_int, default=ACCESS_FLUSH_MS,
+                   metavar="MS",
+                   help="gather access lines for up to MS ms and write them together "
+                   "(0: at the end of each event-loop turn); they are written at exit too, "
+                   "a SIGKILL loses at most MS ms of them (default: %(default)s)")
 
     c = sub.add_parser("check-config", help="validate a config file and exit",
                        description="Validate a config file: print every problem, one line "
@@ -92,11 +97,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EX_USAGE
         print(hashlib.sha256(key.encode()).hexdigest())
         return 0
-    setup_logging(args.log_level, args.log_format, access=not args.no_access_log)
+    setup_logging(args.log_level, args.log_format, access=not args.no_access_log,
+                  access_flush_ms=args.access_log_flush_ms)
     try:
         return _run(args)
     except KeyboardInterrupt:
         return 0
+    finally:
+        flush_access()
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def _check_config(path: str) -> int:
@@ -151,6 +166,7 @@ async def _serve(args: argparse.Namespace) -> int:
         passed = [f"--log-level={args.log_level}", f"--log-format={args.log_format}"]
         if args.no_access_log:
             passed.append("--no-access-log")
+        passed.append(f"--access-log-flush-ms={args.access_log_flush_ms}")
         return await supervise(config, args.config, listen, mlisten, passed)
     if worker:
         notifier.ready_status = f"worker {os.environ.get('LRPROXY_WORKER_INDEX', '0')}"

@@ -7,6 +7,8 @@ keys or message text.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import sys
@@ -51,7 +53,15 @@ class PlainFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "info", fmt: str = "json", access: bool = True) -> None:
+# Access lines wait up to this long (`--access-log-flush-ms`), then go out together in
+# writes of at most PIPE_BUF bytes: whole lines, so that workers sharing one stdout pipe
+# never interleave inside a line.
+ACCESS_FLUSH_MS: Final = 100
+_PIPE_BUF: Final = 4096
+
+
+def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
+                  access_flush_ms: int = ACCESS_FLUSH_MS) -> None:
     """Configure the two loggers; called once by the CLI (tests inject their own handlers)."""
     main = logging.getLogger(MAIN)
     main.handlers.clear()
@@ -63,12 +73,16 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True) -
     acc = logging.getLogger(ACCESS)
     acc.handlers.clear()
     acc.propagate = False
-    global _direct_fd
+    global _direct_fd, _flush_s
     if access:
-        # The access line is the one log write per request: it goes to stdout in one
-        # os.write (a few µs) rather than through logging's records and handlers (15-30 µs).
+        # The access line is the one log write per request: it goes to stdout by
+        # os.write rather than through logging's records and handlers (15-30 µs), and
+        # lines are gathered for `access_flush_ms`: a write to a file costs ~13 µs here
+        # when writes come a millisecond apart, ~2 µs each when they come together.
         sys.stdout.flush()
         _direct_fd = sys.stdout.fileno()
+        _flush_s = max(0, access_flush_ms) / 1000
+        atexit.register(flush_access)
         acc.setLevel(logging.INFO)
     else:
         _direct_fd = None
@@ -77,6 +91,10 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True) -
 
 _access = logging.getLogger(ACCESS)
 _direct_fd: int | None = None
+_flush_s = ACCESS_FLUSH_MS / 1000
+_lines: list[bytes] = []  # access lines not written yet, _size bytes
+_size = 0
+_timer: asyncio.TimerHandle | None = None
 
 
 def access_enabled() -> bool:
@@ -86,10 +104,38 @@ def access_enabled() -> bool:
 
 def access_line(fields: dict[str, Any]) -> None:
     """One JSON line; through logging when something (a test) attached handlers."""
+    global _size, _timer
     if _direct_fd is not None and not _access.handlers:
-        try:  # noqa: SIM105 - contextlib.suppress costs more on this hot path
-            os.write(_direct_fd, orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
-        except OSError:  # stdout closed or full: losing a log line must not fail a request
-            pass
+        line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+        if _size + len(line) > _PIPE_BUF:
+            flush_access()
+        _lines.append(line)
+        _size += len(line)
+        if _timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a refused request at shutdown): at once
+                flush_access()
+                return
+            _timer = loop.call_later(_flush_s, flush_access)
         return
     _access.info("", extra={"fields": fields})
+
+
+def flush_access() -> None:
+    """Write the access lines gathered so far (at the flush time, when they would pass
+    PIPE_BUF together, and at exit)."""
+    global _size, _timer
+    if _timer is not None:
+        _timer.cancel()
+        _timer = None
+    if not _lines or _direct_fd is None:
+        return
+    data = _lines[0] if len(_lines) == 1 else b"".join(_lines)
+    _lines.clear()
+    _size = 0
+    try:
+        while data:  # a blocking fd writes it all; a short write only on a signal
+            data = data[os.write(_direct_fd, data):]
+    except OSError:  # stdout closed or full: losing log lines must not fail requests
+        pass

@@ -315,6 +315,50 @@ def test_drain_deadline_ends_streams_with_error_event(tmp_path: Path, sim: SimTh
 
 
 # ---------------------------------------------------------------------------------------
+# the access log
+
+
+def test_access_lines_are_gathered_and_written_by_the_flush_and_at_exit(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """Access lines wait for --access-log-flush-ms and go out whole; those still waiting
+    at SIGTERM are written before the exit, one valid JSON line per request."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "fast").mkdir()
+    slow = Proxy(["serve", "--config", str(cfg), "--access-log-flush-ms=600000"],
+                 tmp_path / "slow", port=port)
+    try:
+        slow.wait_healthy()
+        with _client(port) as client:
+            for _ in range(5):
+                _plain(client, {})
+        time.sleep(0.5)
+        assert slow.stdout == ""  # gathered: nothing written yet
+        slow.signal(signal.SIGTERM)
+        assert slow.wait(10) == 0
+        lines = [json.loads(ln) for ln in slow.stdout.splitlines()]
+        assert [a["model"] for a in lines if a["status"] == 200] == [MODEL] * 5
+    finally:
+        slow.stop()
+    port = free_port()
+    cfg.write_text(config_toml(sim.base_url, port))
+    fast = Proxy(["serve", "--config", str(cfg), "--access-log-flush-ms=50"],
+                 tmp_path / "fast", port=port)
+    try:
+        fast.wait_healthy()
+        with _client(port) as client:
+            for _ in range(40):  # ~14 KiB of lines: written in pieces of whole lines
+                _plain(client, {})
+        wait_for(lambda: fast.stdout.count("\n") >= 40, 5, "the flush")
+        assert all(json.loads(ln)["request_id"] for ln in fast.stdout.splitlines())
+    finally:
+        fast.stop()
+
+
+# ---------------------------------------------------------------------------------------
 # the command line
 
 

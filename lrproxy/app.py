@@ -401,15 +401,17 @@ def make_app(
         routes[f"{base}/chat/completions"] = ("POST", relay.chat_completions)
         routes[f"{base}/embeddings"] = ("POST", relay.embeddings)
         routes[f"{base}/models"] = ("GET", models)
+    allowed: dict[str, set[str]] = {}
     for path, (method, handler) in routes.items():
-        app.router.add_route(method, path, edged(handler))
-    allowed = {path: {method, "HEAD"} if method == "GET" else {method}
-               for path, (method, _) in routes.items()}
+        allowed[path] = {method, "HEAD"} if method == "GET" else {method}
+        for m in allowed[path]:  # HEAD as add_get() gives it: the GET handler, no body
+            app.router.add_route(m, path, edged(handler))
 
     async def no_route(request: web.Request) -> web.StreamResponse:
         """Every other path and method, for the edge to answer in the OpenAI shape."""
-        if request.path in allowed:
-            raise web.HTTPMethodNotAllowed(request.method, allowed[request.path])
+        path = request.rel_url.raw_path  # as routed: /v1%2Fmodels is not /v1/models
+        if path in allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed[path])
         raise web.HTTPNotFound()
 
     app.router.add_route("*", "/{tail:.*}", edged(no_route))  # last: matched last

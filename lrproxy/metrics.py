@@ -16,6 +16,7 @@ from typing import Any, Final
 import attrs
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
@@ -198,8 +199,15 @@ def _check_bulk_observe() -> None:
     """Refuse to start, rather than count wrong, on a prometheus_client whose histogram
     internals differ from what `_add_observations` expects."""
     values = (0.0, 0.005, 0.3, 7.0, 5000.0)
-    bulk = Histogram("check_bulk", "", buckets=_LATENCY_BUCKETS, registry=None)
-    each = Histogram("check_bulk", "", buckets=_LATENCY_BUCKETS, registry=None)
+    # In multiprocess mode every value would be stored in this process's files and show
+    # in /metrics: the check's two histograms keep theirs in memory.
+    stored = prometheus_values.ValueClass
+    prometheus_values.ValueClass = prometheus_values.MutexValue
+    try:
+        bulk = Histogram("check_bulk", "", buckets=_LATENCY_BUCKETS, registry=None)
+        each = Histogram("check_bulk", "", buckets=_LATENCY_BUCKETS, registry=None)
+    finally:
+        prometheus_values.ValueClass = stored
     counts = [0] * len(_BOUNDS)
     for v in values:
         counts[bisect_left(_BOUNDS, v)] += 1

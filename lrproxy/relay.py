@@ -645,8 +645,9 @@ async def _relay_stream(
                 continue
             finally:  # never armed outside the read: not while writing to the client
                 watch.armed = False
-            if watch.fired:  # due just as the read ended: take back the cancel
-                watch.expired()
+            # (A timer due as the read completes still cancels the task before it
+            # resumes: asyncio throws CancelledError into the await, the data stays
+            # buffered, and the branch above takes it as the deadline's.)
             if not chunk:
                 break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
             last_byte = loop.time()

@@ -731,6 +731,17 @@ def test_generated_request_ids_are_unique_hex_of_uuid_length() -> None:
     assert len({i[:16] for i in ids}) == 1
 
 
+async def test_head_is_answered_where_get_is(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """HEAD on a GET path answers like GET, without a body; an encoded slash is no path."""
+    for path in ("/healthz", "/readyz", "/v1/models", "/api/v1/models"):
+        async with http.head(stack.origin + path, headers=auth(stack)) as r:
+            assert r.status == 200, path
+            assert r.headers.getall("Server") == ["lrproxy"]
+            assert await r.read() == b""
+    async with http.get(stack.origin + "/v1%2Fmodels", headers=auth(stack)) as r:
+        assert r.status == 404
+
+
 async def test_wrong_method_is_405_with_allow(stack: Stack, http: aiohttp.ClientSession) -> None:
     """A known path with another method: 405 in the OpenAI shape, naming what is allowed."""
     for method, path, allow in (("GET", "/api/v1/chat/completions", {"POST"}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -587,3 +588,26 @@ def test_deferred_histograms_equal_observe(values: list[tuple[float, bool]], flu
             samples(ref_reg, "t"), rel=1e-9, abs=1e-9)
     else:
         assert not samples(reg, "lrproxy_time_to_first_byte_seconds")
+
+
+def test_startup_check_leaves_nothing_in_multiprocess_files(tmp_path: Any) -> None:
+    """The start-up check of the histogram internals keeps its values in memory: in
+    multiprocess mode (workers) /metrics shows only SPEC §5 series, nothing of it."""
+    import subprocess
+    import sys
+
+    code = (
+        "from prometheus_client import CollectorRegistry, multiprocess\n"
+        "from lrproxy.metrics import Metrics\n"
+        "m = Metrics.create(CollectorRegistry())\n"
+        "m.record('k', 'm', 'r', '200', False, 1, 2, 0.1, 0.2, 0.3, 0.1)\n"
+        "r = CollectorRegistry()\n"
+        "multiprocess.MultiProcessCollector(r)\n"
+        "print(' '.join(sorted({f.name for f in r.collect()})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    names = set(out.stdout.split())
+    assert "lrproxy_request_duration_seconds" in names  # the files are read: a real check
+    assert all(n.startswith("lrproxy_") for n in names), names

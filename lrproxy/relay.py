@@ -480,13 +480,18 @@ class _Tail:
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
 
 
-def _take(data: bytes, splitter: sse.EventSplitter, tail: _Tail) -> tuple[bytes, int]:
+def _take(
+    data: bytes, splitter: sse.EventSplitter, tail: _Tail, prefix: tuple[int, int] | None = None,
+) -> tuple[bytes, int]:
     """What to forward of one upstream read, and how many events it completed.
 
     The plain content chunks at its start (usually all of it) go on as they are; only
-    the rest is split into events and looked at one by one (`_take_events`).
+    the rest is split into events and looked at one by one (`_take_events`). `prefix`:
+    `sse.plain_prefix(data)` when the caller has it already.
     """
-    cut, plain = (0, 0) if splitter.pending else sse.plain_prefix(data)
+    if prefix is None:
+        prefix = (0, 0) if splitter.pending else sse.plain_prefix(data)
+    cut, plain = prefix
     tail.content_events += plain
     if cut == len(data):
         return data, plain
@@ -599,6 +604,7 @@ async def _relay_stream(
     watch = dl.watch(task)  # moved before each read below, with no call
     read = resp.reader()
     idle, keepalive = tmo.idle, tmo.keepalive
+    plain_prefix = sse.plain_prefix
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
         attempt.first = b""
@@ -651,7 +657,17 @@ async def _relay_stream(
             if not chunk:
                 break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
             last_byte = loop.time()
-            data, events = _take(chunk, splitter, tail)
+            if not splitter.pending:
+                # Usually the whole read is plain content chunks: on at once.
+                prefix = plain_prefix(chunk)
+                if prefix[0] == len(chunk):
+                    tail.content_events += prefix[1]
+                    got_event = True
+                    await out.write(chunk)
+                    continue
+                data, events = _take(chunk, splitter, tail, prefix)
+            else:
+                data, events = _take(chunk, splitter, tail)
             if events:
                 got_event = True
                 if tail.done:

@@ -194,12 +194,14 @@ class Deadlines:
     stream's reads) keeps one Watch and moves it before each wait, without a call.
     """
 
-    __slots__ = ("_at", "_due", "_loop", "_timer")
+    __slots__ = ("_due", "_loop", "_timer", "due_at")
 
     def __init__(self) -> None:
         self._due: set[Watch] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._at = math.inf  # when the timer fires; an armed watch due earlier moves it
+        # When the timer fires; an armed watch due earlier must move it (`schedule`). An
+        # attribute, not a property: a stream reads it before each read.
+        self.due_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def timeout(self, seconds: float) -> _Deadline:
@@ -223,23 +225,19 @@ class Deadlines:
         self._due.add(w)
         return w
 
-    @property
-    def due_at(self) -> float:
-        return self._at
-
     def schedule(self, when: float) -> None:
         """Make the timer fire at `when`, an armed deadline earlier than the timer's."""
         if self._timer is not None:
             self._timer.cancel()
         loop = self._loop
         assert loop is not None
-        self._at = when
+        self.due_at = when
         self._timer = loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
         loop = self._loop
         assert loop is not None
-        self._timer, self._at = None, math.inf
+        self._timer, self.due_at = None, math.inf
         now, nxt = loop.time(), math.inf
         for w in self._due:
             if not w.armed or w.fired:
@@ -255,7 +253,7 @@ class Deadlines:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer, self._at = None, math.inf
+        self._timer, self.due_at = None, math.inf
 
 
 class Watch:
@@ -272,7 +270,7 @@ class Watch:
         self.when = when
         self.armed = True
         owner = self._owner
-        if when < owner._at:
+        if when < owner.due_at:
             owner._loop = self.task.get_loop()
             owner.schedule(when)
 

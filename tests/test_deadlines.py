@@ -70,7 +70,7 @@ async def test_one_timer_for_many_deadlines() -> None:
         w.arm(now + 10 + i)
     assert dl._timer is timer
     watches[-1].arm(now + 1)  # an earlier one moves it
-    assert dl._timer is not timer and dl._at == now + 1
+    assert dl._timer is not timer and dl.due_at == now + 1
     for t, w in zip(tasks, watches, strict=True):
         w.close()
         t.cancel()

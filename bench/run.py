@@ -138,10 +138,10 @@ class Procs:
         self.live: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], *, log: Path, env: dict[str, str] | None = None,
-              stdout: Path | None = None) -> subprocess.Popen[bytes]:
+              stdout: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
         with open(log, "ab") as err, open(stdout or log, "ab") as out:
             p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                 env=env, cwd=ROOT)
+                                 env=env, cwd=cwd)
         self.live.append(p)
         return p
 
@@ -486,7 +486,9 @@ max_concurrency = 4096
         return cfg
 
     def start_lrproxy(self, t: Target, access_log: bool, workers: int | None = None,
-                      cores: str = PROXY_CORE) -> subprocess.Popen[bytes]:
+                      cores: str = PROXY_CORE, root: Path = ROOT) -> subprocess.Popen[bytes]:
+        """`python -m lrproxy serve` from `root`: its lrproxy/ package is the one run
+        (bench/ab.py points it at other revisions' worktrees)."""
         log = self.tmp / f"{t.name}.log"
         cfg = self.lrproxy_config(t.port, workers)
         argv = ["taskset", "-c", cores, *self._python()]
@@ -505,7 +507,8 @@ max_concurrency = 4096
             d.mkdir(exist_ok=True)
             (d / "sitecustomize.py").write_text("import sys\nsys.modules['uvloop'] = None\n")
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(d), env.get("PYTHONPATH")]))
-        p = self.procs.start(argv, log=log, env=env, stdout=self.tmp / f"{t.name}.access.log")
+        p = self.procs.start(argv, log=log, env=env, stdout=self.tmp / f"{t.name}.access.log",
+                             cwd=root)
         wait_port(t.port, p, log)
         if workers is not None and workers > 1:  # the supervisor has started them all
             end = time.monotonic() + 20

@@ -286,6 +286,25 @@ def finish_headers(rt: Runtime, resp: web.StreamResponse, request_id: str) -> No
         resp.force_close()  # aiohttp then says Connection: close
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's handling of `Expect:` (100-continue), with what it refuses answered in
+    the OpenAI shape; it runs before the route's handler, so outside the edge."""
+    expect = request.headers.get("Expect", "")
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # what follows is the answer's own start
+        return None
+    err = errors.ExpectationFailed(f"'Expect: {expect[:40]}' is not supported; "
+                                   "send the request without it.")
+    _refused(request.app[RUNTIME], err.status, err.code)
+    resp = web.Response(status=err.status, body=err.body(), content_type="application/json")
+    resp.headers["Server"] = SERVER_HEADER
+    resp.headers["X-Request-Id"] = _request_id(None)
+    return resp
+
+
 def _refused(rt: Runtime, status: int, code: str) -> None:
     """An answer given before a request could be parsed (protocol.REFUSED): counted and
     logged like any other, with no key, model or region."""
@@ -405,7 +424,7 @@ def make_app(
     for path, (method, handler) in routes.items():
         allowed[path] = {method, "HEAD"} if method == "GET" else {method}
         for m in allowed[path]:  # HEAD as add_get() gives it: the GET handler, no body
-            app.router.add_route(m, path, edged(handler))
+            app.router.add_route(m, path, edged(handler), expect_handler=_expect)
 
     async def no_route(request: web.Request) -> web.StreamResponse:
         """Every other path and method, for the edge to answer in the OpenAI shape."""
@@ -414,7 +433,8 @@ def make_app(
             raise web.HTTPMethodNotAllowed(request.method, allowed[path])
         raise web.HTTPNotFound()
 
-    app.router.add_route("*", "/{tail:.*}", edged(no_route))  # last: matched last
+    app.router.add_route("*", "/{tail:.*}", edged(no_route),  # last: matched last
+                         expect_handler=_expect)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(feeds.feeds_ctx)
     return app

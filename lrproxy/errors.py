@@ -97,6 +97,14 @@ class RequestTooLarge(ProxyError):
     type = "invalid_request_error"
 
 
+class ExpectationFailed(ProxyError):
+    """An `Expect:` header other than 100-continue."""
+
+    status = 417
+    code = "expectation_failed"
+    type = "invalid_request_error"
+
+
 class HeadersTooLarge(ProxyError):
     status = 431
     code = "headers_too_large"

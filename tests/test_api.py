@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from conftest import CI_KEY, UPSTREAM_KEYS, Stack
+from conftest import CI_KEY, UPSTREAM_KEYS, Stack, wait_for
 from openai.types.chat import ChatCompletionMessageParam
 
 from lrproxy.config import DEFAULT_E_COMPLETION, PREFILL_RATIO
@@ -752,3 +752,18 @@ async def test_wrong_method_is_405_with_allow(stack: Stack, http: aiohttp.Client
             assert (await r.json())["error"]["code"] == "method_not_allowed"
             assert set(r.headers["Allow"].split(",")) == allow
             assert r.headers.getall("Server") == ["lrproxy"] and "X-Request-Id" in r.headers
+
+
+async def test_expect_header(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """`Expect: 100-continue` (curl sends it for large bodies) works; any other
+    expectation is a 417 in the OpenAI shape, from lrproxy, counted."""
+    body = json.dumps({"model": MINI, "messages": MSGS}).encode()
+    url = stack.base_url + "/chat/completions"
+    async with http.post(url, data=body, headers=auth(stack), expect100=True) as r:
+        assert r.status == 200
+        assert (await r.json())["lowrouter"]["route"]["model"] == MINI
+    async with http.post(url, data=body, headers={**auth(stack), "Expect": "magic"}) as r:
+        assert r.status == 417
+        assert (await r.json())["error"]["code"] == "expectation_failed"
+        assert r.headers.getall("Server") == ["lrproxy"] and "X-Request-Id" in r.headers
+    wait_for(lambda: stack.metric_sum("lrproxy_requests_total", code="417") == 1)

@@ -3,9 +3,10 @@
 A process keeps its own speed for its whole life here: three processes of the same build
 differ by 5-10 % in CPU per request (memory layout, hash seeds), so a comparison of one
 process against one other measures that as much as the change. This starts `--processes`
-lrproxy processes of each revision at once (all `--no-access-log`, all on core 0, like
-bench/run.py's), alternates short wrk runs over them and the minimal relay, and prints each
-process's median CPU per request and each revision's median over its processes.
+lrproxy processes of each revision at once (`--no-access-log` unless `--access-log`; all
+on core 0, like bench/run.py's), alternates short wrk runs over them and the minimal
+relay, and prints each process's median CPU per request and each revision's median over
+its processes.
 
     python bench/ab.py HEAD~3 .            # a revision against the working tree
     python bench/ab.py --kinds ns,st,sts --paced --processes 3 main my-branch
@@ -39,6 +40,8 @@ def main() -> int:
     ap.add_argument("--secs", type=float, default=3.0, help="seconds per wrk run (3)")
     ap.add_argument("--kinds", default="ns,st", help=f"of {','.join(KINDS)} (ns,st)")
     ap.add_argument("--paced", action="store_true", help="pauses between requests (ns, st)")
+    ap.add_argument("--access-log", action="store_true",
+                    help="run lrproxy with its access log on (to a file), as by default")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     if unknown := set(kinds) - set(KINDS):
@@ -65,7 +68,7 @@ def main() -> int:
             for i in range(args.processes):
                 t = B.Target(f"{rev}#{i + 1}", B.MODEL_ID, lambda: None, port=B.free_port())
                 t.lua = _luas(bench, t)
-                t.proc = bench.start_lrproxy(t, access_log=False, root=root)
+                t.proc = bench.start_lrproxy(t, access_log=args.access_log, root=root)
                 targets.append(t)
         minimal.lua = _luas(bench, minimal)
         for t in targets:

@@ -298,10 +298,10 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
         return None
     err = errors.ExpectationFailed(f"'Expect: {expect[:40]}' is not supported; "
                                    "send the request without it.")
-    _refused(request.app[RUNTIME], err.status, err.code)
+    rt = request.app[RUNTIME]
+    _refused(rt, err.status, err.code)
     resp = web.Response(status=err.status, body=err.body(), content_type="application/json")
-    resp.headers["Server"] = SERVER_HEADER
-    resp.headers["X-Request-Id"] = _request_id(None)
+    finish_headers(rt, resp, _request_id(None))
     return resp
 
 

@@ -6,6 +6,7 @@ from the fixed words below, so a client cannot add series by inventing names.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -195,6 +196,7 @@ def _add_observations(hist: Any, counts: list[int], total: float) -> None:
     hist._sum.inc(total)
 
 
+@functools.cache  # once per process: the library does not change under it
 def _check_bulk_observe() -> None:
     """Refuse to start, rather than count wrong, on a prometheus_client whose histogram
     internals differ from what `_add_observations` expects."""

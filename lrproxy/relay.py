@@ -480,18 +480,13 @@ class _Tail:
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
 
 
-def _take(
-    data: bytes, splitter: sse.EventSplitter, tail: _Tail, prefix: tuple[int, int] | None = None,
-) -> tuple[bytes, int]:
+def _take(data: bytes, splitter: sse.EventSplitter, tail: _Tail) -> tuple[bytes, int]:
     """What to forward of one upstream read, and how many events it completed.
 
     The plain content chunks at its start (usually all of it) go on as they are; only
-    the rest is split into events and looked at one by one (`_take_events`). `prefix`:
-    `sse.plain_prefix(data)` when the caller has it already.
+    the rest is split into events and looked at one by one (`_take_events`).
     """
-    if prefix is None:
-        prefix = (0, 0) if splitter.pending else sse.plain_prefix(data)
-    cut, plain = prefix
+    cut, plain = (0, 0) if splitter.pending else sse.plain_prefix(data)
     tail.content_events += plain
     if cut == len(data):
         return data, plain
@@ -600,11 +595,8 @@ async def _relay_stream(
     finished = False
     task = asyncio.current_task()
     assert task is not None
-    dl = rt.deadlines
-    watch = dl.watch(task)  # moved before each read below, with no call
-    read = resp.reader()
+    watch = rt.deadlines.watch(task)  # moved before each read below
     idle, keepalive = tmo.idle, tmo.keepalive
-    plain_prefix = sse.plain_prefix
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
         attempt.first = b""
@@ -631,14 +623,9 @@ async def _relay_stream(
             when = limit
             if when > now + keepalive and not splitter.pending:
                 when = now + keepalive  # keep-alive comments go only between events
-            watch.when = when
-            if when < dl.due_at:
-                dl.schedule(when)
-            watch.armed = True
+            watch.arm(when)
             try:
-                chunk = await read()
-            except upstream.READ_ERRORS as e:
-                raise upstream.connection_lost(e) from e
+                chunk = await resp.read_some()
             except asyncio.CancelledError:
                 if not watch.expired():
                     raise
@@ -657,17 +644,7 @@ async def _relay_stream(
             if not chunk:
                 break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
             last_byte = loop.time()
-            if not splitter.pending:
-                # Usually the whole read is plain content chunks: on at once.
-                prefix = plain_prefix(chunk)
-                if prefix[0] == len(chunk):
-                    tail.content_events += prefix[1]
-                    got_event = True
-                    await out.write(chunk)
-                    continue
-                data, events = _take(chunk, splitter, tail, prefix)
-            else:
-                data, events = _take(chunk, splitter, tail)
+            data, events = _take(chunk, splitter, tail)
             if events:
                 got_event = True
                 if tail.done:

@@ -31,12 +31,11 @@ _PLAIN_CHUNK: Final = re.compile(rb"data: ?\{[^\r\n]*\}\r?\n\r?\n")
 class EventSplitter:
     """Incremental SSE splitter: `feed(bytes) -> [event bytes]`, `close() -> leftover bytes`."""
 
-    __slots__ = ("_buf", "_scan", "pending")
+    __slots__ = ("_buf", "_scan")
 
     def __init__(self) -> None:
         self._buf = b""
         self._scan = 0  # where to resume the search for a blank line in _buf
-        self.pending = 0  # bytes of an unfinished event held (read per upstream read)
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf + data if self._buf else data
@@ -65,15 +64,18 @@ class EventSplitter:
             events.append(buf[start:end] if start or end != n else buf)
             start = scan = end
         self._buf = buf[start:] if start < n else b""
-        self.pending = len(self._buf)
         # The terminators are up to 3 bytes long: resume 2 bytes before the end.
         self._scan = max(0, len(self._buf) - 2) if start < n else 0
         return events
 
     def close(self) -> bytes:
         """The bytes of an unfinished event at the end of the stream (usually empty)."""
-        rest, self._buf, self._scan, self.pending = self._buf, b"", 0, 0
+        rest, self._buf, self._scan = self._buf, b"", 0
         return rest
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
 
 
 # Where a read stops being plain content chunks: usage or a finish_reason that is not
@@ -99,8 +101,7 @@ def plain_prefix(data: bytes) -> tuple[int, int]:
     n = len(data)
     if (
         data.find(b"\n") == n - 2
-        and data[-1:] == b"\n"
-        and data[-3:-2] == b"}"
+        and data.endswith(b"}\n\n")
         and data.startswith(b"data: {")
         and b"\r" not in data
         and b'"error"' not in data

@@ -11,7 +11,7 @@ import asyncio
 import io
 import math
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
@@ -188,10 +188,10 @@ class Deadlines:
 
     `asyncio.timeout()` creates and cancels a timer per use (~8 µs on uvloop here), and
     upstream calls nearly always end long before theirs. Here a deadline is a `Watch`:
-    arming one is a few attribute stores, and the one timer wakes at the earliest
-    deadline armed, cancels the tasks that are overdue, and re-arms at the earliest one
-    left. `timeout()` is a `with` block over a Watch of its own; a loop of waits (a
-    stream's reads) keeps one Watch and moves it before each wait, without a call.
+    arming one moves no timer unless it is due before the timer fires; the one timer
+    wakes at the earliest deadline armed, cancels the tasks that are overdue, and
+    re-arms at the earliest one left. `timeout()` is a `with` block over a Watch of its
+    own; a loop of waits (a stream's reads) keeps one Watch and re-arms it each wait.
     """
 
     __slots__ = ("_due", "_loop", "_timer", "due_at")
@@ -199,9 +199,7 @@ class Deadlines:
     def __init__(self) -> None:
         self._due: set[Watch] = set()
         self._timer: asyncio.TimerHandle | None = None
-        # When the timer fires; an armed watch due earlier must move it (`schedule`). An
-        # attribute, not a property: a stream reads it before each read.
-        self.due_at = math.inf
+        self.due_at = math.inf  # when the timer fires
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def timeout(self, seconds: float) -> _Deadline:
@@ -210,13 +208,13 @@ class Deadlines:
         stays a CancelledError."""
         task = asyncio.current_task()
         assert task is not None
-        return _Deadline(self, task, task.get_loop().time() + seconds)
+        self._loop = loop = task.get_loop()
+        return _Deadline(self, task, loop.time() + seconds)
 
     def watch(self, task: asyncio.Task[Any]) -> Watch:
         """A deadline that `task` moves itself, for a loop of waits; `close()` it after.
 
-        Before each wait: `w.when = t`, `if t < deadlines.due_at: deadlines.schedule(t)`
-        (rare), `w.armed = True`; after it: `w.armed = False`. When the wait raises
+        Before each wait `w.arm(t)`, after it `w.armed = False`; when the wait raises
         CancelledError, `w.expired()` tells whether it was this deadline's. Unarmed (the
         task busy elsewhere, e.g. writing to its client), it cancels nothing.
         """
@@ -225,7 +223,7 @@ class Deadlines:
         self._due.add(w)
         return w
 
-    def schedule(self, when: float) -> None:
+    def _schedule(self, when: float) -> None:
         """Make the timer fire at `when`, an armed deadline earlier than the timer's."""
         if self._timer is not None:
             self._timer.cancel()
@@ -248,7 +246,7 @@ class Deadlines:
             elif w.when < nxt:
                 nxt = w.when
         if nxt < math.inf:
-            self.schedule(nxt)
+            self._schedule(nxt)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -269,10 +267,8 @@ class Watch:
     def arm(self, when: float) -> None:
         self.when = when
         self.armed = True
-        owner = self._owner
-        if when < owner.due_at:
-            owner._loop = self.task.get_loop()
-            owner.schedule(when)
+        if when < self._owner.due_at:
+            self._owner._schedule(when)
 
     def expired(self) -> bool:
         """Disarm. True when this deadline passed while armed and its cancel was the
@@ -299,17 +295,9 @@ class _Deadline(Watch):
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._owner._due.discard(self)
+        self.close()
         if self.expired() and kind is asyncio.CancelledError:
             raise TimeoutError from exc
-
-
-# What reading an upstream body may raise when the connection breaks.
-READ_ERRORS: Final = (aiohttp.ClientError, OSError)
-
-
-def connection_lost(e: BaseException) -> UpstreamConnectionLost:
-    return UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}")
 
 
 class UpstreamResponse:
@@ -326,14 +314,8 @@ class UpstreamResponse:
         """The next bytes of the body, b"" at its end; raises UpstreamError if cut."""
         try:
             return await self._resp.content.readany()
-        except READ_ERRORS as e:
-            raise connection_lost(e) from e
-
-    def reader(self) -> Callable[[], Awaitable[bytes]]:
-        """`read_some` without its wrapper coroutine, for a loop of reads that catches
-        READ_ERRORS itself and raises `connection_lost(e)` (a stream: one read per
-        chunk, where a coroutine more per read shows)."""
-        return self._resp.content.readany
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}") from e
 
     def read_complete(self) -> bytes | None:
         """The whole body when it has already arrived (usual for a JSON answer), else None.
@@ -417,9 +399,7 @@ async def send(
                 headers=headers, allow_redirects=False, timeout=client_timeout,
                 **target.post_options,
             )
-    except TimeoutError as e:
-        raise UpstreamTimeout("upstream did not answer in time") from e
-    except aiohttp.ServerTimeoutError as e:
+    except TimeoutError as e:  # ours, or aiohttp's ServerTimeoutError (one too)
         raise UpstreamTimeout("upstream did not answer in time") from e
     except (aiohttp.ClientError, OSError) as e:
         raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e

@@ -91,8 +91,7 @@ async def test_an_unarmed_watch_cancels_nothing() -> None:
     w.armed = False  # the read ended; now busy elsewhere
     await asyncio.sleep(0.1)  # the timer fires meanwhile: nothing happens
     assert not w.fired
-    w.armed = True  # its deadline is long past
-    dl.schedule(w.when)
+    w.arm(w.when)  # armed again, its deadline long past
     try:
         await asyncio.sleep(1.0)
         raise AssertionError("the past deadline did not end the wait")

@@ -83,6 +83,9 @@ class Runtime:
     readings: dict[str, eco.Reading] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer
+    # The app's loop, from its start: asyncio.current_task(loop) with the loop given
+    # skips get_running_loop(), a getpid() system call on Python 3.11.
+    loop: asyncio.AbstractEventLoop | None = None
     background: set[asyncio.Task[Any]] = attrs.Factory(set)  # short tasks of finished requests
     draining: bool = False
     drain_expired: bool = False  # shutdown_grace_s is over: end what is left with an error
@@ -94,7 +97,7 @@ class Runtime:
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` as a task of its own, held until it ends (cancelled at shutdown)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task = (self.loop or asyncio.get_running_loop()).create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
@@ -225,7 +228,7 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REC] = rec
     # Every API request gets its access line and count, /models and unknown paths too (SPEC §6).
     rec.api = request.path.startswith(("/api/v1/", "/v1/"))
-    task = asyncio.current_task()
+    task = asyncio.current_task(rt.loop)
     assert task is not None
     rt.tasks.add(task)
     count_inflight = rt.metrics.immediate  # else the gauge reads len(rt.tasks) itself
@@ -442,6 +445,8 @@ def make_app(
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
+    rt.loop = asyncio.get_running_loop()
+    rt.deadlines = Deadlines(rt.loop)
     rt.session = make_session(rt.state.config)
     log.debug("lrproxy %s: upstream session open", __version__)
     yield

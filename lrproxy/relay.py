@@ -584,7 +584,9 @@ async def _relay_stream(
     out = web.StreamResponse(status=200, headers={
         **_STREAM_HEADERS, **_answer_headers(rec, time.perf_counter() - attempt.t_sent)})
     finish_headers(rt, out, rec.request_id)
-    loop = asyncio.get_running_loop()
+    task = asyncio.current_task(rt.loop)
+    assert task is not None
+    loop = task.get_loop()
     started = loop.time()
     # Both limits count from before the wait in _first_events (SPEC §4: first_byte runs
     # until the first event, total caps the whole request), not from here.
@@ -593,8 +595,6 @@ async def _relay_stream(
     got_event = attempt.got_event
     last_byte = loop.time()
     finished = False
-    task = asyncio.current_task()
-    assert task is not None
     watch = rt.deadlines.watch(task)  # moved before each read below
     idle, keepalive = tmo.idle, tmo.keepalive
     try:
@@ -666,8 +666,6 @@ async def _relay_stream(
         rt.metrics.attempt(cand.upstream.name, "stream_" + _outcome(e))
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
-        task = asyncio.current_task()
-        assert task is not None
         if rt.drain_expired and task.cancelling() == 1:
             task.uncancel()
             # The drain's deadline, not the client: end with the §1.1 error event.

@@ -196,17 +196,19 @@ class Deadlines:
 
     __slots__ = ("_due", "_loop", "_timer", "due_at")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """`loop`: the one all its tasks run in, when known; it spares `timeout()` a
+        get_running_loop() (on Python 3.11 a getpid() system call each)."""
         self._due: set[Watch] = set()
         self._timer: asyncio.TimerHandle | None = None
         self.due_at = math.inf  # when the timer fires
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = loop
 
     def timeout(self, seconds: float) -> _Deadline:
         """`with deadlines.timeout(s):` is `async with asyncio.timeout(s):` on the shared
         timer: the current task's own expiry becomes TimeoutError, any other cancel
         stays a CancelledError."""
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         assert task is not None
         self._loop = loop = task.get_loop()
         return _Deadline(self, task, loop.time() + seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -95,6 +96,11 @@ _flush_s = ACCESS_FLUSH_MS / 1000
 _lines: list[bytes] = []  # access lines not written yet, _size bytes
 _size = 0
 _timer: asyncio.TimerHandle | None = None
+# A non-blocking stdout whose reader lags (EAGAIN) keeps its lines until the loop says it
+# has room, up to this many bytes; lines past it are dropped, counted, and reported.
+_MAX_BACKLOG: Final = 1 << 20
+_blocked = False
+_dropped = 0
 
 
 def access_enabled() -> bool:
@@ -104,11 +110,16 @@ def access_enabled() -> bool:
 
 def access_line(fields: dict[str, Any]) -> None:
     """One JSON line; through logging when something (a test) attached handlers."""
-    global _size, _timer
+    global _size, _timer, _dropped
     if _direct_fd is not None and not _access.handlers:
         line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
         if _size + len(line) > _PIPE_BUF:
-            flush_access()
+            if _blocked:  # stdout is full: _writable() goes on; hold what fits
+                if _size + len(line) > _MAX_BACKLOG:
+                    _dropped += 1
+                    return
+            else:
+                flush_access()
         _lines.append(line)
         _size += len(line)
         if _timer is None:
@@ -124,18 +135,45 @@ def access_line(fields: dict[str, Any]) -> None:
 
 def flush_access() -> None:
     """Write the access lines gathered so far (at the flush time, when they would pass
-    PIPE_BUF together, and at exit)."""
-    global _size, _timer
+    PIPE_BUF together, and at exit), in writes of whole lines of at most PIPE_BUF."""
+    global _size, _timer, _blocked, _dropped
     if _timer is not None:
         _timer.cancel()
         _timer = None
     if not _lines or _direct_fd is None:
         return
-    data = _lines[0] if len(_lines) == 1 else b"".join(_lines)
-    _lines.clear()
-    _size = 0
+    lines, i = _lines, 0
     try:
-        while data:  # a blocking fd writes it all; a short write only on a signal
-            data = data[os.write(_direct_fd, data):]
-    except OSError:  # stdout closed or full: losing log lines must not fail requests
+        while i < len(lines):
+            j, size = i + 1, len(lines[i])
+            while j < len(lines) and size + len(lines[j]) <= _PIPE_BUF:
+                size += len(lines[j])
+                j += 1
+            data = lines[i] if j == i + 1 else b"".join(lines[i:j])
+            n = os.write(_direct_fd, data)
+            if not n:
+                break
+            if n < len(data):  # a short write (a socket, a signal): its rest goes first
+                lines[i:j] = [data[n:]]
+            else:
+                i = j
+    except BlockingIOError:  # a non-blocking stdout is full: the rest waits
         pass
+    except OSError:  # stdout closed: losing log lines must not fail requests
+        i = len(lines)
+    del lines[:i]
+    _size = sum(map(len, lines))
+    _blocked = bool(lines)
+    if _blocked:
+        with contextlib.suppress(RuntimeError):  # no loop at exit: nothing to wait with
+            asyncio.get_running_loop().add_writer(_direct_fd, _writable, _direct_fd)
+    elif _dropped:
+        logging.getLogger(MAIN).warning(
+            "access log: %d lines dropped while stdout took none", _dropped)
+        _dropped = 0
+
+
+def _writable(fd: int) -> None:
+    """A full stdout has room again: write on."""
+    asyncio.get_running_loop().remove_writer(fd)
+    flush_access()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -35,19 +35,23 @@ _STREAM_HEADERS: Final = {
 }
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _relay(request, chat=True)
+def chat_completions(request: web.Request) -> Awaitable[web.StreamResponse]:
+    # The relay's coroutine itself, not one awaiting it: each coroutine in the chain is
+    # resumed at every wake-up of the request (py-spy: ~7 µs a request under paced load).
+    return _relay(request, chat=True)
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await _relay(request, chat=False)
+def embeddings(request: web.Request) -> Awaitable[web.StreamResponse]:
+    return _relay(request, chat=False)
 
 
 # ---------------------------------------------------------------------------------------
 # the request
 
 
-async def _read_body(request: web.Request, st: State) -> bytes:
+def _body_now(request: web.Request, st: State) -> bytes | None:
+    """Check the body's length and encoding; the body when it came with the headers
+    (usual for a small one), else None for `_read_body` (no coroutine on the usual path)."""
     limit = st.config.server.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
@@ -59,7 +63,14 @@ async def _read_body(request: web.Request, st: State) -> bytes:
         )
     content = request.content
     if length is not None and content.is_eof():
-        return content.read_nowait()  # the whole (small) body came with the headers
+        return content.read_nowait()
+    return None
+
+
+async def _read_body(request: web.Request, st: State) -> bytes:
+    """The rest of a body that did not come with the headers, within the limits."""
+    limit = st.config.server.max_body_bytes
+    content = request.content
     chunks: list[bytes] = []
     size = 0
     try:
@@ -174,7 +185,9 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
     rec.api = True
     rec.key = st.authenticate(request.headers.get("Authorization"))
     _admit(rt, st, rec.key)
-    body = await _read_body(request, st)
+    body = _body_now(request, st)
+    if body is None:
+        body = await _read_body(request, st)
     obj, model_id, region, stream, client_usage = _parse_body(body, chat, request.headers)
     rec.stream = stream
     if model_id in st.table.by_model:
@@ -256,7 +269,9 @@ async def _try_candidates(
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 await _first_events(attempt, rt.deadlines, first_byte, tmo.keepalive)
             else:
-                attempt.body, attempt.doc = await _read_answer(resp, first_byte)
+                answer = _answer_now(resp)
+                attempt.body, attempt.doc = (
+                    answer if answer is not None else await _read_answer(resp, first_byte))
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
@@ -319,18 +334,35 @@ async def _read_answer(
 ) -> tuple[bytes, dict[str, Any] | None]:
     """The whole answer and, for a success, its JSON object; raises UpstreamFailed."""
     try:
-        data = resp.read_complete()
-        if data is None:
-            async with asyncio.timeout(timeout):
-                data = await resp.read_all(MAX_UPSTREAM_BODY)
-        elif len(data) > MAX_UPSTREAM_BODY:
-            raise errors.UpstreamError("upstream answer too large")
+        async with asyncio.timeout(timeout):
+            data = await resp.read_all(MAX_UPSTREAM_BODY)
     except TimeoutError as e:
         resp.close()
         raise errors.UpstreamTimeout("upstream did not finish its answer in time") from e
     except BaseException:  # a failure, or the client gone: the upstream stops at once
         resp.close()
         raise
+    return _answer_doc(resp, data)
+
+
+def _answer_now(resp: upstream.UpstreamResponse) -> tuple[bytes, dict[str, Any] | None] | None:
+    """`_read_answer` without its coroutine when the whole answer has already arrived
+    (the usual case for a JSON answer), else None."""
+    try:
+        data = resp.read_complete()
+        if data is None:
+            return None
+        if len(data) > MAX_UPSTREAM_BODY:
+            raise errors.UpstreamError("upstream answer too large")
+    except BaseException:
+        resp.close()
+        raise
+    return _answer_doc(resp, data)
+
+
+def _answer_doc(
+    resp: upstream.UpstreamResponse, data: bytes
+) -> tuple[bytes, dict[str, Any] | None]:
     resp.release()
     if resp.status >= 300:
         return data, None

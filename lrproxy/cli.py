@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="stderr log format; 'plain' reads best in the journal (default: json)")
     s.add_argument("--no-access-log", action="store_true",
                    help="do not write the per-request JSON line on stdout")
+    s.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                   help="event loop: uvloop (installed with lrproxy on Linux; 10-25%% "
+                   "less CPU per request), asyncio's own, or auto: uvloop when it can be "
+                   "imported (default: auto)")
     s.add_argument("--access-log-flush-ms", type=_non_negative_int, default=ACCESS_FLUSH_MS,
                    metavar="MS",
                    help="gather access lines for up to MS ms and write them together "
@@ -133,10 +137,15 @@ def _load(path: str) -> tuple[Config, Secrets]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        uvloop: Any = __import__("uvloop")
-    except ImportError:
-        uvloop = None
+    uvloop: Any = None
+    if args.loop != "asyncio":
+        try:
+            uvloop = __import__("uvloop")
+        except ImportError:
+            if args.loop == "uvloop":
+                print("lrproxy serve: --loop uvloop: uvloop is not installed "
+                      "(pip install uvloop)", file=sys.stderr)
+                return EX_USAGE
     runner = uvloop.run if uvloop is not None else asyncio.run
     try:
         return int(runner(_serve(args)))
@@ -167,6 +176,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.no_access_log:
             passed.append("--no-access-log")
         passed.append(f"--access-log-flush-ms={args.access_log_flush_ms}")
+        passed.append(f"--loop={args.loop}")
         return await supervise(config, args.config, listen, mlisten, passed)
     if worker:
         notifier.ready_status = f"worker {os.environ.get('LRPROXY_WORKER_INDEX', '0')}"
@@ -185,8 +195,11 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
     mrunner = await serve_metrics(lambda: registry, mlisten) if mlisten else None
     bound = _bound(runner, listen)
-    log.info("lrproxy %s listening on http://%s/api/v1", __version__, bound,
-             extra={"fields": {"listen": str(bound), "metrics": str(mlisten) if mlisten else None}})
+    loop_name = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") \
+        else "asyncio"
+    log.info("lrproxy %s listening on http://%s/api/v1 (%s)", __version__, bound, loop_name,
+             extra={"fields": {"listen": str(bound), "metrics": str(mlisten) if mlisten else None,
+                               "loop": loop_name}})
     if args.demo:
         print(f"LOWROUTER_BASE_URL=http://{bound}/api/v1", flush=True)
         print(f"LOWROUTER_API_KEY={key}", flush=True)

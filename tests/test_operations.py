@@ -362,6 +362,43 @@ def test_access_lines_are_gathered_and_written_by_the_flush_and_at_exit(
 # the command line
 
 
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_serve_on_either_event_loop(tmp_path: Path, sim: SimThread, loop: str) -> None:
+    """`--loop auto` runs on uvloop when it can be imported (it is installed with
+    lrproxy), `--loop asyncio` on asyncio's own loop; both serve plain and streamed
+    answers, and the start line names the loop."""
+    import importlib.util
+
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    proxy = Proxy(["serve", "--config", str(cfg), f"--loop={loop}"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        with _client(port) as client:
+            _plain(client, {})
+            _stream(client, {"chunks": 5})
+        want = "uvloop" if loop == "auto" and importlib.util.find_spec("uvloop") else "asyncio"
+        start = next(json.loads(ln) for ln in proxy.stderr.splitlines() if "listening" in ln)
+        assert start["loop"] == want and f"({want})" in start["msg"]
+    finally:
+        proxy.stop()
+
+
+def test_loop_uvloop_without_uvloop_is_a_usage_error(tmp_path: Path) -> None:
+    """`--loop uvloop` where uvloop cannot be imported: exit 64 (EX_USAGE) saying so."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['uvloop'] = None\n")
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml("http://127.0.0.1:9/v1", free_port()))
+    r = subprocess.run([*LRPROXY, "serve", "--config", str(cfg), "--loop", "uvloop"],
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+                       env=child_env(PYTHONPATH=str(hide)))
+    assert r.returncode == 64, r.stderr
+    assert "--loop uvloop: uvloop is not installed" in r.stderr
+
+
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LRPROXY, *args], capture_output=True, text=True, timeout=30,
                           cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL)

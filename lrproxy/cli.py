@@ -31,7 +31,7 @@ from lrproxy.config import (
     read_config,
     resolve_secrets,
 )
-from lrproxy.log import ACCESS_FLUSH_MS, MAIN, flush_access, setup_logging
+from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner
 from lrproxy.sdnotify import Notifier, activated_sockets
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-access-log", action="store_true",
                    help="do not write the per-request JSON line on stdout")
     s.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
-                   help="event loop: uvloop (installed with lrproxy on Linux; 10-25%% "
+                   help="event loop: uvloop (installed with lrproxy except on Windows; 10-25%% "
                    "less CPU per request), asyncio's own, or auto: uvloop when it can be "
                    "imported (default: auto)")
     s.add_argument("--access-log-flush-ms", type=_non_negative_int, default=ACCESS_FLUSH_MS,
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        flush_access()
+        close_access()
 
 
 def _non_negative_int(text: str) -> int:

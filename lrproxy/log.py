@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import logging
 import os
+import select
 import sys
 import time
 from typing import Any, Final
@@ -83,7 +84,7 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
         sys.stdout.flush()
         _direct_fd = sys.stdout.fileno()
         _flush_s = max(0, access_flush_ms) / 1000
-        atexit.register(flush_access)
+        atexit.register(close_access)
         acc.setLevel(logging.INFO)
     else:
         _direct_fd = None
@@ -151,8 +152,8 @@ def flush_access() -> None:
                 j += 1
             data = lines[i] if j == i + 1 else b"".join(lines[i:j])
             n = os.write(_direct_fd, data)
-            if not n:
-                break
+            if not n:  # nothing taken, no error: nothing to wait for either
+                raise OSError("stdout took no bytes")
             if n < len(data):  # a short write (a socket, a signal): its rest goes first
                 lines[i:j] = [data[n:]]
             else:
@@ -160,20 +161,57 @@ def flush_access() -> None:
     except BlockingIOError:  # a non-blocking stdout is full: the rest waits
         pass
     except OSError:  # stdout closed: losing log lines must not fail requests
+        _dropped += len(lines) - i
         i = len(lines)
     del lines[:i]
     _size = sum(map(len, lines))
     _blocked = bool(lines)
     if _blocked:
-        with contextlib.suppress(RuntimeError):  # no loop at exit: nothing to wait with
+        with contextlib.suppress(RuntimeError):  # no loop at exit: close_access() waits
             asyncio.get_running_loop().add_writer(_direct_fd, _writable, _direct_fd)
-    elif _dropped:
-        logging.getLogger(MAIN).warning(
-            "access log: %d lines dropped while stdout took none", _dropped)
-        _dropped = 0
+    if _dropped:
+        _report_drops(force=not _blocked)
 
 
 def _writable(fd: int) -> None:
     """A full stdout has room again: write on."""
     asyncio.get_running_loop().remove_writer(fd)
     flush_access()
+
+
+_DROP_REPORT_S: Final = 10.0
+_last_report = -_DROP_REPORT_S
+
+
+def _report_drops(force: bool) -> None:
+    """Say how many access lines were dropped: when stdout takes lines again, at exit,
+    and every 10 s while it stays full (a reader that never catches up)."""
+    global _dropped, _last_report
+    now = time.monotonic()
+    if not force and now - _last_report < _DROP_REPORT_S:
+        return
+    logging.getLogger(MAIN).warning(
+        "access log: %d lines dropped while stdout took none", _dropped)
+    _dropped, _last_report = 0, now
+
+
+def close_access(wait_s: float = 1.0) -> None:
+    """At exit: write what is left; a full non-blocking stdout gets up to `wait_s` to
+    take it (polled: its blocking flag is shared with other processes), then what is
+    still left counts as dropped and is reported."""
+    global _dropped, _size, _blocked
+    flush_access()
+    if _direct_fd is None:
+        return
+    end = time.monotonic() + wait_s
+    while _lines and (left := end - time.monotonic()) > 0:
+        poll = select.poll()
+        poll.register(_direct_fd, select.POLLOUT)
+        poll.poll(left * 1000)
+        flush_access()
+    if _lines:
+        _dropped += len(_lines)
+        _lines.clear()
+        _size, _blocked = 0, False
+    if _dropped:
+        _report_drops(force=True)

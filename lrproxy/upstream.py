@@ -198,7 +198,8 @@ class Deadlines:
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """`loop`: the one all its tasks run in, when known; it spares `timeout()` a
-        get_running_loop() (on Python 3.11 a getpid() system call each)."""
+        get_running_loop() (on Python 3.11 a getpid() system call each). A Deadlines
+        serves one loop: the first it is used in, when not given one."""
         self._due: set[Watch] = set()
         self._timer: asyncio.TimerHandle | None = None
         self.due_at = math.inf  # when the timer fires

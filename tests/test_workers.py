@@ -56,12 +56,14 @@ def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, 
     cfg.write_text(config_toml(sim.base_url, port, extra_server=(
         f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')))
     notify = Notify(tmp_path)
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--loop=asyncio"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
     try:
         assert notify.wait_for("READY", 30)["READY"] == "1"
         workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
                            "two workers")
+        started = [ln for ln in proxy.stderr.splitlines() if "listening on" in ln]
+        assert len(started) == 2 and all("(asyncio)" in ln for ln in started)  # its --loop
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
                                max_retries=0, timeout=20)
         n = 40

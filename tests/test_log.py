@@ -37,6 +37,11 @@ def pipe_stdout(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
     out = os.fdopen(w, "w", closefd=False)
     monkeypatch.setattr(sys, "stdout", out)
     log.setup_logging("warning", access=True, access_flush_ms=5)
+    # pytest (9.2 and later) attaches its capture handlers to the access logger during
+    # the test, which sends lines through logging instead of stdout: give log.py a logger
+    # of its own that nothing else knows.
+    bare = logging.Logger(log.ACCESS, logging.INFO)
+    monkeypatch.setattr(log, "_access", bare)
     try:
         yield r, w
     finally:

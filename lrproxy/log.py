@@ -8,7 +8,6 @@ keys or message text.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import os
@@ -83,8 +82,7 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
         # when writes come a millisecond apart, ~2 µs each when they come together.
         sys.stdout.flush()
         _direct_fd = sys.stdout.fileno()
-        _flush_s = max(0, access_flush_ms) / 1000
-        atexit.register(close_access)
+        _flush_s = max(0, access_flush_ms) / 1000  # the CLI calls close_access() at its end
         acc.setLevel(logging.INFO)
     else:
         _direct_fd = None

@@ -13,7 +13,7 @@ nginx, uvloop and py-spy are used when installed):
     (targets besides direct and minimal); --scenarios wrk,gaps,slow,memory,workers (a subset);
     --prompt-kib N (N KiB of earlier turns in every request); --wait-quiet S (first
     wait up to S seconds for idle cores); --json FILE (every repetition's figures);
-    with --profile: --profile-streams, --profile-target minimal, --profiler cprofile,
+    with --profile: --profile-streams, --profile-spaced, --profile-target minimal, --profiler cprofile,
     --profile-raw FILE (py-spy's collapsed stacks).
 
 It starts the simulated upstream (`python -m lrproxy.simupstream`, on uvloop when
@@ -414,6 +414,9 @@ class Bench:
         self.uvloop = args.loop == "auto" and _has_uvloop()
         self.scenarios = set(args.scenarios.split(","))
         self.served = 0  # requests answered by the process under test so far
+        # bench/instr.py: a command the proxies run under (valgrind), and their start time
+        self.wrap: list[str] = []
+        self.start_timeout = 20.0
         self.rss_mark = 0
         self.results: dict[str, dict[str, list[float]]] = collections.defaultdict(
             lambda: collections.defaultdict(list))
@@ -448,11 +451,12 @@ class Bench:
 
     def start_minimal(self, t: Target) -> subprocess.Popen[bytes]:
         log = self.tmp / f"{t.name}.log"
-        argv = ["taskset", "-c", PROXY_CORE, sys.executable, str(HERE / "minimal_relay.py"),
+        argv = ["taskset", "-c", PROXY_CORE, *self.wrap, sys.executable,
+                str(HERE / "minimal_relay.py"),
                 "--listen", f"{HOST}:{t.port}", "--upstream", f"http://{HOST}:{self.sim_port}",
                 "--loop", "auto" if self.uvloop else "asyncio"]
         p = self.procs.start(argv, log=log)
-        wait_port(t.port, p, log)
+        wait_port(t.port, p, log, self.start_timeout)
         return p
 
     def lrproxy_config(self, port: int, workers: int | None = None) -> Path:
@@ -491,7 +495,7 @@ max_concurrency = 4096
         (bench/ab.py points it at other revisions' worktrees)."""
         log = self.tmp / f"{t.name}.log"
         cfg = self.lrproxy_config(t.port, workers)
-        argv = ["taskset", "-c", cores, *self._python()]
+        argv = ["taskset", "-c", cores, *self.wrap, *self._python()]
         if self.uvloop:
             argv += ["-m", "lrproxy"]
         else:
@@ -509,7 +513,7 @@ max_concurrency = 4096
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(d), env.get("PYTHONPATH")]))
         p = self.procs.start(argv, log=log, env=env, stdout=self.tmp / f"{t.name}.access.log",
                              cwd=root)
-        wait_port(t.port, p, log)
+        wait_port(t.port, p, log, self.start_timeout)
         if workers is not None and workers > 1:  # the supervisor has started them all
             end = time.monotonic() + 20
             while len(pid_tree(p.pid)) < 1 + workers:
@@ -819,7 +823,9 @@ http {{
     # -- profile ----------------------------------------------------------------------
 
     def profile(self, seconds: float, kind: str) -> str:
-        what = {"ns": "non-streaming", "st": f"{CHUNKS}-chunk streams"}[kind]
+        what = {"ns": "non-streaming", "st": f"{CHUNKS}-chunk streams",
+                "sts": f"{CHUNKS}-chunk streams, chunks {SPACED_S * 1000:g} ms apart"}[kind]
+        conns = SPACED_CONNS if kind == "sts" else 64
         self.start_sim()
         name = self.args.profile_target
         t = next(t for t in self.targets() if t.name == name)
@@ -832,10 +838,10 @@ http {{
                     ["taskset", "-c", LOAD_CORE, "py-spy", "record", "-r", "250",
                      "-d", str(int(seconds)), "-f", "raw", "-o", str(out), "-p", str(t.pid)],
                     log=self.tmp / "py-spy.log")
-                r = run_wrk(t.url, t.lua[kind], 64, seconds + 1, t.pid)
+                r = run_wrk(t.url, t.lua[kind], conns, seconds + 1, t.pid)
                 spy.wait(timeout=60)
                 self.procs.stop(spy)
-            head = (f"py-spy, {seconds:g}s at 250 Hz of {name} under wrk -c64 "
+            head = (f"py-spy, {seconds:g}s at 250 Hz of {name} under wrk -c{conns} "
                     f"{what}: {r['rps']:.0f} req/s, {r['cpu_us']:.0f} us CPU/req "
                     "(sampling slows it)\n")
             if self.args.profile_raw:
@@ -857,13 +863,13 @@ http {{
         wait_port(t.port, p, log)
         t.proc = p
         self.warm(t)
-        r = run_wrk(t.url, t.lua[kind], 64, seconds, t.pid)
+        r = run_wrk(t.url, t.lua[kind], conns, seconds, t.pid)
         self.procs.stop(p)
         buf = io.StringIO()
         st = pstats.Stats(str(prof), stream=buf)
         st.strip_dirs().sort_stats("tottime").print_stats(30)
         st.sort_stats("cumtime").print_stats(r"relay|app|upstream|sse|eco|log|metrics", 30)
-        return (f"cProfile of {name} under wrk -c64 {what}: {r['rps']:.0f} req/s\n"
+        return (f"cProfile of {name} under wrk -c{conns} {what}: {r['rps']:.0f} req/s\n"
                 + buf.getvalue())
 
 
@@ -1243,6 +1249,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --profile: py-spy when installed, else cProfile")
     ap.add_argument("--profile-streams", action="store_true",
                     help="with --profile: under 20-chunk streams instead")
+    ap.add_argument("--profile-spaced", action="store_true",
+                    help=f"with --profile: under streams whose chunks come {SPACED_S * 1000:g} ms apart")
     ap.add_argument("--profile-target", default="lrproxy",
                     choices=("lrproxy", "lrproxy-nolog", "minimal"),
                     help="with --profile: the process to profile (py-spy only for minimal)")
@@ -1276,7 +1284,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         if args.profile:
-            print(bench.profile(args.profile, "st" if args.profile_streams else "ns"))
+            print(bench.profile(args.profile, "sts" if args.profile_spaced
+                                else "st" if args.profile_streams else "ns"))
             return 0
         if args.soak:
             print(bench.soak(args.soak))

@@ -109,7 +109,11 @@ class Runtime:
         return self._intensities(self.state.config)
 
     def install(self, config: Config, secrets: Secrets) -> None:
-        """Adopt a validated config atomically (start and reload)."""
+        """Adopt a validated config atomically (start and reload): the new state is built
+        first, so that if anything fails the old config goes on serving, untouched."""
+        readings = {k: v for k, v in self.readings.items() if k in config.regions}
+        intensities = self._intensities(config, readings)
+        state = make_state(config, secrets, intensities)
         for u in set(self.pool.health) - {u.name for u in config.upstreams}:
             self.metrics.usable.remove(u)  # a series per configured name only
         for r in set(self.state.config.regions) - set(config.regions):
@@ -123,9 +127,8 @@ class Runtime:
                 buckets[k.name] = new if old is None else attrs.evolve(new, tokens=old.tokens,
                                                                        at=old.at)
         self.buckets = buckets
-        self.readings = {k: v for k, v in self.readings.items() if k in config.regions}
-        intensities = self._intensities(config)
-        self.state = make_state(config, secrets, intensities)
+        self.readings = readings
+        self.state = state
         self._publish_intensities(intensities)
         self.pool.on_change = lambda: publish_usable(self)
         publish_usable(self)
@@ -137,9 +140,11 @@ class Runtime:
         self.state = attrs.evolve(st, table=build_table(st.config, intensities))
         self._publish_intensities(intensities)
 
-    def _intensities(self, config: Config) -> dict[str, float]:
+    def _intensities(self, config: Config,
+                     readings: Mapping[str, eco.Reading] | None = None) -> dict[str, float]:
         now = self.clock()
-        return {name: eco.current_intensity(r, self.readings.get(name), now).g_per_kwh
+        readings = self.readings if readings is None else readings
+        return {name: eco.current_intensity(r, readings.get(name), now).g_per_kwh
                 for name, r in config.regions.items()}
 
     def _publish_intensities(self, intensities: Mapping[str, float]) -> None:
@@ -149,7 +154,7 @@ class Runtime:
 
 def make_state(config: Config, secrets: Secrets, intensities: Mapping[str, float]) -> State:
     return State(
-        config, secrets, build_table(config, intensities), make_targets(config, secrets.upstream_keys),
+        config, secrets, build_table(config, intensities), make_targets(config, secrets),
         frozenset(config.regions),
         aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
     )

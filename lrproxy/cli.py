@@ -307,9 +307,14 @@ def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
     finally:
         notifier.ready()  # always after RELOADING=1, or `systemctl reload` hangs
     old = rt.state.config.server
+    try:
+        rt.install(config, secrets_)
+    except Exception as e:  # a bug of ours: install() builds all before it changes anything
+        rt.metrics.reloads.labels("error").inc()
+        log.exception("reload refused, the old config stays: %s: %s", path, type(e).__name__)
+        return
     if config.server.listen != old.listen or config.server.workers != old.workers:
         log.warning("server.listen and server.workers take effect at restart, not reload")
-    rt.install(config, secrets_)
     rt.metrics.reloads.labels("ok").inc()
     log.info("config reloaded from %s", path)
 

@@ -3,8 +3,9 @@
 `read_config(path)` turns a TOML or INI file into one plain mapping; `parse_config`
 checks that mapping against the schema and returns a `Config` or raises `ConfigError`
 listing every problem as `file: key: what is wrong`. Nothing here logs or exits.
-Secrets (client keys, upstream keys) are resolved separately by `resolve_secrets`,
-because the environment variables and credential files exist only under the service.
+Secrets (client keys, upstream keys) and upstreams' CA bundles are resolved separately by
+`resolve_secrets`, because the environment variables and credential files exist only
+under the service.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -616,10 +618,13 @@ def _parse_upstreams(
 
 @attrs.frozen
 class Secrets:
-    """Resolved secrets: client key hashes by name, upstream keys by upstream name."""
+    """Resolved secrets: client key hashes by name, upstream keys by upstream name, and
+    the TLS context of each upstream with a `ca_file`, loaded with the keys so that a
+    bundle that cannot be read or parsed is a config problem, not a failure later."""
 
     client_hashes: tuple[tuple[str, bytes], ...]  # (name, sha256 digest)
     upstream_keys: Mapping[str, str | None]
+    ca_contexts: Mapping[str, ssl.SSLContext] = attrs.field(factory=dict)
 
 
 def hash_key(key: str) -> str:
@@ -645,7 +650,8 @@ def _read_secret_file(path: str, environ: Mapping[str, str]) -> str:
 def resolve_secrets(
     config: Config, environ: Mapping[str, str], *, check_env: bool = True
 ) -> Secrets:
-    """Read every client and upstream key from the environment or files; raises ConfigError.
+    """Read every client and upstream key from the environment or files, and every
+    upstream's CA bundle; raises ConfigError.
 
     `check_env=False` (check-config) skips environment variables, which exist only
     under the service, but still checks that absolute key files can be read.
@@ -675,6 +681,7 @@ def resolve_secrets(
         if value is not None:
             hashes.append((k.name, hashlib.sha256(value.strip().encode()).digest()))
     up_keys: dict[str, str | None] = {}
+    contexts: dict[str, ssl.SSLContext] = {}
     for i, u in enumerate(config.upstreams):
         path = f"upstreams[{i}]"
         up_keys[u.name] = None
@@ -688,6 +695,13 @@ def resolve_secrets(
                 up_keys[u.name] = _read_secret_file(u.api_key_file, environ)
         except ValueError as e:
             p.add(f"{path}.{'api_key_env' if u.api_key_env else 'api_key_file'}", str(e))
+        if u.ca_file is not None:
+            try:
+                contexts[u.name] = ssl.create_default_context(cafile=u.ca_file)
+            except OSError as e:  # ssl.SSLError is one: not PEM, no certificate in it
+                why = e.strerror or e.reason if isinstance(e, ssl.SSLError) else e.strerror
+                p.add(f"{path}.ca_file", f"cannot load {u.ca_file!r} as a CA bundle: "
+                      f"{why or type(e).__name__}")
     if p.lines:
         raise ConfigError(p.lines)
-    return Secrets(tuple(hashes), up_keys)
+    return Secrets(tuple(hashes), up_keys, contexts)

@@ -11,14 +11,14 @@ import asyncio
 import io
 import math
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Final
 
 import aiohttp
 import attrs
 
-from lrproxy.config import Config, Upstream
+from lrproxy.config import Config, Secrets, Upstream
 from lrproxy.errors import (
     UpstreamAuthFailed,
     UpstreamConnectionLost,
@@ -71,17 +71,25 @@ class Pool:
         self.region_of = {u.name: u.region for u in ups}
         self.capacity = {u.name: u.max_concurrency for u in ups}
 
+    # A request routes on the config it began with (SPEC §6), which may name upstreams
+    # that a reload has removed since: those are tried as they were, untracked.
+
     def usable(self, name: str, now: float) -> bool:
-        return self.health[name].usable(now)
+        h = self.health.get(name)
+        return h is None or h.usable(now)
 
     def has_capacity(self, name: str) -> bool:
-        return self.health[name].outstanding < self.capacity[name]
+        h = self.health.get(name)
+        return h is None or h.outstanding < self.capacity[name]
 
     def load(self, name: str) -> int:
-        return self.health[name].outstanding
+        h = self.health.get(name)
+        return 0 if h is None else h.outstanding
 
     def acquire(self, name: str, now: float) -> None:
-        h = self.health[name]
+        h = self.health.get(name)
+        if h is None:
+            return
         h.outstanding += 1
         if h.failures >= EJECT_AFTER and now >= h.ejected_until:
             h.trial = True
@@ -171,14 +179,14 @@ class Target:
         object.__setattr__(self, "post_options", opts)
 
 
-def make_targets(config: Config, keys: Mapping[str, str | None]) -> dict[str, Target]:
+def make_targets(config: Config, secrets: Secrets) -> dict[str, Target]:
+    """Each upstream's target; raises nothing (resolve_secrets has read every file)."""
     out = {}
     for u in config.upstreams:
-        ctx = ssl.create_default_context(cafile=u.ca_file) if u.ca_file else None
-        key = keys.get(u.name)
+        key = secrets.upstream_keys.get(u.name)
         out[u.name] = Target(
             u, u.base_url + "/chat/completions", u.base_url + "/embeddings",
-            f"Bearer {key}" if key else None, ctx, u.proxy,
+            f"Bearer {key}" if key else None, secrets.ca_contexts.get(u.name), u.proxy,
         )
     return out
 

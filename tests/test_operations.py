@@ -202,6 +202,78 @@ def test_stream_in_flight_finishes_on_its_config(tmp_path: Path, sim: SimThread)
         proxy.stop()
 
 
+def test_request_in_flight_across_a_reload_that_renames_its_upstream(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """A request whose body is still arriving when a reload renames its only upstream is
+    answered on the config it began with (SPEC §6), not with a 500."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        body = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        conn.putrequest("POST", "/api/v1/chat/completions")
+        for k, v in {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json",
+                     "Content-Length": str(len(body))}.items():
+            conn.putheader(k, v)
+        conn.endheaders(body[:10])  # the headers and a first piece of the body
+        time.sleep(0.2)
+        cfg.write_text(config_toml(sim.base_url, port).replace('name = "sim"', 'name = "sim2"'))
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
+        conn.send(body[10:])
+        resp = conn.getresponse()
+        doc = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 200, doc
+        assert resp.headers["X-LowRouter-Upstream"] == "sim"
+        assert doc["lowrouter"]["route"]["upstream"] == "sim"
+        with _client(port) as client:  # the next request is on the new config
+            r = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+            assert r.headers["X-LowRouter-Upstream"] == "sim2"
+        assert "Traceback" not in proxy.stderr
+    finally:
+        proxy.stop()
+
+
+def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim: SimThread) -> None:
+    """A ca_file that cannot be loaded: check-config and serve exit 78 with one line naming
+    the key; a reload to it is refused and the old config keeps serving (SPEC §4, §6)."""
+    port = free_port()
+    bad_pem = tmp_path / "not-a-ca.pem"
+    bad_pem.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    good = config_toml(sim.base_url, port)
+    for ca, why in ((tmp_path / "missing.pem", "No such file or directory"), (bad_pem, "")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(good + f'ca_file = "{ca}"\n')
+        for args in (["check-config", str(bad)], ["serve", "--config", str(bad)]):
+            r = _run(*args)
+            assert r.returncode == 78, (args, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1, r.stderr
+            assert "bad.toml: upstreams[0].ca_file: cannot load" in lines[0] and why in lines[0]
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(good)
+    proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        cfg.write_text(good.replace('name = "sim"', 'name = "sim2"')
+                       + f'ca_file = "{tmp_path / "missing.pem"}"\n')
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in proxy.stderr, 5, "the refusal")
+        refused = [ln for ln in proxy.stderr.splitlines() if "reload refused" in ln]
+        assert len(refused) == 1 and "upstreams[0].ca_file" in refused[0], proxy.stderr
+        with _client(port) as client:
+            r = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+            assert r.headers["X-LowRouter-Upstream"] == "sim"
+        assert "Traceback" not in proxy.stderr
+    finally:
+        proxy.stop()
+
+
 # ---------------------------------------------------------------------------------------
 # drain on SIGTERM
 

@@ -285,7 +285,8 @@ async def _try_candidates(
             raise
         finally:
             rt.retries_in_progress -= n > 0
-        pool.succeeded(name)
+        if attempt.splitter is None:  # a stream's verdict comes at its end (_relay_stream)
+            pool.succeeded(name)
         rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
         return attempt
     if last is None:
@@ -393,6 +394,8 @@ async def _first_events(
                 if not data:
                     raise errors.UpstreamBadResponse("upstream ended the stream before any event")
                 out, events = _take(data, splitter, tail)
+                if tail.failure is not None:  # nothing has reached the client: fail over
+                    raise tail.failure
                 attempt.first += out
                 attempt.got_event = events > 0
     except TimeoutError:
@@ -626,7 +629,7 @@ async def _relay_stream(
     first_deadline = started + tmo.first_byte - (time.perf_counter() - attempt.t_sent)
     got_event = attempt.got_event
     last_byte = loop.time()
-    finished = False
+    finished = judged = False  # judged: the pool has been told how the upstream did
     watch = rt.deadlines.watch(task)  # moved before each read below
     idle, keepalive = tmo.idle, tmo.keepalive
     try:
@@ -691,9 +694,10 @@ async def _relay_stream(
             raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
         end, _ = _finish(rt, rec, prompt_chars, cand, region, tail, client_usage)
         await out.write_eof(last + end if last else end)
-        finished = True
+        finished = judged = True
         rt.pool.succeeded(cand.upstream.name)
     except errors.UpstreamFailed as e:
+        judged = True
         rt.pool.failed(cand.upstream.name, time.monotonic())
         rt.metrics.attempt(cand.upstream.name, "stream_" + _outcome(e))
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
@@ -723,6 +727,8 @@ async def _relay_stream(
         watch.close()
         if not finished:
             resp.close()
+        if not judged:  # the client left, the drain ended it, a bug of ours: no verdict
+            rt.pool.abandoned(cand.upstream.name)
         rec.upstream_s = time.perf_counter() - attempt.t_sent
     if finished:
         if resp.done():

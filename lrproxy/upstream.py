@@ -109,6 +109,13 @@ class Pool:
             if was_ejected and self.on_change is not None:
                 self.on_change()
 
+    def abandoned(self, name: str) -> None:
+        """An attempt ended with no verdict on the upstream (its client left first): the
+        counts stay, and if it was the trial after a cool-down, another may be sent."""
+        h = self.health.get(name)
+        if h is not None:
+            h.trial = False
+
     def failed(self, name: str, now: float, retry_after: float | None = None) -> None:
         h = self.health.get(name)
         if h is None:

@@ -36,6 +36,7 @@ from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS, Stack, await_for, wait_f
 from prometheus_client import generate_latest
 
 from lrproxy import protocol, upstream
+from lrproxy.config import Upstream
 from lrproxy.log import ACCESS, MAIN, JsonFormatter
 from lrproxy.sse import EventSplitter, event_data
 
@@ -459,7 +460,8 @@ class ScriptedRequest:
     body: bytes
 
 
-Script = Callable[[int, int, bytes], tuple[bytes, bool] | None]
+# bytes, or parts written 50 ms apart (so that the proxy reads them apart)
+Script = Callable[[int, int, bytes], tuple[bytes | list[bytes], bool] | None]
 
 
 class Scripted:
@@ -487,8 +489,12 @@ class Scripted:
                     answer = script(conn, n, body)
                     if answer is None:
                         return
-                    self.wfile.write(answer[0])
-                    self.wfile.flush()
+                    parts = answer[0] if isinstance(answer[0], list) else [answer[0]]
+                    for i, part in enumerate(parts):
+                        if i:
+                            time.sleep(0.05)
+                        self.wfile.write(part)
+                        self.wfile.flush()
                     if not answer[1]:
                         return
                     n += 1
@@ -1170,8 +1176,10 @@ def test_stream_stall_past_idle_ends_with_timeout_event(make_stack: MakeStack) -
 
 
 def test_stream_malformed_event_ends_with_error_event(stack: Stack) -> None:
-    """A malformed event: never relayed; the error event ends the stream."""
-    a = post(stack, chat(LLAMA, stream=True, sim={"malformed_after": 2}))
+    """A malformed event mid-stream: never relayed; the error event ends the stream."""
+    # 20 ms apart: the role chunk reaches the client before the bad event is read (in one
+    # read with the first events, the stream would fail over instead: the next test).
+    a = post(stack, chat(LLAMA, stream=True, sim={"malformed_after": 2, "chunk_delay_s": 0.02}))
     before, _ = stream_error(a, "upstream_error")
     _, rec = only_hit(stack)
     assert b"{not json" in bytes(rec.sent) and b"{not json" not in a.body
@@ -1195,12 +1203,13 @@ def test_stream_over_total_is_ended(make_stack: MakeStack) -> None:
 def test_upstream_error_object_in_stream_raises_api_error(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted]
 ) -> None:
-    """An error object inside the upstream's stream: the SDK gets the text so far, then APIError."""
+    """An error object inside the upstream's stream, after events went to the client: the
+    SDK gets the text so far, then APIError."""
     leak = f"Incorrect API key provided: {UPSTREAM_KEYS['eu-north-a']}"
     events = [chunk("calm "), chunk("seas"),
               b'data: {"error": {"message": ' + orjson.dumps(leak) + b', "type": "server_error"}}\n\n',
               chunk("never")]
-    up = scripted(lambda conn, n, body: (sse_answer(events), False))
+    up = scripted(lambda conn, n, body: ([sse_answer(events[:2]), b"".join(events[2:])], False))
     stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
     got: list[str] = []
     with stack.client() as client, pytest.raises(openai.APIError) as ei:
@@ -1213,6 +1222,74 @@ def test_upstream_error_object_in_stream_raises_api_error(
     assert orjson.loads(rec.body)["stream_options"] == {"include_usage": True}
     wait_for(lambda: codes(stack) == {"stream_error": 1})
     assert outcomes(stack)[("eu-north-a", "stream_bad_response")] == 1
+
+
+ERROR_EVENT = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
+
+
+@pytest.mark.parametrize("first", ["error", "content-then-error", "malformed"])
+def test_failure_in_a_streams_first_read_fails_over(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], first: str
+) -> None:
+    """A stream that fails before anything reached the client is failed over like a 5xx
+    (SPEC §1, §2): the client gets a clean stream from the next upstream."""
+    opening = {"error": [ERROR_EVENT], "content-then-error": [chunk("calm "), ERROR_EVENT],
+               "malformed": [b"data: {not json\n\n"]}[first]
+    up = scripted(lambda conn, n, body: (sse_answer(opening), False))
+    stack = make_stack(cfg(upstreams={"eu-west-a": {"base_url": up.base_url}}))
+    with stack.client() as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MINI, messages=MSGS, stream=True, extra_body={"route": {"region": "eu-west"}})
+        chunks = list(raw.parse())
+    assert raw.headers["X-LowRouter-Upstream"] == "eu-west-b"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and "calm" not in text
+    assert chunks[-1].model_extra["lowrouter"]["route"]["attempts"] == 2  # type: ignore[index]
+    assert len(up.requests) == 1
+    wait_for(lambda: codes(stack) == {"200": 1})
+    assert outcomes(stack) == {("eu-west-a", "bad_response"): 1, ("eu-west-b", "ok"): 1}
+
+
+def test_failure_in_a_streams_first_read_with_retries_spent_is_502(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """The only upstream fails every stream before its first event: a 502, not a 200 with
+    an error event; its message is not passed on."""
+    up = scripted(lambda conn, n, body: (sse_answer([ERROR_EVENT]), False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    post(stack, chat(LLAMA, region="eu-north", stream=True)).error(502, "upstream_error")
+    assert len(up.requests) == 3  # retries = 2
+    assert b"overloaded" not in post(stack, chat(LLAMA, region="eu-north", stream=True)).body
+
+
+def test_streams_cut_mid_way_eject_their_upstream(stack: Stack) -> None:
+    """Failures after a stream's first event count towards ejection like any other: five
+    streams in a row cut by eu-west-a eject it (its first event does not reset the count)."""
+    for n in range(upstream.EJECT_AFTER):
+        a = post(stack, chat(MINI, region="eu-west", stream=True,
+                             sim={"cut_after": 1, "chunk_delay_s": 0.02}))
+        stream_error(a, "upstream_error")
+        assert a.header("x-lowrouter-upstream") == "eu-west-a", n
+    wait_for(lambda: usable(stack, "eu-west-a") == 0)
+    assert post(stack, chat(MINI, region="eu-west")).route()["upstream"] == "eu-west-b"
+    assert outcomes(stack)[("eu-west-a", "stream_connection_lost")] == upstream.EJECT_AFTER
+
+
+def test_a_trial_whose_client_leaves_lets_another_trial_go() -> None:
+    """The one trial request after a cool-down ends with no verdict (its client left): the
+    upstream is not stuck unusable, the next request is the trial."""
+    pool = upstream.Pool()
+    pool.configure([Upstream("a", "r", "http://a/v1", {}), Upstream("b", "r", "http://b/v1", {})])
+    for _ in range(upstream.EJECT_AFTER):
+        pool.failed("a", 0.0)
+    later = upstream.COOL_DOWN_S + 1
+    assert not pool.usable("a", 1.0) and pool.usable("a", later)
+    pool.acquire("a", later)
+    assert not pool.usable("a", later)  # the trial is out
+    pool.release("a")
+    pool.abandoned("a")
+    assert pool.usable("a", later)
+    assert pool.health["a"].failures == upstream.EJECT_AFTER  # no verdict: counts unchanged
 
 
 def test_upstream_silence_gets_keepalive_comments(make_stack: MakeStack) -> None:

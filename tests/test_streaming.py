@@ -377,7 +377,9 @@ async def test_metrics_count_the_final_chunks_tokens(live: Stack) -> None:
 @pytest.mark.parametrize("knob", ["cut_after", "malformed_after"])
 async def test_upstream_failure_mid_stream_ends_with_error_event(live: Stack, knob: str) -> None:
     """A cut or malformed stream ends with one error event, no [DONE], a clean chunked end."""
-    raw = await raw_stream(live, body_of(**{knob: 3, "chunks": 8}))
+    # 20 ms apart: the first events go out before the failure is read (see
+    # test_faults.py for a failure in the first read, which fails over)
+    raw = await raw_stream(live, body_of(**{knob: 3, "chunks": 8, "chunk_delay_s": 0.02}))
     last = error_event(raw)
     assert last["error"]["code"] == "upstream_error"
     assert len(kinds(raw.events, Kind.PASS)) == 1 + 3  # the role chunk and three words
@@ -392,7 +394,8 @@ async def test_upstream_failure_mid_stream_ends_with_error_event(live: Stack, kn
 def test_sdk_raises_api_error_on_failed_stream(live: Stack, knob: str) -> None:
     """The OpenAI SDK raises APIError at the error event, after the text so far."""
     stream = live.client().chat.completions.create(
-        model=LLAMA, messages=MSGS, stream=True, extra_body={"sim": {knob: 2}})
+        model=LLAMA, messages=MSGS, stream=True,
+        extra_body={"sim": {knob: 2, "chunk_delay_s": 0.02}})
     got: list[str] = []
     with pytest.raises(openai.APIError) as info:
         for chunk in stream:
@@ -413,12 +416,15 @@ async def test_stall_longer_than_idle_times_out(make_stack: MakeStack, tmp_path:
 
 
 async def test_upstream_error_object_mid_stream(canned: Canned, make_stack: MakeStack) -> None:
-    """An error object inside the upstream's stream ends the client's with the error event."""
+    """An error object inside the upstream's stream, after events went to the client,
+    ends the client's stream with the error event. (In the stream's first read, before
+    any byte went out, it fails over instead: test_faults.py.)"""
     stack = canned_stack(make_stack, canned)
     before = [chunk(content="a"), b": note\n\n", chunk(content="b")]
-    canned.events = [*before,
+    canned.events = [*before, None,
                      b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
                      chunk(content="never")]
+    asyncio.get_running_loop().call_later(0.2, canned.go.set)
     status, _, data = await raw_post(stack, body_of())
     events = split_events(data)
     assert status == 200 and events[:3] == before and len(events) == 4

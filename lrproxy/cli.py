@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from lrproxy import __version__
 from lrproxy.app import RUNTIME, Runtime, make_app
 from lrproxy.config import (
+    AUTO_MODEL,
     Config,
     ConfigError,
     Listen,
@@ -34,6 +35,7 @@ from lrproxy.config import (
 from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner
+from lrproxy.routing import unserved
 from lrproxy.sdnotify import Notifier, activated_sockets
 from lrproxy.workers import WORKER_FDS_ENV, supervise, worker_sockets
 
@@ -184,6 +186,7 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     app = make_app(config, secrets_, registry=registry)
     rt = app[RUNTIME]
+    _warn_unserved(rt)
     runner = Runner(app, header_timeout=config.timeouts.client_header, access_log=None,
                     handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
@@ -317,6 +320,16 @@ def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
         log.warning("server.listen and server.workers take effect at restart, not reload")
     rt.metrics.reloads.labels("ok").inc()
     log.info("config reloaded from %s", path)
+    _warn_unserved(rt)
+
+
+def _warn_unserved(rt: Runtime) -> None:
+    """Say which model ids answer 404 because no upstream serves them (legal, often a slip)."""
+    for mid in unserved(rt.state.table):
+        if mid == AUTO_MODEL:
+            log.warning("no [auto] models are configured: requests for %s get 404", mid)
+        else:
+            log.warning("model %s is served by no upstream: requests for it get 404", mid)
 
 
 async def _demo_config(listen: str) -> tuple[Config, Secrets, str, list[Any]]:

@@ -62,6 +62,12 @@ def pick_candidates(
     cands = table.by_model.get(model_id)
     if cands is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+    if not cands:  # a 404, not a 503: no retry will change it before a reload
+        raise ModelNotFound(
+            f"The model '{model_id}' has no models to choose from on this proxy "
+            "(its config has no [auto] models)" if model_id == AUTO_MODEL else
+            f"The model '{model_id}' is not served by any upstream of this proxy",
+            param="model")
     if region is None:
         return cands
     if region not in table.regions:
@@ -85,3 +91,8 @@ def order_candidates(
     if len(ok) > 1:
         ok.sort(key=lambda c: (c.carbon_per_1k, load(c.upstream.name)))
     return ok
+
+
+def unserved(table: RoutingTable) -> list[str]:
+    """Model ids (lowrouter/auto included) that no upstream serves: each answers 404."""
+    return [mid for mid, cands in table.by_model.items() if not cands]

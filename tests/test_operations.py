@@ -274,6 +274,24 @@ def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim
         proxy.stop()
 
 
+def test_auto_without_auto_models_is_404_and_logged(tmp_path: Path, sim: SimThread) -> None:
+    """No [auto] section: lowrouter/auto is a 404 the SDK raises as NotFoundError (not a 503
+    to retry for ever), and the start says so."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))  # it has no [auto]
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        with _client(port) as client, pytest.raises(openai.NotFoundError) as info:
+            client.chat.completions.create(model="lowrouter/auto", messages=MESSAGES)  # type: ignore[arg-type]
+        assert "no [auto] models" in info.value.message
+        warned = [ln for ln in proxy.stderr.splitlines() if "no [auto] models" in ln]
+        assert len(warned) == 1 and '"level":"warning"' in warned[0]
+    finally:
+        proxy.stop()
+
+
 # ---------------------------------------------------------------------------------------
 # drain on SIGTERM
 

@@ -10,7 +10,14 @@ import pytest
 
 from lrproxy.config import AUTO_MODEL, Config, parse_config
 from lrproxy.errors import ModelNotFound, ModelNotInRegion, UnknownRegion
-from lrproxy.routing import Candidate, RoutingTable, build_table, order_candidates, pick_candidates
+from lrproxy.routing import (
+    Candidate,
+    RoutingTable,
+    build_table,
+    order_candidates,
+    pick_candidates,
+    unserved,
+)
 
 MINI, LLAMA, UNRATED = "openai/gpt-4o-mini", "meta/llama-3.1-8b", "acme/unrated"
 
@@ -100,11 +107,12 @@ def test_candidate_carries_the_upstream_model_name_and_reference_carbon() -> Non
     assert north.carbon_per_1k == pytest.approx(reference(0.01, 0.1, 1.1, 30))
 
 
-def test_model_served_nowhere_has_no_candidates() -> None:
-    """A declared model no upstream serves is known (not 404) but has no candidate."""
-    cfg = config(lambda d: d["models"].update({"x/idle": {}}))
-    t = build_table(cfg, {})
-    assert pick_candidates(t, "x/idle", None) == ()
+def test_model_served_nowhere_is_404() -> None:
+    """A declared model no upstream serves is known, listed by unserved(), and a 404."""
+    t = build_table(config(lambda d: d["models"].update({"x/idle": {}})), {})
+    assert t.by_model["x/idle"] == () and unserved(t) == ["x/idle"]
+    with pytest.raises(ModelNotFound):
+        pick_candidates(t, "x/idle", None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,6 +251,23 @@ def test_auto_follows_the_configured_list() -> None:
         (UNRATED, "eu-north-a")
     ]
     empty = build_table(config(lambda d: d.pop("auto")), {})
-    assert pick_candidates(empty, AUTO_MODEL, None) == ()
-    with pytest.raises(ModelNotInRegion):
-        pick_candidates(empty, AUTO_MODEL, "eu-west")
+    assert empty.by_model[AUTO_MODEL] == () and unserved(empty) == [AUTO_MODEL]
+    for region in (None, "eu-west"):  # 404 (no retry helps), not 503 with Retry-After
+        with pytest.raises(ModelNotFound) as info:
+            pick_candidates(empty, AUTO_MODEL, region)
+        assert info.value.status == 404 and "no [auto] models" in info.value.message
+
+
+def test_model_served_by_no_upstream_is_404() -> None:
+    """A model declared in [models] that no upstream serves: 404 model_not_found, saying so."""
+    def drop_llama(d: dict[str, Any]) -> None:
+        for u in d["upstreams"]:
+            u["models"].pop(LLAMA, None)
+        d["auto"]["models"].remove(LLAMA)
+
+    t = build_table(config(drop_llama), {})
+    assert unserved(t) == [LLAMA]
+    with pytest.raises(ModelNotFound) as info:
+        pick_candidates(t, LLAMA, None)
+    assert (info.value.status, info.value.code) == (404, "model_not_found")
+    assert "not served by any upstream" in info.value.message

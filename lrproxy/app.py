@@ -307,17 +307,18 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     err = errors.ExpectationFailed(f"'Expect: {expect[:40]}' is not supported; "
                                    "send the request without it.")
     rt = request.app[RUNTIME]
-    _refused(rt, err.status, err.code)
+    rid = _refused(rt, err.status, err.code)
     resp = web.Response(status=err.status, body=err.body(), content_type="application/json")
-    finish_headers(rt, resp, _request_id(None))
+    finish_headers(rt, resp, rid)
     return resp
 
 
-def _refused(rt: Runtime, status: int, code: str) -> None:
+def _refused(rt: Runtime, status: int, code: str) -> str:
     """An answer given before a request could be parsed (protocol.REFUSED): counted and
-    logged like any other, with no key, model or region."""
-    _account(rt.metrics, Rec(_request_id(None), time.perf_counter(), api=True, status=status,
-                             error=code))
+    logged like any other, with no key, model or region; returns its request id."""
+    rec = Rec(_request_id(None), time.perf_counter(), api=True, status=status, error=code)
+    _account(rt.metrics, rec)
+    return rec.request_id
 
 
 def publish_usable(rt: Runtime) -> None:

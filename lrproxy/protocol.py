@@ -24,15 +24,16 @@ MAX_HEADERS: Final = 128
 MAX_FIELD_SIZE: Final = 16384  # one header line; OpenAI SDK headers are far below this
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
 # Called with (status, code) for each answer given here, before the app saw a request
-# (parse errors, the header deadline), so that metrics and the access log count it too.
-REFUSED: Final = web.AppKey[Callable[[int, str], None]]("lrproxy_refused")
+# (parse errors, the header deadline), so that metrics and the access log count it too;
+# it returns the request id it logged, which the answer carries in X-Request-Id.
+REFUSED: Final = web.AppKey[Callable[[int, str], str]]("lrproxy_refused")
 
 
 class _Handler(RequestHandler):
     """aiohttp's protocol, plus the header deadline and JSON error pages."""
 
     header_timeout: float = 10.0
-    on_refused: ClassVar[Callable[[int, str], None] | None] = None
+    on_refused: ClassVar[Callable[[int, str], str] | None] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -82,19 +83,19 @@ class _Handler(RequestHandler):
             transport.close()
             return
         err = errors.RequestTimeout("The request headers did not arrive in time.")
-        self._lr_refused(err)
+        rid = self._lr_refused(err)
         body = err.body()
         transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+            b"HTTP/1.1 408 Request Timeout\r\nServer: lrproxy\r\nContent-Type: application/json\r\n"
+            + (b"X-Request-Id: " + rid.encode() + b"\r\n" if rid else b"")
+            + b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
             + body
         )
         transport.close()
 
-    def _lr_refused(self, err: errors.ProxyError) -> None:
+    def _lr_refused(self, err: errors.ProxyError) -> str:
         hook = type(self).on_refused
-        if hook is not None:
-            hook(err.status, err.code)
+        return "" if hook is None else hook(err.status, err.code)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lr_disarm()
@@ -113,9 +114,9 @@ class _Handler(RequestHandler):
             err = errors.HeadersTooLarge("Request headers too large or too many.")
         else:
             err = errors.InvalidRequest("Malformed HTTP request.")
-        self._lr_refused(err)
+        rid = self._lr_refused(err)
         resp = web.Response(status=err.status, body=err.body(), content_type="application/json",
-                            headers={"Server": "lrproxy"})
+                            headers={"Server": "lrproxy", **({"X-Request-Id": rid} if rid else {})})
         resp.force_close()
         return resp
 

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import http.client
 import logging
+import re
 import select
 import socket
 import socketserver
@@ -573,6 +574,12 @@ SMUGGLING = {
 }
 
 
+def assert_generated_id(a: Answer) -> None:
+    """Answers given before a request could be parsed carry an id too (SPEC §1: every
+    response), generated like any other: 16 hex digits per process, 16 of a counter."""
+    assert re.fullmatch(r"[0-9a-f]{32}", a.header("x-request-id") or ""), a.headers
+
+
 @pytest.mark.parametrize("case", list(SMUGGLING))
 def test_smuggling_attempt_is_400_and_closes(stack: Stack, case: str) -> None:
     """Ambiguous framing (CL with TE, CL twice, odd TE): 400, one answer, connection closed."""
@@ -580,6 +587,7 @@ def test_smuggling_attempt_is_400_and_closes(stack: Stack, case: str) -> None:
         sock.sendall(SMUGGLING[case])
         a = read_answer(sock)
         a.error(400, "invalid_request")
+        assert_generated_id(a)
         assert closed_by_peer(sock)  # and the hidden request got no answer of its own
     assert a.header("connection") in (None, "close")
     assert sum(hits(stack).values()) == 0
@@ -595,6 +603,7 @@ def test_header_limits_are_431(stack: Stack, case: str) -> None:
         sock.sendall(request(BODY, *lines))
         a = read_answer(sock)
         a.error(431, "headers_too_large")
+        assert_generated_id(a)
         assert closed_by_peer(sock)
     assert sum(hits(stack).values()) == 0
     assert codes(stack, key="unknown") == {"431": 1}
@@ -613,6 +622,8 @@ def test_slowloris_headers_get_408(make_stack: MakeStack) -> None:
         a = read_answer(sock)
         took = time.monotonic() - t0
         a.error(408, "request_timeout")
+        assert_generated_id(a)
+        assert a.header("server") == "lrproxy"
         assert closed_by_peer(sock)
     assert 0.45 < took < 1.5
     assert sum(hits(stack).values()) == 0

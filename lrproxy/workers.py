@@ -50,8 +50,7 @@ def _bind(listen: Listen) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((listen.host, listen.port))
     sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
+    return sock  # not inheritable: spawn() lets each worker inherit its own only
 
 
 class _Inbox(asyncio.DatagramProtocol):
@@ -109,14 +108,29 @@ async def supervise(
     env["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
     env["NOTIFY_SOCKET"] = inbox_path
 
+    spawning = asyncio.Lock()
+
     async def spawn(w: _Worker) -> None:
         w.ready.clear()
-        w.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lrproxy", "serve", "--config", config_path, *worker_args,
-            env={**env, WORKER_FDS_ENV: ",".join(map(str, w.fds)),
-                 "LRPROXY_WORKER_INDEX": str(w.index)},
-            pass_fds=w.fds, stdin=asyncio.subprocess.DEVNULL,
-        )
+        # uvloop's spawn passes every inheritable descriptor, whatever pass_fds says: a
+        # worker holding another's socket would keep it open (queueing connections that
+        # nobody accepts) while it drains. So a worker's own sockets are inheritable only
+        # while it is spawned, one spawn at a time.
+        async with spawning:
+            for fd in w.fds:
+                os.set_inheritable(fd, True)
+            try:
+                w.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "lrproxy", "serve", "--config", config_path,
+                    *worker_args,
+                    env={**env, WORKER_FDS_ENV: ",".join(map(str, w.fds)),
+                         "LRPROXY_WORKER_INDEX": str(w.index)},
+                    pass_fds=w.fds, stdin=asyncio.subprocess.DEVNULL,
+                )
+            finally:
+                if not inherited:  # systemd's sockets go to every worker
+                    for fd in w.fds:
+                        os.set_inheritable(fd, False)
         w.started = time.monotonic()
         by_pid[w.proc.pid] = w
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
@@ -198,6 +212,12 @@ async def supervise(
     for w in workers:
         if w.proc is not None and w.proc.returncode is None:
             w.proc.send_signal(signal.SIGTERM)
+    if not inherited:
+        # Our copies of the listening sockets: held open, they would go on queueing new
+        # connections after the workers stop accepting, to reset them at exit. Closed,
+        # each socket goes when its worker closes it, and connects are refused at once.
+        for s in socks:
+            s.close()
     grace = config.server.shutdown_grace_s + 5
     procs = [w.proc.wait() for w in workers if w.proc is not None]
     try:
@@ -213,7 +233,7 @@ async def supervise(
     if mrunner is not None:
         await mrunner.cleanup()
     for s in socks:
-        s.close()
+        s.close()  # a second close() does nothing
     shutil.rmtree(prom_dir, ignore_errors=True)
     notifier.close()
     codes = [w.proc.returncode for w in workers if w.proc is not None]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import openai
 from procs import (
@@ -18,6 +21,7 @@ from procs import (
     config_toml,
     free_port,
     http_get,
+    port_refuses,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -93,6 +97,45 @@ def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, 
         assert proxy.wait(40) == 0
         assert not any(Path(f"/proc/{p}").exists() and "zombie" not in
                        Path(f"/proc/{p}/status").read_text().lower() for p in current)
+    finally:
+        proxy.stop()
+        for p in _children(proxy.pid):
+            os.kill(p, signal.SIGKILL)
+        notify.close()
+
+
+def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim: SimThread) -> None:
+    """SIGTERM with 2 workers: new connections are refused at once, as with one process,
+    while a request in flight finishes (the supervisor's copies of the listening sockets
+    would otherwise queue them until every worker has exited, then reset them)."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
+                               max_retries=0, timeout=20)
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"sim": {"headers_delay_s": 2.5}})
+        result["text"], result["ended"] = r.choices[0].message.content, time.monotonic()
+
+    try:
+        assert notify.wait_for("READY", 30)["READY"] == "1"
+        before = sim.chat_requests()
+        t = threading.Thread(target=slow, daemon=True)
+        t.start()
+        wait_for(lambda: sim.chat_requests() > before, 5, "the slow request upstream")
+        proxy.signal(signal.SIGTERM)
+        wait_for(lambda: port_refuses(port), 2, "new connections to be refused")
+        refused_at = time.monotonic()
+        t.join(10)
+        assert result.get("text"), "the request in flight did not finish"
+        assert result["ended"] > refused_at  # refused while it was still in flight
+        assert proxy.wait(20) == 0
     finally:
         proxy.stop()
         for p in _children(proxy.pid):

@@ -647,6 +647,12 @@ def _read_secret_file(path: str, environ: Mapping[str, str]) -> str:
     return value
 
 
+def _checkable(path: str, environ: Mapping[str, str]) -> bool:
+    """check-config reads a key file when it can: an absolute path, or a relative one with
+    $CREDENTIALS_DIRECTORY set (as under the unit's ExecStartPre=)."""
+    return Path(path).is_absolute() or bool(environ.get("CREDENTIALS_DIRECTORY"))
+
+
 def resolve_secrets(
     config: Config, environ: Mapping[str, str], *, check_env: bool = True
 ) -> Secrets:
@@ -654,7 +660,8 @@ def resolve_secrets(
     upstream's CA bundle; raises ConfigError.
 
     `check_env=False` (check-config) skips environment variables, which exist only
-    under the service, but still checks that absolute key files can be read.
+    under the service, but still checks that key files can be read: absolute ones, and
+    relative ones when $CREDENTIALS_DIRECTORY is set.
     """
     p = _Problems(config.source, None)
     hashes: list[tuple[str, bytes]] = []
@@ -672,7 +679,7 @@ def resolve_secrets(
                 if not value:
                     raise ValueError(f"environment variable {k.key_env} is not set")
             elif k.key_file is not None:
-                if not check_env and not Path(k.key_file).is_absolute():
+                if not (check_env or _checkable(k.key_file, environ)):
                     continue
                 value = _read_secret_file(k.key_file, environ)
         except ValueError as e:
@@ -691,7 +698,7 @@ def resolve_secrets(
                 if not value:
                     raise ValueError(f"environment variable {u.api_key_env} is not set")
                 up_keys[u.name] = value.strip()
-            elif u.api_key_file is not None and (check_env or Path(u.api_key_file).is_absolute()):
+            elif u.api_key_file is not None and (check_env or _checkable(u.api_key_file, environ)):
                 up_keys[u.name] = _read_secret_file(u.api_key_file, environ)
         except ValueError as e:
             p.add(f"{path}.{'api_key_env' if u.api_key_env else 'api_key_file'}", str(e))

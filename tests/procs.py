@@ -74,8 +74,9 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def config_toml(sim_url: str, port: int, *, intensity: float = 100.0,
-                grace: float | None = None, extra_server: str = "") -> str:
-    """One region, one upstream (the simulator), one client key by SHA-256."""
+                grace: float | None = None, extra_server: str = "", auto: bool = True) -> str:
+    """One region, one upstream (the simulator), one client key by SHA-256; the model in
+    [auto] unless `auto=False` (lrproxy then warns that lowrouter/auto answers 404)."""
     sha = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()
     server = f'listen = "127.0.0.1:{port}"\n'
     if grace is not None:
@@ -104,7 +105,7 @@ name = "sim"
 region = "r1"
 base_url = "{sim_url}"
 models = {{ "{MODEL}" = "gpt-4o-mini" }}
-"""
+""" + (f'\n[auto]\nmodels = ["{MODEL}"]\n' if auto else "")
 
 
 # A config that parses as TOML but fails validation on exactly one key.

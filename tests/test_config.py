@@ -116,9 +116,10 @@ def test_example_config_has_the_spec_topology() -> None:
     assert [m.source for m in cfg.models.values()].count("size_class") >= 1
     by_region = {r: [u for u in cfg.upstreams if u.region == r] for r in cfg.regions}
     assert len(by_region["eu-west"]) == 2 and len(by_region["us-east"]) == 1
-    assert any(u.api_key_env for u in cfg.upstreams)
+    # Active sources: only what systemd/lrproxy.service provides (test_systemd.py); the
+    # other kinds are shown commented (test_example_configs_mention_every_key).
     assert any(u.api_key_file for u in cfg.upstreams)
-    assert any(k.sha256 for k in cfg.keys) and any(k.key_env for k in cfg.keys)
+    assert all(k.sha256 for k in cfg.keys)
     assert "openai/gpt-4o-mini" in cfg.auto_models
 
 
@@ -149,19 +150,15 @@ def test_example_configs_mention_every_key(path: Path) -> None:
 
 
 def test_example_secrets_resolve_under_the_service(tmp_path: Path) -> None:
-    """With its env vars set and the credential files present, the example's keys all resolve."""
-    (tmp_path / "upstream-eu-west-b").write_text("sk-eu-west-b\n")
-    (tmp_path / "lrproxy-key-batch").write_text("  sk-batch  \n")
+    """With the one credential the unit loads, the example's keys all resolve."""
+    (tmp_path / "openai-key").write_text("sk-openai\n")
     cfg = read_config(EXAMPLE_TOML)
-    environ = {"LRPROXY_KEY_CI": "sk-ci", "OPENAI_API_KEY": "sk-eu", "OPENAI_API_KEY_US": "sk-us",
-               "CREDENTIALS_DIRECTORY": str(tmp_path)}
-    secrets = resolve_secrets(cfg, environ)
-    assert secrets.upstream_keys == {"eu-west-a": "sk-eu", "eu-west-b": "sk-eu-west-b",
-                                     "us-east-a": "sk-us"}
+    secrets = resolve_secrets(cfg, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert secrets.upstream_keys == {"eu-west-a": "sk-openai", "eu-west-b": None,
+                                     "us-east-a": "sk-openai"}
     hashes = dict(secrets.client_hashes)
-    assert hashes["ci"] == hashlib.sha256(b"sk-ci").digest()
-    assert hashes["batch"] == hashlib.sha256(b"sk-batch").digest()
-    assert set(hashes) == {"team-a", "ci", "batch"}
+    assert hashes["ci"] == hashlib.sha256(b"sk-ci-example").digest()
+    assert set(hashes) == {"team-a", "ci"}
 
 
 @pytest.mark.parametrize("path", [EXAMPLE_TOML, EXAMPLE_INI], ids=["toml", "ini"])
@@ -473,6 +470,22 @@ def test_relative_key_file_is_read_from_credentials_directory(tmp_path: Path) ->
     secrets = resolve_secrets(cfg, {"CREDENTIALS_DIRECTORY": str(creds)})
     assert secrets.upstream_keys == {"eu-west-a": "sk-upstream-eu"}
     assert secrets.client_hashes == (("batch", hashlib.sha256(b"sk-client").digest()),)
+
+
+def test_check_config_reads_relative_key_files_under_credentials_directory(tmp_path: Path) -> None:
+    """Under the unit's ExecStartPre= ($CREDENTIALS_DIRECTORY set) check-config reads a
+    relative key file too, so a missing credential stops the start there (exit 78)."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    cfg = read_config(write(tmp_path, base_toml('api_key_file = "eu-west-a.key"')))
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(cfg, {"CREDENTIALS_DIRECTORY": str(creds)}, check_env=False)
+    assert info.value.problems == [
+        f"lrproxy.toml: upstreams[0].api_key_file: cannot read '{creds / 'eu-west-a.key'}': "
+        "No such file or directory"]
+    (creds / "eu-west-a.key").write_text("sk-x\n")
+    secrets = resolve_secrets(cfg, {"CREDENTIALS_DIRECTORY": str(creds)}, check_env=False)
+    assert secrets.upstream_keys == {"eu-west-a": "sk-x"}
 
 
 def test_relative_key_file_without_credentials_directory(tmp_path: Path) -> None:

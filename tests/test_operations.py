@@ -239,6 +239,11 @@ def test_request_in_flight_across_a_reload_that_renames_its_upstream(
         proxy.stop()
 
 
+def _with_ca_file(toml: str, ca: Path) -> str:
+    """procs.config_toml's text with `ca_file` in its upstream's table."""
+    return toml.replace("\n[auto]", f'ca_file = "{ca}"\n\n[auto]', 1)
+
+
 def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim: SimThread) -> None:
     """A ca_file that cannot be loaded: check-config and serve exit 78 with one line naming
     the key; a reload to it is refused and the old config keeps serving (SPEC §4, §6)."""
@@ -248,7 +253,7 @@ def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim
     good = config_toml(sim.base_url, port)
     for ca, why in ((tmp_path / "missing.pem", "No such file or directory"), (bad_pem, "")):
         bad = tmp_path / "bad.toml"
-        bad.write_text(good + f'ca_file = "{ca}"\n')
+        bad.write_text(_with_ca_file(good, ca))
         for args in (["check-config", str(bad)], ["serve", "--config", str(bad)]):
             r = _run(*args)
             assert r.returncode == 78, (args, r.stderr)
@@ -260,8 +265,8 @@ def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim
     proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain"], tmp_path, port=port)
     try:
         proxy.wait_healthy()
-        cfg.write_text(good.replace('name = "sim"', 'name = "sim2"')
-                       + f'ca_file = "{tmp_path / "missing.pem"}"\n')
+        cfg.write_text(_with_ca_file(good.replace('name = "sim"', 'name = "sim2"'),
+                                     tmp_path / "missing.pem"))
         proxy.signal(signal.SIGHUP)
         wait_for(lambda: "reload refused" in proxy.stderr, 5, "the refusal")
         refused = [ln for ln in proxy.stderr.splitlines() if "reload refused" in ln]
@@ -279,7 +284,7 @@ def test_auto_without_auto_models_is_404_and_logged(tmp_path: Path, sim: SimThre
     to retry for ever), and the start says so."""
     port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))  # it has no [auto]
+    cfg.write_text(config_toml(sim.base_url, port, auto=False))
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
     try:
         proxy.wait_healthy()

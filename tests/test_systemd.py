@@ -103,6 +103,21 @@ def test_unit_security_exposure_ok(systemd_analyze: str, units: Path) -> None:
     assert float(m.group(1)) <= 2.0, r.stdout
 
 
+def test_example_config_needs_only_what_the_unit_provides() -> None:
+    """etc/lrproxy.toml, installed as the README says, starts under the unit as it is: every
+    relative key file it names is a LoadCredential= of the unit, and it needs no variable
+    (the unit's EnvironmentFile= is optional and the README does not create it)."""
+    from lrproxy.config import read_config
+
+    cfg = read_config(ROOT / "etc" / "lrproxy.toml")
+    loaded = {v.split(":", 1)[0] for v in _service()["LoadCredential"]}
+    files = [f for f in [*(u.api_key_file for u in cfg.upstreams), *(k.key_file for k in cfg.keys)]
+             if f is not None and not f.startswith("/")]
+    assert files and set(files) <= loaded, (files, loaded)
+    assert not [u.name for u in cfg.upstreams if u.api_key_env]
+    assert not [k.name for k in cfg.keys if k.key_env]
+
+
 def test_unit_settings() -> None:
     """The service is Type=notify, reloads by SIGHUP, does not retry exit 78, is hardened."""
     cp = configparser.ConfigParser(strict=False, interpolation=None)

@@ -176,6 +176,78 @@ class _Attempt:
     first: bytes = b""  # what the stream's first events give the client
     got_event: bool = False
     t_sent: float = 0.0
+    out: web.StreamResponse | None = None  # the client's stream, if committed early
+
+
+class _Committed(Exception):
+    """An attempt failed after the client got its 200 (`_EarlyCommit`): no failover, the
+    stream ends with the §1.1 error event."""
+
+    def __init__(self, out: web.StreamResponse, error: errors.ProxyError,
+                 cand: Candidate) -> None:
+        super().__init__(error.message)
+        self.out, self.error, self.cand = out, error, cand
+
+
+class _EarlyCommit:
+    """A stream whose upstream is slow to send even its headers: past `keepalive` seconds
+    the client gets its 200 and a `: keep-alive` comment every `keepalive` seconds while
+    the wait goes on (SPEC §1.1), from a task of its own, as the request's task is
+    waiting in the upstream call. Once it has fired there is no failover."""
+
+    __slots__ = (
+        "_cand",
+        "_keepalive",
+        "_rec",
+        "_request",
+        "_rt",
+        "_t_sent",
+        "_task",
+        "_timer",
+        "out",
+    )
+
+    def __init__(self, request: web.Request, rt: Runtime, rec: Rec, cand: Candidate,
+                 t_sent: float, keepalive: float) -> None:
+        self._request, self._rt, self._rec, self._cand = request, rt, rec, cand
+        self._t_sent, self._keepalive = t_sent, keepalive
+        self._task: asyncio.Task[None] | None = None
+        self.out: web.StreamResponse | None = None
+        loop = rt.loop or asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = loop.call_later(keepalive, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._task = (self._rt.loop or asyncio.get_running_loop()).create_task(self._beat())
+
+    async def _beat(self) -> None:
+        rec, cand = self._rec, self._cand
+        rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
+        self.out = _stream_response(self._rt, rec, time.perf_counter() - self._t_sent)
+        await self.out.prepare(self._request)
+        rec.ttfb = time.perf_counter() - rec.t0
+        while True:
+            await self.out.write(KEEPALIVE_EVENT)
+            await asyncio.sleep(self._keepalive)
+
+    async def stop(self) -> web.StreamResponse | None:
+        """End the keep-alives; the client's response if it has been committed."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            return None
+        task = self._task
+        if task is None:
+            return self.out
+        self._task = None
+        task.cancel()
+        # wait(), not `await task`: a cancel of the request's own task must go on up,
+        # while the beat's end (cancelled, or the client gone) is only looked at
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()
+        out = self.out
+        return out if out is not None and out.prepared else None
 
 
 async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -196,7 +268,12 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
         rec.region = region
     from_header = region is not None and region == request.headers.get("X-LowRouter-Region")
     cands = pick_candidates(st.table, model_id, region, None if from_header else "route.region")
-    attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
+    try:
+        attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
+    except _Committed as c:  # the client has its 200 and keep-alives: the error event
+        await _stream_error(rt, rec, _prompt_chars(obj, chat), c.cand, region, _Tail(),
+                            c.error, c.out, request)
+        return c.out
     # What the answer still needs of the request; a long stream need not keep the
     # parsed request (often the whole conversation) alive.
     prompt_chars = _prompt_chars(obj, chat)
@@ -204,6 +281,15 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
     cand = attempt.cand
     rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
     try:
+        if attempt.out is not None and attempt.splitter is None:
+            # Committed early, then a JSON answer (an error for a stream request): the
+            # status has gone, so the error event says what came.
+            attempt.resp.close()
+            rec.upstream_s = time.perf_counter() - attempt.t_sent
+            await _stream_error(rt, rec, prompt_chars, cand, region, _Tail(), errors.UpstreamError(
+                f"the upstream answered {attempt.resp.status} once the stream had begun"),
+                attempt.out, request)
+            return attempt.out
         if attempt.splitter is not None:
             return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region,
                                        client_usage)
@@ -258,6 +344,8 @@ async def _try_candidates(
         headers["X-Request-Id"] = rec.request_id
         t_sent = time.perf_counter()
         first_byte = min(tmo.first_byte, deadline - time.monotonic())
+        early = (_EarlyCommit(request, rt, rec, cand, t_sent, tmo.keepalive)
+                 if stream and tmo.keepalive < first_byte else None)
         rt.retries_in_progress += n > 0
         try:
             resp = await upstream.send(
@@ -272,16 +360,26 @@ async def _try_candidates(
                 answer = _answer_now(resp)
                 attempt.body, attempt.doc = (
                     answer if answer is not None else await _read_answer(resp, first_byte))
+            if early is not None:
+                attempt.out = await early.stop()
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
             rt.metrics.attempt(name, _outcome(e))
+            if early is not None and (out := await early.stop()) is not None:
+                raise _Committed(out, e, cand) from None
             last = e
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
             continue
         except BaseException:
             pool.release(name)
+            if early is not None and (out := await early.stop()) is not None:
+                task = asyncio.current_task(rt.loop)
+                if rt.drain_expired and task is not None and task.cancelling() == 1:
+                    task.uncancel()  # the drain's deadline, not the client: the error event
+                    raise _Committed(out, errors.ShuttingDown(
+                        "The proxy is shutting down; the stream was ended early."), cand) from None
             raise
         finally:
             rt.retries_in_progress -= n > 0
@@ -614,11 +712,7 @@ async def _relay_stream(
     resp, splitter, tail, cand = attempt.resp, attempt.splitter, attempt.tail, attempt.cand
     assert splitter is not None and tail is not None
     tmo = st.config.timeouts
-    # Server-Timing goes with the headers, so for a stream it covers the time to its
-    # first event: the upstream's wait, and what the proxy added before the first byte.
-    out = web.StreamResponse(status=200, headers={
-        **_STREAM_HEADERS, **_answer_headers(rec, time.perf_counter() - attempt.t_sent)})
-    finish_headers(rt, out, rec.request_id)
+    out = attempt.out or _stream_response(rt, rec, time.perf_counter() - attempt.t_sent)
     task = asyncio.current_task(rt.loop)
     assert task is not None
     loop = task.get_loop()
@@ -635,8 +729,9 @@ async def _relay_stream(
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
         attempt.first = b""
-        await out.prepare(request)
-        rec.ttfb = time.perf_counter() - rec.t0
+        if not out.prepared:
+            await out.prepare(request)
+            rec.ttfb = time.perf_counter() - rec.t0
         rec.status = 200
         # What comes with [DONE] goes out with the stream's end, in one write.
         last = data if tail.done else b""
@@ -735,6 +830,16 @@ async def _relay_stream(
             resp.release()
         else:  # the upstream's end is still coming: read it apart from the client's request
             rt.spawn(resp.finish(rt.deadlines))
+    return out
+
+
+def _stream_response(rt: Runtime, rec: Rec, upstream_s: float) -> web.StreamResponse:
+    """The client's event stream, not yet prepared. Server-Timing goes with the headers,
+    so for a stream it covers the time to its first byte: the upstream's wait so far,
+    and what the proxy added."""
+    out = web.StreamResponse(status=200, headers={
+        **_STREAM_HEADERS, **_answer_headers(rec, upstream_s)})
+    finish_headers(rt, out, rec.request_id)
     return out
 
 

@@ -1315,6 +1315,61 @@ def test_upstream_silence_gets_keepalive_comments(make_stack: MakeStack) -> None
     assert outcomes(stack) == {("eu-north-a", "ok"): 1}
 
 
+def test_upstream_slow_to_send_headers_gets_keepalive_comments(make_stack: MakeStack) -> None:
+    """An upstream that holds even its headers past timeouts.keepalive (a long prefill): the
+    client gets its 200 and `: keep-alive` comments meanwhile (SPEC §1.1), then the stream."""
+    stack = make_stack(cfg(timeouts={"keepalive": 0.3, "idle": 3}))
+    a = post(stack, chat(LLAMA, stream=True, sim={"headers_delay_s": 1.0}))
+    events = a.events()
+    assert events[0] == b": keep-alive\n\n" and events.count(b": keep-alive\n\n") >= 2
+    assert events[-1] == b"data: [DONE]\n\n"
+    _, rec = only_hit(stack)
+    assert data_events(events)[:-2] == split_events(rec.sent)[:-3]  # as sent, up to the held end
+    assert a.header("x-lowrouter-upstream") == "eu-north-a"
+    assert "upstream;dur=" in (a.header("server-timing") or "")
+    wait_for(lambda: codes(stack) == {"200": 1})
+    assert outcomes(stack) == {("eu-north-a", "ok"): 1}
+    assert_idle(stack)
+
+
+@pytest.mark.parametrize("status", [503, 400])
+def test_upstream_fails_after_a_keepalive_commit(make_stack: MakeStack, status: int) -> None:
+    """Past the keep-alive commit an upstream that answers an error is not failed over (the
+    client has its 200): the stream ends with the §1.1 error event, which the SDK raises."""
+    stack = make_stack(cfg(timeouts={"keepalive": 0.3}))
+    a = post(stack, chat(MINI, region="eu-west", stream=True,
+                         sim={"headers_delay_s": 0.7, "status": status}))
+    before, last = stream_error(a, "upstream_error")
+    assert before and all(ev == b": keep-alive\n\n" for ev in before)
+    assert sum(hits(stack).values()) == 1  # no failover to eu-west-b
+    assert (status == 400) == ("answered 400" in last["error"]["message"])
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    with stack.client() as client, pytest.raises(openai.APIError) as ei:
+        for _ in client.chat.completions.create(
+                model=MINI, messages=MSGS, stream=True, extra_body={
+                    "route": {"region": "eu-west"},
+                    "sim": {"headers_delay_s": 0.7, "status": status}}):
+            pass
+    assert isinstance(ei.value.body, dict) and ei.value.body["code"] == "upstream_error"
+    assert_idle(stack)
+
+
+def test_client_leaves_during_a_keepalive_commit(make_stack: MakeStack) -> None:
+    """The client leaves while the upstream still holds its headers past the keep-alive
+    commit: the upstream request is closed at once, nothing is left running."""
+    stack = make_stack(cfg(timeouts={"keepalive": 0.2}))
+    with open_raw(stack) as sock:
+        sock.sendall(request(orjson.dumps(chat(LLAMA, stream=True, sim={"headers_delay_s": 30}))))
+        assert select.select([sock], [], [], 5)[0]  # the 200 and a first keep-alive
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        t_close = time.monotonic()
+    rec = stack.requests_to("eu-north-a")[0]
+    wait_for(lambda: rec.client_closed, timeout=2)
+    assert rec.finished_at is not None and rec.finished_at - t_close < 0.5
+    wait_for(lambda: codes(stack) == {"client_closed": 1})
+    assert_idle(stack)
+
+
 # =======================================================================================
 # client faults
 

@@ -409,6 +409,32 @@ def test_drain_deadline_ends_streams_with_error_event(tmp_path: Path, sim: SimTh
         proxy.stop()
 
 
+def test_drain_deadline_during_a_keepalive_commit(tmp_path: Path, sim: SimThread) -> None:
+    """A stream committed with keep-alives while its upstream still holds its headers: past
+    shutdown_grace_s it gets the shutting_down error event too, never a second status line."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=0.6).replace(
+        "idle = 20", "idle = 20\nkeepalive = 0.2"))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        before = sim.chat_requests()
+        raw = _Runner(_raw_stream, port, {"headers_delay_s": 10})
+        raw.start()
+        wait_for(lambda: sim.chat_requests() > before, 5, "the stream upstream")
+        time.sleep(0.5)  # committed, a keep-alive or two sent
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(5) == 0
+        events = [e for e in raw.outcome(5).decode().split("\n\n") if e.strip()]
+        assert events[0] == ": keep-alive" and "HTTP/1.1" not in "".join(events)
+        last = json.loads(events[-1].removeprefix("data: "))
+        assert last["error"]["code"] == "shutting_down"
+        assert "eco" in last["lowrouter"]
+    finally:
+        proxy.stop()
+
+
 # ---------------------------------------------------------------------------------------
 # the access log
 

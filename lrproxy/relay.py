@@ -230,11 +230,17 @@ class _EarlyCommit:
             await self.out.write(KEEPALIVE_EVENT)
             await asyncio.sleep(self._keepalive)
 
+    def disarm(self) -> bool:
+        """True if it had not fired (the usual case): nothing more to do, no coroutine."""
+        if self._timer is None:
+            return False
+        self._timer.cancel()
+        self._timer = None
+        return True
+
     async def stop(self) -> web.StreamResponse | None:
         """End the keep-alives; the client's response if it has been committed."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self.disarm():
             return None
         task = self._task
         if task is None:
@@ -360,13 +366,13 @@ async def _try_candidates(
                 answer = _answer_now(resp)
                 attempt.body, attempt.doc = (
                     answer if answer is not None else await _read_answer(resp, first_byte))
-            if early is not None:
+            if early is not None and not early.disarm():
                 attempt.out = await early.stop()
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
             rt.metrics.attempt(name, _outcome(e))
-            if early is not None and (out := await early.stop()) is not None:
+            if early is not None and not early.disarm() and (out := await early.stop()) is not None:
                 raise _Committed(out, e, cand) from None
             last = e
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
@@ -374,7 +380,7 @@ async def _try_candidates(
             continue
         except BaseException:
             pool.release(name)
-            if early is not None and (out := await early.stop()) is not None:
+            if early is not None and not early.disarm() and (out := await early.stop()) is not None:
                 task = asyncio.current_task(rt.loop)
                 if rt.drain_expired and task is not None and task.cancelling() == 1:
                     task.uncancel()  # the drain's deadline, not the client: the error event

@@ -16,7 +16,8 @@ times slower from cold caches than hot, which only the timed benchmarks show.
 
 Per kind (ns: non-streaming; st: 20-chunk streams sent at once; sts: 20 chunks 5 ms
 apart) and target: `--warmup` requests, then `--reps` counts of `--requests` requests
-each. The counts of one process agree to well under 1 %. Needs valgrind
+each. Non-streaming counts agree within 0.5 % from process to process; stream counts
+within ~2 %, as the upstream's events split into one or two reads by timing. Needs valgrind
 (`apt-get install valgrind`); loopback only; every process started here is stopped.
 """
 

@@ -184,6 +184,7 @@ class Rec:
     carbon_g: float = 0.0
     ttfb: float | None = None
     upstream_s: float | None = None
+    out: web.StreamResponse | None = None  # a stream's response, once it may be prepared
 
     def route_headers(self) -> dict[str, str]:
         if not self.upstream:
@@ -245,8 +246,11 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not rec.status:
             rec.status = resp.status
     except errors.ProxyError as e:
-        rec.status, rec.error = e.status, e.code
-        resp = _error_response(e, rec)
+        if rec.out is not None and rec.out.prepared:
+            resp = await _end_started(rec, e)
+        else:
+            rec.status, rec.error = e.status, e.code
+            resp = _error_response(e, rec)
     except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
         err = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
             f"{request.method} {request.path} is not part of this API"
@@ -266,12 +270,19 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Cancelled by the drain, not by a client that left: answer properly (SPEC §6).
         shut = errors.ShuttingDown("The proxy is shutting down; retry the request.",
                                    retry_after=1)
-        rec.status, rec.error = shut.status, shut.code
-        resp = _error_response(shut, rec)
+        if rec.out is not None and rec.out.prepared:
+            resp = await _end_started(rec, shut)
+        else:
+            rec.status, rec.error = shut.status, shut.code
+            resp = _error_response(shut, rec)
     except Exception:
         log.exception("unhandled error", extra={"fields": {"request_id": rec.request_id}})
-        rec.status, rec.error = 500, "internal_error"
-        resp = _error_response(errors.ProxyError("Internal error; see the proxy's log."), rec)
+        bug = errors.ProxyError("Internal error; see the proxy's log.")
+        if rec.out is not None and rec.out.prepared:
+            resp = await _end_started(rec, bug)
+        else:
+            rec.status, rec.error = 500, "internal_error"
+            resp = _error_response(bug, rec)
     finally:
         protocol.end(request)
         rt.tasks.discard(task)
@@ -282,6 +293,22 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not resp.prepared:  # a stream has set these itself (relay._relay_stream)
         finish_headers(rt, resp, rec.request_id)
     return resp
+
+
+async def _end_started(rec: Rec, e: errors.ProxyError) -> web.StreamResponse:
+    """An error after a stream's 200 has gone (a path the relay did not end itself): the
+    §1.1 error event and a clean end, never a second status line."""
+    out = rec.out
+    assert out is not None
+    rec.status, rec.error = "stream_error", e.code
+    event = b"data: " + orjson.dumps({
+        "error": {"message": e.message, "type": e.type, "code": e.code},
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+    }) + b"\n\n"
+    with contextlib.suppress(ConnectionResetError, RuntimeError):  # gone, or already ended
+        await out.write(event)
+        await out.write_eof()
+    return out
 
 
 def finish_headers(rt: Runtime, resp: web.StreamResponse, request_id: str) -> None:

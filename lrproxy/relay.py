@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, Final
@@ -177,6 +178,7 @@ class _Attempt:
     got_event: bool = False
     t_sent: float = 0.0
     out: web.StreamResponse | None = None  # the client's stream, if committed early
+    trial: bool = False  # the one request let through to an ejected upstream
 
 
 class _Committed(Exception):
@@ -190,70 +192,65 @@ class _Committed(Exception):
 
 
 class _EarlyCommit:
-    """A stream whose upstream is slow to send even its headers: past `keepalive` seconds
-    the client gets its 200 and a `: keep-alive` comment every `keepalive` seconds while
-    the wait goes on (SPEC §1.1), from a task of its own, as the request's task is
-    waiting in the upstream call. Once it has fired there is no failover."""
+    """A stream whose upstream is slow to send even its headers: once the client has
+    heard nothing for `keepalive` seconds, it gets its 200 and a `: keep-alive` comment
+    every `keepalive` seconds while the wait goes on (SPEC §1.1), from a task of its own,
+    as the request's task is waiting in the upstream call. Once it has fired there is no
+    failover. `stop()` is synchronous: the beat writes only in whole steps (prepare and
+    a write, or a write), so once cancelled it writes nothing more."""
 
-    __slots__ = (
-        "_cand",
-        "_keepalive",
-        "_rec",
-        "_request",
-        "_rt",
-        "_t_sent",
-        "_task",
-        "_timer",
-        "out",
-    )
+    __slots__ = ("_cand", "_keepalive", "_rec", "_request", "_rt", "_t_sent", "_task",
+                 "_timer", "out")
 
     def __init__(self, request: web.Request, rt: Runtime, rec: Rec, cand: Candidate,
-                 t_sent: float, keepalive: float) -> None:
+                 t_sent: float, delay: float, keepalive: float) -> None:
         self._request, self._rt, self._rec, self._cand = request, rt, rec, cand
         self._t_sent, self._keepalive = t_sent, keepalive
         self._task: asyncio.Task[None] | None = None
         self.out: web.StreamResponse | None = None
         loop = rt.loop or asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = loop.call_later(keepalive, self._fire)
+        self._timer: asyncio.TimerHandle | None = loop.call_later(delay, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        self._task = (self._rt.loop or asyncio.get_running_loop()).create_task(self._beat())
+        task = (self._rt.loop or asyncio.get_running_loop()).create_task(self._beat())
+        task.add_done_callback(_beat_ended)
+        self._task = task
 
     async def _beat(self) -> None:
         rec, cand = self._rec, self._cand
         rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
-        self.out = _stream_response(self._rt, rec, time.perf_counter() - self._t_sent)
-        await self.out.prepare(self._request)
+        out = self.out = rec.out = _stream_response(
+            self._rt, rec, time.perf_counter() - self._t_sent)
+        await out.prepare(self._request)
         rec.ttfb = time.perf_counter() - rec.t0
         while True:
-            await self.out.write(KEEPALIVE_EVENT)
+            await out.write(KEEPALIVE_EVENT)
             await asyncio.sleep(self._keepalive)
 
     def disarm(self) -> bool:
-        """True if it had not fired (the usual case): nothing more to do, no coroutine."""
+        """True if it had not fired (the usual case): nothing more to do."""
         if self._timer is None:
             return False
         self._timer.cancel()
         self._timer = None
         return True
 
-    async def stop(self) -> web.StreamResponse | None:
+    def stop(self) -> web.StreamResponse | None:
         """End the keep-alives; the client's response if it has been committed."""
         if self.disarm():
             return None
-        task = self._task
-        if task is None:
-            return self.out
-        self._task = None
-        task.cancel()
-        # wait(), not `await task`: a cancel of the request's own task must go on up,
-        # while the beat's end (cancelled, or the client gone) is only looked at
-        await asyncio.wait((task,))
-        if not task.cancelled():
-            task.exception()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
         out = self.out
         return out if out is not None and out.prepared else None
+
+
+def _beat_ended(task: asyncio.Task[None]) -> None:
+    """Cancelled (the usual end), or the client gone; anything else is a bug of ours."""
+    if not task.cancelled() and not isinstance(task.exception(), ConnectionResetError | None):
+        log.error("keep-alive task failed", exc_info=task.exception())
 
 
 async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -332,6 +329,9 @@ async def _try_candidates(
         )
     tmo = st.config.timeouts
     deadline = now + tmo.total
+    # A stream's client hears something every `keepalive` seconds, however many
+    # attempts its wait takes (_EarlyCommit).
+    beat_at = now + tmo.keepalive if stream else math.inf
     tried: list[str] = []
     last: errors.UpstreamFailed | None = None
     for n in range(st.config.server.retries + 1):
@@ -343,15 +343,17 @@ async def _try_candidates(
         name = cand.upstream.name
         tried.append(name)
         rec.attempts += 1
-        pool.acquire(name, time.monotonic())
+        trial = pool.acquire(name, time.monotonic())
         target = st.targets[name]
         obj["model"] = cand.upstream_model
         headers = (target.stream_headers if stream else target.json_headers).copy()
         headers["X-Request-Id"] = rec.request_id
         t_sent = time.perf_counter()
-        first_byte = min(tmo.first_byte, deadline - time.monotonic())
-        early = (_EarlyCommit(request, rt, rec, cand, t_sent, tmo.keepalive)
-                 if stream and tmo.keepalive < first_byte else None)
+        now = time.monotonic()
+        first_byte = min(tmo.first_byte, deadline - now)
+        early = (_EarlyCommit(request, rt, rec, cand, t_sent, max(0.0, beat_at - now),
+                              tmo.keepalive)
+                 if beat_at < now + first_byte else None)
         rt.retries_in_progress += n > 0
         try:
             resp = await upstream.send(
@@ -359,36 +361,47 @@ async def _try_candidates(
                 target.chat_url if chat else target.embeddings_url,
                 orjson.dumps(obj), headers, rt.deadlines, first_byte, st.client_timeout,
             )
-            attempt = _Attempt(cand, resp, t_sent=t_sent)
+            attempt = _Attempt(cand, resp, t_sent=t_sent, trial=trial)
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 await _first_events(attempt, rt.deadlines, first_byte, tmo.keepalive)
             else:
                 answer = _answer_now(resp)
                 attempt.body, attempt.doc = (
                     answer if answer is not None else await _read_answer(resp, first_byte))
-            if early is not None and not early.disarm():
-                attempt.out = await early.stop()
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
-            rt.metrics.attempt(name, _outcome(e))
-            if early is not None and not early.disarm() and (out := await early.stop()) is not None:
+            out = early.stop() if early is not None else None
+            rt.metrics.attempt(name, ("stream_" if out is not None else "") + _outcome(e))
+            if out is not None:  # the client has its 200: no failover (SPEC §1.1)
                 raise _Committed(out, e, cand) from None
             last = e
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
             continue
-        except BaseException:
+        except BaseException as exc:  # the client gone, the drain, a bug of ours
             pool.release(name)
-            if early is not None and not early.disarm() and (out := await early.stop()) is not None:
-                task = asyncio.current_task(rt.loop)
-                if rt.drain_expired and task is not None and task.cancelling() == 1:
-                    task.uncancel()  # the drain's deadline, not the client: the error event
-                    raise _Committed(out, errors.ShuttingDown(
-                        "The proxy is shutting down; the stream was ended early."), cand) from None
-            raise
+            if trial:
+                pool.abandoned(name)
+            out = early.stop() if early is not None else None
+            if out is None:
+                raise
+            task = asyncio.current_task(rt.loop)
+            if isinstance(exc, asyncio.CancelledError):
+                if not (rt.drain_expired and task is not None and task.cancelling() == 1):
+                    raise  # the client has gone
+                task.uncancel()  # the drain's deadline: end the stream properly
+                err: errors.ProxyError = errors.ShuttingDown(
+                    "The proxy is shutting down; the stream was ended early.")
+            else:
+                log.exception("unexpected error in a stream",
+                              extra={"fields": {"request_id": rec.request_id}})
+                err = errors.ProxyError("Internal error in the proxy; see its log.")
+            raise _Committed(out, err, cand) from None
         finally:
             rt.retries_in_progress -= n > 0
+        if early is not None and not early.disarm():
+            attempt.out = early.stop()
         if attempt.splitter is None:  # a stream's verdict comes at its end (_relay_stream)
             pool.succeeded(name)
         rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
@@ -729,12 +742,13 @@ async def _relay_stream(
     first_deadline = started + tmo.first_byte - (time.perf_counter() - attempt.t_sent)
     got_event = attempt.got_event
     last_byte = loop.time()
-    finished = judged = False  # judged: the pool has been told how the upstream did
+    finished = judged = over_total = False  # judged: the pool has been told how it did
     watch = rt.deadlines.watch(task)  # moved before each read below
     idle, keepalive = tmo.idle, tmo.keepalive
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
         attempt.first = b""
+        rec.out = out
         if not out.prepared:
             await out.prepare(request)
             rec.ttfb = time.perf_counter() - rec.t0
@@ -767,7 +781,8 @@ async def _relay_stream(
                     raise
                 now = loop.time()
                 if now >= limit - 0.001:
-                    what = "in total" if now >= deadline - 0.001 else (
+                    over_total = now >= deadline - 0.001
+                    what = "in total" if over_total else (
                         "before its first event" if not got_event else "between events")
                     raise errors.UpstreamTimeout(f"the upstream went silent {what}") from None
                 await out.write(KEEPALIVE_EVENT)
@@ -798,8 +813,11 @@ async def _relay_stream(
         finished = judged = True
         rt.pool.succeeded(cand.upstream.name)
     except errors.UpstreamFailed as e:
-        judged = True
-        rt.pool.failed(cand.upstream.name, time.monotonic())
+        # timeouts.total is the proxy's own cap on a request, not the upstream's failure:
+        # five long generations must not eject a healthy upstream
+        judged = not over_total
+        if judged:
+            rt.pool.failed(cand.upstream.name, time.monotonic())
         rt.metrics.attempt(cand.upstream.name, "stream_" + _outcome(e))
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
@@ -828,7 +846,7 @@ async def _relay_stream(
         watch.close()
         if not finished:
             resp.close()
-        if not judged:  # the client left, the drain ended it, a bug of ours: no verdict
+        if not judged and attempt.trial:  # the client left, the drain, a bug: no verdict
             rt.pool.abandoned(cand.upstream.name)
         rec.upstream_s = time.perf_counter() - attempt.t_sent
     if finished:

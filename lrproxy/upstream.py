@@ -86,13 +86,17 @@ class Pool:
         h = self.health.get(name)
         return 0 if h is None else h.outstanding
 
-    def acquire(self, name: str, now: float) -> None:
+    def acquire(self, name: str, now: float) -> bool:
+        """One more request in flight; True if it is the trial after a cool-down, which
+        ends with `succeeded`, `failed` or (no verdict) `abandoned`."""
         h = self.health.get(name)
         if h is None:
-            return
+            return False
         h.outstanding += 1
         if h.failures >= EJECT_AFTER and now >= h.ejected_until:
             h.trial = True
+            return True
+        return False
 
     def release(self, name: str) -> None:
         h = self.health.get(name)
@@ -110,8 +114,9 @@ class Pool:
                 self.on_change()
 
     def abandoned(self, name: str) -> None:
-        """An attempt ended with no verdict on the upstream (its client left first): the
-        counts stay, and if it was the trial after a cool-down, another may be sent."""
+        """The trial after a cool-down ended with no verdict on the upstream (its client
+        left first, the proxy's own limit): the counts stay, another trial may go. Only
+        for the attempt that `acquire` made the trial."""
         h = self.health.get(name)
         if h is not None:
             h.trial = False

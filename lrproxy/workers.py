@@ -117,6 +117,8 @@ async def supervise(
         # nobody accepts) while it drains. So a worker's own sockets are inheritable only
         # while it is spawned, one spawn at a time.
         async with spawning:
+            if stopping:  # a restart that lost the race with SIGTERM
+                return
             for fd in w.fds:
                 os.set_inheritable(fd, True)
             try:
@@ -209,15 +211,16 @@ async def supervise(
     await stop.wait()
     stopping = True
     notifier.stopping()
-    for w in workers:
-        if w.proc is not None and w.proc.returncode is None:
-            w.proc.send_signal(signal.SIGTERM)
-    if not inherited:
-        # Our copies of the listening sockets: held open, they would go on queueing new
-        # connections after the workers stop accepting, to reset them at exit. Closed,
-        # each socket goes when its worker closes it, and connects are refused at once.
-        for s in socks:
-            s.close()
+    async with spawning:  # a restart under way ends first, and none starts after
+        for w in workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.send_signal(signal.SIGTERM)
+        if not inherited:
+            # Our copies of the listening sockets: held open, they would go on queueing
+            # new connections after the workers stop accepting, to reset them at exit.
+            # Closed, each socket goes when its worker closes it: connects are refused.
+            for s in socks:
+                s.close()
     grace = config.server.shutdown_grace_s + 5
     procs = [w.proc.wait() for w in workers if w.proc is not None]
     try:

@@ -67,6 +67,7 @@ class Seen:
     scripted: list[Scripted] = attrs.Factory(list)
     wire: list[bytes] = attrs.Factory(list)  # every byte lrproxy wrote to a client socket
     logs: list[str] = attrs.Factory(list)  # every record of its loggers, formatted
+    expected_errors: list[str] = attrs.Factory(list)  # log messages a test provokes on purpose
     records: list[logging.LogRecord] = attrs.Factory(list)
 
 
@@ -136,7 +137,8 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
     for headers, body in upstream_saw:
         for key in CLIENT_KEYS:
             assert key not in repr(headers) and key.encode() not in body, "a client key upstream"
-    bad = [line for r, line in zip(s.records, s.logs, strict=True) if r.levelno >= logging.ERROR]
+    bad = [line for r, line in zip(s.records, s.logs, strict=True)
+           if r.levelno >= logging.ERROR and r.getMessage() not in s.expected_errors]
     assert not bad, bad
 
 
@@ -1136,6 +1138,30 @@ def test_failed_trial_ejects_again_for_longer(stack: Stack, monkeypatch: pytest.
     assert codes(stack) == {"200": 7}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_trial_whose_client_leaves_before_the_answer(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """The trial after a cool-down, its client gone before the upstream answered: no
+    verdict, and the upstream is not left unusable for good (the next request is a trial)."""
+    monkeypatch.setattr(upstream, "COOL_DOWN_S", 0.3)
+    eject_eu_west_a(stack)
+    faults(stack, ["eu-west-a"], fail_status=None)
+    time.sleep(0.35)
+    with open_raw(stack) as sock:
+        sock.sendall(request(orjson.dumps(chat(MINI, region="eu-west", stream=stream,
+                                                sim={"headers_delay_s": 5}))))
+        wait_for(lambda: len(stack.requests_to("eu-west-a")) == 6)
+    rec = stack.requests_to("eu-west-a")[-1]
+    wait_for(lambda: rec.client_closed, timeout=2)
+    assert_idle(stack)
+    h = stack.call(lambda: attrs.asdict(stack.runtime.pool.health["eu-west-a"]))
+    assert (h["failures"], h["trial"]) == (upstream.EJECT_AFTER, False)
+    route = post(stack, chat(MINI, region="eu-west")).route()  # the next trial, which readmits
+    assert (route["upstream"], route["attempts"]) == ("eu-west-a", 1)
+    assert usable(stack, "eu-west-a") == 1
+
+
 @pytest.mark.parametrize(("retry_after", "cool"), [("120", 120.0), ("9999", 300.0)])
 def test_ejection_honours_retry_after(stack: Stack, retry_after: str, cool: float) -> None:
     """The cool-down is at least the upstream's Retry-After, capped at 300 s."""
@@ -1209,6 +1235,8 @@ def test_stream_over_total_is_ended(make_stack: MakeStack) -> None:
     wait_for(lambda: rec.client_closed)
     wait_for(lambda: codes(stack) == {"stream_error": 1})
     assert outcomes(stack)[("eu-north-a", "stream_timeout")] == 1
+    # the proxy's own cap, not the upstream's failure: it counts towards no ejection
+    assert stack.call(lambda: stack.runtime.pool.health["eu-north-a"].failures) == 0
 
 
 def test_upstream_error_object_in_stream_raises_api_error(
@@ -1295,8 +1323,9 @@ def test_a_trial_whose_client_leaves_lets_another_trial_go() -> None:
         pool.failed("a", 0.0)
     later = upstream.COOL_DOWN_S + 1
     assert not pool.usable("a", 1.0) and pool.usable("a", later)
-    pool.acquire("a", later)
+    assert pool.acquire("a", later) is True  # this attempt is the trial
     assert not pool.usable("a", later)  # the trial is out
+    assert pool.acquire("b", later) is False
     pool.release("a")
     pool.abandoned("a")
     assert pool.usable("a", later)
@@ -1351,6 +1380,41 @@ def test_upstream_fails_after_a_keepalive_commit(make_stack: MakeStack, status: 
                     "sim": {"headers_delay_s": 0.7, "status": status}}):
             pass
     assert isinstance(ei.value.body, dict) and ei.value.body["code"] == "upstream_error"
+    assert_idle(stack)
+
+
+def test_keepalive_clock_runs_across_failover(make_stack: MakeStack) -> None:
+    """The client hears something every timeouts.keepalive seconds however many attempts
+    its wait takes: two upstreams that each hold their headers 0.2 s, then fail, with
+    keepalive 0.3 s: the commit comes during the second attempt, whose failure is then
+    the error event (not a 502 after 0.4 s of silence)."""
+    stack = make_stack(cfg(timeouts={"keepalive": 0.3}))
+    a = post(stack, chat(MINI, region="eu-west", stream=True,
+                         sim={"headers_delay_s": 0.2, "status": 503}))
+    before, _ = stream_error(a, "upstream_error")
+    assert before == [b": keep-alive\n\n"]
+    assert hits(stack)["eu-west-a"] + hits(stack)["eu-west-b"] == 2
+    assert_idle(stack)
+
+
+def test_a_bug_after_a_keepalive_commit_is_an_error_event(
+    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch, seen: Seen
+) -> None:
+    """An unexpected exception of ours after the keep-alive commit: the §1.1 error event
+    on the committed stream (and the traceback in the log), never a second status line."""
+    from lrproxy import relay
+
+    seen.expected_errors.append("unexpected error in a stream")
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(relay, "_first_events", broken)
+    stack = make_stack(cfg(timeouts={"keepalive": 0.2}))
+    a = post(stack, chat(LLAMA, stream=True, sim={"headers_delay_s": 0.5}))
+    before, _ = stream_error(a, "internal_error")
+    assert before and b"HTTP/1.1" not in a.body
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
     assert_idle(stack)
 
 

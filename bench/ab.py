@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,16 +48,7 @@ def main() -> int:
                                        prompt_kib=0), B.FULL)
     made: list[Path] = []
     try:
-        roots = {}
-        for rev in args.revs:
-            if rev == ".":
-                roots[rev] = B.ROOT
-                continue
-            wt = Path(tempfile.mkdtemp(prefix="lrproxy-ab-")) / "tree"
-            subprocess.run(["git", "-C", str(B.ROOT), "worktree", "add", "--detach", str(wt),
-                            rev], check=True, capture_output=True)
-            made.append(wt)
-            roots[rev] = wt
+        roots = {rev: B.worktree(rev, made) for rev in args.revs}
         bench.start_sim()
         minimal = next(t for t in bench.targets() if t.name == "minimal")
         minimal.proc = bench.start_minimal(minimal)
@@ -95,9 +84,7 @@ def main() -> int:
                       + ", ".join(f"{v:,.0f}" for v in per))
     finally:
         bench.procs.stop_all()
-        for wt in made:
-            subprocess.run(["git", "-C", str(B.ROOT), "worktree", "remove", "--force",
-                            str(wt)], capture_output=True)
+        B.remove_worktrees(made)
     return 0
 
 

@@ -31,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -113,13 +112,7 @@ def main() -> int:
         minimal.start = lambda: bench.start_minimal(minimal)
         plan.append(("minimal", minimal))
         for rev in args.revs or ["."]:
-            root = B.ROOT
-            if rev != ".":
-                wt = Path(tempfile.mkdtemp(prefix="lrproxy-instr-")) / "tree"
-                subprocess.run(["git", "-C", str(B.ROOT), "worktree", "add", "--detach",
-                                str(wt), rev], check=True, capture_output=True)
-                made.append(wt)
-                root = wt
+            root = B.worktree(rev, made)
             logs = (True,) if args.revs else (True, False)
             for log_on in logs:
                 name = rev if args.revs else ("lrproxy" if log_on else "lrproxy-nolog")
@@ -149,9 +142,7 @@ def main() -> int:
         print(report(results, kinds, args))
     finally:
         bench.procs.stop_all()
-        for wt in made:
-            subprocess.run(["git", "-C", str(B.ROOT), "worktree", "remove", "--force",
-                            str(wt)], capture_output=True)
+        B.remove_worktrees(made)
     return 0
 
 

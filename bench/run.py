@@ -163,6 +163,24 @@ class Procs:
             self.stop(p)
 
 
+def worktree(rev: str, made: list[Path]) -> Path:
+    """The tree of revision `rev` (a new git worktree, added to `made`); `.` is this one
+    as it is (bench/ab.py, bench/instr.py)."""
+    if rev == ".":
+        return ROOT
+    wt = Path(tempfile.mkdtemp(prefix="lrproxy-rev-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(wt), rev],
+                   check=True, capture_output=True)
+    made.append(wt)
+    return wt
+
+
+def remove_worktrees(made: list[Path]) -> None:
+    for wt in made:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)],
+                       capture_output=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

@@ -231,12 +231,17 @@ def test_request_in_flight_across_a_reload_that_renames_its_upstream(
         assert resp.status == 200, doc
         assert resp.headers["X-LowRouter-Upstream"] == "sim"
         assert doc["lowrouter"]["route"]["upstream"] == "sim"
-        with _client(port) as client:  # the next request is on the new config
-            r = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
-            assert r.headers["X-LowRouter-Upstream"] == "sim2"
+        assert _upstream_of_a_request(port) == "sim2"  # the next request: the new config
         assert "Traceback" not in proxy.stderr
     finally:
         proxy.stop()
+
+
+def _upstream_of_a_request(port: int) -> str:
+    """X-LowRouter-Upstream of a plain SDK request to lrproxy on `port`."""
+    with _client(port) as client:
+        r = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        return str(r.headers["X-LowRouter-Upstream"])
 
 
 def _with_ca_file(toml: str, ca: Path) -> str:
@@ -271,9 +276,7 @@ def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim
         wait_for(lambda: "reload refused" in proxy.stderr, 5, "the refusal")
         refused = [ln for ln in proxy.stderr.splitlines() if "reload refused" in ln]
         assert len(refused) == 1 and "upstreams[0].ca_file" in refused[0], proxy.stderr
-        with _client(port) as client:
-            r = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
-            assert r.headers["X-LowRouter-Upstream"] == "sim"
+        assert _upstream_of_a_request(port) == "sim"
         assert "Traceback" not in proxy.stderr
     finally:
         proxy.stop()

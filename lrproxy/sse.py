@@ -103,8 +103,8 @@ def plain_prefix(data: bytes) -> tuple[int, int]:
         data.find(b"\n") == n - 2
         and data.endswith(b"}\n\n")
         and data.startswith(b"data: {")
-        and b"\r" not in data
-        and b'"error"' not in data
+        and data.find(b"\r") < 0  # find(), not `in`: ~1,000 instructions less each
+        and data.find(_ERROR) < 0
         and data.count(b'"choices":[{') == 1
         and _NOT_NULL[0].search(data) is None
         and _NOT_NULL[1].search(data) is None
@@ -114,27 +114,35 @@ def plain_prefix(data: bytes) -> tuple[int, int]:
 
 
 def _plain_prefix_scan(data: bytes) -> tuple[int, int]:
-    """`plain_prefix` for a read of any number of events."""
+    """`plain_prefix` for a read of any number of events.
+
+    Every check is one C scan of the read (a regex search costs ~3 times a count, see
+    bench/instr.py): a read of a whole stream spends most of its relay's work here.
+    """
     if data.find(b"\r") >= 0:
         return 0, 0
     end = data.rfind(b"\n\n") + 2
-    for pattern in _NOT_NULL:
-        m = pattern.search(data, 0, end)
-        if m is not None:
-            end = data.rfind(b"\n\n", 0, m.start()) + 2
+    # A finish_reason usually is in the read (its last), so search for it; usage:null is
+    # on every content chunk, so its two counts agree unless a usage is in the way.
+    m = _NOT_NULL[0].search(data, 0, end)
+    if m is not None:
+        end = data.rfind(b"\n\n", 0, m.start()) + 2
+    if data.count(b'"usage"', 0, end) != data.count(b'"usage":null', 0, end):
+        m = _NOT_NULL[1].search(data, 0, end)
+        assert m is not None  # some "usage" is not followed by :null
+        end = data.rfind(b"\n\n", 0, m.start()) + 2
     i = data.find(_ERROR, 0, end)
     if i >= 0:
         end = data.rfind(b"\n\n", 0, i) + 2
     if end < 2:
         return 0, 0
-    # Each event is exactly one line, `data: {` … `}` LF LF ([DONE] is not `{`): all
-    # LFs are in the n `}` LF LF ends, and n - 1 of them are followed by `data: {`.
-    n = data.count(b"}\n\n", 0, end)
+    # Each event is exactly one line, `data: {` … `}` LF LF ([DONE] is not `{`): the
+    # n - 1 `}` LF LF `data: {` between them and the `}` LF LF at the end hold all 2n LFs.
+    n = data.count(b"}\n\ndata: {", 0, end) + 1
     if (
-        not n
-        or not data.startswith(b"data: {")
+        not data.startswith(b"data: {")
+        or not data.endswith(b"}\n\n", 0, end)
         or data.count(b"\n", 0, end) != 2 * n
-        or data.count(b"\n\ndata: {", 0, end) != n - 1
         or data.count(b'"choices":[{', 0, end) != n
     ):
         return 0, 0

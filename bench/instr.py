@@ -17,7 +17,8 @@ times slower from cold caches than hot, which only the timed benchmarks show.
 Per kind (ns: non-streaming; st: 20-chunk streams sent at once; sts: 20 chunks 5 ms
 apart) and target: `--warmup` requests, then `--reps` counts of `--requests` requests
 each. Non-streaming counts agree within 0.5 % from process to process; stream counts
-within ~2 %, as the upstream's events split into one or two reads by timing. Needs valgrind
+within ~2 % (chunks at once) to ~6 % (chunks apart), as the upstream's events fall into
+reads by timing: compare streams over several runs. Needs valgrind
 (`apt-get install valgrind`); loopback only; every process started here is stopped.
 """
 

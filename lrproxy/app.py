@@ -95,6 +95,15 @@ class Runtime:
     clock: Callable[[], float] = time.time  # wall clock for intensity ages
     feed_poll_s: float = 5.0
 
+    def ended_by_drain(self, task: asyncio.Task[Any]) -> bool:
+        """True, with the cancel taken back, when `task`'s CancelledError is the drain's
+        at shutdown_grace_s (cli._drain cancels each task once), not a client that left:
+        the request is then answered properly, never cut (SPEC §6)."""
+        if self.drain_expired and task.cancelling() == 1:
+            task.uncancel()
+            return True
+        return False
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` as a task of its own, held until it ends (cancelled at shutdown)."""
         task = (self.loop or asyncio.get_running_loop()).create_task(coro)
@@ -246,11 +255,7 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not rec.status:
             rec.status = resp.status
     except errors.ProxyError as e:
-        if rec.out is not None and rec.out.prepared:
-            resp = await _end_started(rec, e)
-        else:
-            rec.status, rec.error = e.status, e.code
-            resp = _error_response(e, rec)
+        resp = await _answer_error(rec, e)
     except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
         err = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
             f"{request.method} {request.path} is not part of this API"
@@ -262,27 +267,15 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         if e.status == 405 and "Allow" in e.headers:
             resp.headers["Allow"] = e.headers["Allow"]
     except asyncio.CancelledError:
-        if not (rt.drain_expired and task.cancelling() == 1):
+        if not rt.ended_by_drain(task):
             if not rec.status:
                 rec.status = "client_closed"
             raise
-        task.uncancel()
-        # Cancelled by the drain, not by a client that left: answer properly (SPEC §6).
-        shut = errors.ShuttingDown("The proxy is shutting down; retry the request.",
-                                   retry_after=1)
-        if rec.out is not None and rec.out.prepared:
-            resp = await _end_started(rec, shut)
-        else:
-            rec.status, rec.error = shut.status, shut.code
-            resp = _error_response(shut, rec)
+        resp = await _answer_error(rec, errors.ShuttingDown(
+            "The proxy is shutting down; retry the request.", retry_after=1))
     except Exception:
         log.exception("unhandled error", extra={"fields": {"request_id": rec.request_id}})
-        bug = errors.ProxyError("Internal error; see the proxy's log.")
-        if rec.out is not None and rec.out.prepared:
-            resp = await _end_started(rec, bug)
-        else:
-            rec.status, rec.error = 500, "internal_error"
-            resp = _error_response(bug, rec)
+        resp = await _answer_error(rec, errors.ProxyError("Internal error; see the proxy's log."))
     finally:
         protocol.end(request)
         rt.tasks.discard(task)
@@ -295,11 +288,14 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     return resp
 
 
-async def _end_started(rec: Rec, e: errors.ProxyError) -> web.StreamResponse:
-    """An error after a stream's 200 has gone (a path the relay did not end itself): the
-    §1.1 error event and a clean end, never a second status line."""
+async def _answer_error(rec: Rec, e: errors.ProxyError) -> web.StreamResponse:
+    """The error's answer in the OpenAI shape; after a stream's 200 has gone (a path the
+    relay did not end itself), the §1.1 error event and a clean end instead, never a
+    second status line."""
     out = rec.out
-    assert out is not None
+    if out is None or not out.prepared:
+        rec.status, rec.error = e.status, e.code
+        return _error_response(e, rec)
     rec.status, rec.error = "stream_error", e.code
     event = b"data: " + orjson.dumps({
         "error": {"message": e.message, "type": e.type, "code": e.code},

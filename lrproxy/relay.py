@@ -177,37 +177,35 @@ class _Attempt:
     first: bytes = b""  # what the stream's first events give the client
     got_event: bool = False
     t_sent: float = 0.0
-    out: web.StreamResponse | None = None  # the client's stream, if committed early
     trial: bool = False  # the one request let through to an ejected upstream
 
 
 class _Committed(Exception):
-    """An attempt failed after the client got its 200 (`_EarlyCommit`): no failover, the
-    stream ends with the §1.1 error event."""
+    """An attempt failed after the client got its 200 (`_EarlyCommit`, in `rec.out`): no
+    failover, the stream ends with the §1.1 error event."""
 
-    def __init__(self, out: web.StreamResponse, error: errors.ProxyError,
-                 cand: Candidate) -> None:
+    def __init__(self, error: errors.ProxyError, cand: Candidate) -> None:
         super().__init__(error.message)
-        self.out, self.error, self.cand = out, error, cand
+        self.error, self.cand = error, cand
 
 
 class _EarlyCommit:
     """A stream whose upstream is slow to send even its headers: once the client has
     heard nothing for `keepalive` seconds, it gets its 200 and a `: keep-alive` comment
     every `keepalive` seconds while the wait goes on (SPEC §1.1), from a task of its own,
-    as the request's task is waiting in the upstream call. Once it has fired there is no
-    failover. `stop()` is synchronous: the beat writes only in whole steps (prepare and
-    a write, or a write), so once cancelled it writes nothing more."""
+    as the request's task is waiting in the upstream call. The response is `rec.out`.
+    Once it has fired there is no failover. `stop()` is synchronous: the beat writes only
+    in whole steps (prepare and a write, or a write), so once cancelled it writes nothing
+    more."""
 
     __slots__ = ("_cand", "_keepalive", "_rec", "_request", "_rt", "_t_sent", "_task",
-                 "_timer", "out")
+                 "_timer")
 
     def __init__(self, request: web.Request, rt: Runtime, rec: Rec, cand: Candidate,
                  t_sent: float, delay: float, keepalive: float) -> None:
         self._request, self._rt, self._rec, self._cand = request, rt, rec, cand
         self._t_sent, self._keepalive = t_sent, keepalive
         self._task: asyncio.Task[None] | None = None
-        self.out: web.StreamResponse | None = None
         loop = rt.loop or asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = loop.call_later(delay, self._fire)
 
@@ -220,31 +218,24 @@ class _EarlyCommit:
     async def _beat(self) -> None:
         rec, cand = self._rec, self._cand
         rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
-        out = self.out = rec.out = _stream_response(
-            self._rt, rec, time.perf_counter() - self._t_sent)
+        out = rec.out = _stream_response(self._rt, rec, time.perf_counter() - self._t_sent)
         await out.prepare(self._request)
         rec.ttfb = time.perf_counter() - rec.t0
         while True:
             await out.write(KEEPALIVE_EVENT)
             await asyncio.sleep(self._keepalive)
 
-    def disarm(self) -> bool:
-        """True if it had not fired (the usual case): nothing more to do."""
-        if self._timer is None:
+    def stop(self) -> bool:
+        """End the keep-alives; True if the client's 200 has gone (`rec.out`)."""
+        if self._timer is not None:  # it has not fired: the usual case
+            self._timer.cancel()
+            self._timer = None
             return False
-        self._timer.cancel()
-        self._timer = None
-        return True
-
-    def stop(self) -> web.StreamResponse | None:
-        """End the keep-alives; the client's response if it has been committed."""
-        if self.disarm():
-            return None
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        out = self.out
-        return out if out is not None and out.prepared else None
+        out = self._rec.out
+        return out is not None and out.prepared
 
 
 def _beat_ended(task: asyncio.Task[None]) -> None:
@@ -274,9 +265,10 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
     try:
         attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
     except _Committed as c:  # the client has its 200 and keep-alives: the error event
+        assert rec.out is not None
         await _stream_error(rt, rec, _prompt_chars(obj, chat), c.cand, region, _Tail(),
-                            c.error, c.out, request)
-        return c.out
+                            c.error, rec.out, request)
+        return rec.out
     # What the answer still needs of the request; a long stream need not keep the
     # parsed request (often the whole conversation) alive.
     prompt_chars = _prompt_chars(obj, chat)
@@ -284,15 +276,15 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
     cand = attempt.cand
     rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
     try:
-        if attempt.out is not None and attempt.splitter is None:
+        if rec.out is not None and attempt.splitter is None:
             # Committed early, then a JSON answer (an error for a stream request): the
             # status has gone, so the error event says what came.
             attempt.resp.close()
             rec.upstream_s = time.perf_counter() - attempt.t_sent
             await _stream_error(rt, rec, prompt_chars, cand, region, _Tail(), errors.UpstreamError(
                 f"the upstream answered {attempt.resp.status} once the stream had begun"),
-                attempt.out, request)
-            return attempt.out
+                rec.out, request)
+            return rec.out
         if attempt.splitter is not None:
             return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region,
                                        client_usage)
@@ -371,10 +363,10 @@ async def _try_candidates(
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
-            out = early.stop() if early is not None else None
-            rt.metrics.attempt(name, ("stream_" if out is not None else "") + _outcome(e))
-            if out is not None:  # the client has its 200: no failover (SPEC §1.1)
-                raise _Committed(out, e, cand) from None
+            committed = early is not None and early.stop()
+            rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
+            if committed:  # the client has its 200: no failover (SPEC §1.1)
+                raise _Committed(e, cand) from None
             last = e
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
@@ -383,25 +375,18 @@ async def _try_candidates(
             pool.release(name)
             if trial:
                 pool.abandoned(name)
-            out = early.stop() if early is not None else None
-            if out is None:
+            if early is None or not early.stop():
                 raise
+            if not isinstance(exc, asyncio.CancelledError):
+                raise _Committed(_bug_in_stream(rec), cand) from None
             task = asyncio.current_task(rt.loop)
-            if isinstance(exc, asyncio.CancelledError):
-                if not (rt.drain_expired and task is not None and task.cancelling() == 1):
-                    raise  # the client has gone
-                task.uncancel()  # the drain's deadline: end the stream properly
-                err: errors.ProxyError = errors.ShuttingDown(
-                    "The proxy is shutting down; the stream was ended early.")
-            else:
-                log.exception("unexpected error in a stream",
-                              extra={"fields": {"request_id": rec.request_id}})
-                err = errors.ProxyError("Internal error in the proxy; see its log.")
-            raise _Committed(out, err, cand) from None
+            if task is None or not rt.ended_by_drain(task):
+                raise  # the client has gone
+            raise _Committed(_drain_ends_stream(), cand) from None
         finally:
             rt.retries_in_progress -= n > 0
-        if early is not None and not early.disarm():
-            attempt.out = early.stop()
+        if early is not None:
+            early.stop()
         if attempt.splitter is None:  # a stream's verdict comes at its end (_relay_stream)
             pool.succeeded(name)
         rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
@@ -731,7 +716,9 @@ async def _relay_stream(
     resp, splitter, tail, cand = attempt.resp, attempt.splitter, attempt.tail, attempt.cand
     assert splitter is not None and tail is not None
     tmo = st.config.timeouts
-    out = attempt.out or _stream_response(rt, rec, time.perf_counter() - attempt.t_sent)
+    if rec.out is None:  # else committed early (_EarlyCommit)
+        rec.out = _stream_response(rt, rec, time.perf_counter() - attempt.t_sent)
+    out = rec.out
     task = asyncio.current_task(rt.loop)
     assert task is not None
     loop = task.get_loop()
@@ -748,7 +735,6 @@ async def _relay_stream(
     try:
         data = attempt.first if got_event else KEEPALIVE_EVENT
         attempt.first = b""
-        rec.out = out
         if not out.prepared:
             await out.prepare(request)
             rec.ttfb = time.perf_counter() - rec.t0
@@ -821,12 +807,10 @@ async def _relay_stream(
         rt.metrics.attempt(cand.upstream.name, "stream_" + _outcome(e))
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
-        if rt.drain_expired and task.cancelling() == 1:
-            task.uncancel()
-            # The drain's deadline, not the client: end with the §1.1 error event.
+        if rt.ended_by_drain(task):  # the drain's deadline, not the client: the error event
             resp.close()
-            await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.ShuttingDown(
-                "The proxy is shutting down; the stream was ended early."), out, request)
+            await _stream_error(rt, rec, prompt_chars, cand, region, tail, _drain_ends_stream(),
+                                out, request)
             return out
         # The client left: drop the upstream connection at once so it stops generating,
         # and keep the tokens so far for the metrics (SPEC §1.1).
@@ -837,11 +821,9 @@ async def _relay_stream(
             raise
     except Exception:
         # A bug of ours mid-stream: end it the §1.1 way, never with a second status line.
-        log.exception("unexpected error in a stream",
-                      extra={"fields": {"request_id": rec.request_id}})
+        err = _bug_in_stream(rec)
         resp.close()
-        await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.ProxyError(
-            "Internal error in the proxy; see its log."), out, request)
+        await _stream_error(rt, rec, prompt_chars, cand, region, tail, err, out, request)
     finally:
         watch.close()
         if not finished:
@@ -855,6 +837,18 @@ async def _relay_stream(
         else:  # the upstream's end is still coming: read it apart from the client's request
             rt.spawn(resp.finish(rt.deadlines))
     return out
+
+
+def _drain_ends_stream() -> errors.ProxyError:
+    """A started stream's end at the drain's deadline (its §1.1 error event)."""
+    return errors.ShuttingDown("The proxy is shutting down; the stream was ended early.")
+
+
+def _bug_in_stream(rec: Rec) -> errors.ProxyError:
+    """A started stream's end after an exception of ours: logged, then its error event.
+    Call it in the `except` block, where the traceback is."""
+    log.exception("unexpected error in a stream", extra={"fields": {"request_id": rec.request_id}})
+    return errors.ProxyError("Internal error in the proxy; see its log.")
 
 
 def _stream_response(rt: Runtime, rec: Rec, upstream_s: float) -> web.StreamResponse:

@@ -623,10 +623,19 @@ def _take(data: bytes, splitter: sse.EventSplitter, tail: _Tail) -> tuple[bytes,
     The plain content chunks at its start (usually all of it) go on as they are; only
     the rest is split into events and looked at one by one (`_take_events`).
     """
-    cut, plain = (0, 0) if splitter.pending else sse.plain_prefix(data)
-    tail.content_events += plain
+    cut, plain = (0, 0) if splitter.held else sse.plain_prefix(data)
     if cut == len(data):
+        tail.content_events += plain
         return data, plain
+    return _take_rest(data, cut, plain, splitter, tail)
+
+
+def _take_rest(
+    data: bytes, cut: int, plain: int, splitter: sse.EventSplitter, tail: _Tail
+) -> tuple[bytes, int]:
+    """`_take` of a read whose first `cut` bytes are `plain` plain chunks, and the rest
+    is not (the relay's loop does the plain part itself)."""
+    tail.content_events += plain
     events = splitter.feed(data[cut:] if cut else data)
     rest = _take_events(events, tail) if events else b""
     if not cut:
@@ -745,6 +754,8 @@ async def _relay_stream(
             await out.write(data)
         if tail.failure is not None:
             raise tail.failure
+        fast = _ChunkWriter.of(request)
+        read, plain_prefix = resp.read_some, sse.plain_prefix
         while not tail.done:
             # The read ends by the first of: idle since the last byte, the total, the
             # first event's deadline until it came, and (between events) the keep-alive.
@@ -757,11 +768,11 @@ async def _relay_stream(
             if limit > now + 3600.0:  # with no limits configured, an hour of silence
                 limit = now + 3600.0
             when = limit
-            if when > now + keepalive and not splitter.pending:
+            if when > now + keepalive and not splitter.held:
                 when = now + keepalive  # keep-alive comments go only between events
             watch.arm(when)
             try:
-                chunk = await resp.read_some()
+                chunk = await read()
             except asyncio.CancelledError:
                 if not watch.expired():
                     raise
@@ -781,18 +792,28 @@ async def _relay_stream(
             if not chunk:
                 break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
             last_byte = loop.time()
-            data, events = _take(chunk, splitter, tail)
+            # `_take`, its usual case written out: the read is whole plain chunks
+            cut, events = (0, 0) if splitter.held else plain_prefix(chunk)
+            if cut == len(chunk):
+                tail.content_events += events
+                data = chunk
+            else:
+                data, events = _take_rest(chunk, cut, events, splitter, tail)
             if events:
                 got_event = True
                 if tail.done:
                     last = data
-                elif data:
+                elif not data:
+                    pass
+                elif fast is None:
                     await out.write(data)
+                elif fast.write(data):
+                    await fast.drain()
                 if tail.failure is not None:
                     raise tail.failure
-            elif splitter.pending > MAX_EVENT_BYTES:
+            elif len(splitter.held) > MAX_EVENT_BYTES:
                 raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
-        if splitter.pending and not tail.done:
+        if splitter.held and not tail.done:
             raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
         end, _ = _finish(rt, rec, prompt_chars, cand, region, tail, client_usage)
         await out.write_eof(last + end if last else end)
@@ -837,6 +858,51 @@ async def _relay_stream(
         else:  # the upstream's end is still coming: read it apart from the client's request
             rt.spawn(resp.finish(rt.deadlines))
     return out
+
+
+class _ChunkWriter:
+    """A started stream's body writes, straight to the client's transport.
+
+    `StreamResponse.write` goes through two coroutines and three calls per write (about
+    a tenth of a stream's relaying here, bench/instr.py), to end in the same
+    `transport.write` of a chunk. This writes the chunk itself, for a response whose
+    writer does nothing else with it: chunked, no compression, no length, no hooks, its
+    headers out (checked once, in `of`; else the relay uses `write`). It keeps the
+    writer's byte count, and the client's buffer bounded: `write` says when the
+    transport has paused writing, and the caller awaits `drain`.
+    """
+
+    __slots__ = ("_proto", "_writer")
+
+    def __init__(self, writer: Any, proto: Any) -> None:
+        self._writer, self._proto = writer, proto
+
+    @classmethod
+    def of(cls, request: web.Request) -> _ChunkWriter | None:
+        w = request.writer
+        proto = getattr(w, "protocol", None)
+        if (not getattr(w, "chunked", False) or getattr(w, "length", 0) is not None
+                or getattr(w, "on_body_write", None) is not None
+                or any(getattr(w, name, 0) is not None
+                       for name in ("_compress", "_on_chunk_sent", "_headers_buf"))
+                or not isinstance(getattr(proto, "_paused", None), bool)
+                or not isinstance(getattr(w, "output_size", None), int)):
+            return None
+        return cls(w, proto)
+
+    def write(self, data: bytes) -> bool:
+        """Write one chunk; True when the client reads slower than we write."""
+        proto = self._proto
+        transport = proto.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client has gone")
+        self._writer.output_size += len(data)
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        paused: bool = proto._paused
+        return paused
+
+    async def drain(self) -> None:
+        await self._writer.drain()
 
 
 def _drain_ends_stream() -> errors.ProxyError:

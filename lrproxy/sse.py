@@ -31,14 +31,16 @@ _PLAIN_CHUNK: Final = re.compile(rb"data: ?\{[^\r\n]*\}\r?\n\r?\n")
 class EventSplitter:
     """Incremental SSE splitter: `feed(bytes) -> [event bytes]`, `close() -> leftover bytes`."""
 
-    __slots__ = ("_buf", "_scan")
+    __slots__ = ("_scan", "held")
 
     def __init__(self) -> None:
-        self._buf = b""
-        self._scan = 0  # where to resume the search for a blank line in _buf
+        # The bytes of an unfinished event, read by the relay on each read (an attribute,
+        # not a property: a property costs a Python call there).
+        self.held = b""
+        self._scan = 0  # where to resume the search for a blank line in `held`
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf + data if self._buf else data
+        buf = self.held + data if self.held else data
         events: list[bytes] = []
         start = 0
         scan = self._scan
@@ -63,19 +65,19 @@ class EventSplitter:
                 end = a + 2 if b == -1 or (a != -1 and a < b) else b + 3
             events.append(buf[start:end] if start or end != n else buf)
             start = scan = end
-        self._buf = buf[start:] if start < n else b""
+        self.held = buf[start:] if start < n else b""
         # The terminators are up to 3 bytes long: resume 2 bytes before the end.
-        self._scan = max(0, len(self._buf) - 2) if start < n else 0
+        self._scan = max(0, len(self.held) - 2) if start < n else 0
         return events
 
     def close(self) -> bytes:
         """The bytes of an unfinished event at the end of the stream (usually empty)."""
-        rest, self._buf, self._scan = self._buf, b"", 0
+        rest, self.held, self._scan = self.held, b"", 0
         return rest
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return len(self.held)
 
 
 # Where a read stops being plain content chunks: usage or a finish_reason that is not

@@ -631,6 +631,74 @@ def test_slow_reader_stalls_the_upstream(stack: Stack) -> None:
     assert len(up.sent) < chunks * smallest // 2
 
 
+async def test_stream_writes_go_straight_to_the_transport(
+    live: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the installed aiohttp, a stream's chunks after its first events take the
+    direct write (`relay._ChunkWriter`), and arrive as the upstream sent them."""
+    from lrproxy import relay
+
+    written: list[bytes] = []
+    real = relay._ChunkWriter.write
+
+    def spy(self: relay._ChunkWriter, data: bytes) -> bool:
+        written.append(data)
+        return real(self, data)
+
+    monkeypatch.setattr(relay._ChunkWriter, "write", spy)
+    raw = await raw_stream(live, body_of(chunks=8, chunk_delay_s=0.01))
+    check_passthrough(raw, client_usage=False)
+    assert len(written) >= 3  # chunks 10 ms apart: a write each, mostly
+    # what went the direct way is the upstream's content chunks after the first, in order
+    assert b"".join(written) == b"".join(raw.up_events[1:1 + len(split_events(b"".join(written)))])
+
+
+async def test_direct_writer_only_for_plain_chunked_responses() -> None:
+    """`_ChunkWriter.of` takes a prepared chunked response as it is, and declines one
+    whose writer would change the bytes (compression) or count them (a length)."""
+    from lrproxy import relay
+
+    seen: dict[str, bool] = {}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        kind = request.query["kind"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if kind == "compressed":
+            resp.enable_compression()
+        elif kind == "length":
+            resp.content_length = 7
+        await resp.prepare(request)
+        await resp.write(b"first\n\n")
+        fast = relay._ChunkWriter.of(request)
+        seen[kind] = fast is not None
+        if fast is not None:
+            assert fast.write(b"second\n\n") is False
+            await resp.write_eof()
+        elif kind == "length":
+            await resp.write_eof(b"")
+        else:
+            await resp.write_eof(b"second\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as s:
+            for kind in ("plain", "compressed", "length"):
+                async with s.get(f"http://127.0.0.1:{port}/", params={"kind": kind},
+                                 headers={"Accept-Encoding": "gzip"}) as r:
+                    body = await r.read()
+                assert body == (b"first\n\nsecond\n\n" if kind != "length" else b"first\n\n")
+    finally:
+        await runner.cleanup()
+    assert seen == {"plain": True, "compressed": False, "length": False}
+
+
 # ---------------------------------------------------------------------------------------
 # the whole-read fast path: same bytes, same counts as event by event
 

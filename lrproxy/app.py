@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final
 
@@ -206,20 +207,33 @@ class Rec:
         }
 
 
-REC: Final = web.RequestKey("rec", Rec)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Every route's handler takes the request, the app's Runtime and the request's Rec from
+# the edge, which has them at hand: `request.app[RUNTIME]` and `request[KEY]` are each
+# two or three Python calls in aiohttp.
+Handler = Callable[[web.Request, "Runtime", Rec], Awaitable[web.StreamResponse]]
 
 
 # Request ids: 16 random hex digits per process, then a counter; unique across workers
 # and restarts like uuid4().hex, without a getrandom() call per request.
 _ID_PREFIX: Final = os.urandom(8).hex()
 _ids: Final = itertools.count(int.from_bytes(os.urandom(4), "big"))
+_ID_MASK: Final = 0xFFFFFFFFFFFFFFFF
 
 
 def _request_id(value: str | None) -> str:
     if value is not None and _REQUEST_ID_RE.fullmatch(value):
         return value
-    return _ID_PREFIX + "%016x" % (next(_ids) & 0xFFFFFFFFFFFFFFFF)  # %: faster than an f-string
+    return _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK)  # %: faster than an f-string
+
+
+# The task running now, given its loop: on Python 3.11 asyncio.current_task() is a Python
+# function around this C dict's get(); where that dict is not there, the function itself.
+# Either returns None for a loop of None (an app not started), which falls back below.
+_current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
+task_of: Final[Callable[[asyncio.AbstractEventLoop | None], asyncio.Task[Any] | None]] = (
+    _current_tasks.get
+    if isinstance(_current_tasks, dict) and isinstance(asyncio.current_task, types.FunctionType)
+    else asyncio.current_task)
 
 
 def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:
@@ -229,29 +243,32 @@ def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:
     )
 
 
-def edged(handler: Handler) -> Handler:
+def edged(handler: Handler, rt: Runtime) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """`handler` inside the edge: request id, the OpenAI error shape for every error,
     metrics and the access line. Every route's handler is wrapped in it (a middleware
     would cost aiohttp's middleware chain per request: ~4 calls and a cache lookup)."""
 
-    return functools.partial(_edge, handler=handler)  # a C call, no frame of its own
+    return functools.partial(_edge, handler=handler, rt=rt)  # a C call, no frame of its own
 
 
-async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    rec = Rec(_request_id(request.headers.get("X-Request-Id")), time.perf_counter())
-    request[REC] = rec
+async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.StreamResponse:
+    value = request.headers.get("X-Request-Id")  # _request_id(value), inline
+    rec = Rec(value if value is not None and _REQUEST_ID_RE.fullmatch(value) else
+              _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK), time.perf_counter())
     # Every API request gets its access line and count, /models and unknown paths too (SPEC §6).
     rec.api = request.path.startswith(("/api/v1/", "/v1/"))
-    task = asyncio.current_task(rt.loop)
+    task = task_of(rt.loop) or asyncio.current_task()
     assert task is not None
     rt.tasks.add(task)
     count_inflight = rt.metrics.immediate  # else the gauge reads len(rt.tasks) itself
     if count_inflight:
         rt.metrics.inflight.inc()
-    protocol.begin(request)
+    proto = request.protocol  # else aiohttp's own (tests' servers)
+    limits_of = proto if isinstance(proto, protocol.LimitsHandler) else None
+    if limits_of is not None:
+        limits_of.lr_busy = True
     try:
-        resp = await handler(request)
+        resp = await handler(request, rt, rec)
         if not rec.status:
             rec.status = resp.status
     except errors.ProxyError as e:
@@ -277,14 +294,19 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("unhandled error", extra={"fields": {"request_id": rec.request_id}})
         resp = await _answer_error(rec, errors.ProxyError("Internal error; see the proxy's log."))
     finally:
-        protocol.end(request)
+        if limits_of is not None:
+            limits_of.lr_end()
         rt.tasks.discard(task)
         if count_inflight:
             rt.metrics.inflight.dec()
         if rec.api:
             _account(rt.metrics, rec)
     if not resp.prepared:  # a stream has set these itself (relay._relay_stream)
-        finish_headers(rt, resp, rec.request_id)
+        headers = resp.headers  # finish_headers(rt, resp, rec.request_id), inline
+        headers["Server"] = SERVER_HEADER
+        headers["X-Request-Id"] = rec.request_id
+        if rt.draining:
+            resp.force_close()
     return resp
 
 
@@ -373,12 +395,11 @@ def _account(m: Metrics, rec: Rec) -> None:
 # small endpoints
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     return web.json_response({"status": "ok"}, dumps=_dumps)
 
 
-async def readyz(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+async def readyz(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     now = time.monotonic()
     usable = [n for n in rt.pool.health if rt.pool.usable(n, now)]
     if rt.draining:
@@ -388,10 +409,9 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "usable_upstreams": len(usable)}, dumps=_dumps)
 
 
-async def models(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+async def models(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     st = rt.state
-    request[REC].key = st.authenticate(request.headers.get("Authorization"))
+    rec.key = st.authenticate(request.headers.get("Authorization"))
     return web.Response(body=_models_body(st), content_type="application/json")
 
 
@@ -436,7 +456,7 @@ def make_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The lrproxy application for one config; tests build it directly."""
-    from lrproxy import feeds, relay  # they need RUNTIME and REC from here
+    from lrproxy import feeds, relay  # they need RUNTIME and Rec from here
 
     metrics = Metrics.create(registry or CollectorRegistry())
     rt = Runtime(make_state(config, secrets, {}), Pool(), metrics, clock=clock)
@@ -456,16 +476,16 @@ def make_app(
     for path, (method, handler) in routes.items():
         allowed[path] = {method, "HEAD"} if method == "GET" else {method}
         for m in allowed[path]:  # HEAD as add_get() gives it: the GET handler, no body
-            app.router.add_route(m, path, edged(handler), expect_handler=_expect)
+            app.router.add_route(m, path, edged(handler, rt), expect_handler=_expect)
 
-    async def no_route(request: web.Request) -> web.StreamResponse:
+    async def no_route(request: web.Request, rt: Runtime, rec: Rec) -> web.StreamResponse:
         """Every other path and method, for the edge to answer in the OpenAI shape."""
         path = request.rel_url.raw_path  # as routed: /v1%2Fmodels is not /v1/models
         if path in allowed:
             raise web.HTTPMethodNotAllowed(request.method, allowed[path])
         raise web.HTTPNotFound()
 
-    app.router.add_route("*", "/{tail:.*}", edged(no_route),  # last: matched last
+    app.router.add_route("*", "/{tail:.*}", edged(no_route, rt),  # last: matched last
                          expect_handler=_expect)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(feeds.feeds_ctx)

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import time
-import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final
 
@@ -31,7 +30,7 @@ from lrproxy.config import AUTO_MODEL, Config, Secrets
 from lrproxy.log import MAIN, access_enabled, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
 from lrproxy.routing import RoutingTable, build_table
-from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets
+from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets, task_of
 
 log = logging.getLogger(MAIN)
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -224,16 +223,6 @@ def _request_id(value: str | None) -> str:
     if value is not None and _REQUEST_ID_RE.fullmatch(value):
         return value
     return _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK)  # %: faster than an f-string
-
-
-# The task running now, given its loop: on Python 3.11 asyncio.current_task() is a Python
-# function around this C dict's get(); where that dict is not there, the function itself.
-# Either returns None for a loop of None (an app not started), which falls back below.
-_current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
-task_of: Final[Callable[[asyncio.AbstractEventLoop | None], asyncio.Task[Any] | None]] = (
-    _current_tasks.get
-    if isinstance(_current_tasks, dict) and isinstance(asyncio.current_task, types.FunctionType)
-    else asyncio.current_task)
 
 
 def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:

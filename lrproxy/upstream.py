@@ -11,6 +11,7 @@ import asyncio
 import io
 import math
 import ssl
+import types
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Final
@@ -76,7 +77,7 @@ class Pool:
 
     def usable(self, name: str, now: float) -> bool:
         h = self.health.get(name)
-        return h is None or h.usable(now)
+        return h is None or h.failures < EJECT_AFTER or h.usable(now)  # the usual case first
 
     def has_capacity(self, name: str) -> bool:
         h = self.health.get(name)
@@ -203,6 +204,17 @@ def make_targets(config: Config, secrets: Secrets) -> dict[str, Target]:
     return out
 
 
+# The task running now, given its loop: on Python 3.11 asyncio.current_task() is a Python
+# function around this C dict's get(); where that dict is not there, the function itself.
+# Either returns None for a loop of None (not known yet): callers fall back on
+# asyncio.current_task().
+_current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
+task_of: Final[Callable[[asyncio.AbstractEventLoop | None], asyncio.Task[Any] | None]] = (
+    _current_tasks.get
+    if isinstance(_current_tasks, dict) and isinstance(asyncio.current_task, types.FunctionType)
+    else asyncio.current_task)
+
+
 class Deadlines:
     """Deadlines of many tasks on one timer.
 
@@ -229,7 +241,7 @@ class Deadlines:
         """`with deadlines.timeout(s):` is `async with asyncio.timeout(s):` on the shared
         timer: the current task's own expiry becomes TimeoutError, any other cancel
         stays a CancelledError."""
-        task = asyncio.current_task(self._loop)
+        task = task_of(self._loop) or asyncio.current_task()
         assert task is not None
         self._loop = loop = task.get_loop()
         return _Deadline(self, task, loop.time() + seconds)
@@ -312,15 +324,23 @@ class _Deadline(Watch):
 
     __slots__ = ()
 
+    # arm(), close() and expired() inline: this is on every upstream call's path.
+
     def __enter__(self) -> None:
-        self._owner._due.add(self)
-        self.arm(self.when)
+        owner = self._owner
+        owner._due.add(self)
+        self.armed = True
+        if self.when < owner.due_at:
+            owner._schedule(self.when)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
-        if self.expired() and kind is asyncio.CancelledError:
-            raise TimeoutError from exc
+        self.armed = False
+        self._owner._due.discard(self)
+        if self.fired:
+            self.fired = False
+            if self.task.uncancel() <= self.base and kind is asyncio.CancelledError:
+                raise TimeoutError from exc
 
 
 class UpstreamResponse:

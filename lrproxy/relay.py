@@ -94,8 +94,9 @@ def _parse_body(body: bytes, chat: bool, headers: Mapping[str, str]) -> tuple[
         msgs = obj.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise errors.InvalidRequest("'messages' must be a non-empty array.", param="messages")
-        if not all(isinstance(m, dict) for m in msgs):
-            raise errors.InvalidRequest("Each message must be an object.", param="messages")
+        for m in msgs:  # a loop: all() of a generator resumes it once per message
+            if not isinstance(m, dict):
+                raise errors.InvalidRequest("Each message must be an object.", param="messages")
     else:
         inp = obj.get("input")
         if not isinstance(inp, str | list) or not inp:
@@ -238,8 +239,17 @@ def _beat_ended(task: asyncio.Task[None]) -> None:
 async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web.StreamResponse:
     st = rt.state  # one snapshot for the whole request (reloads swap rt.state)
     rec.api = True
-    rec.key = st.authenticate(request.headers.get("Authorization"))
-    _admit(rt, st, rec.key)
+    rec.key = key = st.authenticate(request.headers.get("Authorization"))
+    # The global in-flight cap and the key's rate: a fast 429, never a queue.
+    if len(rt.tasks) > st.config.server.max_inflight:
+        raise errors.RateLimited("The proxy is at its limit of requests in flight; retry shortly.",
+                                 retry_after=1)
+    bucket = rt.buckets.get(key)
+    if bucket is not None:
+        wait = bucket.take(time.monotonic())
+        if wait:
+            raise errors.RateLimited(f"Rate limit of key '{key}' reached; retry shortly.",
+                                     retry_after=wait)
     body = _body_now(request, st)
     if body is None:
         body = await _read_body(request, st)
@@ -289,19 +299,6 @@ chat_completions: Final = functools.partial(_relay, chat=True)
 embeddings: Final = functools.partial(_relay, chat=False)
 
 
-def _admit(rt: Runtime, st: State, key: str) -> None:
-    """The global in-flight cap and the key's rate: a fast 429, never a queue."""
-    if len(rt.tasks) > st.config.server.max_inflight:
-        raise errors.RateLimited("The proxy is at its limit of requests in flight; retry shortly.",
-                                 retry_after=1)
-    bucket = rt.buckets.get(key)
-    if bucket is not None:
-        wait = bucket.take(time.monotonic())
-        if wait:
-            raise errors.RateLimited(f"Rate limit of key '{key}' reached; retry shortly.",
-                                     retry_after=wait)
-
-
 async def _try_candidates(
     request: web.Request, rt: Runtime, st: State, rec: Rec, obj: dict[str, Any],
     cands: tuple[Candidate, ...], chat: bool, stream: bool,
@@ -309,7 +306,10 @@ async def _try_candidates(
     """Send to candidates in order until one answers (SPEC §2); raise the last failure."""
     pool = rt.pool
     now = time.monotonic()
-    order = order_candidates(cands, lambda n: pool.usable(n, now), pool.load)
+    if len(cands) == 1:  # the usual case: no ordering to do, nor its calls
+        order = list(cands) if pool.usable(cands[0].upstream.name, now) else []
+    else:
+        order = order_candidates(cands, lambda n: pool.usable(n, now), pool.load)
     if not order:
         raise errors.NoUpstreamAvailable(
             "No upstream may be tried for this request right now.",
@@ -400,9 +400,11 @@ async def _try_candidates(
 def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Pool) -> Candidate | None:
     """The first candidate with room on an upstream not tried yet; else one tried already."""
     fallback = None
+    health, capacity = pool.health, pool.capacity
     for c in order:
         name = c.upstream.name
-        if not pool.has_capacity(name):
+        h = health.get(name)  # pool.has_capacity(name), inline
+        if h is not None and h.outstanding >= capacity[name]:
             continue
         if name not in tried:
             return c
@@ -516,7 +518,9 @@ def _lowrouter(
 ) -> dict[str, Any]:
     """The §3 object; also books the figures on `rec` for the metrics, so both agree."""
     # The region as the request's own config has it: a reload mid-stream changes nothing.
-    intensity = eco.current_intensity(cand.region, rt.readings.get(cand.region.name), rt.clock())
+    reading = rt.readings.get(cand.region.name)
+    intensity = (cand.static_intensity if reading is None
+                 else eco.current_intensity(cand.region, reading, rt.clock()))
     figures = eco.eco_figures(
         cand.model, cand.region, intensity, prompt, completion, tokens_measured=measured,
     )
@@ -565,7 +569,11 @@ def _answer(
 
 def _answer_headers(rec: Rec, upstream_s: float) -> dict[str, str]:
     """Route headers plus Server-Timing: the upstream's share and the proxy's own (W3C)."""
-    headers = rec.route_headers()
+    if rec.upstream:  # rec.route_headers(), inline
+        headers = {"X-Request-Id": rec.request_id, "X-LowRouter-Region": rec.region,
+                   "X-LowRouter-Model": rec.model, "X-LowRouter-Upstream": rec.upstream}
+    else:
+        headers = rec.route_headers()
     total = time.perf_counter() - rec.t0
     # %-formatting: half the time of the f-string's float format here (~0.9 against 1.7 µs)
     headers["Server-Timing"] = "upstream;dur=%.3f, proxy;dur=%.3f" % (  # noqa: UP031

@@ -259,8 +259,11 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
         rec.model = model_id
     if region in st.regions:
         rec.region = region
-    from_header = region is not None and region == request.headers.get("X-LowRouter-Region")
-    cands = pick_candidates(st.table, model_id, region, None if from_header else "route.region")
+    cands = st.table.by_model.get(model_id) if region is None else None
+    if not cands:  # a pinned region, or an error to raise: pick_candidates says which
+        from_header = region is not None and region == request.headers.get("X-LowRouter-Region")
+        cands = pick_candidates(st.table, model_id, region,
+                                None if from_header else "route.region")
     try:
         attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
     except _Committed as c:  # the client has its 200 and keep-alives: the error event

@@ -346,12 +346,17 @@ class _Deadline(Watch):
 class UpstreamResponse:
     """An upstream answer whose status is 2xx or a client error to pass through."""
 
-    __slots__ = ("_resp", "content_type", "status")
+    __slots__ = ("_resp", "status")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
-        self.content_type = resp.content_type
+
+    @property
+    def content_type(self) -> str:
+        """Read only for a stream request's answer: aiohttp parses it on each access (two
+        Python calls), which a JSON answer need not pay."""
+        return self._resp.content_type
 
     async def read_some(self) -> bytes:
         """The next bytes of the body, b"" at its end; raises UpstreamError if cut."""

@@ -27,10 +27,10 @@ from prometheus_client import CollectorRegistry
 
 from lrproxy import __version__, eco, errors, limits, protocol
 from lrproxy.config import AUTO_MODEL, Config, Secrets
-from lrproxy.log import MAIN, access_enabled, access_line
+from lrproxy.log import ACCESS, MAIN, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
 from lrproxy.routing import RoutingTable, build_table
-from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets
+from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets, task_of
 
 log = logging.getLogger(MAIN)
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -206,20 +206,23 @@ class Rec:
         }
 
 
-REC: Final = web.RequestKey("rec", Rec)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Every route's handler takes the request, the app's Runtime and the request's Rec from
+# the edge, which has them at hand: `request.app[RUNTIME]` and `request[KEY]` are each
+# two or three Python calls in aiohttp.
+Handler = Callable[[web.Request, "Runtime", Rec], Awaitable[web.StreamResponse]]
 
 
 # Request ids: 16 random hex digits per process, then a counter; unique across workers
 # and restarts like uuid4().hex, without a getrandom() call per request.
 _ID_PREFIX: Final = os.urandom(8).hex()
 _ids: Final = itertools.count(int.from_bytes(os.urandom(4), "big"))
+_ID_MASK: Final = 0xFFFFFFFFFFFFFFFF
 
 
 def _request_id(value: str | None) -> str:
     if value is not None and _REQUEST_ID_RE.fullmatch(value):
         return value
-    return _ID_PREFIX + "%016x" % (next(_ids) & 0xFFFFFFFFFFFFFFFF)  # %: faster than an f-string
+    return _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK)  # %: faster than an f-string
 
 
 def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:
@@ -229,29 +232,32 @@ def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:
     )
 
 
-def edged(handler: Handler) -> Handler:
+def edged(handler: Handler, rt: Runtime) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """`handler` inside the edge: request id, the OpenAI error shape for every error,
     metrics and the access line. Every route's handler is wrapped in it (a middleware
     would cost aiohttp's middleware chain per request: ~4 calls and a cache lookup)."""
 
-    return functools.partial(_edge, handler=handler)  # a C call, no frame of its own
+    return functools.partial(_edge, handler=handler, rt=rt)  # a C call, no frame of its own
 
 
-async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    rec = Rec(_request_id(request.headers.get("X-Request-Id")), time.perf_counter())
-    request[REC] = rec
+async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.StreamResponse:
+    value = request.headers.get("X-Request-Id")  # _request_id(value), inline
+    rec = Rec(value if value is not None and _REQUEST_ID_RE.fullmatch(value) else
+              _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK), time.perf_counter())
     # Every API request gets its access line and count, /models and unknown paths too (SPEC §6).
     rec.api = request.path.startswith(("/api/v1/", "/v1/"))
-    task = asyncio.current_task(rt.loop)
+    task = task_of(rt.loop) or asyncio.current_task()
     assert task is not None
     rt.tasks.add(task)
     count_inflight = rt.metrics.immediate  # else the gauge reads len(rt.tasks) itself
     if count_inflight:
         rt.metrics.inflight.inc()
-    protocol.begin(request)
+    proto = request.protocol  # else aiohttp's own (tests' servers)
+    limits_of = proto if isinstance(proto, protocol.LimitsHandler) else None
+    if limits_of is not None:
+        limits_of.lr_busy = True
     try:
-        resp = await handler(request)
+        resp = await handler(request, rt, rec)
         if not rec.status:
             rec.status = resp.status
     except errors.ProxyError as e:
@@ -277,14 +283,19 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("unhandled error", extra={"fields": {"request_id": rec.request_id}})
         resp = await _answer_error(rec, errors.ProxyError("Internal error; see the proxy's log."))
     finally:
-        protocol.end(request)
+        if limits_of is not None:
+            limits_of.lr_end()
         rt.tasks.discard(task)
         if count_inflight:
             rt.metrics.inflight.dec()
         if rec.api:
             _account(rt.metrics, rec)
     if not resp.prepared:  # a stream has set these itself (relay._relay_stream)
-        finish_headers(rt, resp, rec.request_id)
+        headers = resp.headers  # finish_headers(rt, resp, rec.request_id), inline
+        headers["Server"] = SERVER_HEADER
+        headers["X-Request-Id"] = rec.request_id
+        if rt.draining:
+            resp.force_close()
     return resp
 
 
@@ -352,20 +363,29 @@ def publish_usable(rt: Runtime) -> None:
         rt.metrics.usable.labels(name).set(1 if rt.pool.usable(name, now) else 0)
 
 
+_CODES: Final[dict[int | str, str]] = {s: str(s) for s in range(100, 600)}  # str() done once
+# log.access_enabled() without its own frame: the access logger's level check.
+_access_enabled: Final = logging.getLogger(ACCESS).isEnabledFor
+
+
 def _account(m: Metrics, rec: Rec) -> None:
     duration = time.perf_counter() - rec.t0
-    key, model, region = rec.key, rec.model, rec.region
-    m.record(key, model, region, str(rec.status), rec.stream, rec.prompt, rec.completion,
-             rec.carbon_g, rec.energy_wh, duration, rec.ttfb)
-    if access_enabled():
+    key, model, region, status = rec.key, rec.model, rec.region, rec.status
+    m.record(key, model, region, _CODES.get(status) or str(status),
+             rec.stream, rec.prompt, rec.completion, rec.carbon_g, rec.energy_wh, duration,
+             rec.ttfb)
+    if _access_enabled(logging.INFO):
+        # Milliseconds to 3 decimals as round(x * 1000, 3) gives them (a tie within a
+        # float's last bit aside), at half its cost: that one rounds through a decimal
+        # string.
         access_line({
             "request_id": rec.request_id, "key": key, "model": model,
             "region": region, "upstream": rec.upstream or None, "status": rec.status,
             "error": rec.error, "stream": rec.stream, "attempts": rec.attempts,
             "prompt_tokens": rec.prompt, "completion_tokens": rec.completion,
             "carbon_g": rec.carbon_g, "energy_wh": rec.energy_wh,
-            "ttfb_ms": None if rec.ttfb is None else round(rec.ttfb * 1000, 3),
-            "duration_ms": round(duration * 1000, 3),
+            "ttfb_ms": None if rec.ttfb is None else round(rec.ttfb * 1e6) / 1e3,
+            "duration_ms": round(duration * 1e6) / 1e3,
         })
 
 
@@ -373,12 +393,11 @@ def _account(m: Metrics, rec: Rec) -> None:
 # small endpoints
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     return web.json_response({"status": "ok"}, dumps=_dumps)
 
 
-async def readyz(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+async def readyz(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     now = time.monotonic()
     usable = [n for n in rt.pool.health if rt.pool.usable(n, now)]
     if rt.draining:
@@ -388,10 +407,9 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "usable_upstreams": len(usable)}, dumps=_dumps)
 
 
-async def models(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+async def models(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     st = rt.state
-    request[REC].key = st.authenticate(request.headers.get("Authorization"))
+    rec.key = st.authenticate(request.headers.get("Authorization"))
     return web.Response(body=_models_body(st), content_type="application/json")
 
 
@@ -436,7 +454,7 @@ def make_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The lrproxy application for one config; tests build it directly."""
-    from lrproxy import feeds, relay  # they need RUNTIME and REC from here
+    from lrproxy import feeds, relay  # they need RUNTIME and Rec from here
 
     metrics = Metrics.create(registry or CollectorRegistry())
     rt = Runtime(make_state(config, secrets, {}), Pool(), metrics, clock=clock)
@@ -456,16 +474,16 @@ def make_app(
     for path, (method, handler) in routes.items():
         allowed[path] = {method, "HEAD"} if method == "GET" else {method}
         for m in allowed[path]:  # HEAD as add_get() gives it: the GET handler, no body
-            app.router.add_route(m, path, edged(handler), expect_handler=_expect)
+            app.router.add_route(m, path, edged(handler, rt), expect_handler=_expect)
 
-    async def no_route(request: web.Request) -> web.StreamResponse:
+    async def no_route(request: web.Request, rt: Runtime, rec: Rec) -> web.StreamResponse:
         """Every other path and method, for the edge to answer in the OpenAI shape."""
         path = request.rel_url.raw_path  # as routed: /v1%2Fmodels is not /v1/models
         if path in allowed:
             raise web.HTTPMethodNotAllowed(request.method, allowed[path])
         raise web.HTTPNotFound()
 
-    app.router.add_route("*", "/{tail:.*}", edged(no_route),  # last: matched last
+    app.router.add_route("*", "/{tail:.*}", edged(no_route, rt),  # last: matched last
                          expect_handler=_expect)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(feeds.feeds_ctx)

@@ -29,7 +29,7 @@ KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_t
 REFUSED: Final = web.AppKey[Callable[[int, str], str]]("lrproxy_refused")
 
 
-class _Handler(RequestHandler):
+class LimitsHandler(RequestHandler):
     """aiohttp's protocol, plus the header deadline and JSON error pages."""
 
     header_timeout: float = 10.0
@@ -37,7 +37,7 @@ class _Handler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._lr_busy = False
+        self.lr_busy = False  # set by the app's edge while it handles a request
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
         # One timer per connection, moved lazily: a request only sets attributes.
         self._lr_deadline = self._loop.time() + self.header_timeout
@@ -53,11 +53,9 @@ class _Handler(RequestHandler):
             self._lr_timer.cancel()
             self._lr_timer = None
 
-    def lr_begin(self) -> None:
-        self._lr_busy = True
-
     def lr_end(self) -> None:
-        self._lr_busy = False
+        """The app's edge is done with a request (it set `lr_busy` at its start)."""
+        self.lr_busy = False
         self._lr_seen = False
         # Keep-alive: the next request may take its time to start, but then has the
         # same header deadline (aiohttp closes idle connections itself).
@@ -69,7 +67,7 @@ class _Handler(RequestHandler):
         if transport is None or transport.is_closing():
             return
         now = self._loop.time()
-        if self._lr_busy:  # a request is being handled: look again later
+        if self.lr_busy:  # a request is being handled: look again later
             self._lr_timer = self._loop.call_at(now + self.header_timeout, self._lr_check)
         elif now < self._lr_deadline:
             self._lr_timer = self._loop.call_at(self._lr_deadline, self._lr_check)
@@ -137,7 +135,7 @@ class Runner(web.AppRunner):
         timeout = self.header_timeout
         refused = self.app.get(REFUSED)
 
-        class Handler(_Handler):
+        class Handler(LimitsHandler):
             header_timeout = timeout
             on_refused = refused
 
@@ -147,15 +145,3 @@ class Runner(web.AppRunner):
 
         server.__class__ = Server  # aiohttp builds the Server; we only pick its handler
         return server
-
-
-def begin(request: web.Request) -> None:
-    proto = request.protocol
-    if isinstance(proto, _Handler):
-        proto.lr_begin()
-
-
-def end(request: web.Request) -> None:
-    proto = request.protocol
-    if isinstance(proto, _Handler):
-        proto.lr_end()

@@ -9,18 +9,20 @@ stream, whose other events pass through byte for byte.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from lrproxy import eco, errors, limits, sse, upstream
-from lrproxy.app import REC, RUNTIME, Rec, Runtime, State, finish_headers
+from lrproxy.app import Rec, Runtime, State, finish_headers
 from lrproxy.log import MAIN
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
@@ -34,16 +36,6 @@ _STREAM_HEADERS: Final = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-
-
-def chat_completions(request: web.Request) -> Awaitable[web.StreamResponse]:
-    # The relay's coroutine itself, not one awaiting it: each coroutine in the chain is
-    # resumed at every wake-up of the request (py-spy: ~7 µs a request under paced load).
-    return _relay(request, chat=True)
-
-
-def embeddings(request: web.Request) -> Awaitable[web.StreamResponse]:
-    return _relay(request, chat=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,8 +95,9 @@ def _parse_body(body: bytes, chat: bool, headers: Mapping[str, str]) -> tuple[
         msgs = obj.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise errors.InvalidRequest("'messages' must be a non-empty array.", param="messages")
-        if not all(isinstance(m, dict) for m in msgs):
-            raise errors.InvalidRequest("Each message must be an object.", param="messages")
+        for m in msgs:  # a loop: all() of a generator resumes it once per message
+            if not isinstance(m, dict):
+                raise errors.InvalidRequest("Each message must be an object.", param="messages")
     else:
         inp = obj.get("input")
         if not isinstance(inp, str | list) or not inp:
@@ -244,13 +237,20 @@ def _beat_ended(task: asyncio.Task[None]) -> None:
         log.error("keep-alive task failed", exc_info=task.exception())
 
 
-async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web.StreamResponse:
     st = rt.state  # one snapshot for the whole request (reloads swap rt.state)
-    rec = request[REC]
     rec.api = True
-    rec.key = st.authenticate(request.headers.get("Authorization"))
-    _admit(rt, st, rec.key)
+    rec.key = key = st.authenticate(request.headers.get("Authorization"))
+    # The global in-flight cap and the key's rate: a fast 429, never a queue.
+    if len(rt.tasks) > st.config.server.max_inflight:
+        raise errors.RateLimited("The proxy is at its limit of requests in flight; retry shortly.",
+                                 retry_after=1)
+    bucket = rt.buckets.get(key)
+    if bucket is not None:
+        wait = bucket.take(time.monotonic())
+        if wait:
+            raise errors.RateLimited(f"Rate limit of key '{key}' reached; retry shortly.",
+                                     retry_after=wait)
     body = _body_now(request, st)
     if body is None:
         body = await _read_body(request, st)
@@ -260,8 +260,11 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
         rec.model = model_id
     if region in st.regions:
         rec.region = region
-    from_header = region is not None and region == request.headers.get("X-LowRouter-Region")
-    cands = pick_candidates(st.table, model_id, region, None if from_header else "route.region")
+    cands = st.table.by_model.get(model_id) if region is None else None
+    if not cands:  # a pinned region, or an error to raise: pick_candidates says which
+        from_header = region is not None and region == request.headers.get("X-LowRouter-Region")
+        cands = pick_candidates(st.table, model_id, region,
+                                None if from_header else "route.region")
     try:
         attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
     except _Committed as c:  # the client has its 200 and keep-alives: the error event
@@ -293,17 +296,11 @@ async def _relay(request: web.Request, chat: bool) -> web.StreamResponse:
         rt.pool.release(cand.upstream.name)
 
 
-def _admit(rt: Runtime, st: State, key: str) -> None:
-    """The global in-flight cap and the key's rate: a fast 429, never a queue."""
-    if len(rt.tasks) > st.config.server.max_inflight:
-        raise errors.RateLimited("The proxy is at its limit of requests in flight; retry shortly.",
-                                 retry_after=1)
-    bucket = rt.buckets.get(key)
-    if bucket is not None:
-        wait = bucket.take(time.monotonic())
-        if wait:
-            raise errors.RateLimited(f"Rate limit of key '{key}' reached; retry shortly.",
-                                     retry_after=wait)
+# The handlers are the relay's coroutine itself, not one awaiting it: each coroutine in
+# the chain is resumed at every wake-up of the request (py-spy: ~7 µs a request under
+# paced load). partial: a C call, no frame of its own.
+chat_completions: Final = functools.partial(_relay, chat=True)
+embeddings: Final = functools.partial(_relay, chat=False)
 
 
 async def _try_candidates(
@@ -313,7 +310,10 @@ async def _try_candidates(
     """Send to candidates in order until one answers (SPEC §2); raise the last failure."""
     pool = rt.pool
     now = time.monotonic()
-    order = order_candidates(cands, lambda n: pool.usable(n, now), pool.load)
+    if len(cands) == 1:  # the usual case: no ordering to do, nor its calls
+        order = list(cands) if pool.usable(cands[0].upstream.name, now) else []
+    else:
+        order = order_candidates(cands, lambda n: pool.usable(n, now), pool.load)
     if not order:
         raise errors.NoUpstreamAvailable(
             "No upstream may be tried for this request right now.",
@@ -404,9 +404,11 @@ async def _try_candidates(
 def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Pool) -> Candidate | None:
     """The first candidate with room on an upstream not tried yet; else one tried already."""
     fallback = None
+    health, capacity = pool.health, pool.capacity
     for c in order:
         name = c.upstream.name
-        if not pool.has_capacity(name):
+        h = health.get(name)  # pool.has_capacity(name), inline
+        if h is not None and h.outstanding >= capacity[name]:
             continue
         if name not in tried:
             return c
@@ -520,7 +522,9 @@ def _lowrouter(
 ) -> dict[str, Any]:
     """The §3 object; also books the figures on `rec` for the metrics, so both agree."""
     # The region as the request's own config has it: a reload mid-stream changes nothing.
-    intensity = eco.current_intensity(cand.region, rt.readings.get(cand.region.name), rt.clock())
+    reading = rt.readings.get(cand.region.name)
+    intensity = (cand.static_intensity if reading is None
+                 else eco.current_intensity(cand.region, reading, rt.clock()))
     figures = eco.eco_figures(
         cand.model, cand.region, intensity, prompt, completion, tokens_measured=measured,
     )
@@ -541,8 +545,13 @@ def _answer(
 ) -> web.Response:
     """A whole JSON answer: eco spliced into a success, a client error passed through."""
     resp, data = attempt.resp, attempt.body
-    rec.upstream_s = time.perf_counter() - attempt.t_sent
-    headers = _answer_headers(rec, rec.upstream_s)
+    upstream_s = rec.upstream_s = time.perf_counter() - attempt.t_sent
+    route = (rec.region, rec.model, rec.upstream)
+    headers = _json_headers.get(route)
+    headers = (_json_route_headers(route) if headers is None else headers).copy()
+    headers["X-Request-Id"] = rec.request_id
+    headers["Server-Timing"] = _SERVER_TIMING % (
+        upstream_s * 1000, max(0.0, time.perf_counter() - rec.t0 - upstream_s) * 1000)
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
         target = rt.state.targets.get(attempt.cand.upstream.name)
@@ -551,8 +560,7 @@ def _answer(
             data = errors.error_body(
                 "The upstream's error message was withheld: it quoted the proxy's credentials.",
                 "invalid_request_error", "upstream_error")
-        return web.Response(status=resp.status, body=data, headers=headers,
-                            content_type="application/json")
+        return web.Response(status=resp.status, body=data, headers=headers)
     doc = attempt.doc
     assert doc is not None  # _read_answer parsed every success
     usage = sse.usage_of(doc)
@@ -563,18 +571,40 @@ def _answer(
         lr = _lowrouter(rt, rec, attempt.cand, region, prompt,
                         eco.estimate_tokens(_completion_chars(doc)), measured=False)
     rec.ttfb = time.perf_counter() - rec.t0
-    headers["Content-Type"] = "application/json"
     return web.Response(body=_splice(data, doc, lr), headers=headers)
+
+
+# A JSON answer's headers by route (region, model, upstream), each a set to copy and fill
+# in: _answer_headers()'s then Content-Type, in that order. A copy and two values cost
+# less than a CIMultiDict made from a dict of six. Keys are names from configs: bounded.
+_json_headers: dict[tuple[str, str, str], CIMultiDict[str]] = {}
+
+
+def _json_route_headers(route: tuple[str, str, str]) -> CIMultiDict[str]:
+    region, model, upstream = route
+    h = _json_headers[route] = CIMultiDict((
+        ("X-Request-Id", ""), ("X-LowRouter-Region", region), ("X-LowRouter-Model", model),
+        ("X-LowRouter-Upstream", upstream), ("Server-Timing", ""),
+        ("Content-Type", "application/json"),
+    ))
+    return h
 
 
 def _answer_headers(rec: Rec, upstream_s: float) -> dict[str, str]:
     """Route headers plus Server-Timing: the upstream's share and the proxy's own (W3C)."""
-    headers = rec.route_headers()
+    if rec.upstream:  # rec.route_headers(), inline
+        headers = {"X-Request-Id": rec.request_id, "X-LowRouter-Region": rec.region,
+                   "X-LowRouter-Model": rec.model, "X-LowRouter-Upstream": rec.upstream}
+    else:
+        headers = rec.route_headers()
     total = time.perf_counter() - rec.t0
-    # %-formatting: half the time of the f-string's float format here (~0.9 against 1.7 µs)
-    headers["Server-Timing"] = "upstream;dur=%.3f, proxy;dur=%.3f" % (  # noqa: UP031
+    headers["Server-Timing"] = _SERVER_TIMING % (
         upstream_s * 1000, max(0.0, total - upstream_s) * 1000)
     return headers
+
+
+# %-formatting: half the time of the f-string's float format here (~0.9 against 1.7 µs)
+_SERVER_TIMING: Final = "upstream;dur=%.3f, proxy;dur=%.3f"
 
 
 def _splice(data: bytes, doc: dict[str, Any], lr: dict[str, Any]) -> bytes:

@@ -24,6 +24,9 @@ class Candidate:
     upstream_model: str
     region: Region
     carbon_per_1k: float
+    # The region's static figure, as eco.current_intensity gives it without a live reading.
+    static_intensity: eco.Intensity = attrs.field(init=False, eq=False, default=attrs.Factory(
+        lambda c: eco.Intensity(c.region.grid_intensity_g_per_kwh, False), takes_self=True))
 
 
 @attrs.frozen

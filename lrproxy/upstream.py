@@ -11,12 +11,14 @@ import asyncio
 import io
 import math
 import ssl
+import types
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Final
 
 import aiohttp
 import attrs
+from multidict import CIMultiDict
 
 from lrproxy.config import Config, Secrets, Upstream
 from lrproxy.errors import (
@@ -76,7 +78,7 @@ class Pool:
 
     def usable(self, name: str, now: float) -> bool:
         h = self.health.get(name)
-        return h is None or h.usable(now)
+        return h is None or h.failures < EJECT_AFTER or h.usable(now)  # the usual case first
 
     def has_capacity(self, name: str) -> bool:
         h = self.health.get(name)
@@ -171,8 +173,10 @@ class Target:
     auth: str | None  # the Authorization header value
     ssl_context: ssl.SSLContext | None
     proxy: str | None
-    json_headers: dict[str, str] = attrs.field(init=False)
-    stream_headers: dict[str, str] = attrs.field(init=False)
+    # CIMultiDicts: aiohttp makes one of a request's headers, and a copy of these costs
+    # less than one made from a dict.
+    json_headers: CIMultiDict[str] = attrs.field(init=False)
+    stream_headers: CIMultiDict[str] = attrs.field(init=False)
     post_options: dict[str, Any] = attrs.field(init=False)  # only what differs from defaults
 
     def __attrs_post_init__(self) -> None:
@@ -181,8 +185,10 @@ class Target:
                 "User-Agent": USER_AGENT}
         if self.auth is not None:
             base["Authorization"] = self.auth
-        object.__setattr__(self, "json_headers", {**base, "Accept": "application/json"})
-        object.__setattr__(self, "stream_headers", {**base, "Accept": "text/event-stream"})
+        object.__setattr__(self, "json_headers",
+                           CIMultiDict({**base, "Accept": "application/json"}))
+        object.__setattr__(self, "stream_headers",
+                           CIMultiDict({**base, "Accept": "text/event-stream"}))
         opts: dict[str, Any] = {}
         if self.ssl_context is not None:
             opts["ssl"] = self.ssl_context
@@ -201,6 +207,17 @@ def make_targets(config: Config, secrets: Secrets) -> dict[str, Target]:
             f"Bearer {key}" if key else None, secrets.ca_contexts.get(u.name), u.proxy,
         )
     return out
+
+
+# The task running now, given its loop: on Python 3.11 asyncio.current_task() is a Python
+# function around this C dict's get(); where that dict is not there, the function itself.
+# Either returns None for a loop of None (not known yet): callers fall back on
+# asyncio.current_task().
+_current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
+task_of: Final[Callable[[asyncio.AbstractEventLoop | None], asyncio.Task[Any] | None]] = (
+    _current_tasks.get
+    if isinstance(_current_tasks, dict) and isinstance(asyncio.current_task, types.FunctionType)
+    else asyncio.current_task)
 
 
 class Deadlines:
@@ -229,7 +246,7 @@ class Deadlines:
         """`with deadlines.timeout(s):` is `async with asyncio.timeout(s):` on the shared
         timer: the current task's own expiry becomes TimeoutError, any other cancel
         stays a CancelledError."""
-        task = asyncio.current_task(self._loop)
+        task = task_of(self._loop) or asyncio.current_task()
         assert task is not None
         self._loop = loop = task.get_loop()
         return _Deadline(self, task, loop.time() + seconds)
@@ -312,26 +329,39 @@ class _Deadline(Watch):
 
     __slots__ = ()
 
+    # arm(), close() and expired() inline: this is on every upstream call's path.
+
     def __enter__(self) -> None:
-        self._owner._due.add(self)
-        self.arm(self.when)
+        owner = self._owner
+        owner._due.add(self)
+        self.armed = True
+        if self.when < owner.due_at:
+            owner._schedule(self.when)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
-        if self.expired() and kind is asyncio.CancelledError:
-            raise TimeoutError from exc
+        self.armed = False
+        self._owner._due.discard(self)
+        if self.fired:
+            self.fired = False
+            if self.task.uncancel() <= self.base and kind is asyncio.CancelledError:
+                raise TimeoutError from exc
 
 
 class UpstreamResponse:
     """An upstream answer whose status is 2xx or a client error to pass through."""
 
-    __slots__ = ("_resp", "content_type", "status")
+    __slots__ = ("_resp", "status")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
-        self.content_type = resp.content_type
+
+    @property
+    def content_type(self) -> str:
+        """Read only for a stream request's answer: aiohttp parses it on each access (two
+        Python calls), which a JSON answer need not pay."""
+        return self._resp.content_type
 
     async def read_some(self) -> bytes:
         """The next bytes of the body, b"" at its end; raises UpstreamError if cut."""
@@ -404,7 +434,7 @@ async def send(
     target: Target,
     url: str,
     body: bytes,
-    headers: dict[str, str],
+    headers: CIMultiDict[str],
     deadlines: Deadlines,
     timeout: float,
     client_timeout: aiohttp.ClientTimeout,

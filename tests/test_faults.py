@@ -98,9 +98,9 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
         saved[name] = lg.level
         lg.setLevel(level)
         lg.addHandler(cap)
-    made = protocol._Handler.connection_made
+    made = protocol.LimitsHandler.connection_made
 
-    def connection_made(self: protocol._Handler, transport: Any) -> None:
+    def connection_made(self: protocol.LimitsHandler, transport: Any) -> None:
         write, writelines = transport.write, transport.writelines
 
         def tee(data: bytes) -> None:
@@ -115,7 +115,7 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
         transport.write, transport.writelines = tee, tee_lines
         made(self, transport)
 
-    monkeypatch.setattr(protocol._Handler, "connection_made", connection_made)
+    monkeypatch.setattr(protocol.LimitsHandler, "connection_made", connection_made)
     try:
         yield s
     finally:

@@ -695,16 +695,18 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
             choices = obj.get("choices")
             if choices == [] or not choices:
                 tail.usage_chunk = obj
-            elif isinstance(choices, list) and not any(
-                isinstance(c, dict) and c.get("finish_reason") for c in choices
-            ):
-                # Usage on a content chunk (vLLM's continuous_usage_stats): counted, not
-                # held, as only finish and usage-only chunks wait (SPEC §1.1).
-                tail.content_events += 1
-                out.append(ev)
-            else:
-                tail.content_events += 1
-                tail.held.append((ev, obj))
+                continue
+            tail.content_events += 1
+            if isinstance(choices, list):
+                for c in choices:  # a loop, not any() of a generator: no frame of its own
+                    if isinstance(c, dict) and c.get("finish_reason"):
+                        break
+                else:
+                    # Usage on a content chunk (vLLM's continuous_usage_stats): counted,
+                    # not held, as only finish and usage-only chunks wait (SPEC §1.1).
+                    out.append(ev)
+                    continue
+            tail.held.append((ev, obj))
             continue
         if kind == sse.Kind.DONE:
             tail.done, tail.done_event = True, ev

@@ -486,4 +486,7 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         # No skip_auto_headers: Target's headers already hold User-Agent, Accept and
         # Accept-Encoding, so aiohttp adds none of its own, and skipping costs ~4 µs a call.
         raise_for_status=False,
+        # One session serves every client: cookies an upstream sets (a load balancer's,
+        # say) must not ride along with other clients' requests. Kept none, sent none.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )

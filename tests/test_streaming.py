@@ -190,6 +190,7 @@ class Canned:
 
     events: list[bytes | None] = attrs.Factory(list)
     requests: list[Any] = attrs.Factory(list)
+    cookies: list[str | None] = attrs.Factory(list)  # each request's Cookie header
     go: asyncio.Event = attrs.Factory(asyncio.Event)
     url: str = ""
 
@@ -200,7 +201,9 @@ async def canned() -> AsyncIterator[Canned]:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         c.requests.append(await request.json())
+        c.cookies.append(request.headers.get("Cookie"))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp.set_cookie("lb_session", f"for-request-{len(c.requests)}")
         await resp.prepare(request)
         for ev in c.events:
             if ev is None:
@@ -413,6 +416,22 @@ async def test_stall_longer_than_idle_times_out(make_stack: MakeStack, tmp_path:
     assert len(kinds(raw.events, Kind.PASS)) == 3
     assert 0.35 < raw.elapsed < 2.5
     assert raw.up.client_closed  # the proxy hung up on the stalled upstream
+
+
+async def test_upstream_cookies_are_neither_kept_nor_passed_on(
+    canned: Canned, make_stack: MakeStack
+) -> None:
+    """An upstream's Set-Cookie (a load balancer's session, say) goes to no client, and is
+    not sent back upstream with later requests: one client's cookie never rides along
+    with another client's request."""
+    # By name: aiohttp's default cookie jar takes no cookies from an IP address.
+    canned.url = canned.url.replace("127.0.0.1", "localhost")
+    stack = canned_stack(make_stack, canned)
+    canned.events = [chunk(content="a"), chunk(finish="stop"), b"data: [DONE]\n\n"]
+    for _ in range(3):
+        status, headers, _ = await raw_post(stack, body_of())
+        assert status == 200 and "Set-Cookie" not in headers
+    assert canned.cookies == [None, None, None]
 
 
 async def test_upstream_error_object_mid_stream(canned: Canned, make_stack: MakeStack) -> None:

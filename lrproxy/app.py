@@ -51,6 +51,10 @@ class State:
     # presented key's digest compares with known digests, which reveals nothing of a
     # key, and it stays one lookup however many keys (teams) there are.
     key_names: Mapping[bytes, str] = attrs.field(init=False)
+    # Answer headers prepared per route (relay._answer_headers); names come from this
+    # config only, so the cache is bounded and goes with it on reload.
+    header_sets: dict[tuple[str, str, str, bool], Any] = attrs.field(
+        init=False, factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "key_names", dict(

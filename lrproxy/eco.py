@@ -105,7 +105,5 @@ def eco_figures(
         "tokens": {"prompt": prompt_tokens, "completion": completion_tokens},
         "grid_intensity_g_per_kwh": intensity.g_per_kwh,
         "pue": region.pue,
-        # accuracy(), inline
-        "accuracy": "default" if model.source == "default" else
-                    "measured" if tokens_measured and intensity.live else "estimated",
+        "accuracy": accuracy(model, tokens_measured, intensity.live),
     }

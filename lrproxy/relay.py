@@ -407,7 +407,7 @@ def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Poo
     health, capacity = pool.health, pool.capacity
     for c in order:
         name = c.upstream.name
-        h = health.get(name)  # pool.has_capacity(name), inline
+        h = health.get(name)  # room on it: the pool's own count, read without a call
         if h is not None and h.outstanding >= capacity[name]:
             continue
         if name not in tried:
@@ -545,13 +545,8 @@ def _answer(
 ) -> web.Response:
     """A whole JSON answer: eco spliced into a success, a client error passed through."""
     resp, data = attempt.resp, attempt.body
-    upstream_s = rec.upstream_s = time.perf_counter() - attempt.t_sent
-    route = (rec.region, rec.model, rec.upstream)
-    headers = _json_headers.get(route)
-    headers = (_json_route_headers(route) if headers is None else headers).copy()
-    headers["X-Request-Id"] = rec.request_id
-    headers["Server-Timing"] = _SERVER_TIMING % (
-        upstream_s * 1000, max(0.0, time.perf_counter() - rec.t0 - upstream_s) * 1000)
+    rec.upstream_s = time.perf_counter() - attempt.t_sent
+    headers = _answer_headers(rt, rec, rec.upstream_s, stream=False)
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
         target = rt.state.targets.get(attempt.cand.upstream.name)
@@ -574,32 +569,27 @@ def _answer(
     return web.Response(body=_splice(data, doc, lr), headers=headers)
 
 
-# A JSON answer's headers by route (region, model, upstream), each a set to copy and fill
-# in: _answer_headers()'s then Content-Type, in that order. A copy and two values cost
-# less than a CIMultiDict made from a dict of six. Keys are names from configs: bounded.
-_json_headers: dict[tuple[str, str, str], CIMultiDict[str]] = {}
-
-
-def _json_route_headers(route: tuple[str, str, str]) -> CIMultiDict[str]:
-    region, model, upstream = route
-    h = _json_headers[route] = CIMultiDict((
-        ("X-Request-Id", ""), ("X-LowRouter-Region", region), ("X-LowRouter-Model", model),
-        ("X-LowRouter-Upstream", upstream), ("Server-Timing", ""),
-        ("Content-Type", "application/json"),
-    ))
-    return h
-
-
-def _answer_headers(rec: Rec, upstream_s: float) -> dict[str, str]:
-    """Route headers plus Server-Timing: the upstream's share and the proxy's own (W3C)."""
-    if rec.upstream:  # rec.route_headers(), inline
-        headers = {"X-Request-Id": rec.request_id, "X-LowRouter-Region": rec.region,
-                   "X-LowRouter-Model": rec.model, "X-LowRouter-Upstream": rec.upstream}
-    else:
-        headers = rec.route_headers()
-    total = time.perf_counter() - rec.t0
+def _answer_headers(rt: Runtime, rec: Rec, upstream_s: float, stream: bool) -> CIMultiDict[str]:
+    """An answer's headers: its content type (and a stream's no-cache ones), the route
+    and Server-Timing, the upstream's share and the proxy's own (W3C). The set is built
+    once per route and kind, and copied: a copy and two values cost less than a
+    CIMultiDict made from a dict (the cache goes with the config's State)."""
+    sets = rt.state.header_sets
+    route = (rec.region, rec.model, rec.upstream, stream)
+    base = sets.get(route)
+    if base is None:
+        route_pairs = [("X-Request-Id", "")]
+        if rec.upstream:
+            route_pairs += [("X-LowRouter-Region", rec.region), ("X-LowRouter-Model", rec.model),
+                            ("X-LowRouter-Upstream", rec.upstream)]
+        route_pairs.append(("Server-Timing", ""))
+        base = sets[route] = CIMultiDict(
+            [*_STREAM_HEADERS.items(), *route_pairs] if stream
+            else [*route_pairs, ("Content-Type", "application/json")])
+    headers = base.copy()  # the values below replace the empty ones, in place
+    headers["X-Request-Id"] = rec.request_id
     headers["Server-Timing"] = _SERVER_TIMING % (
-        upstream_s * 1000, max(0.0, total - upstream_s) * 1000)
+        upstream_s * 1000, max(0.0, time.perf_counter() - rec.t0 - upstream_s) * 1000)
     return headers
 
 
@@ -953,8 +943,7 @@ def _stream_response(rt: Runtime, rec: Rec, upstream_s: float) -> web.StreamResp
     """The client's event stream, not yet prepared. Server-Timing goes with the headers,
     so for a stream it covers the time to its first byte: the upstream's wait so far,
     and what the proxy added."""
-    out = web.StreamResponse(status=200, headers={
-        **_STREAM_HEADERS, **_answer_headers(rec, upstream_s)})
+    out = web.StreamResponse(status=200, headers=_answer_headers(rt, rec, upstream_s, stream=True))
     finish_headers(rt, out, rec.request_id)
     return out
 

@@ -80,10 +80,6 @@ class Pool:
         h = self.health.get(name)
         return h is None or h.failures < EJECT_AFTER or h.usable(now)  # the usual case first
 
-    def has_capacity(self, name: str) -> bool:
-        h = self.health.get(name)
-        return h is None or h.outstanding < self.capacity[name]
-
     def load(self, name: str) -> int:
         h = self.health.get(name)
         return 0 if h is None else h.outstanding

@@ -778,6 +778,8 @@ async def _relay_stream(
             raise tail.failure
         fast = _ChunkWriter.of(request)
         read, plain_prefix = resp.read_some, sse.plain_prefix
+        shape = sse.ChunkShape()
+        fits = shape.fits
         while not tail.done:
             # The read ends by the first of: idle since the last byte, the total, the
             # first event's deadline until it came, and (between events) the keep-alive.
@@ -814,13 +816,20 @@ async def _relay_stream(
             if not chunk:
                 break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
             last_byte = loop.time()
-            # `_take`, its usual case written out: the read is whole plain chunks
-            cut, events = (0, 0) if splitter.held else plain_prefix(chunk)
-            if cut == len(chunk):
-                tail.content_events += events
-                data = chunk
+            # `_take`, its usual cases written out: the read is one content chunk shaped
+            # as the one before, or whole plain chunks
+            if not splitter.held and fits(chunk):
+                tail.content_events += 1
+                data, events = chunk, 1
             else:
-                data, events = _take_rest(chunk, cut, events, splitter, tail)
+                cut, events = (0, 0) if splitter.held else plain_prefix(chunk)
+                if cut == len(chunk):
+                    tail.content_events += events
+                    data = chunk
+                    if events == 1:
+                        shape.learn(chunk)
+                else:
+                    data, events = _take_rest(chunk, cut, events, splitter, tail)
             if events:
                 got_event = True
                 if tail.done:

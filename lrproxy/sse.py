@@ -119,6 +119,78 @@ def plain_prefix(data: bytes) -> tuple[int, int]:
     return _plain_prefix_scan(data)
 
 
+# A content chunk's text, and OpenAI's `obfuscation` padding after it, are the only
+# parts of a stream's content chunks that change from one to the next.
+_TEXT_KEY: Final = re.compile(rb'"content": ?"')
+_PAD_KEY: Final = re.compile(rb'"obfuscation": ?"')
+_NOT_IN_HOLE: Final = re.compile(rb'["\r\n]')
+_LESSONS: Final = 4  # shapes a stream may learn (role chunk, content chunks, a change)
+
+
+class ChunkShape:
+    """The bytes a stream's content chunks share around their text, learnt from one.
+
+    A server writes each content chunk of a stream as the same bytes (id, created,
+    model, `"finish_reason":null`, ...) around its text, and OpenAI around one more
+    string, its `obfuscation` padding. `fits(read)` is True for a read of exactly those
+    bytes around strings that hold no quote, CR or LF and do not end in a backslash:
+    the chunk it was learnt from with other text in the same JSON string, which is as
+    plain as that chunk was (`plain_prefix`), though not always by `plain_prefix`'s
+    checks (a text of `error` makes `"error"`). Five or seven C calls where
+    `plain_prefix` makes ten (bench/RESULTS.md). Call it only at an event boundary.
+    """
+
+    __slots__ = ("_head_len", "_mid_len", "_tail_len", "head", "lessons", "mid", "tail")
+
+    def __init__(self) -> None:
+        # Nothing learnt: a head no read of a plain chunk starts with, and a head length
+        # no read has, so that `fits` is False after one comparison.
+        self.head, self.mid, self.tail = b"\n", b"", b""
+        self._head_len, self._mid_len, self._tail_len = 1 << 62, 0, 0
+        self.lessons = _LESSONS
+
+    def fits(self, data: bytes) -> bool:
+        start = self._head_len
+        end = len(data) - self._tail_len  # where the last string's closing quote is
+        if end < start or not data.startswith(self.head) or not data.endswith(self.tail):
+            return False
+        if data[end - 1] == 0x5C:  # a backslash would escape the closing quote
+            return False
+        if not self._mid_len:
+            return _NOT_IN_HOLE.search(data, start, end) is None
+        mid = data.find(self.mid, start, end)
+        return (mid > 0 and data[mid - 1] != 0x5C
+                and _NOT_IN_HOLE.search(data, start, mid) is None
+                and _NOT_IN_HOLE.search(data, mid + self._mid_len, end) is None)
+
+    def learn(self, event: bytes) -> None:
+        """Take the shape of `event`, one whole plain chunk (by `plain_prefix`) that
+        `fits` declined, unless only its text was the reason or the lessons are used."""
+        if self.lessons <= 0 or (event.startswith(self.head) and event.endswith(self.tail)):
+            return
+        self.lessons -= 1
+        holes: list[tuple[int, int]] = []
+        at = 0
+        for key in (_TEXT_KEY, _PAD_KEY):
+            m = key.search(event, at)
+            if m is None:
+                break
+            start = m.end()
+            at = event.find(b'"', start)
+            # The hole's string ends at that quote (no backslash before it escapes it),
+            # and a value ends there: the bytes after a hole never make a key with it.
+            if at < 0 or event.find(b"\\", start, at) >= 0 or event[at + 1] not in b",}]":
+                return
+            holes.append((start, at))
+        if not holes:
+            return
+        (start, end), rest = holes[0], holes[1:]
+        self.head = event[:start]
+        self.mid = event[end:rest[0][0]] if rest else b""
+        self.tail = event[rest[0][1] if rest else end:]
+        self._head_len, self._mid_len, self._tail_len = start, len(self.mid), len(self.tail)
+
+
 def _plain_prefix_scan(data: bytes) -> tuple[int, int]:
     """`plain_prefix` for a read of any number of events.
 

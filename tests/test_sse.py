@@ -399,3 +399,115 @@ def test_one_event_read_shortcut_agrees_with_the_scan(
         event = event[:at] + piece + event[at + (0 if piece else 1):]
     assert sse.plain_prefix(event) == _plain_prefix_scan(event)
     assert sse.plain_prefix(event + CONTENT) == _plain_prefix_scan(event + CONTENT)
+
+
+# ---------------------------------------------------------------------------------------
+# ChunkShape: the relay's check of a read of one content chunk shaped as the last
+
+def _chunk_doc(text: str, style: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 7,
+                           "model": "m", "choices": [{"index": 0, "delta": {"content": text},
+                                                      "logprobs": None, "finish_reason": None}]}
+    if style == "openai":  # as OpenAI sends it today: padding after the choices
+        doc["obfuscation"] = "x" * (12 - len(text) % 12)
+    elif style == "usage-null":
+        doc["usage"] = None
+    return doc
+
+
+def _shaped(text: str, style: str) -> bytes:
+    doc = _chunk_doc(text, style)
+    if style == "spaced":  # Python's json.dumps, as some servers write it
+        import json
+        return b"data: " + json.dumps(doc).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+_STYLES = ["openai", "usage-null", "spaced", "vllm"]
+
+
+@pytest.mark.parametrize("style", _STYLES)
+def test_chunk_shape_fits_the_next_chunks_of_a_stream(style: str) -> None:
+    """Learnt from one content chunk, the shape takes the next ones (other text, other
+    padding), and declines a text it cannot vouch for and every other kind of event."""
+    shape = sse.ChunkShape()
+    first = _shaped("Hello", style)
+    assert not shape.fits(first)  # nothing learnt yet
+    shape.learn(first)
+    for text in ["", " world", "new\nline", "tab\there", "ünï €", "{}[],:", "error", "usage"]:
+        assert shape.fits(_shaped(text, style)), text
+    for text in ['say "hi"', "back\\", "\\"]:
+        assert not shape.fits(_shaped(text, style)), text
+    head = first[:first.find(b"Hello")]
+    assert not shape.fits(head + b'x\rx' + first[len(head) + 5:])
+    assert not shape.fits(head + b'x\nx' + first[len(head) + 5:])
+    for other in [FINISH, USAGE, DONE, ROLE, b": keep-alive\n\n", first[:-1], first + first,
+                  first.replace(b"chatcmpl-9", b"chatcmpl-8")]:
+        assert not shape.fits(other)
+
+
+def test_chunk_shape_learns_again_when_the_chunks_change_but_not_for_ever() -> None:
+    """The role chunk's shape gives way to the content chunks'; a text the shape declined
+    teaches nothing; after `_LESSONS` shapes the stream keeps the last one."""
+    shape = sse.ChunkShape()
+    role = _shaped("", "vllm").replace(b'{"content"', b'{"role":"assistant","content"')
+    shape.learn(role)
+    assert shape.fits(role) and not shape.fits(_shaped("a", "vllm"))
+    shape.learn(_shaped("a", "vllm"))
+    assert shape.fits(_shaped("b", "vllm"))
+    lessons = shape.lessons
+    shape.learn(_shaped('q"q', "vllm"))  # same shape, a text it declines: no lesson
+    assert shape.lessons == lessons and shape.fits(_shaped("b", "vllm"))
+    for n in range(lessons):
+        shape.learn(_shaped("a", "vllm").replace(b'"created":7', b'"created":%d' % (10 + n)))
+    assert shape.lessons == 0
+    last = _shaped("z", "vllm").replace(b'"created":7', b'"created":%d' % (10 + lessons - 1))
+    shape.learn(_shaped("a", "openai"))
+    assert shape.fits(last) and not shape.fits(_shaped("a", "openai"))
+    shape = sse.ChunkShape()
+    shape.learn(_shaped("back\\slash", "vllm"))  # its text's end is not sure: nothing learnt
+    assert not shape.fits(_shaped("a", "vllm"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(style=st.sampled_from(_STYLES), text=st.text(max_size=12),
+       hole=st.binary(max_size=12), pad=st.binary(max_size=6))
+@example(style="vllm", text="a", hole=b"error", pad=b"")
+@example(style="openai", text="a", hole=b"finish_reason", pad=b"usage")
+@example(style="vllm", text="a", pad=b"",  # a finish hidden in the text's place
+         hole=b'x"}}],"usage":{"prompt_tokens":1,"completion_tokens":1},"z":[{"a":{"b":"')
+@example(style="openai", text="a", hole=b"x", pad=b'x"}],"usage":{"prompt_tokens":1},"z":{"y":"')
+def test_chunk_shape_fits_only_events_classify_passes(
+    style: str, text: str, hole: bytes, pad: bytes
+) -> None:
+    """Whatever bytes stand in the text (and the padding) of a learnt chunk, a read the
+    shape fits is one whole event that `classify` passes on, as the careful path would."""
+    first = _shaped("Hi", style)
+    shape = sse.ChunkShape()
+    shape.learn(first)
+    nxt = _shaped(text, style)
+    if '"' not in text and "\\" not in text and not any(ord(c) < 0x20 for c in text):
+        assert shape.fits(nxt)  # no escapes in the text: nothing for the shape to doubt
+    i = first.find(b"Hi")
+    raw = first[:i] + hole + first[i + 2:]
+    if style == "openai":
+        j = raw.rfind(b'"obfuscation":"') + 15
+        raw = raw[:j] + pad + raw[raw.find(b'"', j):]
+    for event in (nxt, raw):
+        if shape.fits(event):
+            assert feed_all([event]) == ([event], b"")
+            assert classify(event)[0] == Kind.PASS and sse.is_data_event(event)
+            try:
+                doc = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                continue  # passed on unparsed by the careful path too (`classify`)
+            assert _skeleton(doc) == _skeleton(_chunk_doc("", style))
+
+
+def _skeleton(doc: Any) -> Any:
+    """`doc` with every string emptied: the same skeleton is the same kind of chunk."""
+    if isinstance(doc, dict):
+        return {k: _skeleton(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_skeleton(v) for v in doc]
+    return "" if isinstance(doc, str) else doc

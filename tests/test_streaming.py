@@ -22,6 +22,7 @@ from conftest import Stack, await_for, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lrproxy import sse
 from lrproxy.simupstream import RecordedRequest
 from lrproxy.sse import EventSplitter, Kind, classify, event_data
 
@@ -185,10 +186,11 @@ def live(make_stack: MakeStack, tmp_path: Path) -> Stack:
 
 @attrs.define
 class Canned:
-    """A hand-written upstream: every chat request gets `events`, one write each; a None
-    in the list waits for `go` to be set."""
+    """A hand-written upstream: every chat request gets `events`, one write each, `pause`
+    seconds apart; a None in the list waits for `go` to be set."""
 
     events: list[bytes | None] = attrs.Factory(list)
+    pause: float = 0.0
     requests: list[Any] = attrs.Factory(list)
     cookies: list[str | None] = attrs.Factory(list)  # each request's Cookie header
     go: asyncio.Event = attrs.Factory(asyncio.Event)
@@ -210,6 +212,8 @@ async def canned() -> AsyncIterator[Canned]:
                 await c.go.wait()
             else:
                 await resp.write(ev)
+                if c.pause:
+                    await asyncio.sleep(c.pause)
         await resp.write_eof()
         return resp
 
@@ -474,6 +478,42 @@ async def test_usage_on_content_chunks_is_not_held(canned: Canned, make_stack: M
     last = obj_of(rest[0])
     assert last.pop("lowrouter")["eco"]["tokens"] == {"prompt": 5, "completion": 2}
     assert last == obj_of(finish)
+
+
+async def test_chunks_shaped_alike_take_the_short_check(
+    canned: Canned, make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Content chunks one per read, as from a live model: after the first, those of the
+    same shape pass by `sse.ChunkShape`'s check, the rest (a quote in the text, a new
+    shape, the finish chunk) by the full one; the client gets the upstream's bytes, and
+    every content chunk is counted."""
+    fitted: list[bytes] = []
+    real = sse.ChunkShape.fits
+
+    def spy(self: sse.ChunkShape, data: bytes) -> bool:
+        ok = real(self, data)
+        if ok:
+            fitted.append(data)
+        return ok
+
+    monkeypatch.setattr(sse.ChunkShape, "fits", spy)
+    stack = canned_stack(make_stack, canned)
+    role = chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                   "finish_reason": None}])
+    words = [chunk(content=w) for w in ["One", " two", ' "three"', " four\\", " five"]]
+    padded = [chunk(content=w).replace(b"}]}\n\n", b'}],"obfuscation":"%s"}\n\n' % pad)
+              for w, pad in [(" six", b"ab"), (" seven", b"c"), (" eight", b"def")]]
+    canned.events = [role, *words, *padded, chunk(finish="stop"), b"data: [DONE]\n\n"]
+    canned.pause = 0.02
+    status, _, data = await raw_post(stack, body_of())
+    events = split_events(data)
+    assert status == 200 and events[:9] == [role, *words, *padded] and len(events) == 11
+    # no usage came: the estimate is one token per chunk, the finish chunk's included
+    assert obj_of(events[9]).pop("lowrouter")["eco"]["tokens"]["completion"] == 10
+    # the role chunk taught the first shape, " One" the next: " two" fits it, the quoted
+    # text does not, the text ending in an escaped backslash not either; " five" does
+    assert fitted[:2] == [words[1], words[4]]
+    assert fitted[2:] == padded[1:]  # the padded chunks: a shape of their own
 
 
 @pytest.mark.parametrize("usage", [False, True])

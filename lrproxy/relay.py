@@ -629,7 +629,7 @@ class _Tail:
     """What a stream holds back until its end (SPEC §1.1), and what it has counted."""
 
     held: list[tuple[bytes, dict[str, Any]]] = attrs.Factory(list)  # finish chunks
-    usage_chunk: dict[str, Any] | None = None
+    usage_chunk: tuple[bytes, dict[str, Any]] | None = None
     usage: tuple[int, int] | None = None
     content_events: int = 0
     done_event: bytes = DONE_EVENT
@@ -684,7 +684,7 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
                 tail.usage = usage
             choices = obj.get("choices")
             if choices == [] or not choices:
-                tail.usage_chunk = obj
+                tail.usage_chunk = (ev, obj)
                 continue
             tail.content_events += 1
             if isinstance(choices, list):
@@ -718,9 +718,9 @@ def _finish(
     if client_usage and tail.usage_chunk is not None:
         if tail.held:
             out.append(tail.held[-1][0])
-        out.append(sse.make_event({**tail.usage_chunk, "lowrouter": lr}))
+        out.append(sse.add_member(*tail.usage_chunk, "lowrouter", lr))
     elif tail.held:
-        out.append(sse.make_event({**tail.held[-1][1], "lowrouter": lr}))
+        out.append(sse.add_member(*tail.held[-1], "lowrouter", lr))
     else:  # no finish chunk came: carry lowrouter on an empty delta, never on choices: []
         out.append(sse.make_event({
             "object": "chat.completion.chunk",

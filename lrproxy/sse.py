@@ -318,6 +318,20 @@ def make_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def add_member(event: bytes, obj: dict[str, Any], name: str, value: Any) -> bytes:
+    """`event`, whose data is the JSON object `obj`, with `name: value` added to it.
+
+    An event of one `data: {...}` line keeps the upstream's bytes, the member written in
+    before its closing brace; any other event, or an object that has `name` already, is
+    written anew from `obj` (LF line ends, orjson's spelling).
+    """
+    n = len(event)
+    if (obj and name not in obj and event.startswith(b"data: {") and event.endswith(b"}\n\n")
+            and event.find(b"\n") == n - 2 and event.find(b"\r") < 0):
+        return b"%b,%b:%b}\n\n" % (event[:n - 3], orjson.dumps(name), orjson.dumps(value))
+    return make_event({**obj, name: value})
+
+
 def usage_of(obj: dict[str, Any]) -> tuple[int, int] | None:
     """(prompt, completion) tokens from an OpenAI `usage` object, if it has them."""
     usage = obj.get("usage")

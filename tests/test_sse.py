@@ -511,3 +511,40 @@ def _skeleton(doc: Any) -> Any:
     if isinstance(doc, list):
         return [_skeleton(v) for v in doc]
     return "" if isinstance(doc, str) else doc
+
+
+# ---------------------------------------------------------------------------------------
+# add_member: lowrouter on the stream's last chunk
+
+def test_add_member_keeps_the_upstreams_bytes_of_a_one_line_event() -> None:
+    spaced = b'data: {"id": "c", "choices": [], "usage": {"prompt_tokens": 1}}\n\n'
+    for event in (FINISH, USAGE, spaced):
+        obj = orjson.loads(event_data(event))
+        out = sse.add_member(event, obj, "lowrouter", {"eco": {"carbon_g": 0.5}})
+        assert out == event[:-3] + b',"lowrouter":{"eco":{"carbon_g":0.5}}}\n\n'
+    # other line ends, several data lines, a member already there: written anew
+    for event in (FINISH.replace(b"\n", b"\r\n"), b'data: {"a":\ndata: 1}\n\n',
+                  b'data: {"a":1,"lowrouter":{"old":1}}\n\n', b"data: {}\n\n"):
+        obj = orjson.loads(event_data(event))
+        out = sse.add_member(event, obj, "lowrouter", {"new": 2})
+        assert out == b"data: " + orjson.dumps({**obj, "lowrouter": {"new": 2}}) + b"\n\n"
+
+
+_json_leaf = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(obj=st.dictionaries(st.text(max_size=6), _json_leaf | st.lists(_json_leaf, max_size=3),
+                           max_size=5),
+       value=st.dictionaries(st.text(max_size=6), _json_leaf, max_size=3),
+       spaced=st.booleans(), crlf=st.booleans())
+def test_add_member_gives_one_event_of_the_object_and_the_member(
+    obj: dict[str, Any], value: dict[str, Any], spaced: bool, crlf: bool
+) -> None:
+    import json
+
+    data = json.dumps(obj).encode() if spaced else orjson.dumps(obj)
+    event = b"data: " + data + (b"\r\n\r\n" if crlf else b"\n\n")
+    out = sse.add_member(event, obj, "lowrouter", value)
+    assert feed_all([out]) == ([out], b"")
+    assert orjson.loads(event_data(out)) == {**obj, "lowrouter": value}

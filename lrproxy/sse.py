@@ -200,9 +200,15 @@ def _plain_prefix_scan(data: bytes) -> tuple[int, int]:
     if data.find(b"\r") >= 0:
         return 0, 0
     end = data.rfind(b"\n\n") + 2
-    # A finish_reason usually is in the read (its last), so search for it; usage:null is
-    # on every content chunk, so its two counts agree unless a usage is in the way.
-    m = _NOT_NULL[0].search(data, 0, end)
+    # A finish_reason usually is in the read (its last), so search for it: after the
+    # last null one when those before it are all null (two counts cost half the search);
+    # usage:null is on every content chunk, so its two counts agree unless a usage is in
+    # the way.
+    start = data.rfind(b'"finish_reason":null', 0, end)
+    if start < 0 or (data.count(b'"finish_reason"', 0, start)
+                     != data.count(b'"finish_reason":null', 0, start)):
+        start = 0
+    m = _NOT_NULL[0].search(data, start, end)
     if m is not None:
         end = data.rfind(b"\n\n", 0, m.start()) + 2
     if data.count(b'"usage"', 0, end) != data.count(b'"usage":null', 0, end):

@@ -914,8 +914,9 @@ class _ChunkWriter:
         proto = getattr(w, "protocol", None)
         if (not getattr(w, "chunked", False) or getattr(w, "length", 0) is not None
                 or getattr(w, "on_body_write", None) is not None
-                or any(getattr(w, name, 0) is not None
-                       for name in ("_compress", "_on_chunk_sent", "_headers_buf"))
+                or getattr(w, "_compress", 0) is not None
+                or getattr(w, "_on_chunk_sent", 0) is not None
+                or getattr(w, "_headers_buf", 0) is not None
                 or not isinstance(getattr(proto, "_paused", None), bool)
                 or not isinstance(getattr(w, "output_size", None), int)):
             return None

@@ -30,6 +30,7 @@ log = logging.getLogger(MAIN)
 MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
 MAX_EVENT_BYTES: Final = 16 * 1024 * 1024  # one SSE event; no chunk of an LLM stream is near it
 KEEPALIVE_EVENT: Final = b": keep-alive\n\n"
+LATE_MESSAGE_CHARS: Final = 1000  # of an upstream's error message quoted in an error event
 DONE_EVENT: Final = b"data: [DONE]\n\n"
 _STREAM_HEADERS: Final = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -284,9 +285,8 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
             # status has gone, so the error event says what came.
             attempt.resp.close()
             rec.upstream_s = time.perf_counter() - attempt.t_sent
-            await _stream_error(rt, rec, prompt_chars, cand, region, _Tail(), errors.UpstreamError(
-                f"the upstream answered {attempt.resp.status} once the stream had begun"),
-                rec.out, request)
+            await _stream_error(rt, rec, prompt_chars, cand, region, _Tail(),
+                                errors.UpstreamError(_late_status(rt, attempt)), rec.out, request)
             return rec.out
         if attempt.splitter is not None:
             return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region,
@@ -549,9 +549,7 @@ def _answer(
     headers = _answer_headers(rt, rec, rec.upstream_s, stream=False)
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
-        target = rt.state.targets.get(attempt.cand.upstream.name)
-        key = target.auth.partition(" ")[2] if target is not None and target.auth else ""
-        if key and key.encode() in data:  # … unless it echoes our key (issue 5: no key anywhere)
+        if _quotes_our_key(rt, attempt.cand, data):  # … unless it does (issue 5: no key anywhere)
             data = errors.error_body(
                 "The upstream's error message was withheld: it quoted the proxy's credentials.",
                 "invalid_request_error", "upstream_error")
@@ -567,6 +565,33 @@ def _answer(
                         eco.estimate_tokens(_completion_chars(doc)), measured=False)
     rec.ttfb = time.perf_counter() - rec.t0
     return web.Response(body=_splice(data, doc, lr), headers=headers)
+
+
+def _quotes_our_key(rt: Runtime, cand: Candidate, data: bytes) -> bool:
+    """True when an upstream's error body quotes the key the proxy sent it."""
+    target = rt.state.targets.get(cand.upstream.name)
+    key = target.auth.partition(" ")[2] if target is not None and target.auth else ""
+    return bool(key) and key.encode() in data
+
+
+def _late_status(rt: Runtime, attempt: _Attempt) -> str:
+    """The error event's message for an error status that came once the client had its
+    200 (`_EarlyCommit`): the status, and the upstream's own message when it has one
+    (why a request was refused: a context too long, a bad parameter)."""
+    said = f"the upstream answered {attempt.resp.status} once the stream had begun"
+    try:
+        doc = orjson.loads(attempt.body)
+    except orjson.JSONDecodeError:
+        return said
+    err = doc.get("error") if isinstance(doc, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    if not isinstance(message, str) or not message.strip():
+        return said
+    if _quotes_our_key(rt, attempt.cand, attempt.body):
+        return said + " (its message was withheld: it quoted the proxy's credentials)"
+    if len(message) > LATE_MESSAGE_CHARS:
+        message = message[:LATE_MESSAGE_CHARS] + "…"
+    return f"{said}: {message}"
 
 
 def _answer_headers(rt: Runtime, rec: Rec, upstream_s: float, stream: bool) -> CIMultiDict[str]:

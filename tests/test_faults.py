@@ -1371,7 +1371,9 @@ def test_upstream_fails_after_a_keepalive_commit(make_stack: MakeStack, status: 
     before, last = stream_error(a, "upstream_error")
     assert before and all(ev == b": keep-alive\n\n" for ev in before)
     assert sum(hits(stack).values()) == 1  # no failover to eu-west-b
-    assert (status == 400) == ("answered 400" in last["error"]["message"])
+    # a refusal says why, in the upstream's words (the status line has gone already)
+    assert (status == 400) == (last["error"]["message"] == "the upstream answered 400 once "
+                               "the stream had begun: Simulated error 400 from eu-west-a.")
     wait_for(lambda: codes(stack) == {"stream_error": 1})
     with stack.client() as client, pytest.raises(openai.APIError) as ei:
         for _ in client.chat.completions.create(
@@ -1381,6 +1383,29 @@ def test_upstream_fails_after_a_keepalive_commit(make_stack: MakeStack, status: 
             pass
     assert isinstance(ei.value.body, dict) and ei.value.body["code"] == "upstream_error"
     assert_idle(stack)
+
+
+def test_late_error_status_message_is_bounded_and_never_quotes_our_key() -> None:
+    """The error event for a refusal after the commit quotes the upstream's message, cut
+    to `LATE_MESSAGE_CHARS`; one quoting the proxy's upstream key is withheld; a body
+    with no message gives the status alone."""
+    from types import SimpleNamespace as NS
+
+    from lrproxy import relay
+
+    rt = NS(state=NS(targets={"up": NS(auth="Bearer sk-upstream-secret")}))
+
+    def late(body: bytes) -> str:
+        attempt = NS(resp=NS(status=400), body=body, cand=NS(upstream=NS(name="up")))
+        return relay._late_status(rt, attempt)  # type: ignore[arg-type]
+
+    said = "the upstream answered 400 once the stream had begun"
+    long = "x" * (relay.LATE_MESSAGE_CHARS + 50)
+    assert late(orjson.dumps({"error": {"message": long}})) == f"{said}: {long[:-50]}…"
+    quoted = late(orjson.dumps({"error": {"message": "bad key sk-upstream-secret"}}))
+    assert "sk-upstream" not in quoted and quoted.startswith(said + " (its message was withheld")
+    for body in (b"not json", b"[1]", b'{"error": "flat"}', b'{"error": {"message": " "}}'):
+        assert late(body) == said
 
 
 def test_keepalive_clock_runs_across_failover(make_stack: MakeStack) -> None:

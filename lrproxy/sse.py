@@ -45,6 +45,15 @@ class EventSplitter:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self.held + data if self.held else data
+        if buf.find(b"\r") < 0 and buf.find(b"\n\n\n") < 0 and buf[:1] != b"\n":
+            # LF line ends and no blank line of its own (every OpenAI-compatible stream):
+            # each blank line ends an event, one split finds them all.
+            *parts, rest = buf.split(b"\n\n")
+            self.held = rest
+            self._scan = max(0, len(rest) - 2)
+            if not rest and len(parts) == 1:
+                return [buf]
+            return [p + b"\n\n" for p in parts]
         events: list[bytes] = []
         start = 0
         scan = self._scan

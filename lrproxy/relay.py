@@ -584,7 +584,7 @@ def _late_status(rt: Runtime, attempt: _Attempt) -> str:
     except orjson.JSONDecodeError:
         return said
     err = doc.get("error") if isinstance(doc, dict) else None
-    message = err.get("message") if isinstance(err, dict) else None
+    message = err.get("message") if isinstance(err, dict) else err  # or {"error": "why"}
     if not isinstance(message, str) or not message.strip():
         return said
     if _quotes_our_key(rt, attempt.cand, attempt.body):

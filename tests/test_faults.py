@@ -1387,8 +1387,9 @@ def test_upstream_fails_after_a_keepalive_commit(make_stack: MakeStack, status: 
 
 def test_late_error_status_message_is_bounded_and_never_quotes_our_key() -> None:
     """The error event for a refusal after the commit quotes the upstream's message, cut
-    to `LATE_MESSAGE_CHARS`; one quoting the proxy's upstream key is withheld; a body
-    with no message gives the status alone."""
+    to `LATE_MESSAGE_CHARS` (an object's message, or the error itself when it is a
+    string); one quoting the proxy's upstream key is withheld; a body with no message
+    gives the status alone."""
     from types import SimpleNamespace as NS
 
     from lrproxy import relay
@@ -1404,7 +1405,8 @@ def test_late_error_status_message_is_bounded_and_never_quotes_our_key() -> None
     assert late(orjson.dumps({"error": {"message": long}})) == f"{said}: {long[:-50]}…"
     quoted = late(orjson.dumps({"error": {"message": "bad key sk-upstream-secret"}}))
     assert "sk-upstream" not in quoted and quoted.startswith(said + " (its message was withheld")
-    for body in (b"not json", b"[1]", b'{"error": "flat"}', b'{"error": {"message": " "}}'):
+    assert late(b'{"error": "flat"}') == f"{said}: flat"  # some servers' shape
+    for body in (b"not json", b"[1]", b'{"error": 7}', b'{"error": {"message": " "}}'):
         assert late(body) == said
 
 

@@ -355,11 +355,16 @@ async def _try_candidates(
             )
             attempt = _Attempt(cand, resp, t_sent=t_sent, trial=trial)
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
-                await _first_events(attempt, rt.deadlines, first_byte, tmo.keepalive)
+                # first_byte runs from the request's sending to the first event (SPEC §4)
+                left = first_byte - (time.perf_counter() - t_sent)
+                await _first_events(attempt, rt.deadlines, left, tmo.keepalive)
             else:
                 answer = _answer_now(resp)
-                attempt.body, attempt.doc = (
-                    answer if answer is not None else await _read_answer(resp, first_byte))
+                if answer is None:  # the body comes after the headers: read it as it comes
+                    answer = await _read_answer(
+                        resp, first_byte - (time.perf_counter() - t_sent), tmo.idle,
+                        deadline - time.monotonic())
+                attempt.body, attempt.doc = answer
         except errors.UpstreamFailed as e:
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
@@ -435,19 +440,38 @@ def _outcome(e: errors.UpstreamFailed) -> str:
 
 
 async def _read_answer(
-    resp: upstream.UpstreamResponse, timeout: float
+    resp: upstream.UpstreamResponse, first_byte: float, idle: float, total: float,
 ) -> tuple[bytes, dict[str, Any] | None]:
-    """The whole answer and, for a success, its JSON object; raises UpstreamFailed."""
+    """The whole answer and, for a success, its JSON object; raises UpstreamFailed.
+
+    The body's first bytes must come within `first_byte` seconds, each next ones within
+    `idle` of the last, and all of it within `total` (SPEC §4's timeouts, as for a stream).
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + total
+    chunks: list[bytes] = []
+    size = 0
+    wait = first_byte
     try:
-        async with asyncio.timeout(timeout):
-            data = await resp.read_all(MAX_UPSTREAM_BODY)
-    except TimeoutError as e:
-        resp.close()
-        raise errors.UpstreamTimeout("upstream did not finish its answer in time") from e
+        while True:
+            try:
+                async with asyncio.timeout(min(wait, end - loop.time())):
+                    data = await resp.read_some()
+            except TimeoutError:
+                raise errors.UpstreamTimeout(
+                    "upstream did not finish its answer in time" if chunks
+                    else "upstream sent no answer in time") from None
+            if not data:
+                break
+            size += len(data)
+            if size > MAX_UPSTREAM_BODY:
+                raise errors.UpstreamError("upstream answer too large")
+            chunks.append(data)
+            wait = idle
     except BaseException:  # a failure, or the client gone: the upstream stops at once
         resp.close()
         raise
-    return _answer_doc(resp, data)
+    return _answer_doc(resp, b"".join(chunks))
 
 
 def _answer_now(resp: upstream.UpstreamResponse) -> tuple[bytes, dict[str, Any] | None] | None:

@@ -369,7 +369,7 @@ class UpstreamResponse:
     def read_complete(self) -> bytes | None:
         """The whole body when it has already arrived (usual for a JSON answer), else None.
 
-        Saves the deadline and the read loop of `read_all` on the common path.
+        Saves the deadlines and the read loop of `relay._read_answer` on the common path.
         """
         content = self._resp.content
         if not content.is_eof():
@@ -378,16 +378,6 @@ class UpstreamResponse:
             return content.read_nowait()
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}") from e
-
-    async def read_all(self, limit: int) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while data := await self.read_some():
-            size += len(data)
-            if size > limit:
-                raise UpstreamError("upstream answer too large")
-            chunks.append(data)
-        return b"".join(chunks)
 
     def done(self) -> bool:
         """True when the whole body has been read (the connection can go back)."""

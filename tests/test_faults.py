@@ -463,8 +463,9 @@ class ScriptedRequest:
     body: bytes
 
 
-# bytes, or parts written 50 ms apart (so that the proxy reads them apart)
-Script = Callable[[int, int, bytes], tuple[bytes | list[bytes], bool] | None]
+# bytes, or parts written 50 ms apart (so that the proxy reads them apart); a float among
+# the parts waits that many seconds more
+Script = Callable[[int, int, bytes], tuple[bytes | list[bytes | float], bool] | None]
 
 
 class Scripted:
@@ -494,10 +495,16 @@ class Scripted:
                         return
                     parts = answer[0] if isinstance(answer[0], list) else [answer[0]]
                     for i, part in enumerate(parts):
+                        if isinstance(part, float):
+                            time.sleep(part)
+                            continue
                         if i:
                             time.sleep(0.05)
-                        self.wfile.write(part)
-                        self.wfile.flush()
+                        try:
+                            self.wfile.write(part)
+                            self.wfile.flush()
+                        except OSError:  # the proxy hung up
+                            return
                     if not answer[1]:
                         return
                     n += 1
@@ -1004,6 +1011,60 @@ def test_upstream_4xx_quoting_our_key_is_withheld(
     assert len(up.requests) == 1
     assert outcomes(stack) == {("eu-north-a", "passed_4xx"): 1}
     assert codes(stack) == {"404": 1}
+
+
+def _slow_json(pause: float, pieces: int) -> list[bytes | float]:
+    """`json_answer()`: its headers at once, then its body in `pieces`, `pause` s apart."""
+    answer = json_answer()
+    cut = answer.index(b"\r\n\r\n") + 4
+    body = answer[cut:]
+    step = -(-len(body) // pieces)
+    parts: list[bytes | float] = [answer[:cut]]
+    for i in range(0, len(body), step):
+        parts += [pause, body[i:i + step]]
+    return parts
+
+
+def test_json_body_coming_slowly_is_read_while_bytes_keep_coming(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """The headers at once, then a body in pieces 0.25 s apart, 1.5 s in all: past
+    timeouts.first_byte (0.5 s), but within it for the first piece and within idle
+    (0.5 s) for each next one, so the answer is whole (SPEC §4)."""
+    up = scripted(lambda conn, n, req: (_slow_json(0.2, 6), True))
+    stack = make_stack(cfg(timeouts={"first_byte": 0.5, "idle": 0.5},
+                           upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, region="eu-north"))
+    assert a.status == 200 and a.json()["choices"][0]["message"]["content"] == "calm"
+    assert a.elapsed > 1.0 and len(up.requests) == 1
+    assert codes(stack) == {"200": 1}
+
+
+def test_json_body_that_stops_coming_is_504_after_idle(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """The body begins, then the upstream goes silent: 504 once timeouts.idle has passed
+    since its last bytes, not a whole timeouts.first_byte later."""
+    up = scripted(lambda conn, n, req: (_slow_json(0.05, 2)[:3] + [5.0], True))
+    stack = make_stack(cfg(server={"retries": 0}, timeouts={"first_byte": 4, "idle": 0.4},
+                           upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, region="eu-north"))
+    a.error(504, "upstream_timeout")
+    assert 0.4 < a.elapsed < 2.5
+    assert outcomes(stack) == {("eu-north-a", "timeout"): 1}
+
+
+def test_first_event_deadline_counts_from_the_request_not_the_headers(
+    make_stack: MakeStack,
+) -> None:
+    """Headers after 0.35 s, the first event 0.35 s later: past timeouts.first_byte
+    (0.5 s from the request, SPEC §4), so 504, though each wait alone was within it."""
+    stack = make_stack(cfg(server={"retries": 0}, timeouts={"first_byte": 0.5}))
+    a = post(stack, chat(LLAMA, region="eu-north", stream=True,
+                         sim={"headers_delay_s": 0.35, "first_delay_s": 0.35}))
+    a.error(504, "upstream_timeout")
+    assert a.elapsed < 1.0
+    assert outcomes(stack) == {("eu-north-a", "timeout"): 1}
 
 
 def test_upstream_answer_that_is_not_json_is_502(stack: Stack) -> None:

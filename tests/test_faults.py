@@ -1045,7 +1045,7 @@ def test_json_body_that_stops_coming_is_504_after_idle(
 ) -> None:
     """The body begins, then the upstream goes silent: 504 once timeouts.idle has passed
     since its last bytes, not a whole timeouts.first_byte later."""
-    up = scripted(lambda conn, n, req: (_slow_json(0.05, 2)[:3] + [5.0], True))
+    up = scripted(lambda conn, n, req: ([*_slow_json(0.05, 2)[:3], 5.0], True))
     stack = make_stack(cfg(server={"retries": 0}, timeouts={"first_byte": 4, "idle": 0.4},
                            upstreams={"eu-north-a": {"base_url": up.base_url}}))
     a = post(stack, chat(LLAMA, region="eu-north"))

@@ -94,6 +94,7 @@ class Stack:
         self.sims: dict[str, SimUpstream] = {}
         self.registry = CollectorRegistry()
         self.key = TEAM_A_KEY
+        self._clients: list[openai.OpenAI] = []  # closed with the stack: no socket left to GC
         self.run(self._start())
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
@@ -135,7 +136,9 @@ class Stack:
         kw.setdefault("api_key", self.key)
         kw.setdefault("max_retries", 0)
         kw.setdefault("timeout", 20)
-        return openai.OpenAI(base_url=self.base_url, **kw)
+        client = openai.OpenAI(base_url=self.base_url, **kw)
+        self._clients.append(client)
+        return client
 
     def aclient(self, **kw: Any) -> openai.AsyncOpenAI:
         kw.setdefault("api_key", self.key)
@@ -159,6 +162,9 @@ class Stack:
         return [r for r in self.sims[name].requests if r.path.endswith(("completions", "embeddings"))]
 
     def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
         async def stop() -> None:
             await self.runner.cleanup()
             for sim in self.sims.values():

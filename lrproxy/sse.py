@@ -188,7 +188,8 @@ class ChunkShape:
             at = event.find(b'"', start)
             # The hole's string ends at that quote (no backslash before it escapes it),
             # and a value ends there: the bytes after a hole never make a key with it.
-            if at < 0 or event.find(b"\\", start, at) >= 0 or event[at + 1] not in b",}]":
+            if (at < 0 or event.find(b"\\", start, at) >= 0 or at + 1 == len(event)
+                    or event[at + 1] not in b",}]"):
                 return
             holes.append((start, at))
         if not holes:

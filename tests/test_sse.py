@@ -504,6 +504,17 @@ def test_chunk_shape_fits_only_events_classify_passes(
             assert _skeleton(doc) == _skeleton(_chunk_doc("", style))
 
 
+@settings(max_examples=300, deadline=None)
+@given(lesson=st.binary(max_size=80) | st.sampled_from([b'"content":"x"', b'"content":"']),
+       read=st.binary(max_size=80))
+def test_chunk_shape_takes_any_bytes_without_failing(lesson: bytes, read: bytes) -> None:
+    """Whatever it is taught or shown, the shape answers: never an exception."""
+    shape = sse.ChunkShape()
+    shape.learn(lesson)
+    assert shape.fits(read) in (True, False)
+    assert shape.fits(lesson) in (True, False)
+
+
 def _skeleton(doc: Any) -> Any:
     """`doc` with every string emptied: the same skeleton is the same kind of chunk."""
     if isinstance(doc, dict):

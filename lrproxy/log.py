@@ -102,11 +102,6 @@ _blocked = False
 _dropped = 0
 
 
-def access_enabled() -> bool:
-    """Checked before the fields are built, so a disabled access log costs nothing."""
-    return _access.isEnabledFor(logging.INFO)
-
-
 def access_line(fields: dict[str, Any]) -> None:
     """One JSON line; through logging when something (a test) attached handlers."""
     global _size, _timer, _dropped

@@ -588,7 +588,7 @@ def _answer(
         lr = _lowrouter(rt, rec, attempt.cand, region, prompt,
                         eco.estimate_tokens(_completion_chars(doc)), measured=False)
     rec.ttfb = time.perf_counter() - rec.t0
-    return web.Response(body=_splice(data, doc, lr), headers=headers)
+    return web.Response(body=sse.with_member(data, doc, "lowrouter", lr), headers=headers)
 
 
 def _quotes_our_key(rt: Runtime, cand: Candidate, data: bytes) -> bool:
@@ -627,11 +627,7 @@ def _answer_headers(rt: Runtime, rec: Rec, upstream_s: float, stream: bool) -> C
     route = (rec.region, rec.model, rec.upstream, stream)
     base = sets.get(route)
     if base is None:
-        route_pairs = [("X-Request-Id", "")]
-        if rec.upstream:
-            route_pairs += [("X-LowRouter-Region", rec.region), ("X-LowRouter-Model", rec.model),
-                            ("X-LowRouter-Upstream", rec.upstream)]
-        route_pairs.append(("Server-Timing", ""))
+        route_pairs = [*rec.route_headers().items(), ("Server-Timing", "")]
         base = sets[route] = CIMultiDict(
             [*_STREAM_HEADERS.items(), *route_pairs] if stream
             else [*route_pairs, ("Content-Type", "application/json")])
@@ -644,15 +640,6 @@ def _answer_headers(rt: Runtime, rec: Rec, upstream_s: float, stream: bool) -> C
 
 # %-formatting: half the time of the f-string's float format here (~0.9 against 1.7 µs)
 _SERVER_TIMING: Final = "upstream;dur=%.3f, proxy;dur=%.3f"
-
-
-def _splice(data: bytes, doc: dict[str, Any], lr: dict[str, Any]) -> bytes:
-    """Add `lowrouter` to a JSON object without re-encoding the upstream's bytes."""
-    end = data.rfind(b"}")
-    if not doc or "lowrouter" in doc or end < 0:
-        doc["lowrouter"] = lr
-        return orjson.dumps(doc)
-    return data[:end] + b',"lowrouter":' + orjson.dumps(lr) + data[end:]
 
 
 def _completion_chars(doc: dict[str, Any]) -> int:

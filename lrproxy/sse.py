@@ -88,9 +88,6 @@ class EventSplitter:
         rest, self.held, self._scan = self.held, b"", 0
         return rest
 
-    @property
-    def pending(self) -> int:
-        return len(self.held)
 
 
 # Where a read stops being plain content chunks: usage or a finish_reason that is not
@@ -334,17 +331,26 @@ def make_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def with_member(data: bytes, obj: dict[str, Any], name: str, value: Any) -> bytes:
+    """`data`, the JSON text of the object `obj`, with `name: value` added to it: the
+    member written in before its closing brace, the rest of the bytes as they were; an
+    empty object, or one that has `name` already, is written anew from `obj`."""
+    end = data.rfind(b"}")
+    if not obj or name in obj or end < 0:
+        return orjson.dumps({**obj, name: value})
+    return b"%b,%b:%b%b" % (data[:end], orjson.dumps(name), orjson.dumps(value), data[end:])
+
+
 def add_member(event: bytes, obj: dict[str, Any], name: str, value: Any) -> bytes:
     """`event`, whose data is the JSON object `obj`, with `name: value` added to it.
 
-    An event of one `data: {...}` line keeps the upstream's bytes, the member written in
-    before its closing brace; any other event, or an object that has `name` already, is
-    written anew from `obj` (LF line ends, orjson's spelling).
+    An event of one `data: {...}` line keeps the upstream's bytes (`with_member`); any
+    other event is written anew from `obj` (LF line ends, orjson's spelling).
     """
     n = len(event)
-    if (obj and name not in obj and event.startswith(b"data: {") and event.endswith(b"}\n\n")
+    if (event.startswith(b"data: {") and event.endswith(b"}\n\n")
             and event.find(b"\n") == n - 2 and event.find(b"\r") < 0):
-        return b"%b,%b:%b}\n\n" % (event[:n - 3], orjson.dumps(name), orjson.dumps(value))
+        return b"data: %b\n\n" % with_member(event[6:n - 2], obj, name, value)
     return make_event({**obj, name: value})
 
 

@@ -95,9 +95,9 @@ def test_close_returns_trailing_partial_event() -> None:
     """Bytes after the last complete event come back from close(), once."""
     sp = EventSplitter()
     assert sp.feed(b"data: a\n\ndata: b\n") == [b"data: a\n\n"]
-    assert sp.pending == len(b"data: b\n")
+    assert len(sp.held) == len(b"data: b\n")
     assert sp.close() == b"data: b\n"
-    assert sp.close() == b"" and sp.pending == 0
+    assert sp.close() == b"" and not sp.held
     assert sp.feed(b"data: c\n\n") == [b"data: c\n\n"]
 
 

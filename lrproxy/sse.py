@@ -229,11 +229,15 @@ def _plain_prefix_scan(data: bytes) -> tuple[int, int]:
         return 0, 0
     # Each event is exactly one line, `data: {` … `}` LF LF ([DONE] is not `{`): the
     # n - 1 `}` LF LF `data: {` between them and the `}` LF LF at the end hold all 2n LFs.
-    n = data.count(b"}\n\ndata: {", 0, end) + 1
+    # Taken out (one pass), the last two LFs are left, which a memchr finds; counting
+    # the LFs instead costs ~5 instructions a byte.
+    body = data if end == len(data) else data[:end]
+    rest = body.replace(b"}\n\ndata: {", b"")
+    n = (len(body) - len(rest)) // 10 + 1
     if (
         not data.startswith(b"data: {")
-        or not data.endswith(b"}\n\n", 0, end)
-        or data.count(b"\n", 0, end) != 2 * n
+        or not rest.endswith(b"}\n\n")
+        or rest.find(b"\n") != len(rest) - 2
         or data.count(b'"choices":[{', 0, end) != n
     ):
         return 0, 0

@@ -358,6 +358,13 @@ async def _try_candidates(
                 # first_byte runs from the request's sending to the first event (SPEC §4)
                 left = first_byte - (time.perf_counter() - t_sent)
                 await _first_events(attempt, rt.deadlines, left, tmo.keepalive)
+            elif stream and resp.status < 300:
+                # A JSON body here would reach the SDK's stream loop as no chunks at all,
+                # with no error: a failure of this upstream, as a malformed event is.
+                resp.close()
+                raise errors.UpstreamBadResponse(
+                    "the upstream answered a stream request without an event stream "
+                    f"({resp.content_type or 'no content type'})")
             else:
                 answer = _answer_now(resp)
                 if answer is None:  # the body comes after the headers: read it as it comes
@@ -709,8 +716,8 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
     for ev in events:
         kind, obj = sse.classify(ev)
         if kind == sse.Kind.PASS:
-            if obj is not None or sse.is_data_event(ev):
-                tail.content_events += 1
+            if (obj.get("choices") != []) if obj is not None else sse.is_data_event(ev):
+                tail.content_events += 1  # not for a comment, nor a `choices: []` chunk
             out.append(ev)
             continue
         if kind == sse.Kind.FINAL:

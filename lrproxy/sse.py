@@ -266,6 +266,8 @@ class Kind:
 
     PASS: Final = 0  # forward as it is (content chunk, comment, other field)
     FINAL: Final = 1  # a chunk with a finish_reason or usage: hold until [DONE]
+    # (`choices: []` with no usage, as Azure's prompt_filter_results, passes: SPEC §1.1
+    # holds back only the usage-only chunk)
     DONE: Final = 2  # data: [DONE]
     ERROR: Final = 3  # an upstream error object inside the stream
     MALFORMED: Final = 4  # data that is not JSON
@@ -317,7 +319,7 @@ def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
     if obj.get("error") is not None and not obj.get("choices"):
         return Kind.ERROR, obj
     choices = obj.get("choices")
-    if obj.get("usage") or choices == []:
+    if obj.get("usage"):
         return Kind.FINAL, obj
     if isinstance(choices, list):
         for c in choices:  # a loop: any() of a generator costs a frame and its resumes

@@ -249,7 +249,16 @@ def test_usage_only_chunk_is_final() -> None:
     """The usage-only chunk (`choices: []`) is held: FINAL."""
     kind, obj = classify(USAGE)
     assert kind == Kind.FINAL and obj is not None and obj["choices"] == []
-    assert classify(b'data: {"choices": [], "usage": null}\n\n')[0] == Kind.FINAL
+
+
+
+def test_empty_choices_without_usage_passes() -> None:
+    """`choices: []` with no usage (Azure's prompt_filter_results chunk) is not the
+    usage-only chunk: it passes (SPEC §1.1 holds back no other chunk)."""
+    for ev in (b'data: {"choices": [], "usage": null}\n\n',
+               b'data: {"choices":[],"prompt_filter_results":[{"prompt_index":0}]}\n\n'):
+        kind, obj = classify(ev)
+        assert kind == Kind.PASS and obj is not None and obj["choices"] == [], ev
 
 
 def test_done() -> None:

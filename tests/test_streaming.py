@@ -195,6 +195,7 @@ class Canned:
     cookies: list[str | None] = attrs.Factory(list)  # each request's Cookie header
     go: asyncio.Event = attrs.Factory(asyncio.Event)
     url: str = ""
+    json: bytes | None = None  # when set: the answer, as application/json, not `events`
 
 
 @pytest.fixture
@@ -204,6 +205,8 @@ async def canned() -> AsyncIterator[Canned]:
     async def chat(request: web.Request) -> web.StreamResponse:
         c.requests.append(await request.json())
         c.cookies.append(request.headers.get("Cookie"))
+        if c.json is not None:
+            return web.Response(body=c.json, content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         resp.set_cookie("lb_session", f"for-request-{len(c.requests)}")
         await resp.prepare(request)
@@ -478,6 +481,56 @@ async def test_usage_on_content_chunks_is_not_held(canned: Canned, make_stack: M
     last = obj_of(rest[0])
     assert last.pop("lowrouter")["eco"]["tokens"] == {"prompt": 5, "completion": 2}
     assert last == obj_of(finish)
+
+
+async def test_chunk_of_empty_choices_without_usage_is_not_held(
+    canned: Canned, make_stack: MakeStack,
+) -> None:
+    """Azure's first chunk (`choices: []`, `prompt_filter_results`, no usage) is not the
+    usage-only chunk: it goes out at once, as sent, and is not counted as a token."""
+    stack = canned_stack(make_stack, canned)
+    filt = chunk([]).replace(b'"choices":[]', b'"choices":[],"prompt_filter_results":'
+                             b'[{"prompt_index":0,"content_filter_results":{}}]')
+    words = [chunk(content=w) for w in ("x", "y")]
+    canned.events = [filt, *words, None, chunk(finish="stop"), b"data: [DONE]\n\n"]
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{stack.base_url}/chat/completions", data=body_of(usage=False), headers=auth(stack),
+        timeout=aiohttp.ClientTimeout(total=15),
+    ) as r:
+        async with asyncio.timeout(3):  # a held chunk would not come before `go`
+            got = [await r.content.readuntil(b"\n\n") for _ in range(3)]
+        assert got == [filt, *words]
+        canned.go.set()
+        rest = split_events(await r.read())
+    assert rest[-1] == b"data: [DONE]\n\n" and len(rest) == 2
+    eco = obj_of(rest[0])["lowrouter"]["eco"]
+    assert eco["accuracy"] == "estimated"
+    assert eco["tokens"]["completion"] == 3  # the two words and the finish chunk
+
+
+async def test_json_answer_to_a_stream_request_is_a_502(
+    canned: Canned, make_stack: MakeStack,
+) -> None:
+    """An upstream that answers `"stream": true` with a JSON completion would give the
+    SDK's stream loop no chunk and no error: the proxy fails the attempt instead."""
+    stack = canned_stack(make_stack, canned)
+    canned.json = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]})
+    status, headers, body = await raw_post(stack, body_of())
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert len(canned.requests) == 1 and headers["X-LowRouter-Upstream"] != "eu-north-a"
+    lr = obj_of(split_events(body)[-2])["lowrouter"]
+    assert lr["route"]["attempts"] == 2  # failed over, as from a malformed event
+    async with aiohttp.ClientSession() as s, s.post(  # pinned: nowhere else to go
+        f"{stack.base_url}/chat/completions", data=body_of(),
+        headers={**auth(stack), "X-LowRouter-Region": "eu-north"},
+        timeout=aiohttp.ClientTimeout(total=15),
+    ) as r:
+        assert r.status == 502
+        err = (await r.json())["error"]
+    assert err["code"] == "upstream_error"
+    assert "without an event stream" in err["message"] and "application/json" in err["message"]
+    assert len(canned.requests) >= 2  # retried where it was pinned, then answered
 
 
 async def test_chunks_shaped_alike_take_the_short_check(

@@ -86,6 +86,7 @@ class LimitsHandler(RequestHandler):
         transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nServer: lrproxy\r\nContent-Type: application/json\r\n"
             + (b"X-Request-Id: " + rid.encode() + b"\r\n" if rid else b"")
+            + b"Server-Timing: " + NO_TIME.encode() + b"\r\n"
             + b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
             + body
         )
@@ -114,9 +115,14 @@ class LimitsHandler(RequestHandler):
             err = errors.InvalidRequest("Malformed HTTP request.")
         rid = self._lr_refused(err)
         resp = web.Response(status=err.status, body=err.body(), content_type="application/json",
-                            headers={"Server": "lrproxy", **({"X-Request-Id": rid} if rid else {})})
+                            headers={"Server": "lrproxy", "Server-Timing": NO_TIME,
+                                     **({"X-Request-Id": rid} if rid else {})})
         resp.force_close()
         return resp
+
+
+# The Server-Timing of an answer given before a request could be read (app.SERVER_TIMING)
+NO_TIME: Final = "upstream;dur=0.000, proxy;dur=0.000"
 
 
 class Runner(web.AppRunner):

@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from lrproxy import eco, errors, limits, sse, upstream
-from lrproxy.app import Rec, Runtime, State, finish_headers
+from lrproxy.app import SERVER_TIMING, Rec, Runtime, State, finish_headers
 from lrproxy.log import MAIN
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
@@ -278,7 +278,6 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
     prompt_chars = _prompt_chars(obj, chat)
     del body, obj
     cand = attempt.cand
-    rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
     try:
         if rec.out is not None and attempt.splitter is None:
             # Committed early, then a JSON answer (an error for a stream request): the
@@ -335,6 +334,8 @@ async def _try_candidates(
         name = cand.upstream.name
         tried.append(name)
         rec.attempts += 1
+        # routed: an answer that ends here, a failure too, says where it went (SPEC §1)
+        rec.upstream, rec.region, rec.model = name, cand.region.name, cand.model.id
         trial = pool.acquire(name, time.monotonic())
         target = st.targets[name]
         obj["model"] = cand.upstream_model
@@ -373,6 +374,7 @@ async def _try_candidates(
                         deadline - time.monotonic())
                 attempt.body, attempt.doc = answer
         except errors.UpstreamFailed as e:
+            rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
             pool.release(name)
             pool.failed(name, time.monotonic(), e.retry_after)
             committed = early is not None and early.stop()
@@ -640,13 +642,12 @@ def _answer_headers(rt: Runtime, rec: Rec, upstream_s: float, stream: bool) -> C
             else [*route_pairs, ("Content-Type", "application/json")])
     headers = base.copy()  # the values below replace the empty ones, in place
     headers["X-Request-Id"] = rec.request_id
-    headers["Server-Timing"] = _SERVER_TIMING % (
+    headers["Server-Timing"] = SERVER_TIMING % (
         upstream_s * 1000, max(0.0, time.perf_counter() - rec.t0 - upstream_s) * 1000)
     return headers
 
 
 # %-formatting: half the time of the f-string's float format here (~0.9 against 1.7 µs)
-_SERVER_TIMING: Final = "upstream;dur=%.3f, proxy;dur=%.3f"
 
 
 def _completion_chars(doc: dict[str, Any]) -> int:

@@ -721,6 +721,32 @@ def test_server_timing_splits_upstream_and_proxy_time(stack: Any, stream: bool) 
     raw.parse()
 
 
+async def test_every_answer_has_server_timing(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """Not only routed answers: errors of the proxy's own, plain GETs, and an error after
+    failed attempts (whose upstream share is those attempts' time) carry Server-Timing."""
+    body = json.dumps({"model": MINI, "messages": MSGS}).encode()
+    cases = [("GET", "/healthz", {}, b"", 200), ("GET", "/readyz", {}, b"", 200),
+             ("GET", "/v1/models", auth(stack), b"", 200), ("GET", "/v1/nope", {}, b"", 404),
+             ("POST", "/v1/chat/completions", {}, body, 401),
+             ("POST", "/v1/chat/completions", auth(stack), b"{", 400)]
+    for method, path, headers, data, status in cases:
+        async with http.request(method, stack.origin + path, headers=headers, data=data) as r:
+            assert r.status == status, path
+            timing = _server_timing(r.headers["Server-Timing"])
+            assert timing["upstream"] == 0.0 and 0.0 <= timing["proxy"] < 1000, (path, timing)
+    failing = json.dumps({"model": MINI, "messages": MSGS,
+                          "sim": {"status": 503, "headers_delay_s": 0.1}}).encode()
+    async with http.post(stack.origin + "/v1/chat/completions", data=failing,
+                         headers={**auth(stack), "X-LowRouter-Region": "eu-west"}) as r:
+        assert r.status == 502
+        timing = _server_timing(r.headers["Server-Timing"])
+        # routed, though it failed: the region, model and the last upstream tried
+        assert [r.headers[h] for h in ROUTE_HEADERS[:2]] == ["eu-west", MINI]
+        assert r.headers["X-LowRouter-Upstream"] in ("eu-west-a", "eu-west-b")
+    attempts = sum(hits(stack).values())
+    assert attempts >= 2 and timing["upstream"] >= 100.0 * attempts
+
+
 def test_generated_request_ids_are_unique_hex_of_uuid_length() -> None:
     """Generated ids: 32 hex digits, all different, with a per-process random part."""
     from lrproxy.app import _request_id
@@ -766,4 +792,5 @@ async def test_expect_header(stack: Stack, http: aiohttp.ClientSession) -> None:
         assert r.status == 417
         assert (await r.json())["error"]["code"] == "expectation_failed"
         assert r.headers.getall("Server") == ["lrproxy"] and "X-Request-Id" in r.headers
+        assert _server_timing(r.headers["Server-Timing"])["upstream"] == 0.0
     wait_for(lambda: stack.metric_sum("lrproxy_requests_total", code="417") == 1)

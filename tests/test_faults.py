@@ -286,6 +286,7 @@ class Answer:
         err: dict[str, Any] = doc["error"]
         assert set(err) == {"message", "type", "param", "code"}
         assert err["code"] == code and isinstance(err["message"], str) and err["message"]
+        assert "proxy;dur=" in (self.header("server-timing") or "")  # every answer has it
         return err
 
     def route(self) -> dict[str, Any]:

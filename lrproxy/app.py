@@ -124,7 +124,13 @@ class Runtime:
     def install(self, config: Config, secrets: Secrets) -> None:
         """Adopt a validated config atomically (start and reload): the new state is built
         first, so that if anything fails the old config goes on serving, untouched."""
-        readings = {k: v for k, v in self.readings.items() if k in config.regions}
+        # A live reading stays only while its region reads the same feed: one whose feed
+        # was removed or moved to another file is back on its static figure at once.
+        was = self.state.config.regions
+        readings = {k: v for k, v in self.readings.items()
+                    if k in config.regions and k in was
+                    and config.regions[k].intensity_feed is not None
+                    and config.regions[k].intensity_feed == was[k].intensity_feed}
         intensities = self._intensities(config, readings)
         state = make_state(config, secrets, intensities)
         for u in set(self.pool.health) - {u.name for u in config.upstreams}:

@@ -25,7 +25,7 @@ POLL_S: Final = 5.0
 log = logging.getLogger(MAIN)
 
 
-def poll_feeds(rt: Runtime, seen: dict[str, tuple[int, int]]) -> None:
+def poll_feeds(rt: Runtime, seen: dict[str, tuple[str, int, int]]) -> None:
     """One pass: read changed feed files, then refresh the table if any figure moved."""
     before = rt.intensities()
     for region in rt.state.config.regions.values():
@@ -34,7 +34,7 @@ def poll_feeds(rt: Runtime, seen: dict[str, tuple[int, int]]) -> None:
             continue
         try:
             st = os.stat(path)
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (path, st.st_mtime_ns, st.st_size)  # a reload may name another file
             if seen.get(region.name) == stamp:
                 continue
             seen[region.name] = stamp
@@ -56,7 +56,7 @@ def poll_feeds(rt: Runtime, seen: dict[str, tuple[int, int]]) -> None:
 async def feeds_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: poll the feeds while the app runs."""
     rt = app[RUNTIME]
-    seen: dict[str, tuple[int, int]] = {}
+    seen: dict[str, tuple[str, int, int]] = {}
     poll_feeds(rt, seen)
 
     async def run() -> None:

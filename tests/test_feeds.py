@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,46 @@ def test_bad_feed_keeps_the_last_good_reading(make_stack: Any, tmp_path: Path) -
     feed.write_text("{not json")
     stack.call(lambda: poll_feeds(stack.runtime, {}))
     assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70
+
+
+def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Path) -> None:
+    """A reload that removes a region's feed puts it back on its static figure at once;
+    one that names another file reads that file, not the old file's reading."""
+    from conftest import ENVIRON
+
+    from lrproxy.config import parse_config, resolve_secrets
+
+    feed, other = tmp_path / "eu-west.json", tmp_path / "other.json"
+    _write_feed(feed, 55)
+    other.write_text(feed.read_text().replace("55", "77"))
+    st = feed.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same stamp but its path
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-west"]["intensity_feed"] = str(feed)
+
+    stack = make_stack(mutate)
+
+    def grid() -> float:
+        r = stack.client().chat.completions.create(
+            model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+            extra_body={"route": {"region": "eu-west"}},
+        )
+        return float(r.model_extra["lowrouter"]["eco"]["grid_intensity_g_per_kwh"])
+
+    def reload(path: Path | None) -> None:
+        stack.data["regions"]["eu-west"]["intensity_feed"] = None if path is None else str(path)
+        if path is None:
+            del stack.data["regions"]["eu-west"]["intensity_feed"]
+        config = parse_config(stack.data, source="test")
+        stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
+
+    seen: dict[str, tuple[str, int, int]] = {}
+    stack.call(lambda: poll_feeds(stack.runtime, seen))
+    assert grid() == 55
+    reload(None)
+    assert grid() == 290
+    assert stack.metric("lrproxy_grid_intensity_g_per_kwh", region="eu-west") == 290
+    reload(other)
+    stack.call(lambda: poll_feeds(stack.runtime, seen))  # the poller's next pass
+    assert grid() == 77

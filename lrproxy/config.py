@@ -31,8 +31,10 @@ SIZE_CLASSES: Final = ((15.0, 0.10), (150.0, 0.60), (math.inf, 3.0))
 PREFILL_RATIO: Final = 0.1
 DEFAULT_E_COMPLETION: Final = 0.60  # the medium class, used for models with no figures
 
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
-_SHA_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+# Used with fullmatch() only: `$` also matches before a final newline, and a name ending in
+# one would pass, then break every response header it goes into.
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+_SHA_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
 class ConfigError(Exception):
@@ -238,6 +240,8 @@ class _Problems:
     def add(self, path: str, what: str) -> None:
         if self.ini is not None:
             path = self._ini_path(path)
+        # A TOML key may hold any character: escaped, a newline in one cannot split the line.
+        path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
         self.lines.append(f"{self.source}: {path}: {what}")
 
     def _ini_path(self, path: str) -> str:
@@ -497,7 +501,7 @@ def _parse_keys(p: _Problems, auth: Any, ini: bool) -> tuple[ClientKey, ...]:
         k = _take(p, path, item, _KEY, ini, required=("name",))
         name = k["name"]
         if name is not None:
-            if not _NAME_RE.match(name):
+            if not _NAME_RE.fullmatch(name):
                 p.add(f"{path}.name", f"not a valid name: {name!r}")
             elif name in seen:
                 p.add(f"{path}.name", f"duplicate key name {name!r}")
@@ -505,7 +509,7 @@ def _parse_keys(p: _Problems, auth: Any, ini: bool) -> tuple[ClientKey, ...]:
         given = [s for s in ("sha256", "key_env", "key_file") if k[s] is not None]
         if len(given) != 1:
             p.add(path, "give exactly one of sha256, key_env, key_file")
-        if k["sha256"] is not None and not _SHA_RE.match(k["sha256"]):
+        if k["sha256"] is not None and not _SHA_RE.fullmatch(k["sha256"]):
             p.add(f"{path}.sha256", "expected 64 lowercase hex digits (see `lrproxy hash-key`)")
         if k["rate_per_s"] is not None:
             _positive(p, f"{path}.rate_per_s", k["rate_per_s"])
@@ -521,7 +525,7 @@ def _parse_regions(p: _Problems, raw: Any, ini: bool) -> dict[str, Region]:
     out: dict[str, Region] = {}
     for name, table in raw.items():
         path = f"regions.{name}"
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             p.add(path, f"not a valid region name: {name!r}")
         r = _take(p, path, table, _REGION, ini, required=("grid_intensity_g_per_kwh",))
         _positive(p, f"{path}.grid_intensity_g_per_kwh", r["grid_intensity_g_per_kwh"], zero_ok=True)
@@ -541,7 +545,7 @@ def _parse_models(p: _Problems, raw: Any, ini: bool) -> dict[str, Model]:
         path = f'models."{mid}"'
         if mid == AUTO_MODEL:
             p.add(path, f"{AUTO_MODEL} is built in; list its models under [auto]")
-        elif not _NAME_RE.match(mid):
+        elif not _NAME_RE.fullmatch(mid):
             p.add(path, f"not a valid model id: {mid!r}")
         m = _take(p, path, table, _MODEL, ini)
         ep, ec, size = (
@@ -583,7 +587,7 @@ def _parse_upstreams(
         u = _take(p, path, item, _UPSTREAM, ini, required=("name", "region", "base_url", "models"))
         name, region = u["name"], u["region"]
         if name is not None:
-            if not _NAME_RE.match(name):
+            if not _NAME_RE.fullmatch(name):
                 p.add(f"{path}.name", f"not a valid name: {name!r}")
             elif name in seen:
                 p.add(f"{path}.name", f"duplicate upstream name {name!r}")

@@ -299,6 +299,36 @@ def test_bad_sha256(tmp_path: Path, sha: str) -> None:
     ]
 
 
+NL_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\\n"
+
+
+@pytest.mark.parametrize(("upstream_extra", "tail", "line"), [
+    ('name = "eu-west-b\\n"', "",
+     r"upstreams[0].name: not a valid name: 'eu-west-b\n'"),
+    ("", '[auth]\nkeys = [{ name = "ci\\n", key_env = "K" }]',
+     r"auth.keys[0].name: not a valid name: 'ci\n'"),
+    ("", '[regions."eu-north\\n"]\ngrid_intensity_g_per_kwh = 30',
+     r"regions.eu-north\n: not a valid region name: 'eu-north\n'"),
+    ("", '[models."acme/m\\n"]\nactive_params_b = 8',
+     r"""models."acme/m\n": not a valid model id: 'acme/m\n'"""),
+    ("", f'[auth]\nkeys = [{{ name = "ci", sha256 = "{NL_SHA}" }}]',
+     "auth.keys[0].sha256: expected 64 lowercase hex digits (see `lrproxy hash-key`)"),
+], ids=["upstream", "key", "region", "model", "sha256"])
+def test_a_trailing_newline_does_not_pass_a_name_check(
+    tmp_path: Path, upstream_extra: str, tail: str, line: str
+) -> None:
+    """Names and sha256 match as a whole: a final newline (which `$` lets through) is refused,
+    in one problem line, by `check-config` as a real process."""
+    text = base_toml(tail=tail)
+    if upstream_extra:
+        text = text.replace('name = "eu-west-a"', upstream_extra)
+    path = write(tmp_path, text)
+    r = subprocess.run([sys.executable, "-m", "lrproxy", "check-config", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (EX_CONFIG, "")
+    assert r.stderr == f"lrproxy.toml: {line}\n"
+
+
 @pytest.mark.parametrize("sources", [
     'sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", key_env = "K"',
     'key_env = "K", key_file = "/run/k"',

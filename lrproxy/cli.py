@@ -172,6 +172,10 @@ async def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"lrproxy serve: --listen/--metrics-listen: {e}", file=sys.stderr)
         return EX_USAGE
+    if mlisten is not None and mlisten == listen and listen.port != 0:
+        print(f"lrproxy serve: --listen/--metrics-listen: the API and /metrics need "
+              f"different addresses (both {listen})", file=sys.stderr)
+        return EX_USAGE
     worker = os.environ.get(WORKER_FDS_ENV) is not None
     if config.server.workers > 1 and not args.demo and not worker:
         passed = [f"--log-level={args.log_level}", f"--log-format={args.log_format}"]
@@ -190,13 +194,20 @@ async def _serve(args: argparse.Namespace) -> int:
     runner = Runner(app, header_timeout=config.timeouts.client_header, access_log=None,
                     handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
+    mrunner = None
     try:
         await _start_sites(runner, listen, config.server.workers > 1)
     except OSError as e:
         log.error("cannot listen on %s: %s", listen, e.strerror or e)
-        await runner.cleanup()
+        await _abandon(runner, sims)
         return 1
-    mrunner = await serve_metrics(lambda: registry, mlisten) if mlisten else None
+    if mlisten:
+        try:
+            mrunner = await serve_metrics(lambda: registry, mlisten)
+        except OSError as e:
+            log.error("cannot listen on %s for /metrics: %s", mlisten, e.strerror or e)
+            await _abandon(runner, sims)
+            return 1
     bound = _bound(runner, listen)
     loop_name = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") \
         else "asyncio"
@@ -228,6 +239,14 @@ async def _serve(args: argparse.Namespace) -> int:
     notifier.close()
     log.info("stopped")
     return 0
+
+
+async def _abandon(runner: Runner, sims: list[Any]) -> None:
+    """A start that failed: close what was opened (the app's ClientSession, the demo's
+    simulated upstreams), so the one error line is all that is printed."""
+    await runner.cleanup()
+    for sim in sims:
+        await sim.stop()
 
 
 def _tune_gc() -> None:

@@ -449,6 +449,11 @@ def parse_config(
     _positive(p, "server.shutdown_grace_s", srv["shutdown_grace_s"], zero_ok=True)
     if srv["workers"] > 64:
         p.add("server.workers", f"at most 64 (got {srv['workers']})")
+    if srv["metrics_listen"] is not None and srv["metrics_listen"].port != 0 and (
+        srv["metrics_listen"] == srv["listen"]
+    ):
+        p.add("server.metrics_listen",
+              f"must differ from server.listen (both {srv['listen']})")
     server = ServerConfig(**srv)
 
     tmo = _take(p, "timeouts", data.get("timeouts", {}), _TIMEOUTS, ini)

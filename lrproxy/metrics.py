@@ -258,5 +258,9 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, listen.host, listen.port).start()
+    try:
+        await web.TCPSite(runner, listen.host, listen.port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner

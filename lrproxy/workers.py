@@ -76,10 +76,48 @@ async def supervise(
     config: Config, config_path: str, listen: Listen, metrics_listen: Listen | None,
     worker_args: Sequence[str],
 ) -> int:
-    """Run N workers until SIGTERM/SIGINT; returns the exit status."""
+    """Run N workers until SIGTERM/SIGINT; returns the exit status.
+
+    However it ends (a start failure, an exception), no worker outlives the supervisor
+    and its temporary directory is removed.
+    """
+    workers: list[_Worker] = []
+    async with contextlib.AsyncExitStack() as cleanup:
+        return await _supervise(cleanup, workers, config, config_path, listen, metrics_listen,
+                                worker_args)
+    raise AssertionError("unreachable")  # mypy: an exit stack may swallow an exception
+
+
+async def _reap(workers: list[_Worker], grace: float) -> None:
+    """SIGTERM every worker still running, SIGKILL those still there after `grace`."""
+    running = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
+    if not running:
+        return
+    log.error("supervisor stopping: ending %d worker(s)", len(running))
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(grace):
+            await asyncio.gather(*(proc.wait() for proc in running))
+    except TimeoutError:
+        for proc in running:
+            if proc.returncode is None:
+                proc.kill()
+        await asyncio.gather(*(proc.wait() for proc in running))
+
+
+async def _supervise(
+    cleanup: contextlib.AsyncExitStack, workers: list[_Worker], config: Config,
+    config_path: str, listen: Listen, metrics_listen: Listen | None,
+    worker_args: Sequence[str],
+) -> int:
     n = config.server.workers
     notifier = Notifier(os.environ)
+    cleanup.callback(notifier.close)
     prom_dir = tempfile.mkdtemp(prefix="lrproxy-metrics-")
+    cleanup.callback(shutil.rmtree, prom_dir, ignore_errors=True)
+    # Callbacks run last first: workers are ended after the sockets close, before rmtree.
+    cleanup.push_async_callback(_reap, workers, config.server.shutdown_grace_s + 5)
     inherited = activated_sockets(os.environ)
     if inherited:  # systemd's socket: every worker accepts on it
         socks = inherited
@@ -87,17 +125,29 @@ async def supervise(
         for s in socks:
             s.set_inheritable(True)
     else:
+        socks = []
+        cleanup.callback(_close_all, socks)
         try:
-            socks = [_bind(listen) for _ in range(n)]
+            for _ in range(n):
+                socks.append(_bind(listen))
         except OSError as e:
             log.error("cannot listen on %s: %s", listen, e.strerror or e)
             return 1
         per_worker = [[s.fileno()] for s in socks]
+    # Bound before any worker starts: a failure here leaves nothing running.
+    if metrics_listen:
+        try:
+            mrunner = await serve_metrics(lambda: _summed(prom_dir), metrics_listen)
+        except OSError as e:
+            log.error("cannot listen on %s for /metrics: %s", metrics_listen, e.strerror or e)
+            return 1
+        cleanup.push_async_callback(mrunner.cleanup)
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    cleanup.callback(inbox.close)
     inbox_path = os.path.join(prom_dir, "notify.sock")
     inbox.bind(inbox_path)
     inbox.setblocking(False)
-    workers = [_Worker(i, per_worker[i]) for i in range(n)]
+    workers.extend(_Worker(i, per_worker[i]) for i in range(n))
     by_pid: dict[int, _Worker] = {}
     stopping = False
     loop = asyncio.get_running_loop()
@@ -183,9 +233,9 @@ async def supervise(
     for w in workers:
         await spawn(w)
     watchers = [asyncio.create_task(watch(w)) for w in workers]
+    cleanup.callback(_cancel_all, watchers)  # before _reap: no restart while it runs
     transport, _ = await loop.create_datagram_endpoint(lambda: _Inbox(on_datagram), sock=inbox)
-    mrunner = (await serve_metrics(lambda: _summed(prom_dir), metrics_listen)
-               if metrics_listen else None)
+    cleanup.callback(transport.close)
     ready: asyncio.Future[Any] = asyncio.ensure_future(
         asyncio.gather(*(w.ready.wait() for w in workers)))
     stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
@@ -232,15 +282,18 @@ async def supervise(
                 w.proc.kill()
     for t in (*watchers, *reloads, *([watchdog] if watchdog else [])):
         t.cancel()
-    transport.close()
-    if mrunner is not None:
-        await mrunner.cleanup()
-    for s in socks:
-        s.close()  # a second close() does nothing
-    shutil.rmtree(prom_dir, ignore_errors=True)
-    notifier.close()
     codes = [w.proc.returncode for w in workers if w.proc is not None]
     return 0 if all(c == 0 for c in codes) else 1
+
+
+def _close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        s.close()  # a second close() does nothing
+
+
+def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
 
 
 def _summed(prom_dir: str) -> CollectorRegistry:

@@ -359,6 +359,19 @@ def test_invalid_listen(tmp_path: Path, listen: str, what: str) -> None:
     assert problems(path) == [f"lrproxy.toml: server.listen: {what} (got {listen!r})"]
 
 
+def test_metrics_listen_equal_to_listen(tmp_path: Path) -> None:
+    """/metrics cannot share the API's HOST:PORT (serve would fail to bind); port 0 twice
+    is two ports, so it may."""
+    path = write(tmp_path, base_toml(tail=(
+        '[server]\nlisten = "127.0.0.1:8080"\nmetrics_listen = "127.0.0.1:8080"')))
+    assert problems(path) == [
+        "lrproxy.toml: server.metrics_listen: must differ from server.listen (both 127.0.0.1:8080)"
+    ]
+    path = write(tmp_path, base_toml(tail=(
+        '[server]\nlisten = "127.0.0.1:0"\nmetrics_listen = "127.0.0.1:0"')))
+    assert problems(path) == []
+
+
 def test_valid_listen_forms(tmp_path: Path) -> None:
     """IPv4, host names and bracketed IPv6 addresses are accepted."""
     path = write(tmp_path, base_toml(tail='[server]\nlisten = "[::1]:8080"\nmetrics_listen = "localhost:0"'))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -526,6 +527,35 @@ def test_loop_uvloop_without_uvloop_is_a_usage_error(tmp_path: Path) -> None:
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LRPROXY, *args], capture_output=True, text=True, timeout=30,
                           cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("taken", ["listen", "metrics_listen"])
+def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path, taken: str) -> None:
+    """The API or the /metrics address already in use: one `cannot listen on` line naming
+    it, exit 1, no traceback and no unclosed session, whichever of the two it is."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml("http://127.0.0.1:9/v1", port,
+                               extra_server=f'metrics_listen = "127.0.0.1:{mport}"\n'))
+    busy = port if taken == "listen" else mport
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", busy))
+        holder.listen()
+        r = _run("serve", "--config", str(cfg), "--log-format", "plain", "--no-access-log")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{busy}"), r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_listen_and_metrics_listen_on_one_address_is_refused(tmp_path: Path) -> None:
+    """--metrics-listen equal to the API address is a usage error (64), not a crash."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml("http://127.0.0.1:9/v1", port))
+    r = _run("serve", "--config", str(cfg), "--metrics-listen", f"127.0.0.1:{port}")
+    assert r.returncode == 64, r.stderr
+    assert r.stderr == ("lrproxy serve: --listen/--metrics-listen: the API and /metrics need "
+                        f"different addresses (both 127.0.0.1:{port})\n")
 
 
 def test_check_config_broken_exits_78(tmp_path: Path) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 from procs import (
     CLIENT_KEY,
     MODEL,
@@ -141,3 +143,46 @@ def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim
         for p in _children(proxy.pid):
             os.kill(p, signal.SIGKILL)
         notify.close()
+
+
+def _running_with(arg: str) -> list[int]:
+    """PIDs of live processes with `arg` in their command line (orphans included)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+                state = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if arg.encode() in cmd and state != "Z":
+                out.append(int(d))
+    return out
+
+
+@pytest.mark.parametrize("taken", ["listen", "metrics_listen"])
+def test_two_workers_a_taken_port_leaves_nothing_behind(tmp_path: Path, taken: str) -> None:
+    """workers = 2 with the API or the /metrics address in use: one `cannot listen on` line,
+    exit 1 as with one process, no worker left running and no temporary directory left."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml("http://127.0.0.1:9/v1", port, extra_server=(
+        f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    busy = port if taken == "listen" else mport
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", busy))
+        holder.listen()
+        proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain", "--no-access-log"],
+                      tmp_path, env=child_env(TMPDIR=str(tmp)))
+        try:
+            assert proxy.wait(30) == 1
+            assert proxy.stderr.startswith(f"error: cannot listen on 127.0.0.1:{busy}"), proxy.stderr
+            assert len(proxy.stderr.splitlines()) == 1, proxy.stderr
+            assert _running_with(str(cfg)) == []
+            assert list(tmp.iterdir()) == []
+        finally:
+            proxy.stop()
+            for pid in _running_with(str(cfg)):
+                os.kill(pid, signal.SIGKILL)

@@ -2,11 +2,17 @@
 
 The supervisor binds one SO_REUSEPORT socket per worker and keeps them open, so the
 kernel spreads connections over the workers and a worker that crashes loses nothing
-queued on its socket: its successor takes the same socket over. Workers report
-READY=1 to the supervisor over a datagram socket (the sd_notify protocol, the same code
-as under systemd); the supervisor tells systemd once all are ready, forwards SIGHUP and
-SIGTERM, restarts crashed workers, and serves one /metrics summing every worker through
-prometheus-client's multiprocess mode.
+queued on its socket: its successor takes the same socket over. A worker that exits
+before it was ready has its socket closed, so the kernel routes nothing to a socket
+nobody accepts on. Workers report READY=1 to the supervisor over a datagram socket (the
+sd_notify protocol, the same code as under systemd); the supervisor tells systemd once
+all are ready, forwards SIGTERM, restarts crashed workers, and serves one /metrics
+summing every worker through prometheus-client's multiprocess mode.
+
+Workers read their config from the supervisor's copy of the file as it last accepted
+it, never from the file itself: on SIGHUP the supervisor validates the file and only
+then makes it the copy and signals the workers, so a refused reload cannot reach a
+worker started later (after a crash), whatever stays on disk.
 """
 
 from __future__ import annotations
@@ -21,19 +27,22 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
+from prometheus_client.metrics_core import Metric
 
-from lrproxy.config import Config, Listen
+from lrproxy.config import Config, ConfigError, Listen, read_config, resolve_secrets
 from lrproxy.log import MAIN
 from lrproxy.metrics import serve_metrics
 from lrproxy.sdnotify import Notifier, activated_sockets
 
 WORKER_FDS_ENV: Final = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
 RESTART_BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
+_EX_CONFIG: Final = 78  # a worker's exit status for a config or credential problem (cli)
 log = logging.getLogger(MAIN)
 
 
@@ -43,14 +52,38 @@ def worker_sockets(environ: dict[str, str] | os._Environ[str]) -> list[socket.so
     return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.isdigit()]
 
 
-def _bind(listen: Listen) -> socket.socket:
+def _bind(listen: Listen, *, listening: bool = True) -> socket.socket:
+    """A SO_REUSEPORT socket on `listen`. Not `listening`, it joins the port's group (and
+    gets connections) only once its worker listens on it (asyncio and uvloop do)."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((listen.host, listen.port))
-    sock.listen(1024)
+    if listening:
+        sock.listen(1024)
     return sock  # not inheritable: spawn() lets each worker inherit its own only
+
+
+def _accept(path: str, accepted: Path) -> Config:
+    """Validate the config file at `path` (secrets included) and make its bytes the copy
+    at `accepted`, which workers start and reload from; raises ConfigError, leaving
+    `accepted` as it was.
+
+    The bytes are validated as a file named like the original (problem lines name it),
+    in a directory next to `accepted`, then moved over it at once.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from e
+    candidate = accepted.parent.parent / "candidate" / accepted.name
+    candidate.parent.mkdir(mode=0o700, exist_ok=True)
+    candidate.write_bytes(raw)
+    config = read_config(candidate)
+    resolve_secrets(config, os.environ)
+    os.replace(candidate, accepted)
+    return config
 
 
 class _Inbox(asyncio.DatagramProtocol):
@@ -63,13 +96,19 @@ class _Inbox(asyncio.DatagramProtocol):
 
 
 class _Worker:
-    def __init__(self, index: int, fds: list[int]) -> None:
+    def __init__(self, index: int, socks: list[socket.socket]) -> None:
         self.index = index
-        self.fds = fds
+        self.socks = socks
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self.crashes = 0
         self.ready = asyncio.Event()
+        self.serving = False  # this process has sent READY=1
+        self.generation = 0  # of the accepted config when it started
+
+    @property
+    def fds(self) -> list[int]:
+        return [s.fileno() for s in self.socks]
 
 
 async def supervise(
@@ -118,10 +157,15 @@ async def _supervise(
     cleanup.callback(shutil.rmtree, prom_dir, ignore_errors=True)
     # Callbacks run last first: workers are ended after the sockets close, before rmtree.
     cleanup.push_async_callback(_reap, workers, config.server.shutdown_grace_s + 5)
+    (Path(prom_dir) / "config").mkdir(mode=0o700)
+    accepted = Path(prom_dir) / "config" / Path(config_path).name
+    config = _accept(config_path, accepted)  # the bytes workers start from, checked again
+    generation = 0  # of the accepted config: one more at each accepted reload
+    refused = 0  # reloads refused here, added to the workers' error count in /metrics
     inherited = activated_sockets(os.environ)
     if inherited:  # systemd's socket: every worker accepts on it
         socks = inherited
-        per_worker = [[s.fileno() for s in socks] for _ in range(n)]
+        per_worker = [list(socks) for _ in range(n)]
         for s in socks:
             s.set_inheritable(True)
     else:
@@ -133,11 +177,11 @@ async def _supervise(
         except OSError as e:
             log.error("cannot listen on %s: %s", listen, e.strerror or e)
             return 1
-        per_worker = [[s.fileno()] for s in socks]
+        per_worker = [[s] for s in socks]
     # Bound before any worker starts: a failure here leaves nothing running.
     if metrics_listen:
         try:
-            mrunner = await serve_metrics(lambda: _summed(prom_dir), metrics_listen)
+            mrunner = await serve_metrics(lambda: _summed(prom_dir, refused), metrics_listen)
         except OSError as e:
             log.error("cannot listen on %s for /metrics: %s", metrics_listen, e.strerror or e)
             return 1
@@ -160,20 +204,33 @@ async def _supervise(
 
     spawning = asyncio.Lock()
 
-    async def spawn(w: _Worker) -> None:
+    async def spawn(w: _Worker) -> bool:
+        """Start a worker on the accepted config; False when its socket cannot be bound."""
         w.ready.clear()
+        w.serving = False
         # uvloop's spawn passes every inheritable descriptor, whatever pass_fds says: a
         # worker holding another's socket would keep it open (queueing connections that
         # nobody accepts) while it drains. So a worker's own sockets are inheritable only
         # while it is spawned, one spawn at a time.
         async with spawning:
             if stopping:  # a restart that lost the race with SIGTERM
-                return
+                return True
+            if not inherited and all(s.fileno() == -1 for s in w.socks):
+                # Closed when its last process failed to start. Bound but not listening,
+                # it gets connections only once the new worker listens, ready to accept.
+                try:
+                    w.socks = [_bind(listen, listening=False)]
+                except OSError as e:
+                    log.error("worker %d: cannot bind %s again: %s", w.index, listen,
+                              e.strerror or e)
+                    return False
+                socks.extend(w.socks)
             for fd in w.fds:
                 os.set_inheritable(fd, True)
+            w.generation = generation  # it reads the accepted copy after this
             try:
                 w.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "lrproxy", "serve", "--config", config_path,
+                    sys.executable, "-m", "lrproxy", "serve", "--config", str(accepted),
                     *worker_args,
                     env={**env, WORKER_FDS_ENV: ",".join(map(str, w.fds)),
                          "LRPROXY_WORKER_INDEX": str(w.index)},
@@ -186,6 +243,7 @@ async def _supervise(
         w.started = time.monotonic()
         by_pid[w.proc.pid] = w
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
+        return True
 
     async def watch(w: _Worker) -> None:
         while True:
@@ -197,12 +255,29 @@ async def _supervise(
                 return
             w.crashes = w.crashes + 1 if time.monotonic() - w.started < 30 else 1
             delay = RESTART_BACKOFF_S[min(w.crashes, len(RESTART_BACKOFF_S)) - 1]
-            log.error("worker %d (pid %d) exited with %s; restarting in %ss",
-                      w.index, w.proc.pid, code, delay)
-            await asyncio.sleep(delay)
+            if w.serving or inherited:
+                # Its socket stays open: what the kernel queues on it meanwhile waits
+                # for the successor.
+                log.error("worker %d (pid %d) exited with %s; restarting in %ss",
+                          w.index, w.proc.pid, code, delay)
+            else:
+                # It never accepted: held open, its socket would queue connections that
+                # hang until a successor manages to start, which may be never.
+                _close_all(w.socks)
+                log.error("worker %d (pid %d) exited with %s before it was ready%s; its "
+                          "socket is closed, so connections go to the other workers only; "
+                          "retrying in %ss", w.index, w.proc.pid, code,
+                          " (a config or credential problem, logged above)"
+                          if code == _EX_CONFIG else "", delay)
+                if not any(x.serving for x in workers):
+                    log.error("no worker is serving: connections to %s are refused", listen)
+            while True:
+                await asyncio.sleep(delay)
+                if stopping or await spawn(w):
+                    break
+                delay = RESTART_BACKOFF_S[-1]
             if stopping:
                 return
-            await spawn(w)
 
     def on_datagram(data: bytes) -> None:
         # Without SCM_CREDENTIALS the sender is unknown: each worker names itself in
@@ -212,17 +287,41 @@ async def _supervise(
         if fields.get("READY") == "1" and status.startswith("worker "):
             idx = int(status.split()[1])
             if 0 <= idx < n:
-                workers[idx].ready.set()
+                w = workers[idx]
+                w.ready.set()
+                if not w.serving:
+                    w.serving = True
+                    if w.generation != generation and w.proc is not None:
+                        # It read the config before a reload accepted a newer one and
+                        # was not yet ready for that reload's SIGHUP.
+                        w.ready.clear()
+                        w.proc.send_signal(signal.SIGHUP)
 
     async def reload() -> None:
+        nonlocal generation, refused
         notifier.reloading()
-        for w in workers:
+        try:
+            _accept(config_path, accepted)
+        except ConfigError as e:
+            refused += 1
+            for line in e.problems:
+                log.error("reload refused, the old config stays: %s", line)
+            notifier.ready()  # always after RELOADING=1, or `systemctl reload` hangs
+            return
+        generation += 1
+        log.info("config accepted from %s; workers reload it", config_path)
+        # A worker still starting has no SIGHUP handler yet (the signal would end it): it
+        # is sent one when it is ready, see on_datagram.
+        told = [w for w in workers
+                if w.serving and w.proc is not None and w.proc.returncode is None]
+        for w in told:
             w.ready.clear()
-            if w.proc is not None and w.proc.returncode is None:
-                w.proc.send_signal(signal.SIGHUP)
+            w.generation = generation
+            assert w.proc is not None
+            w.proc.send_signal(signal.SIGHUP)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
-                await asyncio.gather(*(w.ready.wait() for w in workers))
+                await asyncio.gather(*(w.ready.wait() for w in told))
         notifier.ready()
 
     stop = asyncio.Event()
@@ -262,9 +361,12 @@ async def _supervise(
     stopping = True
     notifier.stopping()
     async with spawning:  # a restart under way ends first, and none starts after
-        for w in workers:
-            if w.proc is not None and w.proc.returncode is None:
-                w.proc.send_signal(signal.SIGTERM)
+        # A worker that had already exited (waiting for its restart) was logged then;
+        # the exit status says whether those running now stopped cleanly.
+        running = [w for w in workers if w.proc is not None and w.proc.returncode is None]
+        for w in running:
+            assert w.proc is not None
+            w.proc.send_signal(signal.SIGTERM)
         if not inherited:
             # Our copies of the listening sockets: held open, they would go on queueing
             # new connections after the workers stop accepting, to reset them at exit.
@@ -272,18 +374,18 @@ async def _supervise(
             for s in socks:
                 s.close()
     grace = config.server.shutdown_grace_s + 5
-    procs = [w.proc.wait() for w in workers if w.proc is not None]
+    procs = [w.proc for w in running if w.proc is not None]
     try:
         async with asyncio.timeout(grace):
-            await asyncio.gather(*procs)
+            await asyncio.gather(*(proc.wait() for proc in procs))
     except TimeoutError:
-        for w in workers:
-            if w.proc is not None and w.proc.returncode is None:
-                w.proc.kill()
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+        await asyncio.gather(*(proc.wait() for proc in procs))
     for t in (*watchers, *reloads, *([watchdog] if watchdog else [])):
         t.cancel()
-    codes = [w.proc.returncode for w in workers if w.proc is not None]
-    return 0 if all(c == 0 for c in codes) else 1
+    return 0 if all(proc.returncode == 0 for proc in procs) else 1
 
 
 def _close_all(socks: list[socket.socket]) -> None:
@@ -296,8 +398,23 @@ def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
         t.cancel()
 
 
-def _summed(prom_dir: str) -> CollectorRegistry:
-    """A registry summing every worker's metric files (prometheus-client multiprocess)."""
+def _summed(prom_dir: str, refused: int) -> CollectorRegistry:
+    """A registry summing every worker's metric files (prometheus-client multiprocess),
+    with the reloads the supervisor refused (no worker saw them) in the error count."""
     registry = CollectorRegistry()
-    prom_mp.MultiProcessCollector(registry, path=prom_dir)  # type: ignore[no-untyped-call]
+    registry.register(_Summed(prom_dir, refused))
     return registry
+
+
+class _Summed:
+    def __init__(self, prom_dir: str, refused: int) -> None:
+        self.files = prom_mp.MultiProcessCollector(None, path=prom_dir)  # type: ignore[no-untyped-call]
+        self.refused = refused
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.files.collect():  # type: ignore[no-untyped-call]
+            if metric.name == "lrproxy_config_reloads" and self.refused:
+                for i, s in enumerate(metric.samples):
+                    if s.name.endswith("_total") and s.labels == {"result": "error"}:
+                        metric.samples[i] = s._replace(value=s.value + self.refused)
+            yield metric

@@ -3,6 +3,8 @@ reload and drain reaching every worker, a crashed worker restarted."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import socket
@@ -186,3 +188,112 @@ def test_two_workers_a_taken_port_leaves_nothing_behind(tmp_path: Path, taken: s
             proxy.stop()
             for pid in _running_with(str(cfg)):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _chat_on_a_new_connection(port: int, timeout: float = 3.0) -> int | str:
+    """One chat completion on a connection of its own (the kernel picks a worker's socket
+    per connection); its status, or the name of the error (a timeout: nobody accepted)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/api/v1/chat/completions",
+                     json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+                     {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except OSError as e:
+        return type(e).__name__
+    finally:
+        conn.close()
+
+
+def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """A reload refused (the bad file stays on disk), then a worker dies: its successor
+    starts from the config last accepted, every new connection is answered, the refusal is
+    logged once and counted, and SIGTERM still exits 0."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    good = config_toml(sim.base_url, port, extra_server=(
+        f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n'))
+    cfg.write_text(good)
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        assert notify.wait_for("READY", 30)["READY"] == "1"
+        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
+                           "two workers")
+        cfg.write_text(good.replace("connect = 2\n", 'connect = "soon"\n'))
+        proxy.signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
+        assert notify.wait_for("READY", 10)["READY"] == "1"
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(c := _children(proxy.pid)) == 2 and victim not in c, 15,
+                 "a replacement worker")
+        wait_for(lambda: proxy.stderr.count("listening on") >= 3, 15, "the replacement listening")
+        assert [_chat_on_a_new_connection(port) for _ in range(12)] == [200] * 12
+        assert "before it was ready" not in proxy.stderr
+        # Refused by the supervisor, not by each worker: one line, one count.
+        refusals = [ln for ln in proxy.stderr.splitlines() if "reload refused" in ln]
+        assert refusals == ["error: reload refused, the old config stays: "
+                            "lrproxy.toml: timeouts.connect: expected a number (got 'soon')"]
+        assert _metric(mport, "lrproxy_config_reloads_total") == 1  # the error; ok is 0
+
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(40) == 0
+    finally:
+        proxy.stop()
+        for p in _children(proxy.pid):
+            os.kill(p, signal.SIGKILL)
+        notify.close()
+
+
+def _listeners(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:port (the kernel's table, /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for r in rows if r.split()[1] == local and r.split()[3] == "0A")
+
+
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_two_workers_a_worker_that_cannot_start_gets_no_connections(
+    tmp_path: Path, sim: SimThread, loop: str
+) -> None:
+    """A successor that cannot start (its upstream key file is gone): its socket is closed
+    and it says so, new connections all go to the other worker; once the file is back the
+    next retry listens on a new socket and serves; SIGTERM exits 0."""
+    port = free_port()
+    key = tmp_path / "upstream.key"
+    key.write_text("sk-upstream\n")
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n").replace(
+        'models = {', f'api_key_file = "{key}"\nmodels = {{', 1))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain",
+                   f"--loop={loop}"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy(30)
+        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
+                           "two workers")
+        wait_for(lambda: "2 workers serving" in proxy.stderr, 15, "both workers ready")
+        key.unlink()
+        os.kill(sorted(workers)[0], signal.SIGKILL)
+        wait_for(lambda: "before it was ready" in proxy.stderr, 15, "a failed start")
+        failed = next(ln for ln in proxy.stderr.splitlines() if "before it was ready" in ln)
+        assert "exited with 78 before it was ready (a config or credential problem" in failed
+        assert "socket is closed" in failed
+        assert _listeners(port) == 1
+        assert [_chat_on_a_new_connection(port) for _ in range(12)] == [200] * 12
+
+        key.write_text("sk-upstream\n")
+        wait_for(lambda: proxy.stderr.count("listening on") == 3, 20, "a successor listening")
+        assert _listeners(port) == 2
+        assert [_chat_on_a_new_connection(port) for _ in range(12)] == [200] * 12
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(40) == 0
+    finally:
+        proxy.stop()
+        for p in _children(proxy.pid):
+            os.kill(p, signal.SIGKILL)

@@ -12,7 +12,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from aiohttp import web
@@ -315,6 +315,17 @@ def _bound(runner: web.AppRunner, listen: Listen) -> Listen:
     return listen
 
 
+# What a reload cannot change in a running process: its sockets, its worker count, the
+# upstream session's proxy settings and the connection handlers' header timer.
+_AT_RESTART: Final[tuple[tuple[str, Callable[[Config], object]], ...]] = (
+    ("server.listen", lambda c: c.server.listen),
+    ("server.metrics_listen", lambda c: c.server.metrics_listen),
+    ("server.workers", lambda c: c.server.workers),
+    ("server.trust_env", lambda c: c.server.trust_env),
+    ("timeouts.client_header", lambda c: c.timeouts.client_header),
+)
+
+
 def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
     """SIGHUP: validate, then swap atomically; a bad config leaves the old one serving."""
     rt = app[RUNTIME]
@@ -328,15 +339,16 @@ def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
         return
     finally:
         notifier.ready()  # always after RELOADING=1, or `systemctl reload` hangs
-    old = rt.state.config.server
+    old = rt.state.config
     try:
         rt.install(config, secrets_)
     except Exception as e:  # a bug of ours: install() builds all before it changes anything
         rt.metrics.reloads.labels("error").inc()
         log.exception("reload refused, the old config stays: %s: %s", path, type(e).__name__)
         return
-    if config.server.listen != old.listen or config.server.workers != old.workers:
-        log.warning("server.listen and server.workers take effect at restart, not reload")
+    later = [name for name, get in _AT_RESTART if get(config) != get(old)]
+    if later:
+        log.warning("changed, but kept until a restart: %s", ", ".join(later))
     rt.metrics.reloads.labels("ok").inc()
     log.info("config reloaded from %s", path)
     _warn_unserved(rt)

@@ -283,6 +283,28 @@ def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim
         proxy.stop()
 
 
+def test_reload_names_what_waits_for_a_restart(tmp_path: Path, sim: SimThread) -> None:
+    """A reload that changes settings a running process cannot change (its sockets, the
+    upstream session's proxy settings, the header timer) says which, and keeps them."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    good = config_toml(sim.base_url, port)
+    cfg.write_text(good)
+    proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        cfg.write_text(good.replace("[server]\n", "[server]\ntrust_env = true\n").replace(
+            "[timeouts]\n", "[timeouts]\nclient_header = 3\n"))
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
+        kept = [ln for ln in proxy.stderr.splitlines() if "kept until a restart" in ln]
+        assert len(kept) == 1, proxy.stderr
+        assert kept[0].endswith("server.trust_env, timeouts.client_header"), kept[0]
+        assert _upstream_of_a_request(port) == "sim"
+    finally:
+        proxy.stop()
+
+
 def test_auto_without_auto_models_is_404_and_logged(tmp_path: Path, sim: SimThread) -> None:
     """No [auto] section: lowrouter/auto is a 404 the SDK raises as NotFoundError (not a 503
     to retry for ever), and the start says so."""

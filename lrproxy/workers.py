@@ -181,7 +181,8 @@ async def _supervise(
     # Bound before any worker starts: a failure here leaves nothing running.
     if metrics_listen:
         try:
-            mrunner = await serve_metrics(lambda: _summed(prom_dir, refused), metrics_listen)
+            mrunner = await serve_metrics(lambda: _summed(prom_dir, refused, config),
+                                          metrics_listen)
         except OSError as e:
             log.error("cannot listen on %s for /metrics: %s", metrics_listen, e.strerror or e)
             return 1
@@ -298,10 +299,10 @@ async def _supervise(
                         w.proc.send_signal(signal.SIGHUP)
 
     async def reload() -> None:
-        nonlocal generation, refused
+        nonlocal config, generation, refused
         notifier.reloading()
         try:
-            _accept(config_path, accepted)
+            config = _accept(config_path, accepted)
         except ConfigError as e:
             refused += 1
             for line in e.problems:
@@ -398,18 +399,24 @@ def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
         t.cancel()
 
 
-def _summed(prom_dir: str, refused: int) -> CollectorRegistry:
+def _summed(prom_dir: str, refused: int, config: Config) -> CollectorRegistry:
     """A registry summing every worker's metric files (prometheus-client multiprocess),
     with the reloads the supervisor refused (no worker saw them) in the error count."""
     registry = CollectorRegistry()
-    registry.register(_Summed(prom_dir, refused))
+    registry.register(_Summed(prom_dir, refused, config))
     return registry
 
 
 class _Summed:
-    def __init__(self, prom_dir: str, refused: int) -> None:
+    def __init__(self, prom_dir: str, refused: int, config: Config) -> None:
         self.files = prom_mp.MultiProcessCollector(None, path=prom_dir)  # type: ignore[no-untyped-call]
         self.refused = refused
+        # The gauges' series of the accepted config only (SPEC §5): a worker's files keep
+        # an upstream or region a reload removed, where one process removes its series.
+        self.configured = {
+            "lrproxy_upstream_usable": ("upstream", {u.name for u in config.upstreams}),
+            "lrproxy_grid_intensity_g_per_kwh": ("region", set(config.regions)),
+        }
 
     def collect(self) -> Iterable[Metric]:
         for metric in self.files.collect():  # type: ignore[no-untyped-call]
@@ -417,4 +424,8 @@ class _Summed:
                 for i, s in enumerate(metric.samples):
                     if s.name.endswith("_total") and s.labels == {"result": "error"}:
                         metric.samples[i] = s._replace(value=s.value + self.refused)
+            kept = self.configured.get(metric.name)
+            if kept is not None:
+                label, names = kept
+                metric.samples = [s for s in metric.samples if s.labels.get(label) in names]
             yield metric

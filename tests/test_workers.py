@@ -108,6 +108,61 @@ def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, 
         notify.close()
 
 
+def _series(port: int, name: str) -> dict[str, float]:
+    """One labelled gauge's samples from /metrics, by their one label's value."""
+    status, body = http_get(port, "/metrics")
+    assert status == 200
+    return {next(iter(s.labels.values())): s.value
+            for fam in text_string_to_metric_families(body.decode())
+            for s in fam.samples if s.name == name}
+
+
+def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) -> None:
+    """With workers, /metrics shows the gauges of the accepted config only: not a dead
+    worker's old figure, nor an upstream or region a reload removed (SPEC §5)."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+
+    def write(intensity: float, upstream: str, region: str) -> None:
+        cfg.write_text(config_toml(sim.base_url, port, intensity=intensity, extra_server=(
+            f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')).replace(
+            'name = "sim"', f'name = "{upstream}"').replace('"r1"', f'"{region}"').replace(
+            "[regions.r1]", f"[regions.{region}]"))
+
+    write(300, "sim", "r1")
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        assert notify.wait_for("READY", 30)["READY"] == "1"
+        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
+                           "two workers")
+        assert _series(mport, "lrproxy_grid_intensity_g_per_kwh") == {"r1": 300}
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(c := _children(proxy.pid)) == 2 and victim not in c, 15,
+                 "a replacement worker")
+        wait_for(lambda: proxy.stderr.count("listening on") >= 3, 15, "the replacement listening")
+        write(100, "sim", "r1")  # lower: the dead worker's 300 would win a max
+        proxy.signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
+        assert notify.wait_for("READY", 15)["READY"] == "1"
+        wait_for(lambda: _series(mport, "lrproxy_grid_intensity_g_per_kwh") == {"r1": 100},
+                 10, "the reloaded intensity alone")
+        write(100, "sim2", "r2")
+        proxy.signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
+        assert notify.wait_for("READY", 15)["READY"] == "1"
+        wait_for(lambda: _series(mport, "lrproxy_grid_intensity_g_per_kwh") == {"r2": 100},
+                 10, "the renamed region alone")
+        assert _series(mport, "lrproxy_upstream_usable") == {"sim2": 1}
+    finally:
+        proxy.stop()
+        for p in _children(proxy.pid):
+            os.kill(p, signal.SIGKILL)
+        notify.close()
+
+
 def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim: SimThread) -> None:
     """SIGTERM with 2 workers: new connections are refused at once, as with one process,
     while a request in flight finishes (the supervisor's copies of the listening sockets

@@ -131,6 +131,9 @@ class Config:
     upstreams: tuple[Upstream, ...]
     auto_models: tuple[str, ...]
     source: str = "<config>"
+    # An INI file's section of each list item (`upstreams[0]`: `[upstream:eu-west-a]`),
+    # so that problems found later (keys, CA files) name the section too.
+    ini_names: Mapping[str, str] | None = attrs.field(default=None, eq=False)
 
 
 def energy_from_size(active_params_b: float) -> tuple[float, float]:
@@ -485,7 +488,8 @@ def parse_config(
 
     if p.lines:
         raise ConfigError(p.lines)
-    return Config(server, timeouts, keys, regions, models, upstreams, auto_models, source)
+    return Config(server, timeouts, keys, regions, models, upstreams, auto_models, source,
+                  ini_names)
 
 
 def _parse_keys(p: _Problems, auth: Any, ini: bool) -> tuple[ClientKey, ...]:
@@ -672,7 +676,7 @@ def resolve_secrets(
     under the service, but still checks that key files can be read: absolute ones, and
     relative ones when $CREDENTIALS_DIRECTORY is set.
     """
-    p = _Problems(config.source, None)
+    p = _Problems(config.source, config.ini_names)
     hashes: list[tuple[str, bytes]] = []
     for i, k in enumerate(config.keys):
         path = f"auth.keys[{i}]"

@@ -580,6 +580,29 @@ sha256 = 1234
     ]
 
 
+def test_ini_key_problems_name_the_ini_section(tmp_path: Path) -> None:
+    """Problems found when keys and CA files are read name the INI section too."""
+    text = BASE_INI + """
+[upstream:eu-west-a]
+region = eu-west
+base_url = https://eu.example.com/v1
+models = openai/gpt-4o-mini = gpt-4o-mini
+api_key_env = NOT_SET_ANYWHERE
+ca_file = /nonexistent/ca.pem
+
+[key:team-a]
+key_file = /nonexistent/team-a.key
+"""
+    cfg = read_config(write(tmp_path, text, "lrproxy.ini"))
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(cfg, {})
+    assert [ln.split(": ", 2)[:2] for ln in info.value.problems] == [
+        ["lrproxy.ini", "[key:team-a] key_file"],
+        ["lrproxy.ini", "[upstream:eu-west-a] api_key_env"],
+        ["lrproxy.ini", "[upstream:eu-west-a] ca_file"],
+    ]
+
+
 def test_ini_strings_are_converted_to_numbers_and_bools(tmp_path: Path) -> None:
     """INI values are strings; numbers, underscores and yes/no/on/off become typed values."""
     text = BASE_INI + """

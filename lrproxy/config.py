@@ -644,6 +644,10 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# What an upstream key may hold to go in `Authorization: Bearer …`: visible ASCII and spaces.
+_HEADER_SAFE: Final = re.compile(r"[\x20-\x7e]+")
+
+
 def _read_secret_file(path: str, environ: Mapping[str, str]) -> str:
     p = Path(path)
     if not p.is_absolute():
@@ -713,6 +717,11 @@ def resolve_secrets(
                 up_keys[u.name] = value.strip()
             elif u.api_key_file is not None and (check_env or _checkable(u.api_key_file, environ)):
                 up_keys[u.name] = _read_secret_file(u.api_key_file, environ)
+            key = up_keys[u.name]
+            if key is not None and not _HEADER_SAFE.fullmatch(key):
+                # never quoted: it is a secret
+                raise ValueError("the key holds a line break or another character an "
+                                 "Authorization header cannot carry")
         except ValueError as e:
             p.add(f"{path}.{'api_key_env' if u.api_key_env else 'api_key_file'}", str(e))
         if u.ca_file is not None:

@@ -542,6 +542,25 @@ def test_relative_key_file_without_credentials_directory(tmp_path: Path) -> None
     ]
 
 
+@pytest.mark.parametrize("key", ["sk-a\nX-Injected: 1", "sk-a\rb", "sk-\x00a", "sk-\u00e9"])
+def test_upstream_key_a_header_cannot_carry_is_refused(tmp_path: Path, key: str) -> None:
+    """An upstream key with a line break inside (a file of two lines, say) would break
+    every request's Authorization header: refused, and never quoted."""
+    (tmp_path / "up.key").write_text(key + "\n")
+    cfg = read_config(write(tmp_path, base_toml(f'api_key_file = "{tmp_path / "up.key"}"')))
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(cfg, {})
+    [line] = info.value.problems
+    assert line.startswith("lrproxy.toml: upstreams[0].api_key_file: the key holds a line break")
+    assert "sk-" not in line
+    cfg = read_config(write(tmp_path, base_toml('api_key_env = "UP_KEY"')))
+    with pytest.raises(ConfigError):
+        resolve_secrets(cfg, {"UP_KEY": key})
+    (tmp_path / "up.key").write_text("  sk-fine with spaces \n")
+    cfg = read_config(write(tmp_path, base_toml(f'api_key_file = "{tmp_path / "up.key"}"')))
+    assert resolve_secrets(cfg, {}).upstream_keys == {"eu-west-a": "sk-fine with spaces"}
+
+
 def test_sha256_keys_resolve_to_their_digest(tmp_path: Path) -> None:
     """A sha256 client key needs no secret at run time; its digest is kept as bytes."""
     digest = hashlib.sha256(b"sk-a").hexdigest()

@@ -267,7 +267,8 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
         cands = pick_candidates(st.table, model_id, region,
                                 None if from_header else "route.region")
     try:
-        attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream)
+        attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream,
+                                        client_usage)
     except _Committed as c:  # the client has its 200 and keep-alives: the error event
         assert rec.out is not None
         await _stream_error(rt, rec, _prompt_chars(obj, chat), c.cand, region, _Tail(),
@@ -304,7 +305,7 @@ embeddings: Final = functools.partial(_relay, chat=False)
 
 async def _try_candidates(
     request: web.Request, rt: Runtime, st: State, rec: Rec, obj: dict[str, Any],
-    cands: tuple[Candidate, ...], chat: bool, stream: bool,
+    cands: tuple[Candidate, ...], chat: bool, stream: bool, client_usage: bool,
 ) -> _Attempt:
     """Send to candidates in order until one answers (SPEC §2); raise the last failure."""
     pool = rt.pool
@@ -358,7 +359,7 @@ async def _try_candidates(
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 # first_byte runs from the request's sending to the first event (SPEC §4)
                 left = first_byte - (time.perf_counter() - t_sent)
-                await _first_events(attempt, rt.deadlines, left, tmo.keepalive)
+                await _first_events(attempt, rt.deadlines, left, tmo.keepalive, client_usage)
             elif stream and resp.status < 300:
                 # A JSON body here would reach the SDK's stream loop as no chunks at all,
                 # with no error: a failure of this upstream, as a malformed event is.
@@ -515,6 +516,7 @@ def _answer_doc(
 
 async def _first_events(
     attempt: _Attempt, deadlines: upstream.Deadlines, first_byte: float, keepalive: float,
+    client_usage: bool,
 ) -> None:
     """Read until the stream's first event (SPEC §1.1: the status waits for it).
 
@@ -522,7 +524,7 @@ async def _first_events(
     (no failover after that); past `first_byte` the attempt has failed.
     """
     splitter = attempt.splitter = sse.EventSplitter()
-    tail = attempt.tail = _Tail()
+    tail = attempt.tail = _Tail(client_usage=client_usage)
     resp = attempt.resp
     try:
         with deadlines.timeout(min(first_byte, keepalive)):
@@ -678,6 +680,7 @@ class _Tail:
     content_events: int = 0
     done_event: bytes = DONE_EVENT
     done: bool = False
+    client_usage: bool = False  # the client asked for usage: it takes `choices: []` chunks
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
 
 
@@ -717,8 +720,14 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
     for ev in events:
         kind, obj = sse.classify(ev)
         if kind == sse.Kind.PASS:
-            if (obj.get("choices") != []) if obj is not None else sse.is_data_event(ev):
-                tail.content_events += 1  # not for a comment, nor a `choices: []` chunk
+            if obj is None:
+                if sse.is_data_event(ev):  # not a comment
+                    tail.content_events += 1
+            elif obj.get("choices") == []:  # no usage: Azure's prompt_filter_results, say
+                if not tail.client_usage:
+                    continue  # the SDK's chunk.choices[0] loop never meets one (SPEC §1.1)
+            else:
+                tail.content_events += 1
             out.append(ev)
             continue
         if kind == sse.Kind.FINAL:

@@ -483,23 +483,27 @@ async def test_usage_on_content_chunks_is_not_held(canned: Canned, make_stack: M
     assert last == obj_of(finish)
 
 
-async def test_chunk_of_empty_choices_without_usage_is_not_held(
-    canned: Canned, make_stack: MakeStack,
+@pytest.mark.parametrize("usage", [True, False])
+async def test_chunk_of_empty_choices_without_usage(
+    canned: Canned, make_stack: MakeStack, usage: bool,
 ) -> None:
     """Azure's first chunk (`choices: []`, `prompt_filter_results`, no usage) is not the
-    usage-only chunk: it goes out at once, as sent, and is not counted as a token."""
+    usage-only chunk: a client that asked for usage (and so handles empty choices) gets
+    it at once, as sent; one that did not never meets it, as it never meets the usage
+    chunk (SPEC §1.1). It is not counted as a token either way."""
     stack = canned_stack(make_stack, canned)
     filt = chunk([]).replace(b'"choices":[]', b'"choices":[],"prompt_filter_results":'
                              b'[{"prompt_index":0,"content_filter_results":{}}]')
     words = [chunk(content=w) for w in ("x", "y")]
     canned.events = [filt, *words, None, chunk(finish="stop"), b"data: [DONE]\n\n"]
+    first = [filt, *words] if usage else words
     async with aiohttp.ClientSession() as s, s.post(
-        f"{stack.base_url}/chat/completions", data=body_of(usage=False), headers=auth(stack),
+        f"{stack.base_url}/chat/completions", data=body_of(usage=usage), headers=auth(stack),
         timeout=aiohttp.ClientTimeout(total=15),
     ) as r:
         async with asyncio.timeout(3):  # a held chunk would not come before `go`
-            got = [await r.content.readuntil(b"\n\n") for _ in range(3)]
-        assert got == [filt, *words]
+            got = [await r.content.readuntil(b"\n\n") for _ in first]
+        assert got == first
         canned.go.set()
         rest = split_events(await r.read())
     assert rest[-1] == b"data: [DONE]\n\n" and len(rest) == 2

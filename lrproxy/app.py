@@ -85,6 +85,9 @@ class Runtime:
     pool: Pool
     metrics: Metrics
     readings: dict[str, eco.Reading] = attrs.Factory(dict)
+    # Each feed file's (path, mtime, size) when last read (feeds.py): not read again
+    # until that changes.
+    feed_stamps: dict[str, tuple[str, int, int]] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer
     # The app's loop, from its start: asyncio.current_task(loop) with the loop given
@@ -131,6 +134,8 @@ class Runtime:
                     if k in config.regions and k in was
                     and config.regions[k].intensity_feed is not None
                     and config.regions[k].intensity_feed == was[k].intensity_feed}
+        # and a feed put back later is read anew, though its file has not changed
+        stamps = {k: v for k, v in self.feed_stamps.items() if k in readings}
         intensities = self._intensities(config, readings)
         state = make_state(config, secrets, intensities)
         for u in set(self.pool.health) - {u.name for u in config.upstreams}:
@@ -146,7 +151,7 @@ class Runtime:
                 buckets[k.name] = new if old is None else attrs.evolve(new, tokens=old.tokens,
                                                                        at=old.at)
         self.buckets = buckets
-        self.readings = readings
+        self.readings, self.feed_stamps = readings, stamps
         self.state = state
         self._publish_intensities(intensities)
         self.pool.on_change = lambda: publish_usable(self)
@@ -236,7 +241,14 @@ def _request_id(value: str | None) -> str:
 
 
 # Every answer's share of time upstream and in the proxy, in ms (W3C Server-Timing).
-SERVER_TIMING: Final = "upstream;dur=%.3f, proxy;dur=%.3f"
+# %-formatting: half the time of an f-string's float format here (~0.9 against 1.7 µs).
+_SERVER_TIMING: Final = "upstream;dur=%.3f, proxy;dur=%.3f"
+
+
+def server_timing(rec: Rec, upstream_s: float) -> str:
+    """The Server-Timing value of `rec`'s answer, of which `upstream_s` went upstream."""
+    return _SERVER_TIMING % (
+        upstream_s * 1000, max(0.0, time.perf_counter() - rec.t0 - upstream_s) * 1000)
 
 
 def _error_response(e: errors.ProxyError, rec: Rec) -> web.Response:
@@ -309,9 +321,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         headers["Server"] = SERVER_HEADER
         headers["X-Request-Id"] = rec.request_id
         if "Server-Timing" not in headers:  # an answer of no upstream's, or an error
-            up = rec.upstream_s or 0.0
-            headers["Server-Timing"] = SERVER_TIMING % (
-                up * 1000, max(0.0, time.perf_counter() - rec.t0 - up) * 1000)
+            headers["Server-Timing"] = server_timing(rec, rec.upstream_s or 0.0)
         if rt.draining:
             resp.force_close()
     return resp

@@ -25,9 +25,10 @@ POLL_S: Final = 5.0
 log = logging.getLogger(MAIN)
 
 
-def poll_feeds(rt: Runtime, seen: dict[str, tuple[str, int, int]]) -> None:
+def poll_feeds(rt: Runtime) -> None:
     """One pass: read changed feed files, then refresh the table if any figure moved."""
     before = rt.intensities()
+    seen = rt.feed_stamps
     for region in rt.state.config.regions.values():
         path = region.intensity_feed
         if path is None:
@@ -56,13 +57,12 @@ def poll_feeds(rt: Runtime, seen: dict[str, tuple[str, int, int]]) -> None:
 async def feeds_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: poll the feeds while the app runs."""
     rt = app[RUNTIME]
-    seen: dict[str, tuple[str, int, int]] = {}
-    poll_feeds(rt, seen)
+    poll_feeds(rt)
 
     async def run() -> None:
         while True:
             await asyncio.sleep(rt.feed_poll_s)
-            poll_feeds(rt, seen)
+            poll_feeds(rt)
             publish_usable(rt)  # cool-downs end with time, not with an event
 
     task = asyncio.create_task(run())

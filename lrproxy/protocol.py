@@ -121,7 +121,7 @@ class LimitsHandler(RequestHandler):
         return resp
 
 
-# The Server-Timing of an answer given before a request could be read (app.SERVER_TIMING)
+# The Server-Timing of an answer given before a request could be read (app.server_timing)
 NO_TIME: Final = "upstream;dur=0.000, proxy;dur=0.000"
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from lrproxy import eco, errors, limits, sse, upstream
-from lrproxy.app import SERVER_TIMING, Rec, Runtime, State, finish_headers
+from lrproxy.app import Rec, Runtime, State, finish_headers, server_timing
 from lrproxy.log import MAIN
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
@@ -644,12 +644,8 @@ def _answer_headers(rt: Runtime, rec: Rec, upstream_s: float, stream: bool) -> C
             else [*route_pairs, ("Content-Type", "application/json")])
     headers = base.copy()  # the values below replace the empty ones, in place
     headers["X-Request-Id"] = rec.request_id
-    headers["Server-Timing"] = SERVER_TIMING % (
-        upstream_s * 1000, max(0.0, time.perf_counter() - rec.t0 - upstream_s) * 1000)
+    headers["Server-Timing"] = server_timing(rec, upstream_s)
     return headers
-
-
-# %-formatting: half the time of the f-string's float format here (~0.9 against 1.7 µs)
 
 
 def _completion_chars(doc: dict[str, Any]) -> int:

@@ -71,7 +71,7 @@ def test_feed_change_reorders_routing(make_stack: Any, tmp_path: Path) -> None:
     ).model_extra["lowrouter"]["route"]["region"]
     assert ask() == "eu-west"  # 290 g/kWh beats the static 380
     _write_feed(feed, 10)
-    stack.call(lambda: poll_feeds(stack.runtime, {}))
+    stack.call(lambda: poll_feeds(stack.runtime))
     assert ask() == "us-east"
 
 
@@ -85,13 +85,14 @@ def test_bad_feed_keeps_the_last_good_reading(make_stack: Any, tmp_path: Path) -
 
     stack = make_stack(mutate)
     feed.write_text("{not json")
-    stack.call(lambda: poll_feeds(stack.runtime, {}))
+    stack.call(lambda: poll_feeds(stack.runtime))
     assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70
 
 
 def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Path) -> None:
     """A reload that removes a region's feed puts it back on its static figure at once;
-    one that names another file reads that file, not the old file's reading."""
+    one that puts the same, unchanged file back reads it again; one that names another
+    file (with the same stamp) reads that file, not the old file's reading."""
     from conftest import ENVIRON
 
     from lrproxy.config import parse_config, resolve_secrets
@@ -115,18 +116,19 @@ def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Pa
         return float(r.model_extra["lowrouter"]["eco"]["grid_intensity_g_per_kwh"])
 
     def reload(path: Path | None) -> None:
-        stack.data["regions"]["eu-west"]["intensity_feed"] = None if path is None else str(path)
-        if path is None:
-            del stack.data["regions"]["eu-west"]["intensity_feed"]
+        region = stack.data["regions"]["eu-west"]
+        region.pop("intensity_feed", None)
+        if path is not None:
+            region["intensity_feed"] = str(path)
         config = parse_config(stack.data, source="test")
         stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
+        stack.call(lambda: poll_feeds(stack.runtime))  # the poller's next pass
 
-    seen: dict[str, tuple[str, int, int]] = {}
-    stack.call(lambda: poll_feeds(stack.runtime, seen))
     assert grid() == 55
     reload(None)
     assert grid() == 290
     assert stack.metric("lrproxy_grid_intensity_g_per_kwh", region="eu-west") == 290
+    reload(feed)
+    assert grid() == 55
     reload(other)
-    stack.call(lambda: poll_feeds(stack.runtime, seen))  # the poller's next pass
     assert grid() == 77

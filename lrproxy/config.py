@@ -148,14 +148,16 @@ def energy_from_size(active_params_b: float) -> tuple[float, float]:
 # reading files
 
 
-def read_config(path: str | os.PathLike[str]) -> Config:
-    """Read and parse a `.toml` or `.ini` config file; raises ConfigError."""
+def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Config:
+    """Read and parse a `.toml` or `.ini` config file; raises ConfigError. Problems name
+    the file `shown` when given (a copy's original), else `path`."""
     p = Path(path)
     label = p.name
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{p}: cannot read: {getattr(e, 'strerror', None) or e}"]) from e
+        raise ConfigError([f"{shown or p}: cannot read: {getattr(e, 'strerror', None) or e}"]
+                          ) from e
     if p.suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -727,8 +729,10 @@ def resolve_secrets(
         if u.ca_file is not None:
             try:
                 contexts[u.name] = ssl.create_default_context(cafile=u.ca_file)
-            except OSError as e:  # ssl.SSLError is one: not PEM, no certificate in it
-                why = e.strerror or e.reason if isinstance(e, ssl.SSLError) else e.strerror
+            except (OSError, ValueError) as e:  # SSLError is an OSError: not PEM, no
+                # certificate in it; a ValueError: a path with a NUL in it
+                why = (e.strerror or e.reason if isinstance(e, ssl.SSLError)
+                       else e.strerror if isinstance(e, OSError) else str(e))
                 p.add(f"{path}.ca_file", f"cannot load {u.ca_file!r} as a CA bundle: "
                       f"{why or type(e).__name__}")
     if p.lines:

@@ -80,7 +80,7 @@ def _accept(path: str, accepted: Path) -> Config:
     candidate = accepted.parent.parent / "candidate" / accepted.name
     candidate.parent.mkdir(mode=0o700, exist_ok=True)
     candidate.write_bytes(raw)
-    config = read_config(candidate)
+    config = read_config(candidate, shown=path)
     resolve_secrets(config, os.environ)
     os.replace(candidate, accepted)
     return config
@@ -135,14 +135,19 @@ async def _reap(workers: list[_Worker], grace: float) -> None:
     log.error("supervisor stopping: ending %d worker(s)", len(running))
     for proc in running:
         proc.send_signal(signal.SIGTERM)
+    await _wait_or_kill(running, grace)
+
+
+async def _wait_or_kill(procs: list[asyncio.subprocess.Process], grace: float) -> None:
+    """Wait for `procs` to exit; SIGKILL those still there after `grace` seconds."""
     try:
         async with asyncio.timeout(grace):
-            await asyncio.gather(*(proc.wait() for proc in running))
+            await asyncio.gather(*(proc.wait() for proc in procs))
     except TimeoutError:
-        for proc in running:
+        for proc in procs:
             if proc.returncode is None:
                 proc.kill()
-        await asyncio.gather(*(proc.wait() for proc in running))
+        await asyncio.gather(*(proc.wait() for proc in procs))
 
 
 async def _supervise(
@@ -299,15 +304,25 @@ async def _supervise(
                         w.proc.send_signal(signal.SIGHUP)
 
     async def reload() -> None:
-        nonlocal config, generation, refused
         notifier.reloading()
+        try:
+            await reload_workers()
+        finally:
+            notifier.ready()  # always after RELOADING=1, or `systemctl reload` hangs
+
+    async def reload_workers() -> None:
+        nonlocal config, generation, refused
         try:
             config = _accept(config_path, accepted)
         except ConfigError as e:
             refused += 1
             for line in e.problems:
                 log.error("reload refused, the old config stays: %s", line)
-            notifier.ready()  # always after RELOADING=1, or `systemctl reload` hangs
+            return
+        except Exception as e:  # a bug of ours, say: the old config stays all the same
+            refused += 1
+            log.error("reload refused, the old config stays: %s: %s", config_path,
+                      e or type(e).__name__)
             return
         generation += 1
         log.info("config accepted from %s; workers reload it", config_path)
@@ -323,7 +338,6 @@ async def _supervise(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
                 await asyncio.gather(*(w.ready.wait() for w in told))
-        notifier.ready()
 
     stop = asyncio.Event()
     reloads: list[asyncio.Task[None]] = []
@@ -372,18 +386,9 @@ async def _supervise(
             # Our copies of the listening sockets: held open, they would go on queueing
             # new connections after the workers stop accepting, to reset them at exit.
             # Closed, each socket goes when its worker closes it: connects are refused.
-            for s in socks:
-                s.close()
-    grace = config.server.shutdown_grace_s + 5
+            _close_all(socks)
     procs = [w.proc for w in running if w.proc is not None]
-    try:
-        async with asyncio.timeout(grace):
-            await asyncio.gather(*(proc.wait() for proc in procs))
-    except TimeoutError:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-        await asyncio.gather(*(proc.wait() for proc in procs))
+    await _wait_or_kill(procs, config.server.shutdown_grace_s + 5)
     for t in (*watchers, *reloads, *([watchdog] if watchdog else [])):
         t.cancel()
     return 0 if all(proc.returncode == 0 for proc in procs) else 1

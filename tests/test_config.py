@@ -561,6 +561,28 @@ def test_upstream_key_a_header_cannot_carry_is_refused(tmp_path: Path, key: str)
     assert resolve_secrets(cfg, {}).upstream_keys == {"eu-west-a": "sk-fine with spaces"}
 
 
+def test_ca_file_path_with_a_nul_is_a_problem_line(tmp_path: Path) -> None:
+    """A CA path Python cannot even open (a NUL in it) is one problem line, not a crash."""
+    cfg = read_config(write(tmp_path, base_toml('ca_file = "/etc/ca\\u0000.pem"')))
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(cfg, {"UP": "k"}, check_env=False)
+    [line] = info.value.problems
+    assert line.startswith("lrproxy.toml: upstreams[0].ca_file: cannot load"), line
+
+
+def test_a_copy_read_for_its_original_names_the_original(tmp_path: Path) -> None:
+    """The workers' supervisor validates a copy of the file: problems name the original."""
+    from lrproxy.workers import _accept
+
+    original = write(tmp_path, "x = 1\n\xff\n")
+    original.write_bytes(b"x = 1\n\xff\n")  # not UTF-8
+    (tmp_path / "run" / "config").mkdir(parents=True)
+    with pytest.raises(ConfigError) as info:
+        _accept(str(original), tmp_path / "run" / "config" / "lrproxy.toml")
+    [line] = info.value.problems
+    assert line.startswith(f"{original}: cannot read: "), line
+
+
 def test_sha256_keys_resolve_to_their_digest(tmp_path: Path) -> None:
     """A sha256 client key needs no secret at run time; its digest is kept as bytes."""
     digest = hashlib.sha256(b"sk-a").hexdigest()

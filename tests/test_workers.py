@@ -237,11 +237,12 @@ def test_two_workers_a_taken_port_leaves_nothing_behind(tmp_path: Path, taken: s
             assert proxy.wait(30) == 1
             assert proxy.stderr.startswith(f"error: cannot listen on 127.0.0.1:{busy}"), proxy.stderr
             assert len(proxy.stderr.splitlines()) == 1, proxy.stderr
-            assert _running_with(str(cfg)) == []
+            # workers run `serve --config` on the supervisor's copy, under TMPDIR
+            assert _running_with(str(cfg)) == [] and _running_with(str(tmp)) == []
             assert list(tmp.iterdir()) == []
         finally:
             proxy.stop()
-            for pid in _running_with(str(cfg)):
+            for pid in {*_running_with(str(cfg)), *_running_with(str(tmp))}:
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -163,6 +163,40 @@ def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) ->
         notify.close()
 
 
+def test_supervisor_reload_that_fails_unexpectedly_still_ends_ready(
+    tmp_path: Path, sim: SimThread,
+) -> None:
+    """A reload the supervisor cannot even attempt (here its private copy's directory
+    is in the way) is refused and logged, and systemd still gets READY=1 after
+    RELOADING=1 (SPEC §6), or `systemctl reload` would hang."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain", "--no-access-log"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path, TMPDIR=str(tmp)), port=port)
+    try:
+        assert notify.wait_for("READY", 30)["READY"] == "1"
+        [run] = list(tmp.iterdir())
+        blocker = run / "candidate"
+        if blocker.exists():
+            blocker.rmdir()
+        blocker.write_text("not a directory")
+        proxy.signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
+        assert notify.wait_for("READY", 10)["READY"] == "1"
+        wait_for(lambda: "reload refused" in proxy.stderr, 5, "the refusal logged")
+        assert "Traceback" not in proxy.stderr
+        assert _chat_on_a_new_connection(port) == 200
+    finally:
+        proxy.stop()
+        for p in _children(proxy.pid):
+            os.kill(p, signal.SIGKILL)
+        notify.close()
+
+
 def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim: SimThread) -> None:
     """SIGTERM with 2 workers: new connections are refused at once, as with one process,
     while a request in flight finishes (the supervisor's copies of the listening sockets

@@ -45,6 +45,14 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _end(proxy: Proxy, notify: Notify) -> None:
+    """Stop the supervisor, then any worker it left (by PID), and the notify socket."""
+    proxy.stop()
+    for p in _children(proxy.pid):
+        os.kill(p, signal.SIGKILL)
+    notify.close()
+
+
 def _metric(port: int, name: str) -> float:
     status, body = http_get(port, "/metrics")
     assert status == 200
@@ -102,10 +110,7 @@ def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, 
         assert not any(Path(f"/proc/{p}").exists() and "zombie" not in
                        Path(f"/proc/{p}/status").read_text().lower() for p in current)
     finally:
-        proxy.stop()
-        for p in _children(proxy.pid):
-            os.kill(p, signal.SIGKILL)
-        notify.close()
+        _end(proxy, notify)
 
 
 def _series(port: int, name: str) -> dict[str, float]:
@@ -157,10 +162,7 @@ def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) ->
                  10, "the renamed region alone")
         assert _series(mport, "lrproxy_upstream_usable") == {"sim2": 1}
     finally:
-        proxy.stop()
-        for p in _children(proxy.pid):
-            os.kill(p, signal.SIGKILL)
-        notify.close()
+        _end(proxy, notify)
 
 
 def test_supervisor_reload_that_fails_unexpectedly_still_ends_ready(
@@ -191,10 +193,7 @@ def test_supervisor_reload_that_fails_unexpectedly_still_ends_ready(
         assert "Traceback" not in proxy.stderr
         assert _chat_on_a_new_connection(port) == 200
     finally:
-        proxy.stop()
-        for p in _children(proxy.pid):
-            os.kill(p, signal.SIGKILL)
-        notify.close()
+        _end(proxy, notify)
 
 
 def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim: SimThread) -> None:
@@ -230,10 +229,7 @@ def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim
         assert result["ended"] > refused_at  # refused while it was still in flight
         assert proxy.wait(20) == 0
     finally:
-        proxy.stop()
-        for p in _children(proxy.pid):
-            os.kill(p, signal.SIGKILL)
-        notify.close()
+        _end(proxy, notify)
 
 
 def _running_with(arg: str) -> list[int]:
@@ -335,10 +331,7 @@ def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(40) == 0
     finally:
-        proxy.stop()
-        for p in _children(proxy.pid):
-            os.kill(p, signal.SIGKILL)
-        notify.close()
+        _end(proxy, notify)
 
 
 def _listeners(port: int) -> int:

@@ -329,7 +329,7 @@ async def _try_candidates(
     for n in range(st.config.server.retries + 1):
         if n and not limits.retry_allowed(rt.retries_in_progress, len(rt.tasks)):
             break  # the retry budget is spent: answer with the last failure
-        cand = _next_candidate(order, tried, pool)
+        cand = _next_candidate(order, tried, pool, time.monotonic() if n else None)
         if cand is None:
             break
         name = cand.upstream.name
@@ -377,7 +377,7 @@ async def _try_candidates(
         except errors.UpstreamFailed as e:
             rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
             pool.release(name)
-            pool.failed(name, time.monotonic(), e.retry_after)
+            pool.failed(name, time.monotonic(), e.retry_after, trial)
             committed = early is not None and early.stop()
             rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
             if committed:  # the client has its 200: no failover (SPEC §1.1)
@@ -403,7 +403,7 @@ async def _try_candidates(
         if early is not None:
             early.stop()
         if attempt.splitter is None:  # a stream's verdict comes at its end (_relay_stream)
-            pool.succeeded(name)
+            pool.succeeded(name, trial)
         rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
         return attempt
     if last is None:
@@ -416,14 +416,21 @@ async def _try_candidates(
     raise last
 
 
-def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Pool) -> Candidate | None:
-    """The first candidate with room on an upstream not tried yet; else one tried already."""
+def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Pool,
+                    now: float | None) -> Candidate | None:
+    """The first candidate with room on an upstream not tried yet; else one tried already.
+
+    With `now` (a retry), only upstreams usable now: the order was made before the
+    earlier attempts, and an upstream ejected since is not tried in its cool-down.
+    """
     fallback = None
     health, capacity = pool.health, pool.capacity
     for c in order:
         name = c.upstream.name
         h = health.get(name)  # room on it: the pool's own count, read without a call
         if h is not None and h.outstanding >= capacity[name]:
+            continue
+        if now is not None and not pool.usable(name, now):
             continue
         if name not in tried:
             return c
@@ -898,13 +905,13 @@ async def _relay_stream(
         end, _ = _finish(rt, rec, prompt_chars, cand, region, tail, client_usage)
         await out.write_eof(last + end if last else end)
         finished = judged = True
-        rt.pool.succeeded(cand.upstream.name)
+        rt.pool.succeeded(cand.upstream.name, attempt.trial)
     except errors.UpstreamFailed as e:
         # timeouts.total is the proxy's own cap on a request, not the upstream's failure:
         # five long generations must not eject a healthy upstream
         judged = not over_total
         if judged:
-            rt.pool.failed(cand.upstream.name, time.monotonic())
+            rt.pool.failed(cand.upstream.name, time.monotonic(), trial=attempt.trial)
         rt.metrics.attempt(cand.upstream.name, "stream_" + _outcome(e))
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):

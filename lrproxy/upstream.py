@@ -8,6 +8,7 @@ over before the first byte, or end a stream with the §1.1 error event after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import ssl
@@ -101,9 +102,15 @@ class Pool:
         if h is not None:  # gone in a reload: nothing to keep
             h.outstanding -= 1
 
-    def succeeded(self, name: str) -> None:
+    # A verdict counts for the upstream's state as it was when its request was sent: an
+    # answer to a request sent before the ejection (a slow one, in flight meanwhile)
+    # neither lengthens the cool-down nor ends it; only the trial's verdict does.
+
+    def succeeded(self, name: str, trial: bool = False) -> None:
         h = self.health.get(name)
         if h is not None and h.failures:
+            if h.failures >= EJECT_AFTER and not trial:
+                return  # ejected: only the trial lets it back (SPEC §2)
             was_ejected = h.ejections > 0
             h.failures = h.ejections = 0
             h.ejected_until = 0.0
@@ -119,10 +126,11 @@ class Pool:
         if h is not None:
             h.trial = False
 
-    def failed(self, name: str, now: float, retry_after: float | None = None) -> None:
+    def failed(self, name: str, now: float, retry_after: float | None = None,
+               trial: bool = False) -> None:
         h = self.health.get(name)
-        if h is None:
-            return
+        if h is None or (h.failures >= EJECT_AFTER and not trial):
+            return  # ejected already: a late failure does not eject it again
         h.failures += 1
         h.trial = False
         if h.failures < EJECT_AFTER:
@@ -140,6 +148,14 @@ class Pool:
         if retry_after is not None:
             cool = max(cool, min(retry_after, COOL_DOWN_CAP_S))
         h.ejected_until = now + cool
+        if self.on_change is not None:
+            self.on_change()
+            # and again when the cool-down ends, for the usable gauge (nothing else
+            # happens then: the next request finds it usable)
+            with contextlib.suppress(RuntimeError):  # no loop: a unit test's pool
+                asyncio.get_running_loop().call_later(cool, self._cooled)
+
+    def _cooled(self) -> None:
         if self.on_change is not None:
             self.on_change()
 

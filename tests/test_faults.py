@@ -1394,6 +1394,67 @@ def test_a_trial_whose_client_leaves_lets_another_trial_go() -> None:
     assert pool.health["a"].failures == upstream.EJECT_AFTER  # no verdict: counts unchanged
 
 
+def _ejected_pool() -> upstream.Pool:
+    """Upstreams a and b of one region, a ejected at time 0 (its first cool-down)."""
+    pool = upstream.Pool()
+    pool.configure([Upstream("a", "r", "http://a/v1", {}), Upstream("b", "r", "http://b/v1", {})])
+    for _ in range(upstream.EJECT_AFTER):
+        pool.failed("a", 0.0)
+    assert pool.health["a"].ejected_until == upstream.COOL_DOWN_S
+    return pool
+
+
+def test_late_verdicts_neither_lengthen_nor_end_a_cool_down() -> None:
+    """Answers to requests sent before the ejection (in flight meanwhile) change nothing:
+    failures do not eject it again for 30 s × n more, a success does not readmit it;
+    only the trial's verdict does (SPEC §2)."""
+    pool = _ejected_pool()
+    for t in (1.0, 2.0, 3.0):
+        pool.failed("a", t)
+    pool.succeeded("a")
+    h = pool.health["a"]
+    assert (h.ejections, h.ejected_until) == (1, upstream.COOL_DOWN_S)
+    assert not pool.usable("a", upstream.COOL_DOWN_S - 0.1)
+    end = upstream.COOL_DOWN_S
+    assert pool.acquire("a", end) is True  # the trial
+    pool.failed("a", end, trial=True)  # fails: ejected again, for twice as long
+    assert not pool.usable("a", end + 2 * upstream.COOL_DOWN_S - 0.1)
+    assert pool.usable("a", end + 2 * upstream.COOL_DOWN_S)
+    assert pool.acquire("a", end + 2 * upstream.COOL_DOWN_S) is True
+    pool.succeeded("a", trial=True)  # the trial answers: back for good
+    assert (h.failures, h.ejections) == (0, 0) and pool.usable("a", 0.0)
+
+
+def test_a_retry_skips_an_upstream_ejected_since_the_order_was_made() -> None:
+    """Failover takes the candidates in the order made when the request came; one of
+    them ejected since then is not tried during its cool-down."""
+    from types import SimpleNamespace
+
+    from lrproxy.relay import _next_candidate
+
+    pool = _ejected_pool()
+    order: Any = [SimpleNamespace(upstream=SimpleNamespace(name=n)) for n in ("b", "a")]
+    assert _next_candidate(order, ["b"], pool, 1.0).upstream.name == "b"  # not a
+    assert _next_candidate(order, ["b"], pool, None).upstream.name == "a"  # 1st try: as ordered
+
+
+async def test_the_usable_gauge_hears_when_a_cool_down_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool says so when an upstream is ejected and again when its cool-down ends,
+    so lrproxy_upstream_usable turns 1 then, not at the next 5 s feed poll."""
+    monkeypatch.setattr(upstream, "COOL_DOWN_S", 0.05)
+    changes: list[float] = []
+    pool = upstream.Pool()
+    pool.configure([Upstream("a", "r", "http://a/v1", {}), Upstream("b", "r", "http://b/v1", {})])
+    pool.on_change = lambda: changes.append(time.monotonic())
+    t0 = time.monotonic()
+    for _ in range(upstream.EJECT_AFTER):
+        pool.failed("a", t0)
+    assert len(changes) == 1
+    await asyncio.sleep(0.3)
+    assert len(changes) == 2 and changes[1] - t0 >= 0.05
+    assert pool.usable("a", changes[1])
+
+
 def test_upstream_silence_gets_keepalive_comments(make_stack: MakeStack) -> None:
     """Upstream silence past timeouts.keepalive mid-stream: `: keep-alive` comments, then the rest."""
     stack = make_stack(cfg(timeouts={"keepalive": 0.3, "idle": 3}))

@@ -148,6 +148,9 @@ def energy_from_size(active_params_b: float) -> tuple[float, float]:
 # reading files
 
 
+_ANY_HOST: Final = frozenset({"0.0.0.0", "::", ""})
+
+
 def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Config:
     """Read and parse a `.toml` or `.ini` config file; raises ConfigError. Problems name
     the file `shown` when given (a copy's original), else `path`."""
@@ -454,11 +457,14 @@ def parse_config(
     _positive(p, "server.shutdown_grace_s", srv["shutdown_grace_s"], zero_ok=True)
     if srv["workers"] > 64:
         p.add("server.workers", f"at most 64 (got {srv['workers']})")
-    if srv["metrics_listen"] is not None and srv["metrics_listen"].port != 0 and (
-        srv["metrics_listen"] == srv["listen"]
-    ):
-        p.add("server.metrics_listen",
-              f"must differ from server.listen (both {srv['listen']})")
+    m, api = srv["metrics_listen"], srv["listen"]
+    if m is not None and m.port != 0 and m == api:
+        p.add("server.metrics_listen", f"must differ from server.listen (both {api})")
+    elif m is not None and m.port != 0 and m.port == api.port and (
+            m.host in _ANY_HOST or api.host in _ANY_HOST):
+        # one of them takes the port on every address: the second bind would fail
+        p.add("server.metrics_listen", f"overlaps server.listen ({m} and {api}: the same "
+              "port, and one of them binds every address)")
     server = ServerConfig(**srv)
 
     tmo = _take(p, "timeouts", data.get("timeouts", {}), _TIMEOUTS, ini)

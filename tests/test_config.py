@@ -372,6 +372,23 @@ def test_metrics_listen_equal_to_listen(tmp_path: Path) -> None:
     assert problems(path) == []
 
 
+@pytest.mark.parametrize(("api", "metrics", "overlap"), [
+    ("0.0.0.0:8080", "127.0.0.1:8080", True), ("127.0.0.1:8080", "0.0.0.0:8080", True),
+    ("[::]:8080", "127.0.0.1:8080", True), ("0.0.0.0:8080", "127.0.0.1:9090", False),
+    ("127.0.0.1:8080", "127.0.0.2:8080", False),
+])
+def test_metrics_listen_overlapping_listen(tmp_path: Path, api: str, metrics: str,
+                                           overlap: bool) -> None:
+    """The same port with a wildcard address on either side: refused, as the second
+    bind would fail at serve."""
+    path = write(tmp_path, base_toml(tail=(
+        f'[server]\nlisten = "{api}"\nmetrics_listen = "{metrics}"')))
+    got = problems(path)
+    assert (got != []) is overlap, got
+    if overlap:
+        assert got[0].startswith("lrproxy.toml: server.metrics_listen: overlaps server.listen")
+
+
 def test_valid_listen_forms(tmp_path: Path) -> None:
     """IPv4, host names and bracketed IPv6 addresses are accepted."""
     path = write(tmp_path, base_toml(tail='[server]\nlisten = "[::1]:8080"\nmetrics_listen = "localhost:0"'))

@@ -320,8 +320,8 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         headers = resp.headers  # finish_headers(rt, resp, rec.request_id), inline
         headers["Server"] = SERVER_HEADER
         headers["X-Request-Id"] = rec.request_id
-        if "Server-Timing" not in headers:  # an answer of no upstream's, or an error
-            headers["Server-Timing"] = server_timing(rec, rec.upstream_s or 0.0)
+        # the upstream's share: the answer's attempt, the failed ones, or none
+        headers["Server-Timing"] = server_timing(rec, rec.upstream_s or 0.0)
         if rt.draining:
             resp.force_close()
     return resp

@@ -27,6 +27,7 @@ from lrproxy.config import (
     Listen,
     Secrets,
     hash_key,
+    listens_clash,
     parse_config,
     parse_listen,
     read_config,
@@ -172,7 +173,7 @@ async def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"lrproxy serve: --listen/--metrics-listen: {e}", file=sys.stderr)
         return EX_USAGE
-    if mlisten is not None and mlisten == listen and listen.port != 0:
+    if listens_clash(listen, mlisten) == "same":  # "overlap": the bind's own error line
         print(f"lrproxy serve: --listen/--metrics-listen: the API and /metrics need "
               f"different addresses (both {listen})", file=sys.stderr)
         return EX_USAGE

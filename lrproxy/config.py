@@ -151,6 +151,17 @@ def energy_from_size(active_params_b: float) -> tuple[float, float]:
 _ANY_HOST: Final = frozenset({"0.0.0.0", "::", ""})
 
 
+def listens_clash(api: Listen, metrics: Listen | None) -> Literal["same", "overlap"] | None:
+    """Whether /metrics' address is the API's ("same"), or its port with a wildcard
+    address on either side, so that the second bind would fail ("overlap"). Port 0
+    twice is two ports."""
+    if metrics is None or metrics.port == 0 or metrics.port != api.port:
+        return None
+    if metrics == api:
+        return "same"
+    return "overlap" if metrics.host in _ANY_HOST or api.host in _ANY_HOST else None
+
+
 def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Config:
     """Read and parse a `.toml` or `.ini` config file; raises ConfigError. Problems name
     the file `shown` when given (a copy's original), else `path`."""
@@ -458,11 +469,10 @@ def parse_config(
     if srv["workers"] > 64:
         p.add("server.workers", f"at most 64 (got {srv['workers']})")
     m, api = srv["metrics_listen"], srv["listen"]
-    if m is not None and m.port != 0 and m == api:
+    clash = listens_clash(api, m)
+    if clash == "same":
         p.add("server.metrics_listen", f"must differ from server.listen (both {api})")
-    elif m is not None and m.port != 0 and m.port == api.port and (
-            m.host in _ANY_HOST or api.host in _ANY_HOST):
-        # one of them takes the port on every address: the second bind would fail
+    elif clash == "overlap":
         p.add("server.metrics_listen", f"overlaps server.listen ({m} and {api}: the same "
               "port, and one of them binds every address)")
     server = ServerConfig(**srv)

@@ -289,8 +289,7 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
                                 errors.UpstreamError(_late_status(rt, attempt)), rec.out, request)
             return rec.out
         if attempt.splitter is not None:
-            return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region,
-                                       client_usage)
+            return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region)
         return _answer(rt, rec, prompt_chars, attempt, region)
     finally:
         rt.pool.release(cand.upstream.name)
@@ -588,7 +587,7 @@ def _answer(
     """A whole JSON answer: eco spliced into a success, a client error passed through."""
     resp, data = attempt.resp, attempt.body
     rec.upstream_s = time.perf_counter() - attempt.t_sent
-    headers = _answer_headers(rt, rec, rec.upstream_s, stream=False)
+    headers = _answer_headers(rt, rec, stream=False)
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
         if _quotes_our_key(rt, attempt.cand, data):  # … unless it does (issue 5: no key anywhere)
@@ -636,22 +635,22 @@ def _late_status(rt: Runtime, attempt: _Attempt) -> str:
     return f"{said}: {message}"
 
 
-def _answer_headers(rt: Runtime, rec: Rec, upstream_s: float, stream: bool) -> CIMultiDict[str]:
-    """An answer's headers: its content type (and a stream's no-cache ones), the route
-    and Server-Timing, the upstream's share and the proxy's own (W3C). The set is built
-    once per route and kind, and copied: a copy and two values cost less than a
-    CIMultiDict made from a dict (the cache goes with the config's State)."""
+def _answer_headers(rt: Runtime, rec: Rec, stream: bool) -> CIMultiDict[str]:
+    """An answer's headers: its content type (and a stream's no-cache ones) and the
+    route; a stream's also hold a place for Server-Timing, which `_stream_response`
+    fills (a JSON answer gets it at the edge, as every answer not prepared here does).
+    The set is built once per route and kind, and copied: a copy and two values cost
+    less than a CIMultiDict made from a dict (the cache goes with the config's State)."""
     sets = rt.state.header_sets
     route = (rec.region, rec.model, rec.upstream, stream)
     base = sets.get(route)
     if base is None:
-        route_pairs = [*rec.route_headers().items(), ("Server-Timing", "")]
+        route_pairs = rec.route_headers().items()
         base = sets[route] = CIMultiDict(
-            [*_STREAM_HEADERS.items(), *route_pairs] if stream
+            [*_STREAM_HEADERS.items(), *route_pairs, ("Server-Timing", "")] if stream
             else [*route_pairs, ("Content-Type", "application/json")])
     headers = base.copy()  # the values below replace the empty ones, in place
     headers["X-Request-Id"] = rec.request_id
-    headers["Server-Timing"] = server_timing(rec, upstream_s)
     return headers
 
 
@@ -766,12 +765,12 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
 
 def _finish(
     rt: Runtime, rec: Rec, prompt_chars: int, cand: Candidate, region: str | None,
-    tail: _Tail, client_usage: bool,
+    tail: _Tail,
 ) -> tuple[bytes, dict[str, Any]]:
     """The tail of a stream that ended well: finish chunks, usage, lowrouter, [DONE]."""
     lr = _stream_lowrouter(rt, rec, prompt_chars, cand, region, tail)
     out = [ev for ev, _ in tail.held[:-1]]
-    if client_usage and tail.usage_chunk is not None:
+    if tail.client_usage and tail.usage_chunk is not None:
         if tail.held:
             out.append(tail.held[-1][0])
         out.append(sse.add_member(*tail.usage_chunk, "lowrouter", lr))
@@ -797,7 +796,7 @@ def _stream_lowrouter(
 
 async def _relay_stream(
     request: web.Request, rt: Runtime, st: State, rec: Rec, prompt_chars: int,
-    attempt: _Attempt, region: str | None, client_usage: bool,
+    attempt: _Attempt, region: str | None,
 ) -> web.StreamResponse:
     """Relay an SSE stream event by event; only the end is held back (SPEC §1.1)."""
     resp, splitter, tail, cand = attempt.resp, attempt.splitter, attempt.tail, attempt.cand
@@ -902,7 +901,7 @@ async def _relay_stream(
                 raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
         if splitter.held and not tail.done:
             raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
-        end, _ = _finish(rt, rec, prompt_chars, cand, region, tail, client_usage)
+        end, _ = _finish(rt, rec, prompt_chars, cand, region, tail)
         await out.write_eof(last + end if last else end)
         finished = judged = True
         rt.pool.succeeded(cand.upstream.name, attempt.trial)
@@ -1009,7 +1008,9 @@ def _stream_response(rt: Runtime, rec: Rec, upstream_s: float) -> web.StreamResp
     """The client's event stream, not yet prepared. Server-Timing goes with the headers,
     so for a stream it covers the time to its first byte: the upstream's wait so far,
     and what the proxy added."""
-    out = web.StreamResponse(status=200, headers=_answer_headers(rt, rec, upstream_s, stream=True))
+    headers = _answer_headers(rt, rec, stream=True)
+    headers["Server-Timing"] = server_timing(rec, upstream_s)  # prepared before the edge
+    out = web.StreamResponse(status=200, headers=headers)
     finish_headers(rt, out, rec.request_id)
     return out
 

@@ -89,7 +89,6 @@ class EventSplitter:
         return rest
 
 
-
 # Where a read stops being plain content chunks: usage or a finish_reason that is not
 # null (OpenAI sends `"usage":null` on every chunk), an error, or a CR line end. Each
 # regex starts with a literal, which `re` finds at memchr speed.

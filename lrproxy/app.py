@@ -501,10 +501,14 @@ def make_app(
         routes[f"{base}/embeddings"] = ("POST", relay.embeddings)
         routes[f"{base}/models"] = ("GET", models)
     allowed: dict[str, set[str]] = {}
+    direct: dict[str, dict[str, Any]] = {}
     for path, (method, handler) in routes.items():
         allowed[path] = {method, "HEAD"} if method == "GET" else {method}
+        h = edged(handler, rt)
         for m in allowed[path]:  # HEAD as add_get() gives it: the GET handler, no body
-            app.router.add_route(m, path, edged(handler, rt), expect_handler=_expect)
+            app.router.add_route(m, path, h, expect_handler=_expect)
+            direct.setdefault(path, {})[m] = h
+    app[protocol.ROUTES] = direct  # the same handlers without the router (protocol.direct)
 
     async def no_route(request: web.Request, rt: Runtime, rec: Rec) -> web.StreamResponse:
         """Every other path and method, for the edge to answer in the OpenAI shape."""

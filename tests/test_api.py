@@ -768,6 +768,56 @@ async def test_head_is_answered_where_get_is(stack: Stack, http: aiohttp.ClientS
         assert r.status == 404
 
 
+def test_direct_dispatch_takes_exact_targets_only() -> None:
+    """protocol.direct: the app's handler for an exact path and method it has, with no
+    Expect; the router for everything else, which decodes, splits the query, answers
+    Expect, 404 and 405 (test_paths_the_router_takes_reach_the_same_handler)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from lrproxy.protocol import direct
+
+    called: list[str] = []
+
+    def named(name: str) -> Any:
+        async def h(request: Any) -> Any:
+            called.append(name)
+        return h
+
+    handle = direct({"/v1/models": {"GET": named("models"), "HEAD": named("models")},
+                     "/v1/chat/completions": {"POST": named("chat")}}, named("router"))
+    cases = [("GET", "/v1/models", {}, "models"), ("HEAD", "/v1/models", {}, "models"),
+             ("POST", "/v1/chat/completions", {}, "chat"),
+             ("POST", "/v1/chat/completions", {"Expect": "100-continue"}, "router"),
+             ("POST", "/v1/chat/completions?api-version=1", {}, "router"),
+             ("POST", "/v1/chat/%63ompletions", {}, "router"),
+             ("POST", "/v1/models", {}, "router"), ("GET", "/v1/models/", {}, "router"),
+             ("GET", "/nope", {}, "router")]
+    for method, target, headers, want in cases:
+        called.clear()
+        coro = handle(make_mocked_request(method, target, headers=headers))
+        with pytest.raises(StopIteration):
+            coro.send(None)  # type: ignore[attr-defined]
+        assert called == [want], (method, target, headers)
+
+
+async def test_paths_the_router_takes_reach_the_same_handler(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """A query string (Azure's SDK sends api-version) or an escaped letter in the path
+    goes past the direct dispatch to the router: the same answer as the plain path."""
+    body = {"model": MINI, "messages": MSGS}
+    for path in ("/v1/chat/completions", "/v1/chat/completions?api-version=2024-10-21",
+                 "/v1/chat/%63ompletions"):
+        async with http.post(stack.origin + path, json=body, headers=auth(stack)) as r:
+            assert r.status == 200, path
+            assert (await r.json())["lowrouter"]["route"]["model"] == MINI
+            assert r.headers.getall("Server") == ["lrproxy"] and "X-Request-Id" in r.headers
+    async with http.get(stack.origin + "/v1/models?limit=1", headers=auth(stack)) as r:
+        assert r.status == 200
+        assert {m["id"] for m in (await r.json())["data"]} >= {MINI}
+    wait_for(lambda: stack.metric_sum("lrproxy_requests_total", code="200") == 4)
+
+
 async def test_wrong_method_is_405_with_allow(stack: Stack, http: aiohttp.ClientSession) -> None:
     """A known path with another method: 405 in the OpenAI shape, naming what is allowed."""
     for method, path, allow in (("GET", "/api/v1/chat/completions", {"POST"}),

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from lrproxy import __version__, eco, errors, limits, protocol
-from lrproxy.config import AUTO_MODEL, Config, Secrets
+from lrproxy.config import AUTO_MODEL, Config, Region, Secrets
 from lrproxy.log import ACCESS, MAIN, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
 from lrproxy.routing import RoutingTable, build_table
@@ -84,10 +84,15 @@ class Runtime:
     state: State
     pool: Pool
     metrics: Metrics
+    # Live readings by feed file: a region's figure is its own config's feed's reading,
+    # so that a request keeps the feed of the config it began with (SPEC §6).
     readings: dict[str, eco.Reading] = attrs.Factory(dict)
-    # Each feed file's (path, mtime, size) when last read (feeds.py): not read again
-    # until that changes.
-    feed_stamps: dict[str, tuple[str, int, int]] = attrs.Factory(dict)
+    # Each feed file's (mtime, size) when last read (feeds.py): not read again until
+    # that changes.
+    feed_stamps: dict[str, tuple[int, int]] = attrs.Factory(dict)
+    # The intensities the routing table was built with (feeds.py compares the current
+    # ones, which change as readings age, with these).
+    table_intensities: dict[str, float] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer
     # The app's loop, from its start: asyncio.current_task(loop) with the loop given
@@ -119,7 +124,12 @@ class Runtime:
 
     def intensity(self, region: str) -> eco.Intensity:
         r = self.state.config.regions[region]
-        return eco.current_intensity(r, self.readings.get(region), self.clock())
+        return eco.current_intensity(r, self.reading(r), self.clock())
+
+    def reading(self, region: Region) -> eco.Reading | None:
+        """The live reading of `region`'s own feed, if it has one and it has been read."""
+        feed = region.intensity_feed
+        return None if feed is None else self.readings.get(feed)
 
     def intensities(self) -> dict[str, float]:
         return self._intensities(self.state.config)
@@ -127,16 +137,12 @@ class Runtime:
     def install(self, config: Config, secrets: Secrets) -> None:
         """Adopt a validated config atomically (start and reload): the new state is built
         first, so that if anything fails the old config goes on serving, untouched."""
-        # A live reading stays only while its region reads the same feed: one whose feed
-        # was removed or moved to another file is back on its static figure at once.
-        was = self.state.config.regions
-        readings = {k: v for k, v in self.readings.items()
-                    if k in config.regions and k in was
-                    and config.regions[k].intensity_feed is not None
-                    and config.regions[k].intensity_feed == was[k].intensity_feed}
-        # and a feed put back later is read anew, though its file has not changed
-        stamps = {k: v for k, v in self.feed_stamps.items() if k in readings}
-        intensities = self._intensities(config, readings)
+        # Readings are kept by feed file, each config's regions reading their own: a
+        # region whose feed was removed is on its static figure at once, one moved to
+        # another file waits for that file's reading, and a request in flight keeps the
+        # feed of its config. A file no region names any more keeps its reading (a few
+        # bytes per file ever named) for those requests, and for its return.
+        intensities = self._intensities(config)
         state = make_state(config, secrets, intensities)
         for u in set(self.pool.health) - {u.name for u in config.upstreams}:
             self.metrics.usable.remove(u)  # a series per configured name only
@@ -151,8 +157,7 @@ class Runtime:
                 buckets[k.name] = new if old is None else attrs.evolve(new, tokens=old.tokens,
                                                                        at=old.at)
         self.buckets = buckets
-        self.readings, self.feed_stamps = readings, stamps
-        self.state = state
+        self.state, self.table_intensities = state, intensities
         self._publish_intensities(intensities)
         self.pool.on_change = lambda: publish_usable(self)
         publish_usable(self)
@@ -162,13 +167,12 @@ class Runtime:
         st = self.state
         intensities = self._intensities(st.config)
         self.state = attrs.evolve(st, table=build_table(st.config, intensities))
+        self.table_intensities = intensities
         self._publish_intensities(intensities)
 
-    def _intensities(self, config: Config,
-                     readings: Mapping[str, eco.Reading] | None = None) -> dict[str, float]:
+    def _intensities(self, config: Config) -> dict[str, float]:
         now = self.clock()
-        readings = self.readings if readings is None else readings
-        return {name: eco.current_intensity(r, readings.get(name), now).g_per_kwh
+        return {name: eco.current_intensity(r, self.reading(r), now).g_per_kwh
                 for name, r in config.regions.items()}
 
     def _publish_intensities(self, intensities: Mapping[str, float]) -> None:

@@ -33,6 +33,7 @@ from lrproxy.config import (
     read_config,
     resolve_secrets,
 )
+from lrproxy.feeds import poll_feeds
 from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner
@@ -347,6 +348,7 @@ def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
         rt.metrics.reloads.labels("error").inc()
         log.exception("reload refused, the old config stays: %s: %s", path, type(e).__name__)
         return
+    poll_feeds(rt)  # a feed the reload names counts from now, not from the next poll
     later = [name for name, get in _AT_RESTART if get(config) != get(old)]
     if later:
         log.warning("changed, but kept until a restart: %s", ", ".join(later))

@@ -26,8 +26,8 @@ log = logging.getLogger(MAIN)
 
 
 def poll_feeds(rt: Runtime) -> None:
-    """One pass: read changed feed files, then refresh the table if any figure moved."""
-    before = rt.intensities()
+    """One pass: read changed feed files, then rebuild the table if any region's figure
+    is not the one it was built with: a new reading, or one that has aged out."""
     seen = rt.feed_stamps
     for region in rt.state.config.regions.values():
         path = region.intensity_feed
@@ -35,22 +35,22 @@ def poll_feeds(rt: Runtime) -> None:
             continue
         try:
             st = os.stat(path)
-            stamp = (path, st.st_mtime_ns, st.st_size)  # a reload may name another file
-            if seen.get(region.name) == stamp:
+            stamp = (st.st_mtime_ns, st.st_size)
+            if seen.get(path) == stamp:
                 continue
-            seen[region.name] = stamp
+            seen[path] = stamp
             with open(path, "rb") as f:
                 reading = eco.parse_reading(f.read(65536))
         except OSError as e:
-            if seen.pop(region.name, None) is not None or region.name not in rt.readings:
+            if seen.pop(path, None) is not None or path not in rt.readings:
                 log.warning("intensity feed of region %s unreadable: %s", region.name,
                             e.strerror)
             continue
         except ValueError as e:
             log.warning("intensity feed of region %s refused: %s", region.name, e)
             continue
-        rt.readings[region.name] = reading
-    if rt.intensities() != before:
+        rt.readings[path] = reading
+    if rt.intensities() != rt.table_intensities:
         rt.refresh_table()
 
 

@@ -562,8 +562,10 @@ def _lowrouter(
     prompt: int, completion: int, measured: bool,
 ) -> dict[str, Any]:
     """The §3 object; also books the figures on `rec` for the metrics, so both agree."""
-    # The region as the request's own config has it: a reload mid-stream changes nothing.
-    reading = rt.readings.get(cand.region.name)
+    # The region as the request's own config has it, its own feed's reading included:
+    # a reload mid-stream changes nothing (rt.reading, inline).
+    feed = cand.region.intensity_feed
+    reading = None if feed is None else rt.readings.get(feed)
     intensity = (cand.static_intensity if reading is None
                  else eco.current_intensity(cand.region, reading, rt.clock()))
     figures = eco.eco_figures(

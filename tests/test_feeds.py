@@ -133,3 +133,82 @@ def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Pa
     assert grid() == 55
     reload(other)
     assert grid() == 77
+
+
+def test_reading_that_ages_out_reroutes_at_the_next_poll(make_stack: Any, tmp_path: Path) -> None:
+    """A reading that grows older than intensity_max_age_s, its file unchanged, gives way
+    to the static figure in routing, the gauge and /models at the next poll, as it does
+    in the eco figures at once (SPEC §2, §3, §5)."""
+    import time
+
+    feed = tmp_path / "us-east.json"
+    _write_feed(feed, 10)
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["us-east"].update(intensity_feed=str(feed), intensity_max_age_s=600)
+
+    stack = make_stack(mutate)
+
+    def ask() -> dict[str, Any]:
+        r = stack.client().chat.completions.create(
+            model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        return r.model_extra["lowrouter"]  # type: ignore[no-any-return,index]
+
+    def listed() -> dict[str, float]:
+        models = stack.client().models.list()
+        entry = next(m for m in models.data if m.id == "openai/gpt-4o-mini")
+        return entry.model_extra["lowrouter"]["carbon_per_1k_tokens_g"]  # type: ignore[no-any-return,index]
+
+    lr = ask()
+    assert lr["route"]["region"] == "us-east" and lr["eco"]["accuracy"] == "measured"
+    fresh = listed()
+    assert fresh["us-east"] < fresh["eu-west"]
+    stack.runtime.clock = lambda: time.time() + 3600  # the file stays as it was
+    stack.call(lambda: poll_feeds(stack.runtime))
+    lr = ask()
+    assert lr["route"]["region"] == "eu-west"  # 290 g/kWh beats us-east's static 380
+    assert stack.metric("lrproxy_grid_intensity_g_per_kwh", region="us-east") == 380
+    stale = listed()
+    assert stale["us-east"] > stale["eu-west"] and stale["eu-west"] == fresh["eu-west"]
+
+
+def test_a_stream_in_flight_keeps_the_feeds_of_its_config(make_stack: Any, tmp_path: Path) -> None:
+    """A reload that adds a feed to the region of a stream in flight, or removes it,
+    leaves that stream's eco on the config it began with (SPEC §6); later requests
+    take the new one."""
+    from conftest import ENVIRON
+
+    from lrproxy.config import parse_config, resolve_secrets
+
+    feed = tmp_path / "eu-west.json"
+    _write_feed(feed, 10)
+    stack = make_stack()
+
+    def reload(path: Path | None) -> None:
+        region = stack.data["regions"]["eu-west"]
+        region.pop("intensity_feed", None)
+        if path is not None:
+            region["intensity_feed"] = str(path)
+        config = parse_config(stack.data, source="test")
+        stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
+        stack.call(lambda: poll_feeds(stack.runtime))
+
+    def stream_across(path: Path | None) -> dict[str, Any]:
+        chunks = iter(stack.client().chat.completions.create(
+            model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+            stream=True, extra_body={"route": {"region": "eu-west"},
+                                     "sim": {"chunks": 4, "chunk_delay_s": 0.1}}))
+        next(chunks)
+        reload(path)
+        eco: dict[str, Any] = [c for c in chunks if c.model_extra.get("lowrouter")][-1] \
+            .model_extra["lowrouter"]["eco"]  # type: ignore[index]
+        return eco
+
+    eco = stream_across(feed)  # began on the static figure, the feed came mid-stream
+    assert (eco["grid_intensity_g_per_kwh"], eco["accuracy"]) == (290, "estimated")
+    eco = stream_across(None)  # began on the feed, which went mid-stream
+    assert (eco["grid_intensity_g_per_kwh"], eco["accuracy"]) == (10, "measured")
+    r = stack.client().chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+        extra_body={"route": {"region": "eu-west"}})
+    assert r.model_extra["lowrouter"]["eco"]["grid_intensity_g_per_kwh"] == 290  # type: ignore[index]

@@ -305,6 +305,31 @@ def test_reload_names_what_waits_for_a_restart(tmp_path: Path, sim: SimThread) -
         proxy.stop()
 
 
+def test_reload_reads_the_feeds_it_names_at_once(tmp_path: Path, sim: SimThread) -> None:
+    """A reload that gives a region a feed: the next request's eco has its reading,
+    without waiting for the poller's next pass (5 s)."""
+    import datetime as dt
+
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    good = config_toml(sim.base_url, port, intensity=100)
+    cfg.write_text(good)
+    feed = tmp_path / "r1.json"
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    feed.write_text(json.dumps({"zone": "FR", "carbonIntensity": 42, "datetime": now}))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        with _client(port) as client:
+            assert _plain(client, {}) == 100
+            cfg.write_text(good.replace("pue = 1.0\n", f'pue = 1.0\nintensity_feed = "{feed}"\n'))
+            proxy.signal(signal.SIGHUP)
+            wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
+            assert _plain(client, {}) == 42
+    finally:
+        proxy.stop()
+
+
 def test_auto_without_auto_models_is_404_and_logged(tmp_path: Path, sim: SimThread) -> None:
     """No [auto] section: lowrouter/auto is a 404 the SDK raises as NotFoundError (not a 503
     to retry for ever), and the start says so."""

@@ -657,17 +657,40 @@ def _answer_headers(rt: Runtime, rec: Rec, stream: bool) -> CIMultiDict[str]:
 
 
 def _completion_chars(doc: dict[str, Any]) -> int:
+    """The characters a JSON answer generated, for its estimate when it has no usage:
+    text, refusal and reasoning, and the names and arguments of tool and function calls."""
     total = 0
     for c in doc.get("choices") or ():
-        if isinstance(c, dict):
-            msg = c.get("message") or {}
-            content = msg.get("content") if isinstance(msg, dict) else None
-            if isinstance(content, str):
-                total += len(content)
-            text = c.get("text")
-            if isinstance(text, str):
-                total += len(text)
+        if not isinstance(c, dict):
+            continue
+        total += _text_chars(c.get("text"))  # legacy completions
+        msg = c.get("message")
+        if not isinstance(msg, dict):
+            continue
+        for key in ("content", "refusal", "reasoning_content", "reasoning"):
+            total += _text_chars(msg.get(key))
+        calls = msg.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            if isinstance(call, dict):
+                total += _call_chars(call.get("function"))
+        total += _call_chars(msg.get("function_call"))  # the older single-call shape
     return total
+
+
+def _text_chars(value: Any) -> int:
+    """A string's length, or the text parts' of a content list."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(len(p["text"]) for p in value
+                   if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
+
+
+def _call_chars(fn: Any) -> int:
+    if not isinstance(fn, dict):
+        return 0
+    return _text_chars(fn.get("name")) + _text_chars(fn.get("arguments"))
 
 
 # ---------------------------------------------------------------------------------------

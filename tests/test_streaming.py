@@ -537,6 +537,36 @@ async def test_json_answer_to_a_stream_request_is_a_502(
     assert len(canned.requests) >= 2  # retried where it was pinned, then answered
 
 
+async def test_tool_call_answer_without_usage_counts_its_calls(
+    canned: Canned, make_stack: MakeStack,
+) -> None:
+    """A JSON answer of tool calls (content null) with no usage: the completion tokens
+    are estimated from the calls' names and arguments, not counted as none."""
+    from lrproxy.eco import estimate_tokens
+
+    stack = canned_stack(make_stack, canned)
+    calls = [{"id": f"call_{i}", "type": "function",
+              "function": {"name": name, "arguments": orjson.dumps(args).decode()}}
+             for i, (name, args) in enumerate([("get_weather", {"city": "Paris", "unit": "c"}),
+                                               ("get_time", {"tz": "Europe/Paris"})])]
+    canned.json = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+         "finish_reason": "tool_calls"}]})
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{stack.base_url}/chat/completions",
+        data=orjson.dumps({"model": LLAMA, "messages": MSGS}),
+        headers={**auth(stack), "X-LowRouter-Region": "eu-north"},
+        timeout=aiohttp.ClientTimeout(total=15),
+    ) as r:
+        assert r.status == 200
+        doc = await r.json()
+    assert doc["choices"][0]["message"]["tool_calls"] == calls
+    chars = sum(len(c["function"]["name"]) + len(c["function"]["arguments"]) for c in calls)
+    tokens = doc["lowrouter"]["eco"]["tokens"]
+    assert tokens["completion"] == estimate_tokens(chars) > 0
+    assert doc["lowrouter"]["eco"]["accuracy"] == "estimated"
+
+
 async def test_chunks_shaped_alike_take_the_short_check(
     canned: Canned, make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:

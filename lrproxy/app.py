@@ -292,6 +292,8 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
             rec.status = resp.status
     except errors.ProxyError as e:
         resp = await _answer_error(rec, e)
+        if "Expect" in request.headers and not request.content.is_eof():
+            resp.force_close()  # refused before its 100 Continue: the body is not coming
     except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
         err = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
             f"{request.method} {request.path} is not part of this API"
@@ -363,12 +365,31 @@ def finish_headers(rt: Runtime, resp: web.StreamResponse, request_id: str) -> No
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     """aiohttp's handling of `Expect:` (100-continue), with what it refuses answered in
     the OpenAI shape; it runs before the route's handler, so outside the edge."""
+    return await _expectation(request, at_once=True)
+
+
+async def _expect_later(request: web.Request) -> web.StreamResponse | None:
+    """`_expect` for the routes that take a body (chat, embeddings): `100 Continue` goes
+    only once the key, the length and the encoding have passed (`send_continue`), so
+    that a refused client (401, 413, 415) never sends its body."""
+    return await _expectation(request, at_once=False)
+
+
+async def send_continue(request: web.Request) -> None:
+    """`HTTP/1.1 100 Continue` when the client waits for it, before its body is read."""
+    if (request.version == aiohttp.HttpVersion11
+            and request.headers.get("Expect", "").lower() == "100-continue"):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # what follows is the answer's own start
+
+
+async def _expectation(request: web.Request, at_once: bool) -> web.StreamResponse | None:
     expect = request.headers.get("Expect", "")
     if request.version != aiohttp.HttpVersion11:
         return None
     if expect.lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # what follows is the answer's own start
+        if at_once:
+            await send_continue(request)
         return None
     err = errors.ExpectationFailed(f"'Expect: {expect[:40]}' is not supported; "
                                    "send the request without it.")
@@ -509,8 +530,9 @@ def make_app(
     for path, (method, handler) in routes.items():
         allowed[path] = {method, "HEAD"} if method == "GET" else {method}
         h = edged(handler, rt)
+        expect = _expect_later if method == "POST" else _expect
         for m in allowed[path]:  # HEAD as add_get() gives it: the GET handler, no body
-            app.router.add_route(m, path, h, expect_handler=_expect)
+            app.router.add_route(m, path, h, expect_handler=expect)
             direct.setdefault(path, {})[m] = h
     app[protocol.ROUTES] = direct  # the same handlers without the router (protocol.direct)
 

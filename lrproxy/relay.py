@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from lrproxy import eco, errors, limits, sse, upstream
-from lrproxy.app import Rec, Runtime, State, finish_headers, server_timing
+from lrproxy.app import Rec, Runtime, State, finish_headers, send_continue, server_timing
 from lrproxy.log import MAIN
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
@@ -69,6 +69,7 @@ async def _read_body(request: web.Request, st: State) -> bytes:
     size = 0
     try:
         async with asyncio.timeout(st.config.timeouts.client_body):
+            await send_continue(request)  # the key, length and encoding have passed
             while data := await content.readany():
                 size += len(data)
                 if size > limit:

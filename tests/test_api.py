@@ -818,6 +818,46 @@ async def test_paths_the_router_takes_reach_the_same_handler(
     wait_for(lambda: stack.metric_sum("lrproxy_requests_total", code="200") == 4)
 
 
+def test_expect_continue_comes_only_after_the_checks(stack: Stack) -> None:
+    """`Expect: 100-continue` on a chat request: a client refused by its key, its
+    Content-Length or its encoding gets the refusal instead of `100 Continue`, and never
+    sends its body; one that passes gets `100 Continue`, sends, and has its answer."""
+    import socket
+
+    host, port = stack.origin.removeprefix("http://").split(":")
+    body = json.dumps({"model": MINI, "messages": MSGS}).encode()
+
+    def ask(headers: dict[str, str], send_body: bool) -> tuple[bytes, bytes]:
+        """(what came before the body was sent, what came after)"""
+        lines = ["POST /v1/chat/completions HTTP/1.1", f"Host: {host}",
+                 "Content-Type: application/json", "Expect: 100-continue",
+                 *(f"{k}: {v}" for k, v in headers.items())]
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            first = s.recv(65536)
+            if not send_body:
+                return first, b""
+            s.sendall(body)
+            rest = b""
+            while b'"lowrouter"' not in rest:
+                data = s.recv(65536)
+                assert data, rest
+                rest += data
+            return first, rest
+
+    key = {"Authorization": f"Bearer {stack.key}"}
+    for headers, status in (({"Content-Length": "10000000"}, b"401"),
+                            ({**key, "Content-Length": "10000000"}, b"413"),
+                            ({**key, "Content-Length": str(len(body)),
+                              "Content-Encoding": "gzip"}, b"415")):
+        first, _ = ask(headers, send_body=False)
+        assert first.startswith(b"HTTP/1.1 " + status), first[:200]
+        assert b"100 Continue" not in first and b'"error"' in first
+    first, rest = ask({**key, "Content-Length": str(len(body))}, send_body=True)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert rest.startswith(b"HTTP/1.1 200 ")
+
+
 async def test_wrong_method_is_405_with_allow(stack: Stack, http: aiohttp.ClientSession) -> None:
     """A known path with another method: 405 in the OpenAI shape, naming what is allowed."""
     for method, path, allow in (("GET", "/api/v1/chat/completions", {"POST"}),

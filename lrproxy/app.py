@@ -296,7 +296,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
             resp.force_close()  # refused before its 100 Continue: the body is not coming
     except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
         err = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
-            f"{request.method} {request.path} is not part of this API"
+            f"{request.method} {(request.path or request.raw_path)[:200]} is not part of this API"
             if e.status in (404, 405) else e.reason
         )
         rec.status, rec.error = e.status, err.code
@@ -543,8 +543,10 @@ def make_app(
             raise web.HTTPMethodNotAllowed(request.method, allowed[path])
         raise web.HTTPNotFound()
 
-    app.router.add_route("*", "/{tail:.*}", edged(no_route, rt),  # last: matched last
+    unrouted: Any = edged(no_route, rt)  # it takes the app's requests, web.Request
+    app.router.add_route("*", "/{tail:.*}", unrouted,  # last: matched last
                          expect_handler=_expect)
+    app[protocol.UNROUTED] = unrouted  # for targets with no path, which no route matches
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(feeds.feeds_ctx)
     return app

@@ -32,13 +32,18 @@ _Handle = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # The app's own routes, {path: {method: handler}}, each path as it is routed (SPEC §1):
 # the connections' handler calls these itself (`direct`), without the router.
 ROUTES: Final = web.AppKey[dict[str, dict[str, _Handle]]]("lrproxy_routes")
+# The app's answer to a target that is no path at all (`OPTIONS *`, `CONNECT host:443`,
+# `GET http://host`), which aiohttp's router would answer with its own text 404.
+UNROUTED: Final = web.AppKey[_Handle]("lrproxy_unrouted")
 
 
-def direct(routes: dict[str, dict[str, _Handle]], app_handle: _Handle) -> _Handle:
+def direct(routes: dict[str, dict[str, _Handle]], app_handle: _Handle,
+           unrouted: _Handle | None = None) -> _Handle:
     """The server's request handler: a request whose target is exactly one of `routes`'
-    paths, with a method it takes and no `Expect:`, goes straight to that handler; any
-    other (a query string, an escape, an unknown path or method) to `app_handle`, the
-    application's router, which would have picked the same handler for the first kind.
+    paths, with a method it takes and no `Expect:`, goes straight to that handler; a
+    target with no path to `unrouted`; any other (a query string, an escape, an unknown
+    path or method) to `app_handle`, the application's router, which would have picked
+    the same handler for the first kind.
 
     The router's resolve, match info and middleware check cost ~30 k instructions a
     request (bench/RESULTS.md, ninth round), a twentieth of a minimal relay's. The
@@ -52,6 +57,8 @@ def direct(routes: dict[str, dict[str, _Handle]], app_handle: _Handle) -> _Handl
             h = methods.get(request.method)
             if h is not None:
                 return h(request)
+        if unrouted is not None and not request.path.startswith("/"):
+            return unrouted(request)
         return app_handle(request)
 
     return handle
@@ -179,5 +186,6 @@ class Runner(web.AppRunner):
 
         server.__class__ = Server  # aiohttp builds the Server; we only pick its handler
         if routes := self.app.get(ROUTES):
-            server.request_handler = direct(routes, server.request_handler)
+            server.request_handler = direct(routes, server.request_handler,
+                                            self.app.get(UNROUTED))
         return server

@@ -858,6 +858,28 @@ def test_expect_continue_comes_only_after_the_checks(stack: Stack) -> None:
     assert rest.startswith(b"HTTP/1.1 200 ")
 
 
+def test_targets_with_no_path_get_the_openai_404(stack: Stack) -> None:
+    """`OPTIONS *`, `CONNECT host:port` and an absolute URL with no path match no route:
+    a 404 in the OpenAI shape from lrproxy, not aiohttp's text page and Server header."""
+    import socket
+
+    host, port = stack.origin.removeprefix("http://").split(":")
+    for target in ("OPTIONS *", "CONNECT example.com:443", f"GET http://{host}:{port}"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"{target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            raw = b""
+            while data := s.recv(65536):
+                raw += data
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = dict(ln.split(": ", 1) for ln in lines[1:])
+        assert lines[0] == "HTTP/1.1 404 Not Found", target
+        assert headers["Server"] == "lrproxy" and "X-Request-Id" in headers, headers
+        assert "Server-Timing" in headers
+        err = json.loads(body)["error"]
+        assert err["code"] == "not_found" and target.split()[1] in err["message"], err
+
+
 async def test_wrong_method_is_405_with_allow(stack: Stack, http: aiohttp.ClientSession) -> None:
     """A known path with another method: 405 in the OpenAI shape, naming what is allowed."""
     for method, path, allow in (("GET", "/api/v1/chat/completions", {"POST"}),

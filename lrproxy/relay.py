@@ -543,7 +543,7 @@ async def _first_events(
                 if tail.failure is not None:  # nothing has reached the client: fail over
                     raise tail.failure
                 attempt.first += out
-                attempt.got_event = events > 0
+                attempt.got_event = events > 0 and tail.began()
     except TimeoutError:
         if keepalive < first_byte:
             return  # silent for the keep-alive time: commit and wait on in the relay
@@ -711,6 +711,12 @@ class _Tail:
     client_usage: bool = False  # the client asked for usage: it takes `choices: []` chunks
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
 
+    def began(self) -> bool:
+        """True once a data event has come: comments (`: OPENROUTER PROCESSING`) before
+        it are not the stream's first event, which the status line waits for (SPEC §1.1)."""
+        return bool(self.content_events or self.held or self.usage_chunk is not None
+                    or self.done)
+
 
 def _take(data: bytes, splitter: sse.EventSplitter, tail: _Tail) -> tuple[bytes, int]:
     """What to forward of one upstream read, and how many events it completed.
@@ -845,7 +851,8 @@ async def _relay_stream(
     watch = rt.deadlines.watch(task)  # moved before each read below
     idle, keepalive = tmo.idle, tmo.keepalive
     try:
-        data = attempt.first if got_event else KEEPALIVE_EVENT
+        # (comments that came before a silence long enough to commit go as they came)
+        data = attempt.first if got_event or attempt.first else KEEPALIVE_EVENT
         attempt.first = b""
         if not out.prepared:
             await out.prepare(request)
@@ -912,7 +919,8 @@ async def _relay_stream(
                 else:
                     data, events = _take_rest(chunk, cut, events, splitter, tail)
             if events:
-                got_event = True
+                if not got_event:
+                    got_event = tail.began()
                 if tail.done:
                     last = data
                 elif not data:

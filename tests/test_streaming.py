@@ -537,6 +537,37 @@ async def test_json_answer_to_a_stream_request_is_a_502(
     assert len(canned.requests) >= 2  # retried where it was pinned, then answered
 
 
+async def test_comments_before_the_first_event_do_not_commit(
+    canned: Canned, make_stack: MakeStack,
+) -> None:
+    """An upstream that sends only a comment (`: OPENROUTER PROCESSING`) and then ends
+    has sent no event: the attempt fails over, or is a 502 where pinned, instead of a
+    200 and an error event; comments before a first event go on with it, as they came."""
+    stack = canned_stack(make_stack, canned)
+    comment = b": OPENROUTER PROCESSING\n\n"
+    canned.events = [comment]
+    status, headers, body = await raw_post(stack, body_of())
+    assert status == 200 and headers["X-LowRouter-Upstream"] != "eu-north-a"
+    assert obj_of(split_events(body)[-2])["lowrouter"]["route"]["attempts"] == 2
+    assert comment not in body
+    status, headers, body = await _pinned_post(stack)
+    assert status == 502 and orjson.loads(body)["error"]["code"] == "upstream_error"
+    canned.events = [comment, comment, chunk(content="a"), chunk(finish="stop"),
+                     b"data: [DONE]\n\n"]
+    canned.pause = 0.02
+    status, headers, body = await _pinned_post(stack)
+    assert status == 200 and body.startswith(comment + comment + chunk(content="a"))
+
+
+async def _pinned_post(stack: Stack) -> tuple[int, Mapping[str, str], bytes]:
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{stack.base_url}/chat/completions", data=body_of(),
+        headers={**auth(stack), "X-LowRouter-Region": "eu-north"},
+        timeout=aiohttp.ClientTimeout(total=15),
+    ) as r:
+        return r.status, r.headers.copy(), await r.read()
+
+
 async def test_tool_call_answer_without_usage_counts_its_calls(
     canned: Canned, make_stack: MakeStack,
 ) -> None:

@@ -709,6 +709,7 @@ class _Tail:
     done_event: bytes = DONE_EVENT
     done: bool = False
     client_usage: bool = False  # the client asked for usage: it takes `choices: []` chunks
+    shape: sse.ChunkShape = attrs.Factory(sse.ChunkShape)  # of the content chunks so far
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
 
     def began(self) -> bool:
@@ -721,47 +722,48 @@ class _Tail:
 def _take(data: bytes, splitter: sse.EventSplitter, tail: _Tail) -> tuple[bytes, int]:
     """What to forward of one upstream read, and how many events it completed.
 
-    The plain content chunks at its start (usually all of it) go on as they are; only
-    the rest is split into events and looked at one by one (`_take_events`).
+    A read of one content chunk shaped as an earlier one (`sse.ChunkShape`, the usual
+    read of a live stream) goes on as it is; any other is split into events, looked at
+    one by one (`_take_events`).
     """
-    cut, plain = (0, 0) if splitter.held else sse.plain_prefix(data)
-    if cut == len(data):
-        tail.content_events += plain
-        return data, plain
-    return _take_rest(data, cut, plain, splitter, tail)
-
-
-def _take_rest(
-    data: bytes, cut: int, plain: int, splitter: sse.EventSplitter, tail: _Tail
-) -> tuple[bytes, int]:
-    """`_take` of a read whose first `cut` bytes are `plain` plain chunks, and the rest
-    is not (the relay's loop does the plain part itself)."""
-    tail.content_events += plain
-    events = splitter.feed(data[cut:] if cut else data)
-    rest = _take_events(events, tail) if events else b""
-    if not cut:
-        return rest, len(events)
-    return (data[:cut] + rest if rest else data[:cut]), plain + len(events)
+    if not splitter.held and tail.shape.fitting((data,)):
+        tail.content_events += 1
+        return data, 1
+    events = splitter.feed(data)
+    return (_take_events(events, tail) if events else b""), len(events)
 
 
 def _take_events(events: list[bytes], tail: _Tail) -> bytes:
     """The bytes to forward now; hold finish and usage chunks; note a broken stream.
 
-    A broken event sets `tail.failure`, for the caller to raise after it has written the
-    events that came before it in the same read.
+    A content chunk of a learnt shape passes unparsed; every other data event is
+    parsed (`sse.classify`), and a content chunk among them teaches its shape. A broken
+    event sets `tail.failure`, for the caller to raise after it has written the events
+    that came before it in the same read.
     """
     out: list[bytes] = []
-    for ev in events:
+    shape = tail.shape
+    n, i = len(events), 0
+    while i < n:
+        k = shape.fitting(events, i)
+        if k:
+            tail.content_events += k
+            out.extend(events[i:i + k] if i or k < n else events)
+            i += k
+            if i == n:
+                break
+        ev = events[i]
+        i += 1
         kind, obj = sse.classify(ev)
         if kind == sse.Kind.PASS:
             if obj is None:
-                if sse.is_data_event(ev):  # not a comment
-                    tail.content_events += 1
+                pass  # a comment, or an event without data
             elif obj.get("choices") == []:  # no usage: Azure's prompt_filter_results, say
                 if not tail.client_usage:
                     continue  # the SDK's chunk.choices[0] loop never meets one (SPEC §1.1)
             else:
                 tail.content_events += 1
+                shape.learn(ev)
             out.append(ev)
             continue
         if kind == sse.Kind.FINAL:
@@ -865,9 +867,7 @@ async def _relay_stream(
         if tail.failure is not None:
             raise tail.failure
         fast = _ChunkWriter.of(request)
-        read, plain_prefix = resp.read_some, sse.plain_prefix
-        shape = sse.ChunkShape()
-        fits = shape.fits
+        read, feed, fitting = resp.read_some, splitter.feed, tail.shape.fitting
         while not tail.done:
             # The read ends by the first of: idle since the last byte, the total, the
             # first event's deadline until it came, and (between events) the keep-alive.
@@ -904,20 +904,15 @@ async def _relay_stream(
             if not chunk:
                 break  # a clean end without [DONE]: finish as if it came (SPEC §1.1)
             last_byte = loop.time()
-            # `_take`, its usual cases written out: the read is one content chunk shaped
-            # as the one before, or whole plain chunks
-            if not splitter.held and fits(chunk):
+            # `_take`, written out: the read is one content chunk shaped as before, or
+            # is split into events and looked at one by one
+            if not splitter.held and fitting((chunk,)):
                 tail.content_events += 1
                 data, events = chunk, 1
             else:
-                cut, events = (0, 0) if splitter.held else plain_prefix(chunk)
-                if cut == len(chunk):
-                    tail.content_events += events
-                    data = chunk
-                    if events == 1:
-                        shape.learn(chunk)
-                else:
-                    data, events = _take_rest(chunk, cut, events, splitter, tail)
+                taken = feed(chunk)
+                events = len(taken)
+                data = _take_events(taken, tail) if taken else b""
             if events:
                 if not got_event:
                     got_event = tail.began()

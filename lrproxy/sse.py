@@ -2,35 +2,24 @@
 
 `EventSplitter` finds event boundaries in whatever pieces the upstream's bytes arrive
 and returns each complete event's bytes exactly as received (LF or CRLF line ends,
-comment lines and multi-line `data:` included). `classify` looks at one event just
-enough to tell the relay whether it must be held back (a finish or usage chunk), and
-only then parses its JSON. Lone-CR line ends (allowed by the SSE standard, sent by no
-OpenAI-compatible server we know) are not treated as line ends.
+comment lines and multi-line `data:` included). `classify` parses an event's JSON and
+tells the relay whether to pass it on, hold it back (a finish or usage chunk) or end
+the stream (an error, data that is not a JSON object). `ChunkShape` vouches for a
+content chunk without parsing it, when it is an earlier parsed chunk's bytes around
+other text. Lone-CR line ends (allowed by the SSE standard, sent by no OpenAI-compatible
+server we know) are not treated as line ends.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Final
 
 import orjson
 
 DONE: Final = b"[DONE]"
 _DONE_EVENT: Final = b"data: [DONE]\n\n"
-
-# A chunk needs a closer look only if it may finish a choice or carry usage; every
-# OpenAI content chunk has `"finish_reason":null`, so match a non-null value only.
-# Three searches, not one of three alternatives: each starts with a literal, which `re`
-# finds fast, and a finish chunk (what mostly comes here) stops at the first.
-_FINAL_HINTS: Final = (
-    re.compile(rb'"finish_reason"\s*:\s*[^n\s]'),
-    re.compile(rb'"usage"\s*:\s*\{'),
-    re.compile(rb'"choices"\s*:\s*\[\s*\]'),
-)
-# One `data:` line holding `{...}`: a content chunk as every server sends it, passed on
-# unparsed. Anything else with data (a cut `{not json`, [DONE], multi-line data) is parsed.
-_PLAIN_CHUNK: Final = re.compile(rb"data: ?\{[^\r\n]*\}\r?\n\r?\n")
-
 
 class EventSplitter:
     """Incremental SSE splitter: `feed(bytes) -> [event bytes]`, `close() -> leftover bytes`."""
@@ -45,6 +34,16 @@ class EventSplitter:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self.held + data if self.held else data
+        if buf.endswith(b"\n\n") and buf.find(b"\r") < 0:
+            # Whole one-line events with LF line ends (every OpenAI-compatible stream):
+            # split at each LF (a memchr; a split at LF LF searches ~10 times slower),
+            # the lines alternate event, blank, event, blank, ... and a last blank.
+            lines = buf.split(b"\n")
+            if not any(lines[1::2]) and all(lines[0:-1:2]):
+                self.held, self._scan = b"", 0
+                if len(lines) == 3:
+                    return [buf]
+                return [line + b"\n\n" for line in lines[0:-1:2]]
         if buf.find(b"\r") < 0 and buf.find(b"\n\n\n") < 0 and buf[:1] != b"\n":
             # LF line ends and no blank line of its own (every OpenAI-compatible stream):
             # each blank line ends an event, one split finds them all.
@@ -89,46 +88,16 @@ class EventSplitter:
         return rest
 
 
-# Where a read stops being plain content chunks: usage or a finish_reason that is not
-# null (OpenAI sends `"usage":null` on every chunk), an error, or a CR line end. Each
-# regex starts with a literal, which `re` finds at memchr speed.
-_NOT_NULL: Final = (re.compile(rb'"finish_reason"(?!:null)'), re.compile(rb'"usage"(?!:null)'))
-_ERROR: Final = b'"error"'
-
-
-def plain_prefix(data: bytes) -> tuple[int, int]:
-    """(length, events) of the longest start of `data` made of whole plain content chunks.
-
-    A plain chunk is one `data: {...}` line and its blank line, with no error, usage or
-    finish_reason other than null, and non-empty choices: what `classify` passes on
-    unparsed. The relay forwards such a prefix as it is, without splitting it into
-    events, which is most of every read of a stream; only the rest goes through
-    `EventSplitter` and `classify`. Checked by scanning bytes (about ten scans of the
-    read), never by parsing, and on any doubt the answer is (0, 0): the careful path
-    then does it all. Call it only at an event boundary (the splitter holds nothing).
-    """
-    # A live stream mostly arrives one chunk per read: that case in fewer scans, with
-    # the answer `_plain_prefix_scan` gives (tests/test_sse.py checks both agree).
-    n = len(data)
-    if (
-        data.find(b"\n") == n - 2
-        and data.endswith(b"}\n\n")
-        and data.startswith(b"data: {")
-        and data.find(b"\r") < 0  # find(), not `in`: ~1,000 instructions less each
-        and data.find(_ERROR) < 0
-        and data.count(b'"choices":[{') == 1
-        and _NOT_NULL[0].search(data) is None
-        and _NOT_NULL[1].search(data) is None
-    ):
-        return n, 1
-    return _plain_prefix_scan(data)
-
-
 # A content chunk's text, and OpenAI's `obfuscation` padding after it, are the only
 # parts of a stream's content chunks that change from one to the next.
 _TEXT_KEY: Final = re.compile(rb'"content": ?"')
 _PAD_KEY: Final = re.compile(rb'"obfuscation": ?"')
-_NOT_IN_HOLE: Final = re.compile(rb'["\r\n]')
+# What a JSON string's text may not hold as it is: a quote, a control character, a
+# backslash that starts no escape; also (for fewer cases to think about) a \u escape of
+# a UTF-16 surrogate, which orjson takes only in pairs. A text with any of these is not
+# vouched for: its chunk is parsed instead.
+_BAD_IN_HOLE: Final = re.compile(
+    rb'[\x00-\x1f"]|\\(?![\\/bfnrt]|u(?![dD][89abAB])[0-9a-fA-F]{4})')
 _LESSONS: Final = 4  # shapes a stream may learn (role chunk, content chunks, a change)
 
 
@@ -137,12 +106,13 @@ class ChunkShape:
 
     A server writes each content chunk of a stream as the same bytes (id, created,
     model, `"finish_reason":null`, ...) around its text, and OpenAI around one more
-    string, its `obfuscation` padding. `fits(read)` is True for a read of exactly those
-    bytes around strings that hold no quote, CR or LF and do not end in a backslash:
-    the chunk it was learnt from with other text in the same JSON string, which is as
-    plain as that chunk was (`plain_prefix`), though not always by `plain_prefix`'s
-    checks (a text of `error` makes `"error"`). Five or seven C calls where
-    `plain_prefix` makes ten (bench/RESULTS.md). Call it only at an event boundary.
+    string, its `obfuscation` padding. `learn` takes those bytes from a content chunk
+    `classify` parsed and passed. `fits(event)` is True for an event of exactly those
+    bytes around texts that are valid JSON string contents (no quote, no control
+    character, only valid escapes, no backslash at the end, valid UTF-8): the learnt
+    chunk with other text in the same strings, so valid JSON of the same skeleton,
+    which `classify` would pass on as it passed that one. Five or seven C calls against
+    a parse (bench/RESULTS.md). Call it only at an event boundary.
     """
 
     __slots__ = ("_head_len", "_mid_len", "_tail_len", "head", "lessons", "mid", "tail")
@@ -155,22 +125,39 @@ class ChunkShape:
         self.lessons = _LESSONS
 
     def fits(self, data: bytes) -> bool:
-        start = self._head_len
-        end = len(data) - self._tail_len  # where the last string's closing quote is
-        if end < start or not data.startswith(self.head) or not data.endswith(self.tail):
-            return False
-        if data[end - 1] == 0x5C:  # a backslash would escape the closing quote
-            return False
-        if not self._mid_len:
-            return _NOT_IN_HOLE.search(data, start, end) is None
-        mid = data.find(self.mid, start, end)
-        return (mid > 0 and data[mid - 1] != 0x5C
-                and _NOT_IN_HOLE.search(data, start, mid) is None
-                and _NOT_IN_HOLE.search(data, mid + self._mid_len, end) is None)
+        return self.fitting((data,)) == 1
+
+    def fitting(self, events: Sequence[bytes], i: int = 0) -> int:
+        """How many of `events`, from the `i`-th on, fit in a row (one call for a read
+        of many events: the loop keeps the shape in locals)."""
+        head, mid, tail = self.head, self.mid, self.tail
+        start, mid_len, tail_len = self._head_len, self._mid_len, self._tail_len
+        bad = _BAD_IN_HOLE.search
+        n = len(events)
+        k = i
+        while k < n:
+            data = events[k]
+            end = len(data) - tail_len  # where the last string's closing quote is
+            if (end < start or not data.startswith(head) or not data.endswith(tail)
+                    or data[end - 1] == 0x5C):  # a backslash would escape that quote
+                break
+            if not mid_len:
+                if bad(data, start, end) is not None:
+                    break
+            else:
+                m = data.find(mid, start, end)
+                if (m <= 0 or data[m - 1] == 0x5C or bad(data, start, m) is not None
+                        or bad(data, m + mid_len, end) is not None):
+                    break
+            if not data.isascii() and not _is_utf8(data):
+                break
+            k += 1
+        return k - i
 
     def learn(self, event: bytes) -> None:
-        """Take the shape of `event`, one whole plain chunk (by `plain_prefix`) that
-        `fits` declined, unless only its text was the reason or the lessons are used."""
+        """Take the shape of `event`, a content chunk `classify` parsed and passed on
+        (PASS, with non-empty choices) that `fits` declined, unless only its text was
+        the reason or the lessons are used."""
         if self.lessons <= 0 or (event.startswith(self.head) and event.endswith(self.tail)):
             return
         self.lessons -= 1
@@ -197,50 +184,12 @@ class ChunkShape:
         self._head_len, self._mid_len, self._tail_len = start, len(self.mid), len(self.tail)
 
 
-def _plain_prefix_scan(data: bytes) -> tuple[int, int]:
-    """`plain_prefix` for a read of any number of events.
-
-    Every check is one C scan of the read (a regex search costs ~3 times a count, see
-    bench/instr.py): a read of a whole stream spends most of its relay's work here.
-    """
-    if data.find(b"\r") >= 0:
-        return 0, 0
-    end = data.rfind(b"\n\n") + 2
-    # A finish_reason usually is in the read (its last), so search for it: after the
-    # last null one when those before it are all null (two counts cost half the search);
-    # usage:null is on every content chunk, so its two counts agree unless a usage is in
-    # the way.
-    start = data.rfind(b'"finish_reason":null', 0, end)
-    if start < 0 or (data.count(b'"finish_reason"', 0, start)
-                     != data.count(b'"finish_reason":null', 0, start)):
-        start = 0
-    m = _NOT_NULL[0].search(data, start, end)
-    if m is not None:
-        end = data.rfind(b"\n\n", 0, m.start()) + 2
-    if data.count(b'"usage"', 0, end) != data.count(b'"usage":null', 0, end):
-        m = _NOT_NULL[1].search(data, 0, end)
-        assert m is not None  # some "usage" is not followed by :null
-        end = data.rfind(b"\n\n", 0, m.start()) + 2
-    i = data.find(_ERROR, 0, end)
-    if i >= 0:
-        end = data.rfind(b"\n\n", 0, i) + 2
-    if end < 2:
-        return 0, 0
-    # Each event is exactly one line, `data: {` … `}` LF LF ([DONE] is not `{`): the
-    # n - 1 `}` LF LF `data: {` between them and the `}` LF LF at the end hold all 2n LFs.
-    # Taken out (one pass), the last two LFs are left, which a memchr finds; counting
-    # the LFs instead costs ~5 instructions a byte.
-    body = data if end == len(data) else data[:end]
-    rest = body.replace(b"}\n\ndata: {", b"")
-    n = (len(body) - len(rest)) // 10 + 1
-    if (
-        not data.startswith(b"data: {")
-        or not rest.endswith(b"}\n\n")
-        or rest.find(b"\n") != len(rest) - 2
-        or data.count(b'"choices":[{', 0, end) != n
-    ):
-        return 0, 0
-    return end, n
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -272,38 +221,12 @@ class Kind:
     MALFORMED: Final = 4  # data that is not JSON
 
 
-def _plain_chunk(event: bytes) -> bool:
-    """One `data: {...}` line and its blank line: what `_PLAIN_CHUNK` matches, by plain
-    byte searches (a regex over every event cost ~3 µs, a stream has dozens)."""
-    if event.startswith(b"data: {"):
-        start = 7
-    elif event.startswith(b"data:{"):
-        start = 6
-    else:
-        return False
-    if event.endswith(b"}\n\n"):
-        end = len(event) - 2
-    elif event.endswith(b"}\r\n\r\n"):
-        end = len(event) - 4
-    elif event.endswith((b"}\r\n\n", b"}\n\r\n")):
-        end = len(event) - 3
-    else:
-        return False
-    return event.find(b"\n", start, end - 1) == -1 and event.find(b"\r", start, end - 1) == -1
-
-
 def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
-    """Kind of one event and, when it had to be parsed, its JSON object."""
+    """Kind of one event and, for one with data, its JSON object. Every data event is
+    parsed: one that is not a JSON object ends the stream (MALFORMED), never reaching
+    the client (SPEC §1.1); `ChunkShape` spares the parse of most content chunks."""
     if event == _DONE_EVENT:  # every stream's last event, as OpenAI writes it
         return Kind.DONE, None
-    if (
-        _FINAL_HINTS[0].search(event) is None
-        and _FINAL_HINTS[1].search(event) is None
-        and _FINAL_HINTS[2].search(event) is None
-        and event.find(b'"error"') < 0
-        and (_plain_chunk(event) or not is_data_event(event))
-    ):
-        return Kind.PASS, None
     data = event_data(event)
     if data is None:
         return Kind.PASS, None

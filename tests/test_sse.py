@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import types
 from typing import Any
 
 import orjson
@@ -209,23 +208,25 @@ def test_arbitrary_bytes_are_conserved(data: bytes, points: list[int]) -> None:
 # classify
 
 
-class _NoParse(types.SimpleNamespace):
-    """A stand-in for orjson that fails the test if classify parses."""
-
-    JSONDecodeError = orjson.JSONDecodeError
-
-    @staticmethod
-    def loads(data: Any) -> Any:
-        raise AssertionError("classify parsed a chunk it should have passed as it is")
-
-
-def test_content_chunk_passes_without_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A content chunk (finish_reason null, usage null) is PASS and is not parsed."""
-    monkeypatch.setattr(sse, "orjson", _NoParse())
+def test_content_chunk_is_parsed_and_passes() -> None:
+    """A content chunk (finish_reason null, usage null) is PASS with its object; a
+    comment or an event without data is PASS with none."""
     for ev in (ROLE, CONTENT, CONTENT.replace(b"\n", b"\r\n"),
-               CONTENT.replace(b'"finish_reason":null', b'"finish_reason": null'),
-               b": keep-alive\n\n", b"\n", b"event: ping\n\n"):
+               CONTENT.replace(b'"finish_reason":null', b'"finish_reason": null')):
+        kind, obj = classify(ev)
+        assert kind == Kind.PASS and obj == orjson.loads(event_data(ev) or b""), ev
+    for ev in (b": keep-alive\n\n", b"\n", b"event: ping\n\n"):
         assert classify(ev) == (Kind.PASS, None), ev
+
+
+def test_chunk_that_looks_whole_but_is_not_json_is_malformed() -> None:
+    """Data that starts with { and ends with } but is not JSON (a bracket short, a
+    trailing comma, a bad escape, bytes that are not UTF-8) is MALFORMED: the relay
+    ends the stream instead of passing it on."""
+    broken = [CONTENT.replace(b"}],", b"},"), CONTENT.replace(b"null}\n", b"null,}\n"),
+              CONTENT.replace(b'"Hi"', b'"H\\qi"'), CONTENT.replace(b'"Hi"', b'"H\xffi"')]
+    for ev in broken:
+        assert ev != CONTENT and classify(ev) == (Kind.MALFORMED, None), ev
 
 
 def test_finish_chunk_is_final() -> None:
@@ -340,76 +341,6 @@ def test_a_read_of_many_events_splits_in_linear_time() -> None:
     assert len(events) == len(data) // len(CONTENT) and rest == b""
 
 
-@given(st.lists(st.sampled_from([b"data: ", b"data:", b"{", b"}", b"\n", b"\r\n", b"\r", b"x",
-                                 b":", b" ", b"data", b'"k"']), max_size=12))
-def test_plain_chunk_check_equals_its_regex(parts: list[bytes]) -> None:
-    """The byte-search fast path accepts exactly what the `_PLAIN_CHUNK` regex matches."""
-    from lrproxy.sse import _PLAIN_CHUNK, _plain_chunk
-
-    event = b"".join(parts)
-    assert _plain_chunk(event) == (_PLAIN_CHUNK.fullmatch(event) is not None)
-
-
-# ---------------------------------------------------------------------------------------
-# plain_prefix: the relay's whole-read fast path
-
-# Events of every kind the relay meets, plain content chunks among them several times.
-_PREFIX_EVENTS: list[bytes] = [
-    ROLE, CONTENT, CONTENT, CONTENT.replace(b'"Hi"', b'"\\"usage\\": 1"'),
-    CONTENT.replace(b"\n", b"\r\n"), CONTENT.replace(b'"finish_reason":null', b'"finish_reason": null'),
-    FINISH, USAGE, DONE, b": keep-alive\n\n", b"\n",
-    HEAD + b'"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}],'
-    b'"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n',
-    b'data: {"error":{"message":"overloaded"}}\n\n', b"data: {not json}\n\n",
-    HEAD + b'"choices":[]}\n\n', b"event: message\ndata: {}\n\n",
-]
-
-
-def test_plain_prefix_takes_content_chunks_up_to_the_first_other_event() -> None:
-    head = ROLE + CONTENT + CONTENT
-    assert sse.plain_prefix(head) == (len(head), 3)
-    assert sse.plain_prefix(head + FINISH + USAGE + DONE) == (len(head), 3)
-    assert sse.plain_prefix(head + CONTENT[:30]) == (len(head), 3)  # a cut event stays out
-    assert sse.plain_prefix(FINISH + CONTENT) == (0, 0)
-    assert sse.plain_prefix(b": keep-alive\n\n" + CONTENT) == (0, 0)
-    assert sse.plain_prefix(b"") == (0, 0)
-
-
-@settings(max_examples=300, deadline=None)
-@given(events=st.lists(st.sampled_from(_PREFIX_EVENTS), max_size=10),
-       cut_at=st.integers(0, 10_000))
-def test_plain_prefix_is_whole_events_that_classify_passes(events: list[bytes], cut_at: int) -> None:
-    """The prefix is always the first k whole events, each one a data event that
-    `classify` passes on unchanged; nothing after them is taken."""
-    data = b"".join(events)
-    data = data[: cut_at % (len(data) + 1)]
-    length, n = sse.plain_prefix(data)
-    whole, _ = feed_all([data])
-    assert data[:length] == b"".join(whole[:n])
-    for ev in whole[:n]:
-        assert classify(ev)[0] == Kind.PASS and sse.is_data_event(ev)
-
-
-@settings(max_examples=400, deadline=None)
-@given(event=st.sampled_from(_PREFIX_EVENTS),
-       edits=st.lists(st.tuples(st.integers(0, 400), st.sampled_from(
-           [b"", b"\n", b"\r", b"}", b"{", b'"error"', b'"choices":[{', b'"usage":1',
-            b'"finish_reason":"stop"', b"data: {", b"[DONE]"])), max_size=3))
-def test_one_event_read_shortcut_agrees_with_the_scan(
-    event: bytes, edits: list[tuple[int, bytes]]
-) -> None:
-    """A read of one event (the usual shape of a live stream) takes a shortcut in
-    `plain_prefix`; whatever the event, and with bytes put in or cut out anywhere,
-    it gives what the scan of any read gives."""
-    from lrproxy.sse import _plain_prefix_scan
-
-    for at, piece in edits:
-        at %= len(event) + 1
-        event = event[:at] + piece + event[at + (0 if piece else 1):]
-    assert sse.plain_prefix(event) == _plain_prefix_scan(event)
-    assert sse.plain_prefix(event + CONTENT) == _plain_prefix_scan(event + CONTENT)
-
-
 # ---------------------------------------------------------------------------------------
 # ChunkShape: the relay's check of a read of one content chunk shaped as the last
 
@@ -447,9 +378,12 @@ def test_chunk_shape_fits_the_next_chunks_of_a_stream(style: str) -> None:
         assert shape.fits(_shaped(text, style)), text
     for text in ['say "hi"', "back\\", "\\"]:
         assert not shape.fits(_shaped(text, style)), text
-    head = first[:first.find(b"Hello")]
-    assert not shape.fits(head + b'x\rx' + first[len(head) + 5:])
-    assert not shape.fits(head + b'x\nx' + first[len(head) + 5:])
+    head, tail = first[:first.find(b"Hello")], first[first.find(b"Hello") + 5:]
+    for hole in [b"x\rx", b"x\nx", b"x\x01x", b"x\\qx", b"\\u12", b"\\ud800", b"x\xffx",
+                 b"\xc3"]:  # raw controls, bad escapes, a lone surrogate, not UTF-8
+        assert not shape.fits(head + hole + tail), hole
+    for hole in [b"\\n\\t\\\"", b"\\u00e9", "ünï".encode()]:
+        assert shape.fits(head + hole + tail) == (b'\\"' not in hole), hole
     for other in [FINISH, USAGE, DONE, ROLE, b": keep-alive\n\n", first[:-1], first + first,
                   first.replace(b"chatcmpl-9", b"chatcmpl-8")]:
         assert not shape.fits(other)
@@ -486,16 +420,21 @@ def test_chunk_shape_learns_again_when_the_chunks_change_but_not_for_ever() -> N
 @example(style="vllm", text="a", pad=b"",  # a finish hidden in the text's place
          hole=b'x"}}],"usage":{"prompt_tokens":1,"completion_tokens":1},"z":[{"a":{"b":"')
 @example(style="openai", text="a", hole=b"x", pad=b'x"}],"usage":{"prompt_tokens":1},"z":{"y":"')
+@example(style="vllm", text="a", hole=b"\\q", pad=b"")  # not a JSON escape
+@example(style="vllm", text="a", hole=b"\xff", pad=b"")  # not UTF-8
+@example(style="vllm", text="a", hole=b"\\ud800", pad=b"")  # a lone surrogate
 def test_chunk_shape_fits_only_events_classify_passes(
     style: str, text: str, hole: bytes, pad: bytes
 ) -> None:
     """Whatever bytes stand in the text (and the padding) of a learnt chunk, a read the
-    shape fits is one whole event that `classify` passes on, as the careful path would."""
+    shape fits is one whole event of valid JSON, of the learnt chunk's skeleton, that
+    `classify` passes on, as it would were the chunk parsed."""
     first = _shaped("Hi", style)
     shape = sse.ChunkShape()
     shape.learn(first)
     nxt = _shaped(text, style)
-    if '"' not in text and "\\" not in text and not any(ord(c) < 0x20 for c in text):
+    if ('"' not in text and "\\" not in text and not any(ord(c) < 0x20 for c in text)
+            and (style != "spaced" or text.isascii())):  # json.dumps escapes the rest
         assert shape.fits(nxt)  # no escapes in the text: nothing for the shape to doubt
     i = first.find(b"Hi")
     raw = first[:i] + hole + first[i + 2:]
@@ -505,11 +444,8 @@ def test_chunk_shape_fits_only_events_classify_passes(
     for event in (nxt, raw):
         if shape.fits(event):
             assert feed_all([event]) == ([event], b"")
-            assert classify(event)[0] == Kind.PASS and sse.is_data_event(event)
-            try:
-                doc = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                continue  # passed on unparsed by the careful path too (`classify`)
+            assert classify(event)[0] == Kind.PASS
+            doc = orjson.loads(event[6:])  # valid JSON: never a malformed event passed on
             assert _skeleton(doc) == _skeleton(_chunk_doc("", style))
 
 

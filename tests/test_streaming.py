@@ -8,7 +8,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -568,6 +568,36 @@ async def _pinned_post(stack: Stack) -> tuple[int, Mapping[str, str], bytes]:
         return r.status, r.headers.copy(), await r.read()
 
 
+@pytest.mark.parametrize("broken", [
+    b'}}],"usage":null}', b'}},"usage":null}',  # a bracket short, after a good chunk
+    b'}}],"usage":null,}',  # a trailing comma
+])
+async def test_malformed_chunk_of_a_learnt_shape_ends_the_stream(
+    canned: Canned, make_stack: MakeStack, broken: bytes,
+) -> None:
+    """Content chunks one per read teach the relay their shape; a chunk with the same
+    start whose JSON is broken (though it ends in `}`), or whose text holds an escape
+    JSON has not, is never relayed: the stream ends with the error event (SPEC §1.1),
+    and the SDK raises APIError."""
+    stack = canned_stack(make_stack, canned)
+    good = [chunk(content=w).replace(b"}]}", b'}],"usage":null}') for w in ["One", " two"]]
+    bad = [good[0].replace(b'"One"', b'" three"').replace(b'}],"usage":null}', broken),
+           good[0].replace(b'"One"', b'" thr\\qee"')]
+    for b in bad:
+        canned.events = [*good, b, good[1], chunk(finish="stop"), b"data: [DONE]\n\n"]
+        canned.pause = 0.02
+        status, _, body = await raw_post(stack, body_of())
+        events = split_events(body)
+        assert status == 200 and events[:2] == good and len(events) == 3, events
+        err = obj_of(events[2])
+        assert err["error"]["code"] == "upstream_error" and "malformed" in err["error"]["message"]
+        assert err["choices"][0]["finish_reason"] == "error" and b"[DONE]" not in body
+    client = stack.client(max_retries=0)
+    with pytest.raises(openai.APIError):
+        await asyncio.to_thread(lambda: list(client.chat.completions.create(
+            model=LLAMA, messages=MSGS, stream=True)))  # type: ignore[arg-type]
+
+
 async def test_tool_call_answer_without_usage_counts_its_calls(
     canned: Canned, make_stack: MakeStack,
 ) -> None:
@@ -606,15 +636,14 @@ async def test_chunks_shaped_alike_take_the_short_check(
     shape, the finish chunk) by the full one; the client gets the upstream's bytes, and
     every content chunk is counted."""
     fitted: list[bytes] = []
-    real = sse.ChunkShape.fits
+    real = sse.ChunkShape.fitting
 
-    def spy(self: sse.ChunkShape, data: bytes) -> bool:
-        ok = real(self, data)
-        if ok:
-            fitted.append(data)
-        return ok
+    def spy(self: sse.ChunkShape, events: Sequence[bytes], i: int = 0) -> int:
+        k = real(self, events, i)
+        fitted.extend(events[i:i + k])
+        return k
 
-    monkeypatch.setattr(sse.ChunkShape, "fits", spy)
+    monkeypatch.setattr(sse.ChunkShape, "fitting", spy)
     stack = canned_stack(make_stack, canned)
     role = chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                    "finish_reason": None}])
@@ -877,7 +906,7 @@ async def test_direct_writer_only_for_plain_chunked_responses() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# the whole-read fast path: same bytes, same counts as event by event
+# the shape's fast path: same bytes, same counts as parsing every event
 
 _HEAD = b'data: {"id":"c","object":"chat.completion.chunk","model":"m",'
 _READ_EVENTS: list[bytes] = [
@@ -889,16 +918,22 @@ _READ_EVENTS: list[bytes] = [
     b": keep-alive\n\n",
     b'data: {"error":{"message":"x"}}\n\n',
     b"data: [DONE]\n\n",
+    # a content chunk's bytes with a bracket short: no JSON, though it ends in }
+    _HEAD + b'"choices":[{"index":0,"delta":{"content":"d"},"finish_reason":null},"usage":null}\n\n',
+    _HEAD + b'"choices":[{"index":0,"delta":{"content":"e\\q"},"finish_reason":null}],"usage":null}\n\n',
 ]
 
 
 @settings(max_examples=300, deadline=None)
 @given(events=st.lists(st.sampled_from(_READ_EVENTS), max_size=12),
        points=st.lists(st.integers(0, 100_000), max_size=6))
-def test_whole_read_fast_path_equals_event_by_event(events: list[bytes], points: list[int]) -> None:
-    """However the upstream's bytes are cut into reads, `relay._take` forwards the same
-    bytes and counts the same events, usage, held chunks and end as splitting every read
-    into events and classifying each one."""
+def test_shaped_chunks_fast_path_equals_parsing_every_event(
+    events: list[bytes], points: list[int]
+) -> None:
+    """However the upstream's bytes are cut into reads, `relay._take` (which passes
+    chunks of a learnt shape unparsed) forwards the same bytes and counts the same
+    events, usage, held chunks and end as splitting every read into events and parsing
+    each one; a malformed chunk among them fails the stream in both."""
     from lrproxy import relay
 
     data = b"".join(events)
@@ -906,6 +941,7 @@ def test_whole_read_fast_path_equals_event_by_event(events: list[bytes], points:
     reads = [data[a:b] for a, b in itertools.pairwise(bounds)]
     fast_sp, slow_sp = EventSplitter(), EventSplitter()
     fast, slow = relay._Tail(), relay._Tail()
+    slow.shape.lessons = 0  # learns nothing, so fits nothing: every event is parsed
     fast_out, slow_out = [], []
     fast_n = slow_n = 0
     for r in reads:
@@ -918,8 +954,8 @@ def test_whole_read_fast_path_equals_event_by_event(events: list[bytes], points:
         slow_out.append(relay._take_events(evs, slow) if evs else b"")
         slow_n += len(evs)
     assert b"".join(fast_out) == b"".join(slow_out)
-    assert attrs.asdict(fast, recurse=False, filter=lambda a, v: a.name != "failure") == \
-        attrs.asdict(slow, recurse=False, filter=lambda a, v: a.name != "failure")
+    assert attrs.asdict(fast, recurse=False, filter=lambda a, v: a.name not in ("failure", "shape")) \
+        == attrs.asdict(slow, recurse=False, filter=lambda a, v: a.name not in ("failure", "shape"))
     assert type(fast.failure) is type(slow.failure)
     if not (fast.done or fast.failure):
         assert fast_n == slow_n

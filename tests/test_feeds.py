@@ -20,6 +20,21 @@ def _write_feed(path: Path, value: float, age_s: float = 0.0) -> None:
     }))
 
 
+def _reload_feed(stack: Any, path: Path | None) -> None:
+    """Reload `stack` with eu-west's feed at `path` (or none), then the poller's pass."""
+    from conftest import ENVIRON
+
+    from lrproxy.config import parse_config, resolve_secrets
+
+    region = stack.data["regions"]["eu-west"]
+    region.pop("intensity_feed", None)
+    if path is not None:
+        region["intensity_feed"] = str(path)
+    config = parse_config(stack.data, source="test")
+    stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
+    stack.call(lambda: poll_feeds(stack.runtime))
+
+
 def test_fresh_feed_is_used_and_measured(make_stack: Any, tmp_path: Path) -> None:
     """A fresh live reading replaces the static figure; with upstream usage it is `measured`."""
     feed = tmp_path / "eu-west.json"
@@ -93,10 +108,6 @@ def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Pa
     """A reload that removes a region's feed puts it back on its static figure at once;
     one that puts the same, unchanged file back reads it again; one that names another
     file (with the same stamp) reads that file, not the old file's reading."""
-    from conftest import ENVIRON
-
-    from lrproxy.config import parse_config, resolve_secrets
-
     feed, other = tmp_path / "eu-west.json", tmp_path / "other.json"
     _write_feed(feed, 55)
     _write_feed(other, 77)
@@ -117,13 +128,7 @@ def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Pa
         return float(r.model_extra["lowrouter"]["eco"]["grid_intensity_g_per_kwh"])
 
     def reload(path: Path | None) -> None:
-        region = stack.data["regions"]["eu-west"]
-        region.pop("intensity_feed", None)
-        if path is not None:
-            region["intensity_feed"] = str(path)
-        config = parse_config(stack.data, source="test")
-        stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
-        stack.call(lambda: poll_feeds(stack.runtime))  # the poller's next pass
+        _reload_feed(stack, path)
 
     assert grid() == 55
     reload(None)
@@ -176,22 +181,12 @@ def test_a_stream_in_flight_keeps_the_feeds_of_its_config(make_stack: Any, tmp_p
     """A reload that adds a feed to the region of a stream in flight, or removes it,
     leaves that stream's eco on the config it began with (SPEC §6); later requests
     take the new one."""
-    from conftest import ENVIRON
-
-    from lrproxy.config import parse_config, resolve_secrets
-
     feed = tmp_path / "eu-west.json"
     _write_feed(feed, 10)
     stack = make_stack()
 
     def reload(path: Path | None) -> None:
-        region = stack.data["regions"]["eu-west"]
-        region.pop("intensity_feed", None)
-        if path is not None:
-            region["intensity_feed"] = str(path)
-        config = parse_config(stack.data, source="test")
-        stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
-        stack.call(lambda: poll_feeds(stack.runtime))
+        _reload_feed(stack, path)
 
     def stream_across(path: Path | None) -> dict[str, Any]:
         chunks = iter(stack.client().chat.completions.create(

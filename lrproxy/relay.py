@@ -726,7 +726,7 @@ def _take(data: bytes, splitter: sse.EventSplitter, tail: _Tail) -> tuple[bytes,
     read of a live stream) goes on as it is; any other is split into events, looked at
     one by one (`_take_events`).
     """
-    if not splitter.held and tail.shape.fitting((data,)):
+    if not splitter.held and tail.shape.fits(data):
         tail.content_events += 1
         return data, 1
     events = splitter.feed(data)
@@ -867,7 +867,7 @@ async def _relay_stream(
         if tail.failure is not None:
             raise tail.failure
         fast = _ChunkWriter.of(request)
-        read, feed, fitting = resp.read_some, splitter.feed, tail.shape.fitting
+        read, feed, fits = resp.read_some, splitter.feed, tail.shape.fits
         while not tail.done:
             # The read ends by the first of: idle since the last byte, the total, the
             # first event's deadline until it came, and (between events) the keep-alive.
@@ -906,7 +906,7 @@ async def _relay_stream(
             last_byte = loop.time()
             # `_take`, written out: the read is one content chunk shaped as before, or
             # is split into events and looked at one by one
-            if not splitter.held and fitting((chunk,)):
+            if not splitter.held and fits(chunk):
                 tail.content_events += 1
                 data, events = chunk, 1
             else:

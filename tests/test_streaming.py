@@ -8,7 +8,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -636,14 +636,15 @@ async def test_chunks_shaped_alike_take_the_short_check(
     shape, the finish chunk) by the full one; the client gets the upstream's bytes, and
     every content chunk is counted."""
     fitted: list[bytes] = []
-    real = sse.ChunkShape.fitting
+    real = sse.ChunkShape.fits
 
-    def spy(self: sse.ChunkShape, events: Sequence[bytes], i: int = 0) -> int:
-        k = real(self, events, i)
-        fitted.extend(events[i:i + k])
-        return k
+    def spy(self: sse.ChunkShape, data: bytes) -> bool:
+        ok = real(self, data)
+        if ok:
+            fitted.append(data)
+        return ok
 
-    monkeypatch.setattr(sse.ChunkShape, "fitting", spy)
+    monkeypatch.setattr(sse.ChunkShape, "fits", spy)
     stack = canned_stack(make_stack, canned)
     role = chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                    "finish_reason": None}])

@@ -304,6 +304,8 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
             err.message, err.type, err.code), content_type="application/json")
         if e.status == 405 and "Allow" in e.headers:
             resp.headers["Allow"] = e.headers["Allow"]
+        if "Expect" in request.headers and not request.content.is_eof():
+            resp.force_close()  # no 100 Continue went: the body is not coming
     except asyncio.CancelledError:
         if not rt.ended_by_drain(task):
             if not rec.status:

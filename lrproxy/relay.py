@@ -763,7 +763,7 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
                     continue  # the SDK's chunk.choices[0] loop never meets one (SPEC §1.1)
             else:
                 tail.content_events += 1
-                shape.learn(ev)
+                shape.learn(ev, tail.content_events)
             out.append(ev)
             continue
         if kind == sse.Kind.FINAL:

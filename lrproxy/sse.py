@@ -97,11 +97,14 @@ _PAD_KEY: Final = re.compile(rb'"obfuscation": ?"')
 _ODD_IN_HOLE: Final = re.compile(rb'[\x00-\x1f"\\\x80-\xff]')
 # Any other text is vouched for when it holds none of what a JSON string's text may not
 # hold as it is: a quote, a control character, a backslash that starts no escape; also
-# (for fewer cases to think about) a \u escape of a UTF-16 surrogate, which orjson takes
-# only in pairs; and its bytes are UTF-8. Else its chunk is parsed instead.
+# (for fewer cases to think about) a \u escape of either half of a UTF-16 surrogate
+# pair, which orjson takes only in pairs; and its bytes are UTF-8. Else its chunk is
+# parsed instead.
 _BAD_IN_HOLE: Final = re.compile(
-    rb'[\x00-\x1f"]|\\(?![\\/bfnrt]|u(?![dD][89abAB])[0-9a-fA-F]{4})')
-_LESSONS: Final = 4  # shapes a stream may learn (role chunk, content chunks, a change)
+    rb'[\x00-\x1f"]|\\(?![\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{4})')
+# Shapes a stream may learn that no chunk fitted (role chunk, content chunks, changes);
+# a shape that some chunk fitted costs no lesson (a `created` stamped anew each second).
+_LESSONS: Final = 4
 
 
 class ChunkShape:
@@ -118,7 +121,8 @@ class ChunkShape:
     a parse (bench/RESULTS.md). Call it only at an event boundary.
     """
 
-    __slots__ = ("_head_len", "_mid_len", "_tail_len", "head", "lessons", "mid", "tail")
+    __slots__ = ("_head_len", "_mid_len", "_seen", "_tail_len", "head", "lessons", "mid",
+                 "tail")
 
     def __init__(self) -> None:
         # Nothing learnt: a head no read of a plain chunk starts with, and a head length
@@ -126,6 +130,7 @@ class ChunkShape:
         self.head, self.mid, self.tail = b"\n", b"", b""
         self._head_len, self._mid_len, self._tail_len = 1 << 62, 0, 0
         self.lessons = _LESSONS
+        self._seen = -1  # the stream's content chunks when the shape was last learnt
 
     def fits(self, data: bytes) -> bool:
         start = self._head_len
@@ -150,13 +155,14 @@ class ChunkShape:
             k += 1
         return k - i
 
-    def learn(self, event: bytes) -> None:
+    def learn(self, event: bytes, seen: int = 0) -> None:
         """Take the shape of `event`, a content chunk `classify` parsed and passed on
         (PASS, with non-empty choices) that `fits` declined, unless only its text was
-        the reason or the lessons are used."""
+        the reason, it has no text, or the lessons are used. `seen`: the stream's
+        content chunks so far, this one included; more than one since the last shape
+        was taken means chunks fitted that shape, and the new one costs no lesson."""
         if self.lessons <= 0 or (event.startswith(self.head) and event.endswith(self.tail)):
             return
-        self.lessons -= 1
         holes: list[tuple[int, int]] = []
         at = 0
         for key in (_TEXT_KEY, _PAD_KEY):
@@ -173,6 +179,9 @@ class ChunkShape:
             holes.append((start, at))
         if not holes:
             return
+        if seen - self._seen <= 1:
+            self.lessons -= 1
+        self._seen = seen
         (start, end), rest = holes[0], holes[1:]
         self.head = event[:start]
         self.mid = event[end:rest[0][0]] if rest else b""

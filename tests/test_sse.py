@@ -379,8 +379,8 @@ def test_chunk_shape_fits_the_next_chunks_of_a_stream(style: str) -> None:
     for text in ['say "hi"', "back\\", "\\"]:
         assert not shape.fits(_shaped(text, style)), text
     head, tail = first[:first.find(b"Hello")], first[first.find(b"Hello") + 5:]
-    for hole in [b"x\rx", b"x\nx", b"x\x01x", b"x\\qx", b"\\u12", b"\\ud800", b"x\xffx",
-                 b"\xc3"]:  # raw controls, bad escapes, a lone surrogate, not UTF-8
+    for hole in [b"x\rx", b"x\nx", b"x\x01x", b"x\\qx", b"\\u12", b"\\ud800", b"\\udc00",
+                 b"x\xffx", b"\xc3"]:  # raw controls, bad escapes, lone surrogates, not UTF-8
         assert not shape.fits(head + hole + tail), hole
     for hole in [b"\\n\\t\\\"", b"\\u00e9", "ünï".encode()]:
         assert shape.fits(head + hole + tail) == (b'\\"' not in hole), hole
@@ -412,6 +412,31 @@ def test_chunk_shape_learns_again_when_the_chunks_change_but_not_for_ever() -> N
     assert not shape.fits(_shaped("a", "vllm"))
 
 
+def test_chunk_shape_spends_lessons_only_on_shapes_nothing_fitted() -> None:
+    """Chunks with no text to learn from (content null: reasoning, tool calls) cost no
+    lesson; a shape some chunks fitted costs none either, so a server that stamps
+    `created` anew each second keeps learning; shapes that no chunk fits use them up."""
+    shape = sse.ChunkShape()
+    blank = _shaped("", "vllm").replace(b'"content":""', b'"content":null')
+    for n in range(1, 10):
+        shape.learn(blank, n)
+    assert shape.lessons == sse._LESSONS and not shape.fits(_shaped("a", "vllm"))
+    seen = 10
+    for second in range(20):  # one learnt chunk, then three that fit, each second
+        stamped = _shaped("a", "vllm").replace(b'"created":7', b'"created":%d' % second)
+        assert not shape.fits(stamped)
+        seen += 1
+        shape.learn(stamped, seen)
+        for text in ("b", "c", "d"):
+            assert shape.fits(stamped.replace(b'"a"', b'"%s"' % text.encode()))
+            seen += 1
+    assert shape.lessons == sse._LESSONS  # the first was the first; the others had fitted
+    for second in range(20, 30):  # a new shape every chunk: nothing ever fits
+        seen += 1
+        shape.learn(_shaped("a", "vllm").replace(b'"created":7', b'"created":%d' % second), seen)
+    assert shape.lessons == 0
+
+
 @settings(max_examples=500, deadline=None)
 @given(style=st.sampled_from(_STYLES), text=st.text(max_size=12),
        hole=st.binary(max_size=12), pad=st.binary(max_size=6))
@@ -423,6 +448,7 @@ def test_chunk_shape_learns_again_when_the_chunks_change_but_not_for_ever() -> N
 @example(style="vllm", text="a", hole=b"\\q", pad=b"")  # not a JSON escape
 @example(style="vllm", text="a", hole=b"\xff", pad=b"")  # not UTF-8
 @example(style="vllm", text="a", hole=b"\\ud800", pad=b"")  # a lone surrogate
+@example(style="vllm", text="a", hole=b"\\udc00", pad=b"")  # a lone low surrogate
 def test_chunk_shape_fits_only_events_classify_passes(
     style: str, text: str, hole: bytes, pad: bytes
 ) -> None:

@@ -47,6 +47,9 @@ class State:
     targets: Mapping[str, Target]
     regions: frozenset[str]
     client_timeout: aiohttp.ClientTimeout
+    # The grid intensities `table` ranks by (feeds.py rebuilds it when the current ones,
+    # which change as readings age, differ).
+    intensities: Mapping[str, float]
     # SHA-256 of each client key -> its name. A lookup's timing can only tell how a
     # presented key's digest compares with known digests, which reveals nothing of a
     # key, and it stays one lookup however many keys (teams) there are.
@@ -90,9 +93,6 @@ class Runtime:
     # Each feed file's (mtime, size) when last read (feeds.py): not read again until
     # that changes.
     feed_stamps: dict[str, tuple[int, int]] = attrs.Factory(dict)
-    # The intensities the routing table was built with (feeds.py compares the current
-    # ones, which change as readings age, with these).
-    table_intensities: dict[str, float] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer
     # The app's loop, from its start: asyncio.current_task(loop) with the loop given
@@ -157,7 +157,7 @@ class Runtime:
                 buckets[k.name] = new if old is None else attrs.evolve(new, tokens=old.tokens,
                                                                        at=old.at)
         self.buckets = buckets
-        self.state, self.table_intensities = state, intensities
+        self.state = state
         self._publish_intensities(intensities)
         self.pool.on_change = lambda: publish_usable(self)
         publish_usable(self)
@@ -166,8 +166,8 @@ class Runtime:
         """Rebuild the routing table for new live intensities (feeds.py)."""
         st = self.state
         intensities = self._intensities(st.config)
-        self.state = attrs.evolve(st, table=build_table(st.config, intensities))
-        self.table_intensities = intensities
+        self.state = attrs.evolve(st, table=build_table(st.config, intensities),
+                                  intensities=intensities)
         self._publish_intensities(intensities)
 
     def _intensities(self, config: Config) -> dict[str, float]:
@@ -185,6 +185,7 @@ def make_state(config: Config, secrets: Secrets, intensities: Mapping[str, float
         config, secrets, build_table(config, intensities), make_targets(config, secrets),
         frozenset(config.regions),
         aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
+        intensities,
     )
 
 
@@ -292,8 +293,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
             rec.status = resp.status
     except errors.ProxyError as e:
         resp = await _answer_error(rec, e)
-        if "Expect" in request.headers and not request.content.is_eof():
-            resp.force_close()  # refused before its 100 Continue: the body is not coming
+        _close_if_body_unsent(request, resp)
     except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
         err = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
             f"{request.method} {(request.path or request.raw_path)[:200]} is not part of this API"
@@ -304,8 +304,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
             err.message, err.type, err.code), content_type="application/json")
         if e.status == 405 and "Allow" in e.headers:
             resp.headers["Allow"] = e.headers["Allow"]
-        if "Expect" in request.headers and not request.content.is_eof():
-            resp.force_close()  # no 100 Continue went: the body is not coming
+        _close_if_body_unsent(request, resp)
     except asyncio.CancelledError:
         if not rt.ended_by_drain(task):
             if not rec.status:
@@ -333,6 +332,13 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         if rt.draining:
             resp.force_close()
     return resp
+
+
+def _close_if_body_unsent(request: web.Request, resp: web.StreamResponse) -> None:
+    """A refusal given before `100 Continue` went: the body is not coming, so the
+    connection closes rather than waiting for it."""
+    if "Expect" in request.headers and not request.content.is_eof():
+        resp.force_close()
 
 
 async def _answer_error(rec: Rec, e: errors.ProxyError) -> web.StreamResponse:
@@ -364,19 +370,6 @@ def finish_headers(rt: Runtime, resp: web.StreamResponse, request_id: str) -> No
         resp.force_close()  # aiohttp then says Connection: close
 
 
-async def _expect(request: web.Request) -> web.StreamResponse | None:
-    """aiohttp's handling of `Expect:` (100-continue), with what it refuses answered in
-    the OpenAI shape; it runs before the route's handler, so outside the edge."""
-    return await _expectation(request, at_once=True)
-
-
-async def _expect_later(request: web.Request) -> web.StreamResponse | None:
-    """`_expect` for the routes that take a body (chat, embeddings): `100 Continue` goes
-    only once the key, the length and the encoding have passed (`send_continue`), so
-    that a refused client (401, 413, 415) never sends its body."""
-    return await _expectation(request, at_once=False)
-
-
 async def send_continue(request: web.Request) -> None:
     """`HTTP/1.1 100 Continue` when the client waits for it, before its body is read."""
     if (request.version == aiohttp.HttpVersion11
@@ -385,7 +378,12 @@ async def send_continue(request: web.Request) -> None:
         request.writer.output_size = 0  # what follows is the answer's own start
 
 
-async def _expectation(request: web.Request, at_once: bool) -> web.StreamResponse | None:
+async def _expect(request: web.Request, at_once: bool = True) -> web.StreamResponse | None:
+    """aiohttp's handling of `Expect:` (100-continue), with what it refuses answered in
+    the OpenAI shape; it runs before the route's handler, so outside the edge. For the
+    routes that take a body (chat, embeddings: `_expect_later`) `100 Continue` goes only
+    once the key, the length and the encoding have passed (`send_continue`), so that a
+    refused client (401, 413, 415) never sends its body."""
     expect = request.headers.get("Expect", "")
     if request.version != aiohttp.HttpVersion11:
         return None
@@ -401,6 +399,9 @@ async def _expectation(request: web.Request, at_once: bool) -> web.StreamRespons
                         headers={"Server-Timing": protocol.NO_TIME})
     finish_headers(rt, resp, rid)
     return resp
+
+
+_expect_later: Final = functools.partial(_expect, at_once=False)
 
 
 def _refused(rt: Runtime, status: int, code: str) -> str:

@@ -50,7 +50,7 @@ def poll_feeds(rt: Runtime) -> None:
             log.warning("intensity feed of region %s refused: %s", region.name, e)
             continue
         rt.readings[path] = reading
-    if rt.intensities() != rt.table_intensities:
+    if rt.intensities() != rt.state.intensities:
         rt.refresh_table()
 
 

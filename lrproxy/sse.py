@@ -259,11 +259,6 @@ def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
     return Kind.PASS, obj
 
 
-def is_data_event(event: bytes) -> bool:
-    """True for events that carry data (not comments, not blank lines)."""
-    return event.startswith(b"data") or b"\ndata" in event
-
-
 def make_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 

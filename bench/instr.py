@@ -3,7 +3,8 @@
 CPU time per request swings 5-10 % between processes and runs on this VM, which hides
 any change under that size (bench/RESULTS.md). Instructions executed do not swing: this
 runs each proxy under valgrind's callgrind (about 50 times slower), sends it requests
-one at a time on one kept-alive connection, and counts the instructions the proxy's
+one at a time on one kept-alive connection (or, with `--conns N`, one on each of N
+connections at once, round after round, as a loaded proxy gets them), and counts the instructions the proxy's
 process executes per request, everything included: the event loop, aiohttp, the
 interpreter, the C libraries and the kernel's share excluded (system calls are counted
 as one instruction each). Cache misses and branch mispredictions are not counted, so
@@ -13,6 +14,7 @@ times slower from cold caches than hot, which only the timed benchmarks show.
     python bench/instr.py                      # minimal, lrproxy, lrproxy-nolog; ~4 min
     python bench/instr.py --requests 300 HEAD~1 .   # two revisions of lrproxy
     python bench/instr.py --kinds ns --reps 3
+    python bench/instr.py --kinds ns --conns 64 --requests 320 --warmup 256
 
 Per kind (ns: non-streaming; st: 20-chunk streams sent at once; sts: 20 chunks
 `--sts-ms` apart) and target: `--warmup` requests, then `--reps` counts of `--requests`
@@ -47,17 +49,22 @@ _SUMMARY = re.compile(rb"^summary:\s*(\d+)", re.M)
 class Counted:
     """One proxy process under callgrind: zero its counts, dump them, read the dump."""
 
-    def __init__(self, t: B.Target, out: Path) -> None:
+    def __init__(self, t: B.Target, out: Path, conns: int = 1) -> None:
         self.t, self.out = t, out
-        self.conn = http.client.HTTPConnection(B.HOST, t.port, timeout=120)
+        self.conns = [http.client.HTTPConnection(B.HOST, t.port, timeout=120)
+                      for _ in range(conns)]
 
-    def request(self, data: bytes, key: str) -> None:
-        self.conn.request("POST", "/v1/chat/completions", data, {
-            "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-        r = self.conn.getresponse()
-        body = r.read()
-        if r.status != 200:
-            raise SystemExit(f"{self.t.name}: {r.status} {body[:300]!r}")
+    def request(self, data: bytes, key: str, conns: int = 1) -> None:
+        """One request on each of the first `conns` connections, all sent before any
+        answer is read: the proxy has them all at once, as under wrk's load."""
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        for conn in self.conns[:conns]:
+            conn.request("POST", "/v1/chat/completions", data, headers)
+        for conn in self.conns[:conns]:
+            r = conn.getresponse()
+            body = r.read()
+            if r.status != 200:
+                raise SystemExit(f"{self.t.name}: {r.status} {body[:300]!r}")
 
     def control(self, what: str, wake: bytes, key: str) -> None:
         """`callgrind_control -z/-d`: valgrind takes the command only while the process
@@ -74,11 +81,14 @@ class Counted:
             time.sleep(0.1)
 
     def count(self, data: bytes, n: int, key: str) -> float:
-        """Instructions per request over `n` requests."""
+        """Instructions per request over `n` requests (rounded up to whole rounds of
+        one request per connection)."""
         before = set(self.out.parent.glob(self.out.name + ".*"))
+        rounds = -(-n // len(self.conns))
+        n = rounds * len(self.conns)
         self.control("-z", data, key)
-        for _ in range(n):
-            self.request(data, key)
+        for _ in range(rounds):
+            self.request(data, key, len(self.conns))
         self.control("-d", data, key)
         new = sorted(set(self.out.parent.glob(self.out.name + ".*")) - before,
                      key=lambda p: int(p.suffix[1:]))
@@ -96,6 +106,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=200, help="requests before counting (200)")
     ap.add_argument("--reps", type=int, default=2, help="counts per kind and target (2)")
     ap.add_argument("--kinds", default="ns,st", help=f"of {','.join(KINDS)} (ns,st)")
+    ap.add_argument("--conns", type=int, default=1,
+                    help="connections, each with a request in flight at once (1)")
     ap.add_argument("--sts-ms", type=float, default=25.0,
                     help="ms between the chunks of sts streams (25)")
     args = ap.parse_args()
@@ -131,13 +143,13 @@ def main() -> int:
             print(f"{name}: starting under callgrind", file=sys.stderr, flush=True)
             t.proc = t.start()
             try:
-                c = Counted(t, out.with_name(f"{out.name}.{t.proc.pid}"))
+                c = Counted(t, out.with_name(f"{out.name}.{t.proc.pid}"), args.conns)
                 results[name] = {}
                 for kind in kinds:
                     data = _body(t.model, kind, args.sts_ms / 1000)
                     share = 4 if kind == "sts" else 1
-                    for _ in range(args.warmup // share):
-                        c.request(data, bench.key)
+                    for _ in range(max(1, args.warmup // share // args.conns)):
+                        c.request(data, bench.key, args.conns)
                     results[name][kind] = [c.count(data, max(1, args.requests // share),
                                                    bench.key)
                                            for _ in range(args.reps)]
@@ -160,11 +172,15 @@ def _body(model: str, kind: str, spacing_s: float) -> bytes:
     return B.body(model, stream=kind != "ns", sim=sim)
 
 
+def _conns(n: int) -> str:
+    return "one connection" if n == 1 else f"{n} connections, a request on each at once"
+
+
 def report(results: dict[str, dict[str, list[float]]], kinds: list[str],
            args: argparse.Namespace) -> str:
     names = list(results)
     lines = [f"Instructions per request (callgrind; {args.reps} counts of {args.requests} "
-             f"requests after {args.warmup}, one connection; median, ×minimal)", "",
+             f"requests after {args.warmup}, {_conns(args.conns)}; median, ×minimal)", "",
              "| kind | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     label = {"ns": "non-stream", "st": "stream, 20 chunks at once",
              "sts": f"stream, chunks {args.sts_ms:g} ms apart"}

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import os
 import re
 import time
@@ -213,6 +214,7 @@ class Rec:
     carbon_g: float = 0.0
     ttfb: float | None = None
     upstream_s: float | None = None
+    total_s: float = math.inf  # timeouts.total of the config the request began with
     out: web.StreamResponse | None = None  # a stream's response, once it may be prepared
 
     def route_headers(self) -> dict[str, str]:

@@ -13,12 +13,12 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Final
 
 import attrs
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from lrproxy import eco, errors, limits, sse, upstream
@@ -30,6 +30,10 @@ log = logging.getLogger(MAIN)
 MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
 MAX_EVENT_BYTES: Final = 16 * 1024 * 1024  # one SSE event; no chunk of an LLM stream is near it
 KEEPALIVE_EVENT: Final = b": keep-alive\n\n"
+# Once a stream's events have carried an `id:` field, a blank line with no field of its
+# own is an event to the OpenAI SDK (it keeps the last id), with empty data that it
+# fails to parse: the comment then goes without a blank line, into the next event.
+KEEPALIVE_LINE: Final = b": keep-alive\n"
 LATE_MESSAGE_CHARS: Final = 1000  # of an upstream's error message quoted in an error event
 DONE_EVENT: Final = b"data: [DONE]\n\n"
 _STREAM_HEADERS: Final = {
@@ -213,7 +217,8 @@ class _EarlyCommit:
     async def _beat(self) -> None:
         rec, cand = self._rec, self._cand
         rec.upstream, rec.region, rec.model = cand.upstream.name, cand.region.name, cand.model.id
-        out = rec.out = _stream_response(self._rt, rec, time.perf_counter() - self._t_sent)
+        out = rec.out = _stream_response(self._rt, rec, time.perf_counter() - self._t_sent,
+                                         self._request)
         await out.prepare(self._request)
         rec.ttfb = time.perf_counter() - rec.t0
         while True:
@@ -243,6 +248,7 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
     st = rt.state  # one snapshot for the whole request (reloads swap rt.state)
     rec.api = True
     rec.key = key = st.authenticate(request.headers.get("Authorization"))
+    rec.total_s = st.config.timeouts.total
     # The global in-flight cap and the key's rate: a fast 429, never a queue.
     if len(rt.tasks) > st.config.server.max_inflight:
         raise errors.RateLimited("The proxy is at its limit of requests in flight; retry shortly.",
@@ -359,14 +365,18 @@ async def _try_candidates(
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 # first_byte runs from the request's sending to the first event (SPEC §4)
                 left = first_byte - (time.perf_counter() - t_sent)
-                await _first_events(attempt, rt.deadlines, left, tmo.keepalive, client_usage)
+                await _first_events(attempt, rt.deadlines, left, tmo.keepalive, client_usage,
+                                    target.secret)
             elif stream and resp.status < 300:
                 # A JSON body here would reach the SDK's stream loop as no chunks at all,
                 # with no error: a failure of this upstream, as a malformed event is.
                 resp.close()
+                ctype = resp.content_type
                 raise errors.UpstreamBadResponse(
+                    f"the upstream answered a stream request with {resp.status}, not 200"
+                    if ctype == "text/event-stream" else
                     "the upstream answered a stream request without an event stream "
-                    f"({resp.content_type or 'no content type'})")
+                    f"({ctype or 'no content type'})")
             else:
                 answer = _answer_now(resp)
                 if answer is None:  # the body comes after the headers: read it as it comes
@@ -402,9 +412,9 @@ async def _try_candidates(
             rt.retries_in_progress -= n > 0
         if early is not None:
             early.stop()
-        if attempt.splitter is None:  # a stream's verdict comes at its end (_relay_stream)
+        if attempt.splitter is None:  # a stream's verdict and outcome come at its end
             pool.succeeded(name, trial)
-        rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
+            rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
         return attempt
     if last is None:
         raise errors.NoUpstreamAvailable(
@@ -518,12 +528,17 @@ def _answer_doc(
         raise errors.UpstreamBadResponse("upstream answered with a body that is not JSON") from e
     if not isinstance(doc, dict):
         raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
+    if doc.get("error") and not doc.get("choices") and not doc.get("data"):
+        # a failed generation some servers answer with 200 (OpenRouter): a failure of
+        # this attempt, as the same object inside a stream is (and, as after a 5xx, its
+        # words stay here)
+        raise errors.UpstreamBadResponse("the upstream answered 200 with an error object")
     return data, doc
 
 
 async def _first_events(
     attempt: _Attempt, deadlines: upstream.Deadlines, first_byte: float, keepalive: float,
-    client_usage: bool,
+    client_usage: bool, secret: bytes,
 ) -> None:
     """Read until the stream's first event (SPEC §1.1: the status waits for it).
 
@@ -531,7 +546,7 @@ async def _first_events(
     (no failover after that); past `first_byte` the attempt has failed.
     """
     splitter = attempt.splitter = sse.EventSplitter()
-    tail = attempt.tail = _Tail(client_usage=client_usage)
+    tail = attempt.tail = _Tail(client_usage=client_usage, secret=secret)
     resp = attempt.resp
     try:
         with deadlines.timeout(min(first_byte, keepalive)):
@@ -542,6 +557,9 @@ async def _first_events(
                 out, events = _take(data, splitter, tail)
                 if tail.failure is not None:  # nothing has reached the client: fail over
                     raise tail.failure
+                if out and len(attempt.first) > MAX_EVENT_BYTES:  # comments, comments…
+                    raise errors.UpstreamBadResponse(
+                        "the upstream sent over 16 MiB of comments before its first event")
                 attempt.first += out
                 attempt.got_event = events > 0 and tail.began()
     except TimeoutError:
@@ -597,6 +615,11 @@ def _answer(
             data = errors.error_body(
                 "The upstream's error message was withheld: it quoted the proxy's credentials.",
                 "invalid_request_error", "upstream_error")
+        elif not _is_json_object(data):  # an HTML page (a wrong base_url), text, gzip…
+            data = errors.error_body(
+                f"The upstream answered {resp.status} with a body that is not a JSON object "
+                f"({resp.content_type or 'no content type'}).",
+                "invalid_request_error", "upstream_error")
         return web.Response(status=resp.status, body=data, headers=headers)
     doc = attempt.doc
     assert doc is not None  # _read_answer parsed every success
@@ -611,11 +634,18 @@ def _answer(
     return web.Response(body=sse.with_member(data, doc, "lowrouter", lr), headers=headers)
 
 
+def _is_json_object(data: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(data), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def _quotes_our_key(rt: Runtime, cand: Candidate, data: bytes) -> bool:
     """True when an upstream's error body quotes the key the proxy sent it."""
     target = rt.state.targets.get(cand.upstream.name)
-    key = target.auth.partition(" ")[2] if target is not None and target.auth else ""
-    return bool(key) and key.encode() in data
+    key = target.secret if target is not None else b""
+    return bool(key) and key in data
 
 
 def _late_status(rt: Runtime, attempt: _Attempt) -> str:
@@ -627,11 +657,19 @@ def _late_status(rt: Runtime, attempt: _Attempt) -> str:
         doc = orjson.loads(attempt.body)
     except orjson.JSONDecodeError:
         return said
+    if _quotes_our_key(rt, attempt.cand, attempt.body):
+        return _upstream_said(said, doc, b"", withheld=True)
+    return _upstream_said(said, doc, b"")
+
+
+def _upstream_said(said: str, doc: Any, secret: bytes, withheld: bool = False) -> str:
+    """`said`, then the upstream's own message from its error object `doc` when it has
+    one, cut to LATE_MESSAGE_CHARS; withheld when it quotes `secret` (or `withheld`)."""
     err = doc.get("error") if isinstance(doc, dict) else None
     message = err.get("message") if isinstance(err, dict) else err  # or {"error": "why"}
     if not isinstance(message, str) or not message.strip():
         return said
-    if _quotes_our_key(rt, attempt.cand, attempt.body):
+    if withheld or (secret and secret in message.encode(errors="replace")):
         return said + " (its message was withheld: it quoted the proxy's credentials)"
     if len(message) > LATE_MESSAGE_CHARS:
         message = message[:LATE_MESSAGE_CHARS] + "…"
@@ -711,6 +749,9 @@ class _Tail:
     client_usage: bool = False  # the client asked for usage: it takes `choices: []` chunks
     shape: sse.ChunkShape = attrs.Factory(sse.ChunkShape)  # of the content chunks so far
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
+    ids: bool = False  # an event has had an `id:` field (KEEPALIVE_LINE)
+    said: dict[str, Any] | None = None  # the upstream's error object that is the failure
+    secret: bytes = b""  # the upstream key sent: an error message quoting it is withheld
 
     def began(self) -> bool:
         """True once a data event has come: comments (`: OPENROUTER PROCESSING`) before
@@ -755,6 +796,10 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
         ev = events[i]
         i += 1
         kind, obj = sse.classify(ev)
+        # A field at a line's start (the JSON of a data line holds no raw LF): a learnt
+        # shape's head is a classified event's, so the events that fit it need no look.
+        if not tail.ids and (ev.startswith(b"id") or b"\nid" in ev):
+            tail.ids = True
         if kind == sse.Kind.PASS:
             if obj is None:
                 pass  # a comment, or an event without data
@@ -790,11 +835,24 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
         if kind == sse.Kind.DONE:
             tail.done, tail.done_event = True, ev
             break
-        tail.failure = errors.UpstreamBadResponse(
-            "the upstream reported an error inside the stream" if kind == sse.Kind.ERROR
-            else "the upstream sent a malformed event")
+        if kind == sse.Kind.ERROR:
+            tail.failure, tail.said = errors.UpstreamBadResponse(_INNER_ERROR), obj
+        else:
+            tail.failure = errors.UpstreamBadResponse("the upstream sent a malformed event")
         break
     return out[0] if len(out) == 1 else b"".join(out)
+
+
+_INNER_ERROR: Final = "the upstream reported an error inside the stream"
+
+
+def _failure(tail: _Tail) -> errors.UpstreamFailed:
+    """`tail.failure` for the client of a started stream: an error object's message is
+    quoted (before the stream starts, it is a failure to fail over, said as after a 5xx)."""
+    assert tail.failure is not None
+    if tail.said is None:
+        return tail.failure
+    return errors.UpstreamBadResponse(_upstream_said(_INNER_ERROR, tail.said, tail.secret))
 
 
 def _finish(
@@ -824,7 +882,9 @@ def _stream_lowrouter(
 ) -> dict[str, Any]:
     if tail.usage is not None:
         return _lowrouter(rt, rec, cand, region, *tail.usage, measured=True)
-    prompt = eco.estimate_tokens(prompt_chars)
+    # No event came (a refusal or a silence after the keep-alive commit): no tokens, as
+    # for a refusal before it
+    prompt = eco.estimate_tokens(prompt_chars) if tail.began() else 0
     return _lowrouter(rt, rec, cand, region, prompt, tail.content_events, measured=False)
 
 
@@ -837,7 +897,7 @@ async def _relay_stream(
     assert splitter is not None and tail is not None
     tmo = st.config.timeouts
     if rec.out is None:  # else committed early (_EarlyCommit)
-        rec.out = _stream_response(rt, rec, time.perf_counter() - attempt.t_sent)
+        rec.out = _stream_response(rt, rec, time.perf_counter() - attempt.t_sent, request)
     out = rec.out
     task = asyncio.current_task(rt.loop)
     assert task is not None
@@ -850,7 +910,10 @@ async def _relay_stream(
     got_event = attempt.got_event
     last_byte = loop.time()
     finished = judged = over_total = False  # judged: the pool has been told how it did
-    watch = rt.deadlines.watch(task)  # moved before each read below
+    outcome = "ok"  # the attempt's, counted at the end
+    # Moved before each read below, and before each write that waits for the client:
+    # one that stops reading is held no longer than the request's total (SPEC §4).
+    watch = rt.deadlines.watch(task)
     idle, keepalive = tmo.idle, tmo.keepalive
     try:
         # (comments that came before a silence long enough to commit go as they came)
@@ -863,9 +926,9 @@ async def _relay_stream(
         # What comes with [DONE] goes out with the stream's end, in one write.
         last = data if tail.done else b""
         if data and not tail.done:
-            await out.write(data)
+            await _send(out.write(data), watch, deadline)
         if tail.failure is not None:
-            raise tail.failure
+            raise _failure(tail)
         fast = _ChunkWriter.of(request)
         read, feed, fits = resp.read_some, splitter.feed, tail.shape.fits
         while not tail.done:
@@ -894,7 +957,8 @@ async def _relay_stream(
                     what = "in total" if over_total else (
                         "before its first event" if not got_event else "between events")
                     raise errors.UpstreamTimeout(f"the upstream went silent {what}") from None
-                await out.write(KEEPALIVE_EVENT)
+                await _send(out.write(KEEPALIVE_LINE if tail.ids else KEEPALIVE_EVENT),
+                            watch, deadline)
                 continue
             finally:  # never armed outside the read: not while writing to the client
                 watch.armed = False
@@ -921,17 +985,17 @@ async def _relay_stream(
                 elif not data:
                     pass
                 elif fast is None:
-                    await out.write(data)
+                    await _send(out.write(data), watch, deadline)
                 elif fast.write(data):
-                    await fast.drain()
+                    await _send(fast.drain(), watch, deadline)
                 if tail.failure is not None:
-                    raise tail.failure
+                    raise _failure(tail)
             elif len(splitter.held) > MAX_EVENT_BYTES:
                 raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
         if splitter.held and not tail.done:
             raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
         end, _ = _finish(rt, rec, prompt_chars, cand, region, tail)
-        await out.write_eof(last + end if last else end)
+        await _send(out.write_eof(last + end if last else end), watch, deadline)
         finished = judged = True
         rt.pool.succeeded(cand.upstream.name, attempt.trial)
     except errors.UpstreamFailed as e:
@@ -940,9 +1004,15 @@ async def _relay_stream(
         judged = not over_total
         if judged:
             rt.pool.failed(cand.upstream.name, time.monotonic(), trial=attempt.trial)
-        rt.metrics.attempt(cand.upstream.name, "stream_" + _outcome(e))
+        outcome = "stream_" + _outcome(e)
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
+        if watch.expired():  # the total ran out in a write: the client stopped reading
+            resp.close()
+            await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.RequestTimeout(
+                "The stream reached timeouts.total while the client was not reading it."),
+                out, request)
+            return out
         if rt.ended_by_drain(task):  # the drain's deadline, not the client: the error event
             resp.close()
             await _stream_error(rt, rec, prompt_chars, cand, region, tail, _drain_ends_stream(),
@@ -966,6 +1036,7 @@ async def _relay_stream(
             resp.close()
         if not judged and attempt.trial:  # the client left, the drain, a bug: no verdict
             rt.pool.abandoned(cand.upstream.name)
+        rt.metrics.attempt(cand.upstream.name, outcome)
         rec.upstream_s = time.perf_counter() - attempt.t_sent
     if finished:
         if resp.done():
@@ -973,6 +1044,17 @@ async def _relay_stream(
         else:  # the upstream's end is still coming: read it apart from the client's request
             rt.spawn(resp.finish(rt.deadlines))
     return out
+
+
+async def _send(write: Awaitable[None], watch: upstream.Watch, deadline: float) -> None:
+    """A write to a stream's client that may wait for it to read: under the request's
+    total (`deadline`, on the stream's `watch`), so that a client that stops reading
+    does not hold its upstream, and their places, for ever."""
+    watch.arm(deadline)
+    try:
+        await write
+    finally:
+        watch.armed = False
 
 
 class _ChunkWriter:
@@ -1033,7 +1115,8 @@ def _bug_in_stream(rec: Rec) -> errors.ProxyError:
     return errors.ProxyError("Internal error in the proxy; see its log.")
 
 
-def _stream_response(rt: Runtime, rec: Rec, upstream_s: float) -> web.StreamResponse:
+def _stream_response(rt: Runtime, rec: Rec, upstream_s: float,
+                     request: web.BaseRequest) -> web.StreamResponse:
     """The client's event stream, not yet prepared. Server-Timing goes with the headers,
     so for a stream it covers the time to its first byte: the upstream's wait so far,
     and what the proxy added."""
@@ -1041,6 +1124,9 @@ def _stream_response(rt: Runtime, rec: Rec, upstream_s: float) -> web.StreamResp
     headers["Server-Timing"] = server_timing(rec, upstream_s)  # prepared before the edge
     out = web.StreamResponse(status=200, headers=headers)
     finish_headers(rt, out, rec.request_id)
+    if request.version < HttpVersion11:
+        # No chunked encoding before HTTP/1.1: the body ends where the connection does.
+        out.force_close()
     return out
 
 
@@ -1057,9 +1143,15 @@ async def _stream_error(
         "lowrouter": lr,
     })
     try:
-        if not out.prepared:
-            await out.prepare(request)
-        await out.write(b"".join([*(ev for ev, _ in tail.held), event]))
-        await out.write_eof()
+        # Within the request's total, and a second at least for the event itself: past
+        # it the client, which reads nothing, is cut off (SPEC §4).
+        with rt.deadlines.timeout(max(1.0, rec.total_s - (time.perf_counter() - rec.t0))):
+            if not out.prepared:
+                await out.prepare(request)
+            await out.write(b"".join([*(ev for ev, _ in tail.held), event]))
+            await out.write_eof()
     except ConnectionResetError:
         rec.status = "client_closed"
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()

@@ -190,6 +190,7 @@ class Target:
     json_headers: CIMultiDict[str] = attrs.field(init=False)
     stream_headers: CIMultiDict[str] = attrs.field(init=False)
     post_options: dict[str, Any] = attrs.field(init=False)  # only what differs from defaults
+    secret: bytes = attrs.field(init=False)  # the key itself, that no answer may quote
 
     def __attrs_post_init__(self) -> None:
         # Nothing of the client's goes upstream: these headers are the whole set.
@@ -207,6 +208,8 @@ class Target:
         if self.proxy is not None:
             opts["proxy"] = self.proxy
         object.__setattr__(self, "post_options", opts)
+        object.__setattr__(self, "secret",
+                           self.auth.partition(" ")[2].encode() if self.auth else b"")
 
 
 def make_targets(config: Config, secrets: Secrets) -> dict[str, Target]:

@@ -1026,6 +1026,62 @@ def _slow_json(pause: float, pieces: int) -> list[bytes | float]:
     return parts
 
 
+def _answer_of(status: str, ctype: str, body: bytes, *more: str) -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{h}\r\n" for h in more) + "\r\n").encode() + body
+
+
+@pytest.mark.parametrize("case", ["html", "sse", "gzip", "array"])
+def test_upstream_4xx_that_is_no_json_object_gets_the_openai_shape(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], case: str
+) -> None:
+    """An upstream 4xx whose body is no JSON object (an HTML page from a wrong base_url,
+    an event stream, gzip we did not ask for): its status kept, an OpenAI error body
+    naming what came (SPEC §1: errors always have the OpenAI shape)."""
+    page = b"<html><body><h1>404 Not Found</h1><hr>nginx</body></html>"
+    answer = {
+        "html": _answer_of("404 Not Found", "text/html", page),
+        "sse": _answer_of("400 Bad Request", "text/event-stream", b"data: {}\n\n"),
+        "gzip": _answer_of("400 Bad Request", "application/json",
+                           gzip.compress(b'{"error": {"message": "bad"}}'), "Content-Encoding: gzip"),
+        "array": _answer_of("422 Unprocessable Entity", "application/json", b'["bad"]'),
+    }[case]
+    up = scripted(lambda conn, n, req: (answer, True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    status = int(answer.split()[1])
+    a = post(stack, chat(LLAMA))
+    err = a.error(status, "upstream_error")
+    assert a.header("content-type") == "application/json" and a.header("content-encoding") is None
+    ctype = {"html": "text/html", "sse": "text/event-stream"}.get(case, "application/json")
+    assert err["message"] == (f"The upstream answered {status} with a body that is not a "
+                              f"JSON object ({ctype}).")
+    assert b"nginx" not in a.body
+    assert outcomes(stack) == {("eu-north-a", "passed_4xx"): 1}
+    with stack.client() as client, pytest.raises(openai.APIStatusError) as ei:
+        client.chat.completions.create(model=LLAMA, messages=MSGS)
+    assert ei.value.status_code == status and ei.value.code == "upstream_error"
+
+
+def test_upstream_200_with_an_error_object_fails_over(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """A 200 whose body is an error object and no choices (a failed generation, as
+    OpenRouter answers it) is a failure, as the same object in a stream is: the next
+    upstream answers; with retries spent, a 502 (in the proxy's words, as after a 5xx)."""
+    body = orjson.dumps({"error": {"message": "Provider returned error", "code": 502}})
+    up = scripted(lambda conn, n, req: (_answer_of("200 OK", "application/json", body), True))
+    stack = make_stack(cfg(upstreams={"eu-west-a": {"base_url": up.base_url},
+                                      "eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(MINI, region="eu-west"))
+    assert a.status == 200 and a.header("x-lowrouter-upstream") == "eu-west-b"
+    assert a.json()["choices"][0]["message"]["content"]
+    err = post(stack, chat(LLAMA, region="eu-north")).error(502, "upstream_error")
+    assert err["message"] == "the upstream answered 200 with an error object"
+    wait_for(lambda: codes(stack) == {"200": 1, "502": 1})
+    assert outcomes(stack) == {("eu-west-a", "bad_response"): 1, ("eu-west-b", "ok"): 1,
+                               ("eu-north-a", "bad_response"): 3}
+
+
 def test_json_body_coming_slowly_is_read_while_bytes_keep_coming(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted]
 ) -> None:
@@ -1258,7 +1314,8 @@ def test_stream_cut_ends_with_error_event(stack: Stack) -> None:
     assert before == split_events(rec.sent)  # role chunk + 3 words, byte for byte
     assert last["lowrouter"]["eco"]["tokens"]["completion"] == len(before)  # one per chunk
     wait_for(lambda: codes(stack) == {"stream_error": 1})
-    assert outcomes(stack) == {("eu-north-a", "ok"): 1, ("eu-north-a", "stream_connection_lost"): 1}
+    # one attempt, one outcome: a stream's is counted at its end
+    assert outcomes(stack) == {("eu-north-a", "stream_connection_lost"): 1}
 
 
 def test_stream_stall_past_idle_ends_with_timeout_event(make_stack: MakeStack) -> None:
@@ -1271,7 +1328,7 @@ def test_stream_stall_past_idle_ends_with_timeout_event(make_stack: MakeStack) -
     assert len(data_events(before)) == 3
     wait_for(lambda: rec.client_closed)
     wait_for(lambda: codes(stack) == {"stream_error": 1})
-    assert outcomes(stack) == {("eu-north-a", "ok"): 1, ("eu-north-a", "stream_timeout"): 1}
+    assert outcomes(stack) == {("eu-north-a", "stream_timeout"): 1}
 
 
 def test_stream_malformed_event_ends_with_error_event(stack: Stack) -> None:
@@ -1284,7 +1341,7 @@ def test_stream_malformed_event_ends_with_error_event(stack: Stack) -> None:
     assert b"{not json" in bytes(rec.sent) and b"{not json" not in a.body
     assert before == split_events(rec.sent)[:3]
     wait_for(lambda: codes(stack) == {"stream_error": 1})
-    assert outcomes(stack)[("eu-north-a", "stream_bad_response")] == 1
+    assert outcomes(stack) == {("eu-north-a", "stream_bad_response"): 1}
 
 
 def test_stream_over_total_is_ended(make_stack: MakeStack) -> None:
@@ -1296,7 +1353,7 @@ def test_stream_over_total_is_ended(make_stack: MakeStack) -> None:
     _, rec = only_hit(stack)
     wait_for(lambda: rec.client_closed)
     wait_for(lambda: codes(stack) == {"stream_error": 1})
-    assert outcomes(stack)[("eu-north-a", "stream_timeout")] == 1
+    assert outcomes(stack) == {("eu-north-a", "stream_timeout"): 1}
     # the proxy's own cap, not the upstream's failure: it counts towards no ejection
     assert stack.call(lambda: stack.runtime.pool.health["eu-north-a"].failures) == 0
 
@@ -1322,7 +1379,21 @@ def test_upstream_error_object_in_stream_raises_api_error(
     (rec,) = up.requests
     assert orjson.loads(rec.body)["stream_options"] == {"include_usage": True}
     wait_for(lambda: codes(stack) == {"stream_error": 1})
-    assert outcomes(stack)[("eu-north-a", "stream_bad_response")] == 1
+    assert outcomes(stack) == {("eu-north-a", "stream_bad_response"): 1}
+
+
+def test_upstream_error_object_mid_stream_is_quoted(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """An error object inside a started stream: the error event quotes the upstream's
+    message (as for an error status after the commit), so the user sees why."""
+    events = [chunk("calm "), b'data: {"error": {"message": "overloaded inside", '
+              b'"type": "server_error", "code": "overloaded"}}\n\n']
+    up = scripted(lambda conn, n, body: ([sse_answer(events[:1]), events[1]], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    _, last = stream_error(post(stack, chat(LLAMA, stream=True)), "upstream_error")
+    assert last["error"]["message"] == ("the upstream reported an error inside the stream: "
+                                        "overloaded inside")
 
 
 ERROR_EVENT = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
@@ -1467,6 +1538,56 @@ def test_upstream_silence_gets_keepalive_comments(make_stack: MakeStack) -> None
     assert outcomes(stack) == {("eu-north-a", "ok"): 1}
 
 
+def test_comments_without_end_before_the_first_event_are_bounded(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Comments before the first event wait with it (SPEC §1.1), but not without bound:
+    past an event's limit of them the attempt has failed (here the limit is cut to 64 KiB)."""
+    from lrproxy import relay
+    monkeypatch.setattr(relay, "MAX_EVENT_BYTES", 1 << 16)
+    flood = [b": processing\n\n" * 1000] * 20  # 300 KB in 20 writes, then an event
+    up = scripted(lambda conn, n, body: ([sse_answer([]), *flood, chunk("late")], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    err = post(stack, chat(LLAMA, region="eu-north", stream=True)).error(502, "upstream_error")
+    assert err["message"] == "the upstream sent over 16 MiB of comments before its first event"
+    assert outcomes(stack) == {("eu-north-a", "bad_response"): 3}
+
+
+def test_keepalive_after_events_with_ids_is_a_comment_line_only(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """Once the upstream's events have had `id:` fields, the OpenAI SDK takes any blank
+    line for an event (it keeps the last id) and fails on its empty data: the keep-alive
+    is then a comment line without a blank line of its own, and the SDK reads on."""
+    events = [b"id: 1\n" + chunk("calm "), b"id: 2\n" + chunk("seas"), b"data: [DONE]\n\n"]
+    up = scripted(lambda conn, n, body: ([sse_answer(events[:1]), 0.8, b"".join(events[1:])],
+                                         False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           timeouts={"keepalive": 0.3}))
+    a = post(stack, chat(LLAMA, stream=True))
+    assert b": keep-alive\n" in a.body and b": keep-alive\n\n" not in a.body
+    with stack.client() as client:
+        got = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=LLAMA, messages=MSGS, stream=True) if c.choices]
+    assert "".join(got) == "calm seas"
+
+
+def test_stream_to_an_http10_client_ends_with_the_connection(stack: Stack) -> None:
+    """HTTP/1.0 has no chunked encoding: a stream's end is the connection's, at once,
+    even when the client asked for keep-alive."""
+    body = orjson.dumps(chat(LLAMA, stream=True))
+    with open_raw(stack) as sock:
+        sock.sendall(f"POST {CHAT} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TEAM_A_KEY}"
+                     f"\r\nConnection: keep-alive\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.settimeout(3.0)
+        got = b""
+        while data := sock.recv(65536):  # a TimeoutError if the connection stays open
+            got += data
+    assert got.startswith(b"HTTP/1.0 200 ") and got.endswith(b"data: [DONE]\n\n")
+    assert b"transfer-encoding" not in got.split(b"\r\n\r\n")[0].lower()
+
+
 def test_upstream_slow_to_send_headers_gets_keepalive_comments(make_stack: MakeStack) -> None:
     """An upstream that holds even its headers past timeouts.keepalive (a long prefill): the
     client gets its 200 and `: keep-alive` comments meanwhile (SPEC §1.1), then the stream."""
@@ -1497,7 +1618,10 @@ def test_upstream_fails_after_a_keepalive_commit(make_stack: MakeStack, status: 
     # a refusal says why, in the upstream's words (the status line has gone already)
     assert (status == 400) == (last["error"]["message"] == "the upstream answered 400 once "
                                "the stream had begun: Simulated error 400 from eu-west-a.")
+    # refused, with nothing generated: no tokens charged, as for a refusal before the commit
+    assert last["lowrouter"]["eco"]["tokens"] == {"prompt": 0, "completion": 0}
     wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert stack.metric_sum("lrproxy_tokens_total") == 0
     with stack.client() as client, pytest.raises(openai.APIError) as ei:
         for _ in client.chat.completions.create(
                 model=MINI, messages=MSGS, stream=True, extra_body={
@@ -1517,7 +1641,7 @@ def test_late_error_status_message_is_bounded_and_never_quotes_our_key() -> None
 
     from lrproxy import relay
 
-    rt = NS(state=NS(targets={"up": NS(auth="Bearer sk-upstream-secret")}))
+    rt = NS(state=NS(targets={"up": NS(secret=b"sk-upstream-secret")}))
 
     def late(body: bytes) -> str:
         attempt = NS(resp=NS(status=400), body=body, cand=NS(upstream=NS(name="up")))
@@ -1636,6 +1760,34 @@ def test_client_leaves_mid_stream(stack: Stack) -> None:
     assert stack.metric("lrproxy_tokens_total", **labels, kind="completion") >= 2
     assert outcomes(stack) == {("eu-north-a", "ok"): 1}
     assert_idle(stack)
+
+
+def test_client_that_stops_reading_is_cut_off_at_total(make_stack: MakeStack, seen: Seen) -> None:
+    """A client that stops reading a stream (its connection open) holds the upstream, its
+    max_concurrency place and its in-flight place no longer than timeouts.total (SPEC §4):
+    then the upstream is closed, the connection dropped and the tokens so far counted."""
+    stack = make_stack(cfg(timeouts={"total": 1}))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        sock.connect(("127.0.0.1", stack.port))
+        sock.sendall(request(orjson.dumps(chat(LLAMA, stream=True, sim={"chunks": 200_000}))))
+        got = sock.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        t0 = time.monotonic()
+        rec = stack.requests_to("eu-north-a")[0]
+        wait_for(lambda: rec.client_closed, timeout=10)  # nothing read meanwhile
+        assert time.monotonic() - t0 < 4
+        wait_for(lambda: codes(stack) == {"stream_error": 1})
+        access = [orjson.loads(line) for line in seen.logs if '"duration_ms"' in line]
+        assert [a["error"] for a in access] == ["request_timeout"]
+        labels = {"key": "team-a", "model": LLAMA, "region": "eu-north"}
+        assert stack.metric("lrproxy_tokens_total", **labels, kind="completion") > 0
+        assert outcomes(stack) == {("eu-north-a", "ok"): 1}  # not the upstream's failure
+        assert_idle(stack)
+        sock.settimeout(3.0)  # what the buffers hold, then the end (a TimeoutError if none)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(1 << 16):
+                pass
 
 
 async def test_thousand_disconnects_mid_stream_leave_nothing_behind(stack: Stack) -> None:

@@ -319,7 +319,8 @@ async def _try_candidates(
     if len(cands) == 1:  # the usual case: no ordering to do, nor its calls
         order = list(cands) if pool.usable(cands[0].upstream.name, now) else []
     else:
-        order = order_candidates(cands, lambda n: pool.usable(n, now), pool.load)
+        order = order_candidates(cands, lambda n: pool.usable(n, now), pool.load,
+                                 lambda n: pool.held(n, now))
     if not order:
         raise errors.NoUpstreamAvailable(
             "No upstream may be tried for this request right now.",

@@ -87,12 +87,14 @@ def pick_candidates(
 
 
 def order_candidates(
-    cands: Sequence[Candidate], usable: Callable[[str], bool], load: Callable[[str], int]
+    cands: Sequence[Candidate], usable: Callable[[str], bool], load: Callable[[str], int],
+    held: Callable[[str], bool] = lambda name: False,
 ) -> list[Candidate]:
-    """Usable candidates, lowest carbon first; equal carbon goes to the least loaded."""
+    """Usable candidates, lowest carbon first; equal carbon goes to the least loaded.
+    A `held` one (failing, kept as its region's last: Pool.held) comes after the rest."""
     ok = [c for c in cands if usable(c.upstream.name)]
     if len(ok) > 1:
-        ok.sort(key=lambda c: (c.carbon_per_1k, load(c.upstream.name)))
+        ok.sort(key=lambda c: (held(c.upstream.name), c.carbon_per_1k, load(c.upstream.name)))
     return ok
 
 

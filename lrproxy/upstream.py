@@ -46,6 +46,9 @@ class Health:
     ejections: int = 0  # in a row, for the growing cool-down
     ejected_until: float = 0.0
     trial: bool = False  # the one trial request after a cool-down is out
+    # Failing, but its region's last usable upstream, so not ejected: until then it is
+    # tried after the others (Pool.held)
+    held_until: float = 0.0
 
     def usable(self, now: float) -> bool:
         if self.failures < EJECT_AFTER:
@@ -81,6 +84,12 @@ class Pool:
         h = self.health.get(name)
         return h is None or h.failures < EJECT_AFTER or h.usable(now)  # the usual case first
 
+    def held(self, name: str, now: float) -> bool:
+        """True for a failing upstream kept only as its region's last usable one: its
+        region's pinned requests still go to it, other requests to it last (SPEC §2)."""
+        h = self.health.get(name)
+        return h is not None and now < h.held_until
+
     def load(self, name: str) -> int:
         h = self.health.get(name)
         return 0 if h is None else h.outstanding
@@ -113,7 +122,7 @@ class Pool:
                 return  # ejected: only the trial lets it back (SPEC §2)
             was_ejected = h.ejections > 0
             h.failures = h.ejections = 0
-            h.ejected_until = 0.0
+            h.ejected_until = h.held_until = 0.0
             h.trial = False
             if was_ejected and self.on_change is not None:
                 self.on_change()
@@ -140,8 +149,12 @@ class Pool:
             n for n, r in self.region_of.items() if r == region and n != name
             and self.health[n].usable(now)
         ]
-        if not others:  # the last usable upstream of a region is never ejected
+        if not others:  # the last usable upstream of a region is never ejected…
             h.failures = EJECT_AFTER - 1
+            # … but for the cool-down an ejection would have had, requests that may go
+            # elsewhere try it last: a dead region must not hold up every unpinned
+            # request (or, with retries spent on it, fail them)
+            h.held_until = now + min(COOL_DOWN_S * (h.ejections + 1), COOL_DOWN_CAP_S)
             return
         h.ejections += 1
         cool = min(COOL_DOWN_S * h.ejections, COOL_DOWN_CAP_S)

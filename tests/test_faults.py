@@ -1218,6 +1218,27 @@ def test_last_usable_upstream_of_a_region_is_never_ejected(make_stack: MakeStack
     assert codes(stack) == {"502": 12, "200": 1}
 
 
+def test_a_failing_regions_last_upstream_is_tried_last_by_unpinned_requests(
+    make_stack: MakeStack
+) -> None:
+    """eu-north-a, the cleanest upstream for llama and its region's only one, failing:
+    kept usable for eu-north's pinned requests (never ejected), but not in the way of the
+    others: after its 5th failure unpinned requests go elsewhere first, and come back to
+    it once it has served again."""
+    stack = make_stack(cfg(server={"retries": 0}))
+    faults(stack, ["eu-north-a"], fail_status=503, fail_count=-1)
+    for _ in range(5):
+        post(stack, chat(LLAMA)).error(502, "upstream_error")
+    for _ in range(3):
+        route = post(stack, chat(LLAMA)).route()
+        assert route["region"] != "eu-north" and route["attempts"] == 1
+    post(stack, chat(LLAMA, region="eu-north")).error(502, "upstream_error")  # never a 503
+    assert hits(stack)["eu-north-a"] == 6 and usable(stack, "eu-north-a") == 1
+    faults(stack, ["eu-north-a"], fail_status=None)
+    assert post(stack, chat(LLAMA, region="eu-north")).route()["upstream"] == "eu-north-a"
+    assert post(stack, chat(LLAMA)).route()["upstream"] == "eu-north-a"
+
+
 def test_after_cool_down_one_trial_request_readmits(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the cool-down exactly one trial request goes to the ejected upstream; its success readmits it."""
     monkeypatch.setattr(upstream, "COOL_DOWN_S", 0.3)

@@ -401,12 +401,15 @@ async def _try_candidates(
             pool.release(name)
             if trial:
                 pool.abandoned(name)
+            task = asyncio.current_task(rt.loop)
+            gone = (isinstance(exc, asyncio.CancelledError)
+                    and (task is None or not rt.ended_by_drain(task)))
+            rt.metrics.attempt(name, "client_closed" if gone else "cancelled")
             if early is None or not early.stop():
                 raise
             if not isinstance(exc, asyncio.CancelledError):
                 raise _Committed(_bug_in_stream(rec), cand) from None
-            task = asyncio.current_task(rt.loop)
-            if task is None or not rt.ended_by_drain(task):
+            if gone:
                 raise  # the client has gone
             raise _Committed(_drain_ends_stream(), cand) from None
         finally:
@@ -1008,6 +1011,7 @@ async def _relay_stream(
         outcome = "stream_" + _outcome(e)
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
+        outcome = "cancelled"  # ended on the proxy's side: not the upstream's doing
         if watch.expired():  # the total ran out in a write: the client stopped reading
             resp.close()
             await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.RequestTimeout(
@@ -1022,12 +1026,13 @@ async def _relay_stream(
         # The client left: drop the upstream connection at once so it stops generating,
         # and keep the tokens so far for the metrics (SPEC §1.1).
         resp.close()
-        rec.status = "client_closed"
+        rec.status = outcome = "client_closed"
         _stream_lowrouter(rt, rec, prompt_chars, cand, region, tail)
         if task.cancelling():
             raise
     except Exception:
         # A bug of ours mid-stream: end it the §1.1 way, never with a second status line.
+        outcome = "cancelled"
         err = _bug_in_stream(rec)
         resp.close()
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, err, out, request)

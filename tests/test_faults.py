@@ -1757,7 +1757,8 @@ def test_client_leaves_while_waiting_for_the_first_byte(stack: Stack, stream: bo
     wait_for(lambda: rec.client_closed, timeout=2)
     assert rec.finished_at is not None and rec.finished_at - t_close < 0.5
     wait_for(lambda: codes(stack) == {"client_closed": 1})
-    assert outcomes(stack) == {}  # not the upstream's failure, nor an answer
+    # not the upstream's failure, nor an answer: counted as the client's doing
+    assert outcomes(stack) == {("eu-north-a", "client_closed"): 1}
     assert stack.call(lambda: stack.runtime.pool.health["eu-north-a"].failures) == 0
     assert_idle(stack)
 
@@ -1779,7 +1780,7 @@ def test_client_leaves_mid_stream(stack: Stack) -> None:
     wait_for(lambda: codes(stack) == {"client_closed": 1})
     labels = {"key": "team-a", "model": LLAMA, "region": "eu-north"}
     assert stack.metric("lrproxy_tokens_total", **labels, kind="completion") >= 2
-    assert outcomes(stack) == {("eu-north-a", "ok"): 1}
+    assert outcomes(stack) == {("eu-north-a", "client_closed"): 1}
     assert_idle(stack)
 
 
@@ -1803,7 +1804,8 @@ def test_client_that_stops_reading_is_cut_off_at_total(make_stack: MakeStack, se
         assert [a["error"] for a in access] == ["request_timeout"]
         labels = {"key": "team-a", "model": LLAMA, "region": "eu-north"}
         assert stack.metric("lrproxy_tokens_total", **labels, kind="completion") > 0
-        assert outcomes(stack) == {("eu-north-a", "ok"): 1}  # not the upstream's failure
+        # not the upstream's failure: ended on the proxy's side
+        assert outcomes(stack) == {("eu-north-a", "cancelled"): 1}
         assert_idle(stack)
         sock.settimeout(3.0)  # what the buffers hold, then the end (a TimeoutError if none)
         with contextlib.suppress(ConnectionResetError):
@@ -1858,7 +1860,10 @@ async def test_thousand_disconnects_mid_stream_leave_nothing_behind(stack: Stack
             model=MINI, messages=MSGS, stream=True)]
         assert "".join(parts)
     await await_for(lambda: codes(stack) == {"client_closed": total, "200": 2})
-    assert sum(v for (_, o), v in outcomes(stack).items() if o == "ok") == total + 2
+    assert outcomes(stack) == {(n, o): v for (n, o), v in outcomes(stack).items()
+                               if o in ("ok", "client_closed")}
+    assert sum(v for (_, o), v in outcomes(stack).items() if o == "client_closed") == total
+    assert sum(v for (_, o), v in outcomes(stack).items() if o == "ok") == 2
 
 
 # =======================================================================================

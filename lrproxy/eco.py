@@ -34,10 +34,16 @@ class Intensity:
 
 
 def current_intensity(region: Region, reading: Reading | None, now: float) -> Intensity:
-    """The live reading when fresh enough, else the region's static figure (SPEC §3)."""
-    if reading is not None and now - reading.at <= region.intensity_max_age_s:
+    """The live reading when fresh enough, else the region's static figure (SPEC §3).
+    A reading dated over FUTURE_SKEW_S ahead is no live one: a feed whose clock is off
+    (or whose updater stopped after a wrong date) would else count until that date."""
+    if (reading is not None
+            and -FUTURE_SKEW_S <= now - reading.at <= region.intensity_max_age_s):
         return Intensity(reading.g_per_kwh, True)
     return Intensity(region.grid_intensity_g_per_kwh, False)
+
+
+FUTURE_SKEW_S: Final = 300.0  # how far ahead of this clock a feed's may run
 
 
 def parse_reading(data: bytes) -> Reading:

@@ -183,6 +183,15 @@ def test_stale_reading_falls_back_to_the_static_figure() -> None:
     assert fig["carbon_g"] == pytest.approx(0.00248472, rel=1e-12)
 
 
+def test_reading_dated_ahead_counts_only_within_the_skew() -> None:
+    """A reading dated ahead (a feed's clock) is live within FUTURE_SKEW_S, and beyond it
+    falls back to the static figure, as a stale one does, rather than count until then."""
+    assert eco.current_intensity(EU_WEST, fresh(age=-eco.FUTURE_SKEW_S), NOW) == Intensity(
+        120.0, True)
+    for ahead in (eco.FUTURE_SKEW_S + 1, 365 * 86400.0):
+        assert eco.current_intensity(EU_WEST, fresh(age=-ahead), NOW) == Intensity(290.0, False)
+
+
 def test_reading_exactly_at_max_age_is_still_fresh() -> None:
     """A reading exactly intensity_max_age_s old still counts as live."""
     assert eco.current_intensity(EU_WEST, fresh(age=3600), NOW) == Intensity(120.0, True)

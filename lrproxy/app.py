@@ -30,7 +30,7 @@ from lrproxy import __version__, eco, errors, limits, protocol
 from lrproxy.config import AUTO_MODEL, Config, Region, Secrets
 from lrproxy.log import ACCESS, MAIN, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
-from lrproxy.routing import RoutingTable, build_table
+from lrproxy.routing import Candidate, RoutingTable, build_table, pick_candidates
 from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets, task_of
 
 log = logging.getLogger(MAIN)
@@ -473,33 +473,51 @@ async def models(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     return web.Response(body=_models_body(st), content_type="application/json")
 
 
+# GET /models/{id}: ids hold a slash (openai/gpt-4o-mini), so it is a pattern, which
+# the router matches (never protocol.direct, which takes exact paths); the SDK escapes
+# the slash (openai%2Fgpt-4o-mini) and the router unescapes it.
+_GET_HEAD: Final = frozenset({"GET", "HEAD"})
+
+
+async def model(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
+    """The entry `/models` lists for one id (OpenAI's `GET /models/{model}`, the SDK's
+    `models.retrieve`), or 404 model_not_found where `/models` lists none."""
+    if request.method not in _GET_HEAD:  # the route takes every method: a 405, as /models
+        raise web.HTTPMethodNotAllowed(request.method, _GET_HEAD)
+    st = rt.state
+    rec.key = st.authenticate(request.headers.get("Authorization"))
+    mid = request.match_info["id"]
+    entry = _model_entry(st, mid, pick_candidates(st.table, mid, None))
+    return web.Response(body=orjson.dumps(entry), content_type="application/json")
+
+
 def _models_body(st: State) -> bytes:
-    data: list[dict[str, Any]] = []
-    for mid, cands in st.table.by_model.items():
-        if not cands:
-            continue
-        per_region: dict[str, float] = {}
-        for c in cands:
-            per_region.setdefault(c.region.name, c.carbon_per_1k)
-        entry: dict[str, Any] = {
-            "id": mid, "object": "model", "created": 0, "owned_by": "lowrouter",
-            "lowrouter": {
-                "regions": sorted(per_region),
-                "carbon_per_1k_tokens_g": per_region,
-                "upstreams": sorted({c.upstream.name for c in cands}),
-            },
+    return orjson.dumps({"object": "list", "data": [
+        _model_entry(st, mid, cands) for mid, cands in st.table.by_model.items() if cands]})
+
+
+def _model_entry(st: State, mid: str, cands: tuple[Candidate, ...]) -> dict[str, Any]:
+    per_region: dict[str, float] = {}
+    for c in cands:
+        per_region.setdefault(c.region.name, c.carbon_per_1k)
+    entry: dict[str, Any] = {
+        "id": mid, "object": "model", "created": 0, "owned_by": "lowrouter",
+        "lowrouter": {
+            "regions": sorted(per_region),
+            "carbon_per_1k_tokens_g": per_region,
+            "upstreams": sorted({c.upstream.name for c in cands}),
+        },
+    }
+    if mid == AUTO_MODEL:
+        entry["lowrouter"]["models"] = list(st.config.auto_models)
+    else:
+        m = st.config.models[mid]
+        entry["lowrouter"]["eco"] = {
+            "energy_wh_per_1k_prompt_tokens": m.e_prompt,
+            "energy_wh_per_1k_completion_tokens": m.e_completion,
+            "source": m.source,
         }
-        if mid == AUTO_MODEL:
-            entry["lowrouter"]["models"] = list(st.config.auto_models)
-        else:
-            m = st.config.models[mid]
-            entry["lowrouter"]["eco"] = {
-                "energy_wh_per_1k_prompt_tokens": m.e_prompt,
-                "energy_wh_per_1k_completion_tokens": m.e_completion,
-                "source": m.source,
-            }
-        data.append(entry)
-    return orjson.dumps({"object": "list", "data": data})
+    return entry
 
 
 def _dumps(obj: Any) -> str:
@@ -540,6 +558,9 @@ def make_app(
             app.router.add_route(m, path, h, expect_handler=expect)
             direct.setdefault(path, {})[m] = h
     app[protocol.ROUTES] = direct  # the same handlers without the router (protocol.direct)
+    for base in ("/api/v1", "/v1"):  # every method: the handler answers 405 to the others
+        app.router.add_route("*", base + "/models/{id:.+}", edged(model, rt),
+                             expect_handler=_expect)
 
     async def no_route(request: web.Request, rt: Runtime, rec: Rec) -> web.StreamResponse:
         """Every other path and method, for the edge to answer in the OpenAI shape."""

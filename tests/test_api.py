@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import yarl
 from conftest import CI_KEY, UPSTREAM_KEYS, Stack, wait_for
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -254,6 +255,24 @@ def test_models_list(stack: Stack) -> None:
             assert value == pytest.approx(carbon_ref(data, mid, region))
 
 
+def test_models_retrieve_answers_the_listed_entry(stack: Stack) -> None:
+    """GET /models/{id} (the SDK's models.retrieve, which escapes the id's slash) answers
+    the entry /models lists for that id, with the same headers; an unknown id is 404
+    model_not_found, as OpenAI answers it."""
+    with stack.client() as client:
+        listed = {m.id: m.model_dump() for m in client.models.list().data}
+        for mid in (MINI, AUTO):
+            raw = client.models.with_raw_response.retrieve(mid)
+            assert raw.parse().model_dump() == listed[mid], mid
+            assert raw.headers["Server"] == "lrproxy" and "X-Request-Id" in raw.headers
+            assert _server_timing(raw.headers["Server-Timing"])["upstream"] == 0.0
+            assert not any(h in raw.headers for h in ROUTE_HEADERS)
+        with pytest.raises(openai.NotFoundError) as ei:
+            client.models.retrieve("acme/nope")
+    assert check_error(ei.value, 404, "model_not_found")["param"] == "model"
+    assert sum(hits(stack).values()) == 0
+
+
 async def test_health_and_readiness(stack: Stack, http: aiohttp.ClientSession) -> None:
     """/healthz and /readyz answer 200 without a key while upstreams are usable."""
     for path in ("/healthz", "/readyz"):
@@ -302,7 +321,8 @@ def check_error(e: openai.APIStatusError, status: int, code: str) -> dict[str, A
     return err
 
 
-@pytest.mark.parametrize("path", ["/chat/completions", "/embeddings", "/models"])
+@pytest.mark.parametrize("path", ["/chat/completions", "/embeddings", "/models",
+                                  "/models/" + MINI])
 @pytest.mark.parametrize("header", [None, "Bearer sk-wrong", "Basic dGVhbS1hOng=", "Bearer "])
 async def test_missing_or_unknown_key_is_401(
     stack: Stack, http: aiohttp.ClientSession, path: str, header: str | None
@@ -310,7 +330,7 @@ async def test_missing_or_unknown_key_is_401(
     """No key, a wrong key or another scheme: 401 invalid_api_key, nothing sent upstream."""
     headers = {} if header is None else {"Authorization": header}
     body = {"model": MINI, "messages": MSGS, "input": "x"}
-    method = http.get if path == "/models" else http.post
+    method = http.get if path.startswith("/models") else http.post
     async with method(stack.base_url + path, json=body, headers=headers) as r:
         assert r.status == 401
         err = (await r.json())["error"]
@@ -759,7 +779,8 @@ def test_generated_request_ids_are_unique_hex_of_uuid_length() -> None:
 
 async def test_head_is_answered_where_get_is(stack: Stack, http: aiohttp.ClientSession) -> None:
     """HEAD on a GET path answers like GET, without a body; an encoded slash is no path."""
-    for path in ("/healthz", "/readyz", "/v1/models", "/api/v1/models"):
+    for path in ("/healthz", "/readyz", "/v1/models", "/api/v1/models",
+                 "/v1/models/" + MINI, "/api/v1/models/" + AUTO):
         async with http.head(stack.origin + path, headers=auth(stack)) as r:
             assert r.status == 200, path
             assert r.headers.getall("Server") == ["lrproxy"]
@@ -815,7 +836,20 @@ async def test_paths_the_router_takes_reach_the_same_handler(
     async with http.get(stack.origin + "/v1/models?limit=1", headers=auth(stack)) as r:
         assert r.status == 200
         assert {m["id"] for m in (await r.json())["data"]} >= {MINI}
-    wait_for(lambda: stack.metric_sum("lrproxy_requests_total", code="200") == 4)
+    # /models/{id} is only the router's (a pattern): its slash plain or escaped, a query
+    for path in ("/v1/models/openai/gpt-4o-mini", "/v1/models/openai%2Fgpt-4o-mini?x=1",
+                 "/api/v1/models/openai%2Fgpt-4o-%6Dini"):
+        async with http.get(yarl.URL(stack.origin + path, encoded=True),
+                            headers=auth(stack)) as r:
+            assert r.status == 200, path
+            assert (await r.json())["id"] == MINI
+            assert r.headers.getall("Server") == ["lrproxy"] and "X-Request-Id" in r.headers
+    # an escaped `%` is part of the id, which no model has
+    async with http.get(yarl.URL(stack.origin + "/v1/models/openai%252Fgpt-4o-mini",
+                                 encoded=True), headers=auth(stack)) as r:
+        assert r.status == 404
+        assert (await r.json())["error"]["code"] == "model_not_found"
+    wait_for(lambda: stack.metric_sum("lrproxy_requests_total", code="200") == 7)
 
 
 def test_expect_continue_comes_only_after_the_checks(stack: Stack) -> None:
@@ -893,6 +927,7 @@ async def test_wrong_method_is_405_with_allow(stack: Stack, http: aiohttp.Client
     """A known path with another method: 405 in the OpenAI shape, naming what is allowed."""
     for method, path, allow in (("GET", "/api/v1/chat/completions", {"POST"}),
                                 ("DELETE", "/v1/models", {"GET", "HEAD"}),
+                                ("POST", "/v1/models/" + MINI, {"GET", "HEAD"}),
                                 ("POST", "/healthz", {"GET", "HEAD"})):
         async with http.request(method, stack.origin + path, headers=auth(stack)) as r:
             assert r.status == 405, (method, path)

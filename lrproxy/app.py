@@ -393,7 +393,7 @@ async def _expect(request: web.Request, at_once: bool = True) -> web.StreamRespo
         if at_once:
             await send_continue(request)
         return None
-    err = errors.ExpectationFailed(f"'Expect: {expect[:40]}' is not supported; "
+    err = errors.ExpectationFailed(f"'Expect: {errors.printable(expect[:40])}' is not supported; "
                                    "send the request without it.")
     rt = request.app[RUNTIME]
     rid = _refused(rt, err.status, err.code)

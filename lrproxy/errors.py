@@ -38,7 +38,19 @@ class ProxyError(Exception):
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    try:
+        return orjson.dumps(
+            {"error": {"message": message, "type": type_, "param": param, "code": code}})
+    except TypeError:  # a lone surrogate that no quoting site escaped: never a plain 500
+        return orjson.dumps({"error": {
+            "message": printable(message), "type": type_,
+            "param": None if param is None else printable(param), "code": code}})
+
+
+def printable(text: str) -> str:
+    """Client text to quote in a message: the bytes of a header value that are not
+    UTF-8 (aiohttp keeps them as lone surrogates, which JSON cannot hold) as `\\udcff`."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class InvalidApiKey(ProxyError):

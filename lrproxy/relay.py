@@ -57,7 +57,8 @@ def _body_now(request: web.Request, st: State) -> bytes | None:
     enc = request.headers.get("Content-Encoding")
     if enc is not None and enc.strip().lower() not in ("identity", ""):
         raise errors.UnsupportedMediaType(
-            f"Content-Encoding '{enc.strip()[:32]}' is not accepted; send the body uncompressed."
+            f"Content-Encoding '{errors.printable(enc.strip()[:32])}' is not accepted; "
+            "send the body uncompressed."
         )
     content = request.content
     if length is not None and content.is_eof():

@@ -12,7 +12,7 @@ import attrs
 
 from lrproxy import eco
 from lrproxy.config import AUTO_MODEL, Config, Model, Region, Upstream
-from lrproxy.errors import ModelNotFound, ModelNotInRegion, UnknownRegion
+from lrproxy.errors import ModelNotFound, ModelNotInRegion, UnknownRegion, printable
 
 
 @attrs.frozen
@@ -75,7 +75,8 @@ def pick_candidates(
         return cands
     if region not in table.regions:
         raise UnknownRegion(
-            f"Unknown region '{region}'; configured regions: {', '.join(table.regions)}",
+            f"Unknown region '{printable(region[:40])}'; configured regions: "
+            f"{', '.join(table.regions)}",
             param=region_param,
         )
     pinned = tuple(c for c in cands if c.region.name == region)

@@ -950,3 +950,42 @@ async def test_expect_header(stack: Stack, http: aiohttp.ClientSession) -> None:
         assert r.headers.getall("Server") == ["lrproxy"] and "X-Request-Id" in r.headers
         assert _server_timing(r.headers["Server-Timing"])["upstream"] == 0.0
     wait_for(lambda: stack.metric_sum("lrproxy_requests_total", code="417") == 1)
+
+
+def test_header_bytes_that_are_not_utf8_are_quoted_escaped(stack: Stack) -> None:
+    """A header value with a byte that is not UTF-8, which the refusal quotes
+    (X-LowRouter-Region, Expect, Content-Encoding): the refusal in the OpenAI shape with
+    the byte escaped, counted under the status the client got; never aiohttp's plain 500."""
+    import socket
+
+    host, port = stack.origin.removeprefix("http://").split(":")
+    body = json.dumps({"model": MINI, "messages": MSGS}).encode()
+    cases = ((b"X-LowRouter-Region: eu\xff", 400, "unknown_region"),
+             (b"Expect: 100-continu\xff", 417, "expectation_failed"),
+             (b"Content-Encoding: gz\xffip", 415, "unsupported_media_type"))
+    for header, status, code in cases:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Authorization: Bearer " + stack.key.encode() + b"\r\n" + header
+                      + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            raw = b""
+            while data := s.recv(65536):
+                raw += data
+        head, _, answer = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), raw[:300]
+        assert b"Content-Type: application/json" in head
+        err = json.loads(answer)["error"]
+        assert err["code"] == code and "\\udcff" in err["message"], err
+    wait_for(lambda: all(stack.metric_sum("lrproxy_requests_total", code=str(c[1])) == 1
+                         for c in cases))
+    assert stack.metric_sum("lrproxy_requests_total", code="500") == 0
+
+
+def test_error_body_never_fails_on_lone_surrogates() -> None:
+    """errors.error_body escapes a lone surrogate that a message quoting client text
+    still holds, rather than raising."""
+    from lrproxy.errors import error_body
+
+    err = json.loads(error_body("bad 'x\udcff'", "invalid_request_error", "c", "p\ud800"))
+    assert err["error"] == {"message": "bad 'x\\udcff'", "type": "invalid_request_error",
+                            "param": "p\\ud800", "code": "c"}

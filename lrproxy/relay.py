@@ -178,6 +178,7 @@ class _Attempt:
     got_event: bool = False
     t_sent: float = 0.0
     trial: bool = False  # the one request let through to an ejected upstream
+    held: upstream.Health | None = None  # what pool.acquire counted it on, for release
 
 
 class _Committed(Exception):
@@ -300,7 +301,7 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
             return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region)
         return _answer(rt, rec, prompt_chars, attempt, region)
     finally:
-        rt.pool.release(cand.upstream.name)
+        rt.pool.release(attempt.held)
 
 
 # The handlers are the relay's coroutine itself, not one awaiting it: each coroutine in
@@ -345,7 +346,7 @@ async def _try_candidates(
         rec.attempts += 1
         # routed: an answer that ends here, a failure too, says where it went (SPEC §1)
         rec.upstream, rec.region, rec.model = name, cand.region.name, cand.model.id
-        trial = pool.acquire(name, time.monotonic())
+        held, trial = pool.acquire(name, time.monotonic())
         target = st.targets[name]
         obj["model"] = cand.upstream_model
         headers = (target.stream_headers if stream else target.json_headers).copy()
@@ -363,7 +364,7 @@ async def _try_candidates(
                 target.chat_url if chat else target.embeddings_url,
                 orjson.dumps(obj), headers, rt.deadlines, first_byte, st.client_timeout,
             )
-            attempt = _Attempt(cand, resp, t_sent=t_sent, trial=trial)
+            attempt = _Attempt(cand, resp, t_sent=t_sent, trial=trial, held=held)
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 # first_byte runs from the request's sending to the first event (SPEC §4)
                 left = first_byte - (time.perf_counter() - t_sent)
@@ -388,7 +389,7 @@ async def _try_candidates(
                 attempt.body, attempt.doc = answer
         except errors.UpstreamFailed as e:
             rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
-            pool.release(name)
+            pool.release(held)
             pool.failed(name, time.monotonic(), e.retry_after, trial)
             committed = early is not None and early.stop()
             rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
@@ -399,7 +400,7 @@ async def _try_candidates(
                 order = [c for c in order if c.upstream.name != name]
             continue
         except BaseException as exc:  # the client gone, the drain, a bug of ours
-            pool.release(name)
+            pool.release(held)
             if trial:
                 pool.abandoned(name)
             task = asyncio.current_task(rt.loop)

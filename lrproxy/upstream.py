@@ -94,22 +94,26 @@ class Pool:
         h = self.health.get(name)
         return 0 if h is None else h.outstanding
 
-    def acquire(self, name: str, now: float) -> bool:
-        """One more request in flight; True if it is the trial after a cool-down, which
-        ends with `succeeded`, `failed` or (no verdict) `abandoned`."""
+    def acquire(self, name: str, now: float) -> tuple[Health | None, bool]:
+        """One more request in flight: the `Health` it counts on, for `release`, and
+        True if it is the trial after a cool-down, which ends with `succeeded`, `failed`
+        or (no verdict) `abandoned`."""
         h = self.health.get(name)
         if h is None:
-            return False
+            return None, False
         h.outstanding += 1
         if h.failures >= EJECT_AFTER and now >= h.ejected_until:
             h.trial = True
-            return True
-        return False
+            return h, True
+        return h, False
 
-    def release(self, name: str) -> None:
-        h = self.health.get(name)
-        if h is not None:  # gone in a reload: nothing to keep
-            h.outstanding -= 1
+    @staticmethod
+    def release(held: Health | None) -> None:
+        """The request that `acquire` counted on `held` has ended. The very object, not
+        the name's: a reload that removed the upstream and the next that added it back
+        have given the name a new `Health`, whose count this request is not in."""
+        if held is not None:
+            held.outstanding -= 1
 
     # A verdict counts for the upstream's state as it was when its request was sent: an
     # answer to a request sent before the ejection (a slow one, in flight meanwhile)

@@ -831,6 +831,38 @@ def test_upstream_at_capacity_moves_on_then_503(make_stack: MakeStack) -> None:
     assert outcomes(stack) == {("eu-west-a", "ok"): 1, ("eu-west-b", "ok"): 1, ("us-east-a", "ok"): 1}
 
 
+def test_upstream_removed_and_added_back_in_flight_keeps_its_capacity(
+        make_stack: MakeStack) -> None:
+    """A request in flight to an upstream that one reload removes and the next adds back
+    ends on the count it began on: the upstream's new count does not go below zero, and
+    its max_concurrency still holds (SPEC §4, §6)."""
+    from conftest import ENVIRON
+
+    from lrproxy.config import parse_config, resolve_secrets
+
+    stack = make_stack(cfg(upstreams={n: {"max_concurrency": 1} for n in EU_WEST}))
+
+    def reload(data: dict[str, Any]) -> None:
+        config = parse_config(data, source="test")
+        stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
+
+    slow = chat(MINI, region="eu-west", sim={"headers_delay_s": 0.8})
+    with ThreadPoolExecutor(3) as ex:
+        f1 = ex.submit(post, stack, slow)
+        wait_for(lambda: sum(len(stack.requests_to(n)) for n in EU_WEST) == 1)
+        name = next(n for n in EU_WEST if stack.requests_to(n))
+        reload({**stack.data, "upstreams": [u for u in stack.data["upstreams"]
+                                            if u["name"] != name]})
+        reload(stack.data)
+        assert f1.result().status == 200
+        assert_idle(stack)  # every count back at 0, none at -1
+        busy = [ex.submit(post, stack, slow) for _ in range(2)]
+        wait_for(lambda: sum(len(stack.requests_to(n)) for n in EU_WEST) == 3)
+        full = post(stack, chat(MINI, region="eu-west"))
+        assert sorted(f.result().route()["upstream"] for f in busy) == list(EU_WEST)
+    full.error(503, "no_upstream_available")
+
+
 # =======================================================================================
 # upstream faults before the first byte
 
@@ -1477,10 +1509,11 @@ def test_a_trial_whose_client_leaves_lets_another_trial_go() -> None:
         pool.failed("a", 0.0)
     later = upstream.COOL_DOWN_S + 1
     assert not pool.usable("a", 1.0) and pool.usable("a", later)
-    assert pool.acquire("a", later) is True  # this attempt is the trial
+    held, trial = pool.acquire("a", later)
+    assert trial is True  # this attempt is the trial
     assert not pool.usable("a", later)  # the trial is out
-    assert pool.acquire("b", later) is False
-    pool.release("a")
+    assert pool.acquire("b", later)[1] is False
+    pool.release(held)
     pool.abandoned("a")
     assert pool.usable("a", later)
     assert pool.health["a"].failures == upstream.EJECT_AFTER  # no verdict: counts unchanged
@@ -1508,11 +1541,11 @@ def test_late_verdicts_neither_lengthen_nor_end_a_cool_down() -> None:
     assert (h.ejections, h.ejected_until) == (1, upstream.COOL_DOWN_S)
     assert not pool.usable("a", upstream.COOL_DOWN_S - 0.1)
     end = upstream.COOL_DOWN_S
-    assert pool.acquire("a", end) is True  # the trial
+    assert pool.acquire("a", end)[1] is True  # the trial
     pool.failed("a", end, trial=True)  # fails: ejected again, for twice as long
     assert not pool.usable("a", end + 2 * upstream.COOL_DOWN_S - 0.1)
     assert pool.usable("a", end + 2 * upstream.COOL_DOWN_S)
-    assert pool.acquire("a", end + 2 * upstream.COOL_DOWN_S) is True
+    assert pool.acquire("a", end + 2 * upstream.COOL_DOWN_S)[1] is True
     pool.succeeded("a", trial=True)  # the trial answers: back for good
     assert (h.failures, h.ejections) == (0, 0) and pool.usable("a", 0.0)
 

@@ -39,7 +39,7 @@ from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner
 from lrproxy.routing import unserved
 from lrproxy.sdnotify import Notifier, activated_sockets
-from lrproxy.workers import WORKER_FDS_ENV, supervise, worker_sockets
+from lrproxy.workers import WORKER_FDS_ENV, die_with_supervisor, supervise, worker_sockets
 
 EX_CONFIG: Final = 78  # sysexits.h; systemd's RestartPreventExitStatus= understands it
 EX_USAGE: Final = 64
@@ -160,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    if os.environ.get(WORKER_FDS_ENV) is not None:
+        die_with_supervisor(os.environ)
     notifier = Notifier(os.environ)
     sims: list[Any] = []
     if args.demo:

@@ -41,6 +41,8 @@ from lrproxy.metrics import serve_metrics
 from lrproxy.sdnotify import Notifier, activated_sockets
 
 WORKER_FDS_ENV: Final = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
+SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 RESTART_BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
 _EX_CONFIG: Final = 78  # a worker's exit status for a config or credential problem (cli)
 log = logging.getLogger(MAIN)
@@ -52,13 +54,28 @@ def worker_sockets(environ: dict[str, str] | os._Environ[str]) -> list[socket.so
     return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.isdigit()]
 
 
-def _bind(listen: Listen, *, listening: bool = True) -> socket.socket:
+def die_with_supervisor(environ: dict[str, str] | os._Environ[str]) -> None:
+    """In a worker: end (SIGTERM, so a drain) when the supervisor does, even by SIGKILL.
+    An orphan would go on serving its old config on the port, outside any /metrics."""
+    supervisor = environ.get(SUPERVISOR_ENV, "")
+    if not supervisor.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes  # only here: prctl(2) has no binding in the standard library
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(supervisor):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _bind(listen: Listen, *, listening: bool = True, reuse_port: bool = True) -> socket.socket:
     """A SO_REUSEPORT socket on `listen`. Not `listening`, it joins the port's group (and
     gets connections) only once its worker listens on it (asyncio and uvloop do)."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((listen.host, listen.port))
     if listening:
         sock.listen(1024)
@@ -177,6 +194,9 @@ async def _supervise(
         socks = []
         cleanup.callback(_close_all, socks)
         try:
+            # A plain bind first: SO_REUSEPORT alone would join the group of any other
+            # process on the port (a second instance), which would split the traffic.
+            _bind(listen, listening=False, reuse_port=False).close()
             for _ in range(n):
                 socks.append(_bind(listen))
         except OSError as e:
@@ -239,7 +259,7 @@ async def _supervise(
                     sys.executable, "-m", "lrproxy", "serve", "--config", str(accepted),
                     *worker_args,
                     env={**env, WORKER_FDS_ENV: ",".join(map(str, w.fds)),
-                         "LRPROXY_WORKER_INDEX": str(w.index)},
+                         "LRPROXY_WORKER_INDEX": str(w.index), SUPERVISOR_ENV: str(os.getpid())},
                     pass_fds=w.fds, stdin=asyncio.subprocess.DEVNULL,
                 )
             finally:

@@ -247,18 +247,22 @@ def _running_with(arg: str) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("taken", ["listen", "metrics_listen"])
+@pytest.mark.parametrize("taken", ["listen", "listen_reuseport", "metrics_listen"])
 def test_two_workers_a_taken_port_leaves_nothing_behind(tmp_path: Path, taken: str) -> None:
     """workers = 2 with the API or the /metrics address in use: one `cannot listen on` line,
-    exit 1 as with one process, no worker left running and no temporary directory left."""
+    exit 1 as with one process, no worker left running and no temporary directory left.
+    A holder with SO_REUSEPORT (another instance's workers) is no exception: joining its
+    group would split the traffic between the two."""
     port, mport = free_port(), free_port()
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml("http://127.0.0.1:9/v1", port, extra_server=(
         f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')))
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    busy = port if taken == "listen" else mport
+    busy = mport if taken == "metrics_listen" else port
     with socket.socket() as holder:
+        if taken == "listen_reuseport":
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind(("127.0.0.1", busy))
         holder.listen()
         proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain", "--no-access-log"],
@@ -274,6 +278,38 @@ def test_two_workers_a_taken_port_leaves_nothing_behind(tmp_path: Path, taken: s
             proxy.stop()
             for pid in {*_running_with(str(cfg)), *_running_with(str(tmp))}:
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_two_workers_end_with_their_supervisor(tmp_path: Path, sim: SimThread) -> None:
+    """A supervisor killed by SIGKILL takes its workers with it: none goes on serving the
+    old config on the port, outside any /metrics."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=2, extra_server="workers = 2\n"))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    workers: set[int] = set()
+    try:
+        workers = wait_for(lambda: w if len(w := _children(proxy.pid)) == 2 else None, 30,
+                           "two workers")
+        wait_for(lambda: proxy.stderr.count("listening on") == 2, 30, "both listening")
+        assert _chat_on_a_new_connection(port) == 200
+        proxy.proc.kill()
+        proxy.wait(5)
+        wait_for(lambda: not any(_alive(p) for p in workers), 10, "the workers to end")
+        assert port_refuses(port)
+    finally:
+        proxy.stop()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """`pid` runs (a zombie, or a process gone, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _chat_on_a_new_connection(port: int, timeout: float = 3.0) -> int | str:

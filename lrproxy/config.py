@@ -263,6 +263,10 @@ class _Problems:
         path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
         self.lines.append(f"{self.source}: {path}: {what}")
 
+    def shown(self, path: str) -> str:
+        """`path` as a problem line names it (the INI form's section, for one)."""
+        return path if self.ini is None else self._ini_path(path)
+
     def _ini_path(self, path: str) -> str:
         """Name the key as the INI file has it: `[upstream:eu-west-a] region`."""
         for prefix, section in (self.ini or {}).items():
@@ -688,6 +692,16 @@ def _checkable(path: str, environ: Mapping[str, str]) -> bool:
     return Path(path).is_absolute() or bool(environ.get("CREDENTIALS_DIRECTORY"))
 
 
+def _one_name_per_key(p: _Problems, config: Config, first: dict[bytes, int], i: int,
+                      digest: bytes) -> None:
+    """Refuse a key that an earlier auth.keys entry has too: its requests would all be
+    counted under one of the two names (SPEC §5)."""
+    j = first.setdefault(digest, i)
+    if j != i:
+        p.add(f"auth.keys[{i}]", f"the same key as {p.shown(f'auth.keys[{j}]')} "
+              f"({config.keys[j].name!r}); each entry needs a key of its own")
+
+
 def resolve_secrets(
     config: Config, environ: Mapping[str, str], *, check_env: bool = True
 ) -> Secrets:
@@ -700,12 +714,14 @@ def resolve_secrets(
     """
     p = _Problems(config.source, config.ini_names)
     hashes: list[tuple[str, bytes]] = []
+    first: dict[bytes, int] = {}  # digest -> the entry that has it
     for i, k in enumerate(config.keys):
         path = f"auth.keys[{i}]"
         value: str | None = None
         try:
             if k.sha256 is not None:
                 hashes.append((k.name, bytes.fromhex(k.sha256)))
+                _one_name_per_key(p, config, first, i, hashes[-1][1])
                 continue
             if k.key_env is not None:
                 if not check_env:
@@ -722,6 +738,7 @@ def resolve_secrets(
             continue
         if value is not None:
             hashes.append((k.name, hashlib.sha256(value.strip().encode()).digest()))
+            _one_name_per_key(p, config, first, i, hashes[-1][1])
     up_keys: dict[str, str | None] = {}
     contexts: dict[str, ssl.SSLContext] = {}
     for i, u in enumerate(config.upstreams):

@@ -608,6 +608,45 @@ def test_sha256_keys_resolve_to_their_digest(tmp_path: Path) -> None:
     assert resolve_secrets(cfg, {}).client_hashes == (("a", bytes.fromhex(digest)),)
 
 
+def test_the_same_key_in_two_entries_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two auth.keys entries with one secret (by sha256, file or variable) are refused,
+    naming both entries and never the key: one name would get both teams' requests."""
+    (tmp_path / "b.key").write_text("sk-shared-4242\n")
+    digest = hashlib.sha256(b"sk-shared-4242").hexdigest()
+    path = write(tmp_path, base_toml(tail=(
+        f'[auth]\nkeys = [{{ name = "team-a", sha256 = "{digest}" }},\n'
+        f'  {{ name = "team-b", key_file = "{tmp_path / "b.key"}" }},\n'
+        '  { name = "team-c", key_env = "C" }, { name = "team-d", key_env = "D" }]')))
+    line = ("lrproxy.toml: auth.keys[1]: the same key as auth.keys[0] ('team-a'); "
+            "each entry needs a key of its own")
+    rc, _, err = check(capsys, path)
+    assert (rc, err) == (EX_CONFIG, [line])
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(read_config(path), {"C": "sk-c", "D": " sk-c "})
+    assert info.value.problems == [line, line.replace("[1]", "[3]").replace(
+        "[0] ('team-a')", "[2] ('team-c')")]
+    assert "sk-" not in capsys.readouterr().err
+    ini = write(tmp_path, BASE_INI + f"""
+[upstream:eu-west-a]
+region = eu-west
+base_url = https://eu.example.com/v1
+models = openai/gpt-4o-mini = gpt-4o-mini
+
+[key:team-a]
+sha256 = {digest}
+
+[key:team-b]
+key_file = {tmp_path / "b.key"}
+""", "lrproxy.ini")
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(read_config(ini), {})
+    assert info.value.problems == [
+        "lrproxy.ini: [key:team-b]: the same key as [key:team-a] ('team-a'); "
+        "each entry needs a key of its own"]
+
+
 # ---------------------------------------------------------------------------------------
 # INI specifics
 

@@ -351,13 +351,44 @@ def parse_listen(v: str) -> Listen:
 
 
 def _conv_url(v: Any, ini: bool) -> str:
+    """An upstream's base URL, to which the API paths are appended."""
     s = _conv_str(v, ini)
-    u = urlsplit(s)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError("expected an http(s) URL")
-    if u.username or u.password:
+    # Echoed in the problem line only when it cannot hold a secret: user:password@, or
+    # a query such as ?api-key=…, are never quoted, nor is a typo near them.
+    err = _Secret if "@" in s or "?" in s else ValueError
+    try:
+        u = urlsplit(s)
+    except ValueError:  # an unclosed [IPv6 address
+        raise err("expected an http(s) URL") from None
+    if u.username or u.password or "@" in u.netloc:
         raise _Secret("credentials in a URL are not allowed; use api_key_env or api_key_file")
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise err("expected an http(s) URL")
+    try:
+        port = u.port
+    except ValueError:  # not a number, or over 65535
+        port = 0
+    if port == 0:
+        raise err("expected an http(s) URL with a port of 1-65535")
+    if re.search(r"[\s\x00-\x1f\x7f]", s):
+        raise err("expected an http(s) URL without spaces or control characters")
+    if "?" in s or "#" in s:
+        raise err("expected an http(s) URL without a query (?) or fragment (#): the API "
+                  "paths are appended to it")
     return s.rstrip("/")
+
+
+_ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _conv_env_name(v: Any, ini: bool) -> str:
+    """The name of an environment variable; anything else is never echoed, as it may be
+    the key itself written in its place."""
+    s = _conv_str(v, ini)
+    if not _ENV_NAME_RE.fullmatch(s):
+        raise _Secret("expected the name of an environment variable (letters, digits and "
+                      "_, not first a digit), not the key itself")
+    return s
 
 
 def _conv_proxy(v: Any, ini: bool) -> str:
@@ -423,7 +454,7 @@ _TIMEOUTS: Final = {f.name: (_conv_float, f.default) for f in attrs.fields(Timeo
 _KEY: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "name": (_conv_str, None),
     "sha256": (_conv_str, None),
-    "key_env": (_conv_str, None),
+    "key_env": (_conv_env_name, None),
     "key_file": (_conv_str, None),
     "rate_per_s": (_conv_float, None),
 }
@@ -443,7 +474,7 @@ _UPSTREAM: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "region": (_conv_str, None),
     "base_url": (_conv_url, None),
     "models": (lambda v, ini: v, {}),
-    "api_key_env": (_conv_str, None),
+    "api_key_env": (_conv_env_name, None),
     "api_key_file": (_conv_str, None),
     "max_concurrency": (_conv_int, 512),
     "proxy": (_conv_proxy, None),
@@ -537,7 +568,9 @@ def _parse_keys(p: _Problems, auth: Any, ini: bool) -> tuple[ClientKey, ...]:
             elif name in seen:
                 p.add(f"{path}.name", f"duplicate key name {name!r}")
             seen.add(name)
-        given = [s for s in ("sha256", "key_env", "key_file") if k[s] is not None]
+        # as written: one refused by its converter (reported) is given all the same
+        given = [s for s in ("sha256", "key_env", "key_file")
+                 if k[s] is not None or (isinstance(item, Mapping) and s in item)]
         if len(given) != 1:
             p.add(path, "give exactly one of sha256, key_env, key_file")
         if k["sha256"] is not None and not _SHA_RE.fullmatch(k["sha256"]):

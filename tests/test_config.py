@@ -406,14 +406,50 @@ def test_invalid_base_url(tmp_path: Path) -> None:
     ]
 
 
-def test_credentials_in_a_url_are_refused_and_not_echoed(tmp_path: Path) -> None:
-    """A URL with user:password is refused, and the problem line does not repeat the password."""
-    text = base_toml().replace("https://eu.example.com", "https://user:hunter2@eu.example.com")
-    lines = problems(write(tmp_path, text))
-    assert lines == [
-        "lrproxy.toml: upstreams[0].base_url: credentials in a URL are not allowed; "
-        "use api_key_env or api_key_file"
-    ]
+@pytest.mark.parametrize(("url", "what"), [
+    ("https://eu.example.com:99999/v1", "expected an http(s) URL with a port of 1-65535"),
+    ("https://eu.example.com:0/v1", "expected an http(s) URL with a port of 1-65535"),
+    ("https://eu.example.com/v 1", "expected an http(s) URL without spaces or control characters"),
+    ("https://eu.example.com/v1#x", "expected an http(s) URL without a query (?) or fragment "
+                                    "(#): the API paths are appended to it"),
+])
+def test_base_url_that_can_never_work(tmp_path: Path, url: str, what: str) -> None:
+    """A base_url with a port out of range, whitespace or a fragment is refused."""
+    text = base_toml().replace("https://eu.example.com/v1", url)
+    assert problems(write(tmp_path, text)) == [
+        f"lrproxy.toml: upstreams[0].base_url: {what} (got {url!r})"]
+
+
+@pytest.mark.parametrize(("url", "what"), [
+    ("https://user:hunter2@eu.example.com/v1",
+     "credentials in a URL are not allowed; use api_key_env or api_key_file"),
+    ("htps://user:hunter2@eu.example.com/v1",
+     "credentials in a URL are not allowed; use api_key_env or api_key_file"),
+    ("user:hunter2@eu.example.com/v1", "expected an http(s) URL"),
+    ("https://eu.example.com/v1?api-key=hunter2",
+     "expected an http(s) URL without a query (?) or fragment (#): the API paths are "
+     "appended to it"),
+    ("https://eu.example.com:99999/v1?key=hunter2",
+     "expected an http(s) URL with a port of 1-65535"),
+])
+def test_credentials_in_a_url_are_refused_and_not_echoed(
+    tmp_path: Path, url: str, what: str
+) -> None:
+    """A URL with user:password (a bad scheme too) or a query is refused, and the problem
+    line does not repeat the URL, which may hold a password or a key."""
+    text = base_toml().replace("https://eu.example.com/v1", url)
+    assert problems(write(tmp_path, text)) == [f"lrproxy.toml: upstreams[0].base_url: {what}"]
+
+
+def test_a_key_in_place_of_a_variable_name_is_not_echoed(tmp_path: Path) -> None:
+    """api_key_env / key_env holding something that is no variable name (the key itself,
+    a common slip) is refused at load without quoting it."""
+    path = write(tmp_path, base_toml('api_key_env = "sk-proj-REALKEY-abcdef"', tail=(
+        '[auth]\nkeys = [{ name = "ci", key_env = "sk-client key" }]')))
+    what = ("expected the name of an environment variable (letters, digits and _, not "
+            "first a digit), not the key itself")
+    assert problems(path) == [f"lrproxy.toml: auth.keys[0].key_env: {what}",
+                              f"lrproxy.toml: upstreams[0].api_key_env: {what}"]
 
 
 def test_invalid_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,7 +39,13 @@ from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner
 from lrproxy.routing import unserved
 from lrproxy.sdnotify import Notifier, activated_sockets
-from lrproxy.workers import WORKER_FDS_ENV, die_with_supervisor, supervise, worker_sockets
+from lrproxy.workers import (
+    CONFIG_SHOWN_ENV,
+    WORKER_FDS_ENV,
+    die_with_supervisor,
+    supervise,
+    worker_sockets,
+)
 
 EX_CONFIG: Final = 78  # sysexits.h; systemd's RestartPreventExitStatus= understands it
 EX_USAGE: Final = 64
@@ -227,7 +233,9 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if not args.demo:
-        loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config, notifier)
+        # a worker reads its supervisor's copy of the file, but names the original
+        shown = os.environ.get(CONFIG_SHOWN_ENV, args.config) if worker else args.config
+        loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config, notifier, shown)
     watchdog = asyncio.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
     _tune_gc()
     notifier.ready(f"serving on {bound}")
@@ -330,8 +338,9 @@ _AT_RESTART: Final[tuple[tuple[str, Callable[[Config], object]], ...]] = (
 )
 
 
-def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
-    """SIGHUP: validate, then swap atomically; a bad config leaves the old one serving."""
+def _reload(app: web.Application, path: str, notifier: Notifier, shown: str) -> None:
+    """SIGHUP: validate, then swap atomically; a bad config leaves the old one serving.
+    `shown` is the file the log names (a worker reads the supervisor's copy, `path`)."""
     rt = app[RUNTIME]
     notifier.reloading()
     try:
@@ -348,21 +357,23 @@ def _reload(app: web.Application, path: str, notifier: Notifier) -> None:
         rt.install(config, secrets_)
     except Exception as e:  # a bug of ours: install() builds all before it changes anything
         rt.metrics.reloads.labels("error").inc()
-        log.exception("reload refused, the old config stays: %s: %s", path, type(e).__name__)
+        log.exception("reload refused, the old config stays: %s: %s", shown, type(e).__name__)
         return
     poll_feeds(rt)  # a feed the reload names counts from now, not from the next poll
     later = [name for name, get in _AT_RESTART if get(config) != get(old)]
     if later:
         log.warning("changed, but kept until a restart: %s", ", ".join(later))
     rt.metrics.reloads.labels("ok").inc()
-    log.info("config reloaded from %s", path)
+    log.info("config reloaded from %s", shown)
     _warn_unserved(rt)
 
 
 def _warn_unserved(rt: Runtime) -> None:
     """Say which model ids answer 404 because no upstream serves them (legal, often a slip)."""
     for mid in unserved(rt.state.table):
-        if mid == AUTO_MODEL:
+        if mid == AUTO_MODEL and rt.state.config.auto_models:
+            log.warning("no upstream serves any [auto] model: requests for %s get 404", mid)
+        elif mid == AUTO_MODEL:
             log.warning("no [auto] models are configured: requests for %s get 404", mid)
         else:
             log.warning("model %s is served by no upstream: requests for it get 404", mid)

@@ -719,6 +719,16 @@ def _read_secret_file(path: str, environ: Mapping[str, str]) -> str:
     return value
 
 
+def _env_secret(environ: Mapping[str, str], name: str) -> str:
+    """A key from the environment; one of only whitespace is refused, as in a file."""
+    value = environ.get(name)
+    if value is None:
+        raise ValueError(f"environment variable {name} is not set")
+    if not value.strip():
+        raise ValueError(f"environment variable {name} is empty")
+    return value
+
+
 def _checkable(path: str, environ: Mapping[str, str]) -> bool:
     """check-config reads a key file when it can: an absolute path, or a relative one with
     $CREDENTIALS_DIRECTORY set (as under the unit's ExecStartPre=)."""
@@ -759,9 +769,7 @@ def resolve_secrets(
             if k.key_env is not None:
                 if not check_env:
                     continue
-                value = environ.get(k.key_env)
-                if not value:
-                    raise ValueError(f"environment variable {k.key_env} is not set")
+                value = _env_secret(environ, k.key_env)
             elif k.key_file is not None:
                 if not (check_env or _checkable(k.key_file, environ)):
                     continue
@@ -779,10 +787,7 @@ def resolve_secrets(
         up_keys[u.name] = None
         try:
             if u.api_key_env is not None and check_env:
-                value = environ.get(u.api_key_env)
-                if not value:
-                    raise ValueError(f"environment variable {u.api_key_env} is not set")
-                up_keys[u.name] = value.strip()
+                up_keys[u.name] = _env_secret(environ, u.api_key_env).strip()
             elif u.api_key_file is not None and (check_env or _checkable(u.api_key_file, environ)):
                 up_keys[u.name] = _read_secret_file(u.api_key_file, environ)
             key = up_keys[u.name]

@@ -33,6 +33,7 @@ class Candidate:
 class RoutingTable:
     by_model: Mapping[str, tuple[Candidate, ...]]  # every model and AUTO_MODEL, by carbon
     regions: tuple[str, ...]
+    auto_models: tuple[str, ...] = ()  # what AUTO_MODEL chooses among, served or not
 
 
 def build_table(config: Config, intensities: Mapping[str, float]) -> RoutingTable:
@@ -48,7 +49,7 @@ def build_table(config: Config, intensities: Mapping[str, float]) -> RoutingTabl
     auto = [c for mid in config.auto_models for c in by_model[mid]]
     table = {mid: tuple(sorted(cs, key=_carbon)) for mid, cs in by_model.items()}
     table[AUTO_MODEL] = tuple(sorted(auto, key=_carbon))
-    return RoutingTable(table, tuple(sorted(config.regions)))
+    return RoutingTable(table, tuple(sorted(config.regions)), tuple(config.auto_models))
 
 
 def _carbon(c: Candidate) -> float:
@@ -67,9 +68,12 @@ def pick_candidates(
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
     if not cands:  # a 404, not a 503: no retry will change it before a reload
         raise ModelNotFound(
+            f"The model '{model_id}' is not served by any upstream of this proxy"
+            if model_id != AUTO_MODEL else
             f"The model '{model_id}' has no models to choose from on this proxy "
-            "(its config has no [auto] models)" if model_id == AUTO_MODEL else
-            f"The model '{model_id}' is not served by any upstream of this proxy",
+            "(no upstream serves its [auto] models)" if table.auto_models else
+            f"The model '{model_id}' has no models to choose from on this proxy "
+            "(its config has no [auto] models)",
             param="model")
     if region is None:
         return cands

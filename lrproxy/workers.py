@@ -42,6 +42,7 @@ from lrproxy.sdnotify import Notifier, activated_sockets
 
 WORKER_FDS_ENV: Final = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
 SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
+CONFIG_SHOWN_ENV: Final = "LRPROXY_CONFIG_SHOWN"  # the operator's file, for a worker's log
 _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 RESTART_BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
 _EX_CONFIG: Final = 78  # a worker's exit status for a config or credential problem (cli)
@@ -226,6 +227,7 @@ async def _supervise(
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                         "LISTEN_PID", "LISTEN_FDNAMES")}
     env["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
+    env[CONFIG_SHOWN_ENV] = config_path
     env["NOTIFY_SOCKET"] = inbox_path
 
     spawning = asyncio.Lock()

@@ -554,6 +554,20 @@ def test_missing_env_var_only_reported_under_the_service(
     ]
 
 
+@pytest.mark.parametrize("value", ["", "   ", "\t\n"])
+def test_a_key_variable_of_only_whitespace_is_empty(tmp_path: Path, value: str) -> None:
+    """A key variable that is empty or holds only whitespace is refused as an empty key
+    file is, for a client key (which could never authenticate) and an upstream key."""
+    path = write(tmp_path, base_toml('api_key_env = "UP"', tail=(
+        '[auth]\nkeys = [{ name = "ci", key_env = "CI" }]')))
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(read_config(path), {"UP": value, "CI": value})
+    assert info.value.problems == [
+        "lrproxy.toml: auth.keys[0].key_env: environment variable CI is empty",
+        "lrproxy.toml: upstreams[0].api_key_env: environment variable UP is empty",
+    ]
+
+
 def test_relative_key_file_is_read_from_credentials_directory(tmp_path: Path) -> None:
     """A relative api_key_file is read under $CREDENTIALS_DIRECTORY, whitespace stripped."""
     creds = tmp_path / "creds"

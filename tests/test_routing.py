@@ -271,3 +271,30 @@ def test_model_served_by_no_upstream_is_404() -> None:
         pick_candidates(t, LLAMA, None)
     assert (info.value.status, info.value.code) == (404, "model_not_found")
     assert "not served by any upstream" in info.value.message
+
+
+def test_auto_models_served_by_no_upstream_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    """[auto] models that exist but that no upstream serves: the 404 and the start's
+    warning say that, not that no [auto] models are configured."""
+    from prometheus_client import CollectorRegistry
+
+    from lrproxy import cli
+    from lrproxy.app import RUNTIME, make_app
+    from lrproxy.config import resolve_secrets
+
+    def only_unserved_auto(d: dict[str, Any]) -> None:
+        d["auto"]["models"] = [UNRATED]
+        d["upstreams"] = [u for u in d["upstreams"] if u["name"] != "eu-north-a"]
+
+    cfg = config(only_unserved_auto)
+    t = build_table(cfg, {})
+    assert unserved(t) == [UNRATED, AUTO_MODEL]
+    with pytest.raises(ModelNotFound) as info:
+        pick_candidates(t, AUTO_MODEL, None)
+    assert "no upstream serves its [auto] models" in info.value.message
+    app = make_app(cfg, resolve_secrets(cfg, {}), registry=CollectorRegistry())
+    with caplog.at_level("WARNING", logger="lrproxy"):
+        cli._warn_unserved(app[RUNTIME])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"model {UNRATED} is served by no upstream: requests for it get 404",
+        f"no upstream serves any [auto] model: requests for {AUTO_MODEL} get 404"]

@@ -92,6 +92,8 @@ def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, 
         assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
         assert notify.wait_for("READY", 15)["READY"] == "1"
         wait_for(lambda: proxy.stderr.count("config reloaded") == 2, 10, "both workers reloaded")
+        # each names the operator's file, not the supervisor's private copy it read
+        assert proxy.stderr.count(f"config reloaded from {cfg}") == 2, proxy.stderr
 
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)

@@ -6,6 +6,7 @@ OpenAI SDK raises the matching exception (AuthenticationError for 401, and so on
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Final
 
 import orjson
@@ -34,7 +35,9 @@ class ProxyError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        # whole seconds, rounded up: a client that waits as long as told must not be
+        # refused again (an upstream's 2.5 is 3, not round()'s 2)
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

@@ -944,6 +944,23 @@ def test_upstream_429_moves_to_a_different_upstream_only(stack: Stack, limited: 
     assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
 
 
+def test_retry_after_is_rounded_up(make_stack: MakeStack) -> None:
+    """Retry-After is a whole number of seconds rounded up, never down: a client that
+    waits as told is let through (a key's rate), and an upstream's `Retry-After: 2.5`
+    passed on is 3, not 2."""
+    stack = make_stack(cfg(keys={"ci": {"rate_per_s": 0.8}}))
+    assert post(stack, chat(LLAMA), key=CI_KEY).status == 200
+    limited = post(stack, chat(LLAMA), key=CI_KEY)  # the next token in 1.25 s
+    limited.error(429, "rate_limited")
+    assert limited.header("retry-after") == "2"
+    time.sleep(int(limited.header("retry-after") or 0))
+    assert post(stack, chat(LLAMA), key=CI_KEY).status == 200
+    faults(stack, EU_WEST, fail_status=429, fail_count=-1, retry_after="2.5")
+    a = post(stack, chat(MINI, region="eu-west"))
+    a.error(429, "rate_limited")
+    assert a.header("retry-after") == "3"
+
+
 @pytest.mark.parametrize("retries", [0, 1, 3])
 def test_retries_never_exceed_server_retries(make_stack: MakeStack, retries: int) -> None:
     """Every upstream failing: exactly server.retries + 1 attempts, then 502 upstream_error."""

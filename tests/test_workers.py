@@ -288,7 +288,10 @@ def test_two_workers_end_with_their_supervisor(tmp_path: Path, sim: SimThread) -
     port = free_port()
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, port, grace=2, extra_server="workers = 2\n"))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    tmp = tmp_path / "tmp"  # where the killed supervisor leaves its directory
+    tmp.mkdir()
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(TMPDIR=str(tmp)), port=port)
     workers: set[int] = set()
     try:
         workers = wait_for(lambda: w if len(w := _children(proxy.pid)) == 2 else None, 30,

@@ -25,6 +25,11 @@ from urllib.parse import urlsplit
 import attrs
 
 AUTO_MODEL: Final = "lowrouter/auto"
+# The words the metrics and the access line give a request with no valid key or no
+# known model (UNKNOWN) and one routed to no region (NONE): no key, model or region may
+# be called so, or its figures would merge with those.
+UNKNOWN: Final = "unknown"
+NONE: Final = "none"
 
 # SPEC §3: size classes by active parameters (billions) -> Wh per 1k completion tokens.
 SIZE_CLASSES: Final = ((15.0, 0.10), (150.0, 0.60), (math.inf, 3.0))
@@ -565,6 +570,9 @@ def _parse_keys(p: _Problems, auth: Any, ini: bool) -> tuple[ClientKey, ...]:
         if name is not None:
             if not _NAME_RE.fullmatch(name):
                 p.add(f"{path}.name", f"not a valid name: {name!r}")
+            elif name == UNKNOWN:
+                p.add(f"{path}.name", f"{UNKNOWN!r} is reserved: the metrics' key of a "
+                      "request without a valid key")
             elif name in seen:
                 p.add(f"{path}.name", f"duplicate key name {name!r}")
             seen.add(name)
@@ -591,6 +599,8 @@ def _parse_regions(p: _Problems, raw: Any, ini: bool) -> dict[str, Region]:
         path = f"regions.{name}"
         if not _NAME_RE.fullmatch(name):
             p.add(path, f"not a valid region name: {name!r}")
+        elif name == NONE:
+            p.add(path, f"{NONE!r} is reserved: the metrics' region of a request routed nowhere")
         r = _take(p, path, table, _REGION, ini, required=("grid_intensity_g_per_kwh",))
         _positive(p, f"{path}.grid_intensity_g_per_kwh", r["grid_intensity_g_per_kwh"], zero_ok=True)
         if r["pue"] < 1.0:
@@ -611,6 +621,9 @@ def _parse_models(p: _Problems, raw: Any, ini: bool) -> dict[str, Model]:
             p.add(path, f"{AUTO_MODEL} is built in; list its models under [auto]")
         elif not _NAME_RE.fullmatch(mid):
             p.add(path, f"not a valid model id: {mid!r}")
+        elif mid == UNKNOWN:
+            p.add(path, f"{UNKNOWN!r} is reserved: the metrics' model of a request for no "
+                  "known model")
         m = _take(p, path, table, _MODEL, ini)
         ep, ec, size = (
             m["energy_wh_per_1k_prompt_tokens"],

@@ -21,10 +21,10 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
+from lrproxy.config import NONE as NONE  # the words come from config, which reserves them
+from lrproxy.config import UNKNOWN as UNKNOWN
 from lrproxy.config import Listen
 
-UNKNOWN: Final = "unknown"
-NONE: Final = "none"
 RELOAD_RESULTS: Final = ("ok", "error")
 _LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800,

@@ -289,6 +289,20 @@ def test_duplicate_key_name(tmp_path: Path) -> None:
     assert problems(path) == ["lrproxy.toml: auth.keys[1].name: duplicate key name 'ci'"]
 
 
+def test_the_metrics_placeholder_words_are_reserved(tmp_path: Path) -> None:
+    """A key called `unknown`, a model `unknown` or a region `none` would share its
+    metrics with the requests that have no valid key, no known model or no region."""
+    toml = base_toml(tail=(
+        '[auth]\nkeys = [{ name = "unknown", key_env = "A" }]\n'
+        "[regions.none]\ngrid_intensity_g_per_kwh = 100\n"
+        '[models."unknown"]\nenergy_wh_per_1k_prompt_tokens = 0.02\n'
+        "energy_wh_per_1k_completion_tokens = 0.3\n"))
+    got = problems(write(tmp_path, toml))
+    assert [g.split(": ")[1] for g in got] == ["auth.keys[0].name", "regions.none",
+                                               'models."unknown"'], got
+    assert all("is reserved" in g for g in got)
+
+
 @pytest.mark.parametrize("sha", ["9f86d0", "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08",
                                  "z" * 64])
 def test_bad_sha256(tmp_path: Path, sha: str) -> None:

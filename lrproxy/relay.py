@@ -801,11 +801,9 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
                 break
         ev = events[i]
         i += 1
-        kind, obj = sse.classify(ev)
-        # A field at a line's start (the JSON of a data line holds no raw LF): a learnt
-        # shape's head is a classified event's, so the events that fit it need no look.
-        if not tail.ids and (ev.startswith(b"id") or b"\nid" in ev):
-            tail.ids = True
+        kind, obj, has_id = sse.classify_event(ev)
+        if has_id:  # (a learnt shape's head is a classified event's: the events that
+            tail.ids = True  # fit it need no look)
         if kind == sse.Kind.PASS:
             if obj is None:
                 pass  # a comment, or an event without data

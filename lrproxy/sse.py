@@ -203,19 +203,28 @@ def _text_ok(data: bytes, start: int, end: int) -> bool:
 
 def event_data(event: bytes) -> bytes | None:
     """The event's data (its `data:` lines joined by LF), or None if it has none."""
+    return _event_data(event)[0]
+
+
+def _event_data(event: bytes) -> tuple[bytes | None, bool]:
+    """`event_data`, and whether the event has an `id` field."""
     n = len(event)
     if event[:6] == b"data: " and event.find(b"\n") == n - 2 and event.find(b"\r") < 0:
-        return event[6:n - 2]  # one `data: ` line and its blank line: every stream's events
+        # one `data: ` line and its blank line: every stream's events
+        return event[6:n - 2], False
     parts: list[bytes] = []
+    has_id = False
     for line in event.splitlines():
         if line.startswith(b"data:"):
             value = line[5:]
             parts.append(value[1:] if value.startswith(b" ") else value)
         elif line == b"data":
             parts.append(b"")
+        elif line.startswith(b"id:") or line == b"id":
+            has_id = True
     if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else b"\n".join(parts)
+        return None, has_id
+    return parts[0] if len(parts) == 1 else b"\n".join(parts), has_id
 
 
 class Kind:
@@ -234,29 +243,36 @@ def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
     """Kind of one event and, for one with data, its JSON object. Every data event is
     parsed: one that is not a JSON object ends the stream (MALFORMED), never reaching
     the client (SPEC §1.1); `ChunkShape` spares the parse of most content chunks."""
+    kind, obj, _ = classify_event(event)
+    return kind, obj
+
+
+def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
+    """`classify`, and whether the event has an `id` field: after one the OpenAI SDK
+    takes every blank line for an event (it keeps the last id), keep-alives included."""
     if event == _DONE_EVENT:  # every stream's last event, as OpenAI writes it
-        return Kind.DONE, None
-    data = event_data(event)
+        return Kind.DONE, None, False
+    data, has_id = _event_data(event)
     if data is None:
-        return Kind.PASS, None
+        return Kind.PASS, None, has_id
     if data == DONE:
-        return Kind.DONE, None
+        return Kind.DONE, None, has_id
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return Kind.MALFORMED, None
+        return Kind.MALFORMED, None, has_id
     if not isinstance(obj, dict):
-        return Kind.MALFORMED, None
+        return Kind.MALFORMED, None, has_id
     if obj.get("error") is not None and not obj.get("choices"):
-        return Kind.ERROR, obj
+        return Kind.ERROR, obj, has_id
     choices = obj.get("choices")
     if obj.get("usage"):
-        return Kind.FINAL, obj
+        return Kind.FINAL, obj, has_id
     if isinstance(choices, list):
         for c in choices:  # a loop: any() of a generator costs a frame and its resumes
             if isinstance(c, dict) and c.get("finish_reason"):
-                return Kind.FINAL, obj
-    return Kind.PASS, obj
+                return Kind.FINAL, obj, has_id
+    return Kind.PASS, obj, has_id
 
 
 def make_event(obj: dict[str, Any]) -> bytes:

@@ -530,3 +530,19 @@ def test_add_member_gives_one_event_of_the_object_and_the_member(
     out = sse.add_member(event, obj, "lowrouter", value)
     assert feed_all([out]) == ([out], b"")
     assert orjson.loads(event_data(out)) == {**obj, "lowrouter": value}
+
+
+@pytest.mark.parametrize(("event", "has_id"), [
+    (ROLE, False),
+    (b"id: 7\n" + ROLE, True),
+    (ROLE[:-1] + b"id: 7\n\n", True),
+    (b"id\n\n", True),
+    (b": id: 7\n\n", False),  # a comment, not a field
+    (b"idx: 7\n" + ROLE, False),  # another field
+    (b"data: [DONE]\n\n", False),
+])
+def test_classify_event_says_whether_an_event_has_an_id(event: bytes, has_id: bool) -> None:
+    """The relay's keep-alives change form once an event has had an `id` field (the
+    OpenAI SDK keeps the last id); classify's kind and object are the same as without."""
+    kind, obj, got = sse.classify_event(event)
+    assert got is has_id and (kind, obj) == classify(event)

@@ -176,7 +176,10 @@ async def _supervise(
     n = config.server.workers
     notifier = Notifier(os.environ)
     cleanup.callback(notifier.close)
-    prom_dir = tempfile.mkdtemp(prefix="lrproxy-metrics-")
+    # Under systemd, its RuntimeDirectory (/run/lrproxy: never aged away by tmpfiles'
+    # cleaning of /tmp, removed at stop); else the temporary directory.
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    prom_dir = tempfile.mkdtemp(prefix="lrproxy-metrics-", dir=runtime or None)
     cleanup.callback(shutil.rmtree, prom_dir, ignore_errors=True)
     # Callbacks run last first: workers are ended after the sockets close, before rmtree.
     cleanup.push_async_callback(_reap, workers, config.server.shutdown_grace_s + 5)

@@ -309,6 +309,29 @@ def test_two_workers_end_with_their_supervisor(tmp_path: Path, sim: SimThread) -
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_two_workers_keep_their_files_in_the_runtime_directory(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """Under systemd the supervisor's directory (metrics files, notify socket, the config
+    copy) goes in $RUNTIME_DIRECTORY (/run/lrproxy), which no /tmp cleaning ages away,
+    and is removed at stop."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=2, extra_server="workers = 2\n"))
+    run = tmp_path / "run"
+    run.mkdir()
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(RUNTIME_DIRECTORY=str(run)), port=port)
+    try:
+        wait_for(lambda: proxy.stderr.count("listening on") == 2, 30, "both listening")
+        (made,) = run.iterdir()
+        assert made.name.startswith("lrproxy-metrics-") and (made / "config").is_dir()
+        assert _chat_on_a_new_connection(port) == 200
+    finally:
+        proxy.stop()
+    assert not any(run.iterdir())
+
+
 def _alive(pid: int) -> bool:
     """`pid` runs (a zombie, or a process gone, does not)."""
     try:

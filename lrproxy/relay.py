@@ -178,6 +178,9 @@ class _Attempt:
     got_event: bool = False
     t_sent: float = 0.0
     trial: bool = False  # the one request let through to an ejected upstream
+    # the upstream key this attempt sent (its config's, not the one a reload has since
+    # put in): an answer quoting it is withheld
+    secret: bytes = b""
     held: upstream.Health | None = None  # what pool.acquire counted it on, for release
 
 
@@ -295,7 +298,7 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
             attempt.resp.close()
             rec.upstream_s = time.perf_counter() - attempt.t_sent
             await _stream_error(rt, rec, prompt_chars, cand, region, _Tail(),
-                                errors.UpstreamError(_late_status(rt, attempt)), rec.out, request)
+                                errors.UpstreamError(_late_status(attempt)), rec.out, request)
             return rec.out
         if attempt.splitter is not None:
             return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region)
@@ -364,7 +367,8 @@ async def _try_candidates(
                 target.chat_url if chat else target.embeddings_url,
                 orjson.dumps(obj), headers, rt.deadlines, first_byte, st.client_timeout,
             )
-            attempt = _Attempt(cand, resp, t_sent=t_sent, trial=trial, held=held)
+            attempt = _Attempt(cand, resp, t_sent=t_sent, trial=trial, held=held,
+                               secret=target.secret)
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 # first_byte runs from the request's sending to the first event (SPEC §4)
                 left = first_byte - (time.perf_counter() - t_sent)
@@ -390,7 +394,7 @@ async def _try_candidates(
         except errors.UpstreamFailed as e:
             rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
             pool.release(held)
-            pool.failed(name, time.monotonic(), e.retry_after, trial)
+            pool.failed(name, time.monotonic(), e.retry_after, trial, held)
             committed = early is not None and early.stop()
             rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
             if committed:  # the client has its 200: no failover (SPEC §1.1)
@@ -402,7 +406,7 @@ async def _try_candidates(
         except BaseException as exc:  # the client gone, the drain, a bug of ours
             pool.release(held)
             if trial:
-                pool.abandoned(name)
+                pool.abandoned(name, held)
             task = asyncio.current_task(rt.loop)
             gone = (isinstance(exc, asyncio.CancelledError)
                     and (task is None or not rt.ended_by_drain(task)))
@@ -419,7 +423,7 @@ async def _try_candidates(
         if early is not None:
             early.stop()
         if attempt.splitter is None:  # a stream's verdict and outcome come at its end
-            pool.succeeded(name, trial)
+            pool.succeeded(name, trial, held)
             rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
         return attempt
     if last is None:
@@ -617,7 +621,7 @@ def _answer(
     headers = _answer_headers(rt, rec, stream=False)
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
-        if _quotes_our_key(rt, attempt.cand, data):  # … unless it does (issue 5: no key anywhere)
+        if _quotes(attempt.secret, data):  # … unless it quotes our key (issue 5: no key anywhere)
             data = errors.error_body(
                 "The upstream's error message was withheld: it quoted the proxy's credentials.",
                 "invalid_request_error", "upstream_error")
@@ -647,14 +651,12 @@ def _is_json_object(data: bytes) -> bool:
         return False
 
 
-def _quotes_our_key(rt: Runtime, cand: Candidate, data: bytes) -> bool:
-    """True when an upstream's error body quotes the key the proxy sent it."""
-    target = rt.state.targets.get(cand.upstream.name)
-    key = target.secret if target is not None else b""
-    return bool(key) and key in data
+def _quotes(secret: bytes, data: bytes) -> bool:
+    """True when an upstream's error body quotes the key the proxy sent it (`secret`)."""
+    return bool(secret) and secret in data
 
 
-def _late_status(rt: Runtime, attempt: _Attempt) -> str:
+def _late_status(attempt: _Attempt) -> str:
     """The error event's message for an error status that came once the client had its
     200 (`_EarlyCommit`): the status, and the upstream's own message when it has one
     (why a request was refused: a context too long, a bad parameter)."""
@@ -663,7 +665,7 @@ def _late_status(rt: Runtime, attempt: _Attempt) -> str:
         doc = orjson.loads(attempt.body)
     except orjson.JSONDecodeError:
         return said
-    if _quotes_our_key(rt, attempt.cand, attempt.body):
+    if _quotes(attempt.secret, attempt.body):
         return _upstream_said(said, doc, b"", withheld=True)
     return _upstream_said(said, doc, b"")
 
@@ -999,18 +1001,34 @@ async def _relay_stream(
         if splitter.held and not tail.done:
             raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
         end, _ = _finish(rt, rec, prompt_chars, cand, region, tail)
-        await _send(out.write_eof(last + end if last else end), watch, deadline)
+        # The upstream's part is done, whatever becomes of the last write: the attempt
+        # has succeeded. (aiohttp puts the body's terminating chunk out before it waits
+        # for the client: nothing may follow it, see below.)
         finished = judged = True
-        rt.pool.succeeded(cand.upstream.name, attempt.trial)
+        rt.pool.succeeded(cand.upstream.name, attempt.trial, attempt.held)
+        await _send(out.write_eof(last + end if last else end), watch, deadline)
     except errors.UpstreamFailed as e:
         # timeouts.total is the proxy's own cap on a request, not the upstream's failure:
         # five long generations must not eject a healthy upstream
         judged = not over_total
         if judged:
-            rt.pool.failed(cand.upstream.name, time.monotonic(), trial=attempt.trial)
+            rt.pool.failed(cand.upstream.name, time.monotonic(), trial=attempt.trial,
+                           held=attempt.held)
         outcome = "stream_" + _outcome(e)
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
+        if finished:  # in the last write: its end is out, no error event may follow
+            finished = False  # (the upstream connection is dropped, not pooled)
+            _cut(request)
+            if watch.expired():
+                rec.status, rec.error = "stream_error", "request_timeout"
+            elif rt.ended_by_drain(task):
+                rec.status, rec.error = "stream_error", "shutting_down"
+            else:
+                rec.status = "client_closed"
+                if task.cancelling():
+                    raise
+            return out
         outcome = "cancelled"  # ended on the proxy's side: not the upstream's doing
         if watch.expired():  # the total ran out in a write: the client stopped reading
             resp.close()
@@ -1032,8 +1050,13 @@ async def _relay_stream(
             raise
     except Exception:
         # A bug of ours mid-stream: end it the §1.1 way, never with a second status line.
-        outcome = "cancelled"
         err = _bug_in_stream(rec)
+        if finished:  # in the last write: its end is out, no error event may follow
+            finished = False
+            rec.status, rec.error = "stream_error", err.code
+            _cut(request)
+            return out
+        outcome = "cancelled"
         resp.close()
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, err, out, request)
     finally:
@@ -1041,7 +1064,7 @@ async def _relay_stream(
         if not finished:
             resp.close()
         if not judged and attempt.trial:  # the client left, the drain, a bug: no verdict
-            rt.pool.abandoned(cand.upstream.name)
+            rt.pool.abandoned(cand.upstream.name, attempt.held)
         rt.metrics.attempt(cand.upstream.name, outcome)
         rec.upstream_s = time.perf_counter() - attempt.t_sent
     if finished:
@@ -1050,6 +1073,12 @@ async def _relay_stream(
         else:  # the upstream's end is still coming: read it apart from the client's request
             rt.spawn(resp.finish(rt.deadlines))
     return out
+
+
+def _cut(request: web.BaseRequest) -> None:
+    """Drop the client's connection, and what its buffer still holds."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _send(write: Awaitable[None], watch: upstream.Watch, deadline: float) -> None:
@@ -1159,5 +1188,4 @@ async def _stream_error(
     except ConnectionResetError:
         rec.status = "client_closed"
     except TimeoutError:
-        if request.transport is not None:
-            request.transport.abort()
+        _cut(request)

@@ -119,8 +119,15 @@ class Pool:
     # answer to a request sent before the ejection (a slow one, in flight meanwhile)
     # neither lengthens the cool-down nor ends it; only the trial's verdict does.
 
-    def succeeded(self, name: str, trial: bool = False) -> None:
+    def _judged(self, name: str, held: Health | None) -> Health | None:
+        """The Health a verdict is for: `held`, the one its request was counted on
+        (`acquire`), while it is still the name's; none once a reload that removed the
+        upstream and one that added it back have replaced it. Without `held`, the name's."""
         h = self.health.get(name)
+        return h if held is None or h is held else None
+
+    def succeeded(self, name: str, trial: bool = False, held: Health | None = None) -> None:
+        h = self._judged(name, held)
         if h is not None and h.failures:
             if h.failures >= EJECT_AFTER and not trial:
                 return  # ejected: only the trial lets it back (SPEC §2)
@@ -131,17 +138,17 @@ class Pool:
             if was_ejected and self.on_change is not None:
                 self.on_change()
 
-    def abandoned(self, name: str) -> None:
+    def abandoned(self, name: str, held: Health | None = None) -> None:
         """The trial after a cool-down ended with no verdict on the upstream (its client
         left first, the proxy's own limit): the counts stay, another trial may go. Only
         for the attempt that `acquire` made the trial."""
-        h = self.health.get(name)
+        h = self._judged(name, held)
         if h is not None:
             h.trial = False
 
     def failed(self, name: str, now: float, retry_after: float | None = None,
-               trial: bool = False) -> None:
-        h = self.health.get(name)
+               trial: bool = False, held: Health | None = None) -> None:
+        h = self._judged(name, held)
         if h is None or (h.failures >= EJECT_AFTER and not trial):
             return  # ejected already: a late failure does not eject it again
         h.failures += 1

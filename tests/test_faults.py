@@ -1075,6 +1075,33 @@ def _slow_json(pause: float, pieces: int) -> list[bytes | float]:
     return parts
 
 
+def test_upstream_4xx_quoting_the_key_a_reload_replaced_is_withheld(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """A key rotated by a reload while a request is in flight: the upstream's 4xx quotes
+    the key that request sent, the old one, and is withheld all the same."""
+    from conftest import ENVIRON
+
+    from lrproxy.config import parse_config, resolve_secrets
+
+    def answer(conn: int, n: int, body: bytes) -> tuple[list[bytes | float], bool]:
+        sent = up.requests[-1].headers["authorization"].partition(" ")[2]
+        err = orjson.dumps({"error": {"message": f"Incorrect API key provided: {sent}"}})
+        return [0.6, _answer_of("400 Bad Request", "application/json", err)], True
+
+    up = scripted(answer)
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    config = parse_config(stack.data, source="test")
+    with ThreadPoolExecutor(1) as ex:
+        f = ex.submit(post, stack, chat(LLAMA, region="eu-north"))
+        wait_for(lambda: len(up.requests) == 1)
+        stack.call(lambda: stack.runtime.install(config, resolve_secrets(
+            config, {**ENVIRON, "UP_EU_NORTH_A": "sk-rotated-0123456789"})))
+        a = f.result()
+    a.error(400, "upstream_error")
+    assert UPSTREAM_KEYS["eu-north-a"].encode() not in a.body and b"withheld" in a.body
+
+
 def _answer_of(status: str, ctype: str, body: bytes, *more: str) -> bytes:
     return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
             + "".join(f"{h}\r\n" for h in more) + "\r\n").encode() + body
@@ -1536,6 +1563,29 @@ def test_a_trial_whose_client_leaves_lets_another_trial_go() -> None:
     assert pool.health["a"].failures == upstream.EJECT_AFTER  # no verdict: counts unchanged
 
 
+def test_verdicts_on_an_upstream_a_reload_replaced_change_nothing() -> None:
+    """A request counted on an upstream that one reload removed and the next added back
+    gives its verdict on the Health it was counted on: the new one's counts and trial
+    stay as they are (only one trial at a time)."""
+    ups = [Upstream("a", "r", "http://a/v1", {}), Upstream("b", "r", "http://b/v1", {})]
+    pool = upstream.Pool()
+    pool.configure(ups)
+    old, _ = pool.acquire("a", 0.0)
+    pool.configure(ups[1:])
+    pool.configure(ups)  # "a" again, with a new Health
+    pool.failed("a", 0.0, held=old)
+    assert pool.health["a"].failures == 0
+    for _ in range(upstream.EJECT_AFTER):
+        pool.failed("a", 0.0)
+    later = upstream.COOL_DOWN_S + 1
+    _, trial = pool.acquire("a", later)
+    assert trial
+    pool.abandoned("a", held=old)  # the old request's: not the trial
+    assert not pool.usable("a", later)  # the trial is still out: no second one
+    pool.succeeded("a", trial=True, held=old)
+    assert pool.health["a"].failures == upstream.EJECT_AFTER
+
+
 def _ejected_pool() -> upstream.Pool:
     """Upstreams a and b of one region, a ejected at time 0 (its first cool-down)."""
     pool = upstream.Pool()
@@ -1712,11 +1762,9 @@ def test_late_error_status_message_is_bounded_and_never_quotes_our_key() -> None
 
     from lrproxy import relay
 
-    rt = NS(state=NS(targets={"up": NS(secret=b"sk-upstream-secret")}))
-
     def late(body: bytes) -> str:
-        attempt = NS(resp=NS(status=400), body=body, cand=NS(upstream=NS(name="up")))
-        return relay._late_status(rt, attempt)  # type: ignore[arg-type]
+        attempt = NS(resp=NS(status=400), body=body, secret=b"sk-upstream-secret")
+        return relay._late_status(attempt)  # type: ignore[arg-type]
 
     said = "the upstream answered 400 once the stream had begun"
     long = "x" * (relay.LATE_MESSAGE_CHARS + 50)
@@ -1861,6 +1909,38 @@ def test_client_that_stops_reading_is_cut_off_at_total(make_stack: MakeStack, se
         with contextlib.suppress(ConnectionResetError):
             while sock.recv(1 << 16):
                 pass
+
+
+def test_client_that_stops_reading_the_streams_end_is_cut_off_after_it(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], seen: Seen
+) -> None:
+    """The total runs out while the stream's last write (a big event with the finish
+    and [DONE]) waits for a client that stopped reading: its body's end is out already,
+    so no error event may follow it; the connection is dropped, and the upstream, which
+    finished, counts as ok."""
+    big = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {
+        "content": "x" * 6_000_000}, "finish_reason": None}]}) + b"\n\n"
+    end = big + b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n' + \
+        b"data: [DONE]\n\n"
+    up = scripted(lambda conn, n, body: ([sse_answer([chunk("calm ")]), end], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           timeouts={"total": 1}))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        sock.connect(("127.0.0.1", stack.port))
+        sock.sendall(request(orjson.dumps(chat(LLAMA, stream=True))))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        wait_for(lambda: codes(stack) == {"stream_error": 1}, timeout=10)  # nothing read
+        got = b""
+        sock.settimeout(3.0)
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(1 << 16):
+                got += data
+    assert b"request_timeout" not in got and b'"error"' not in got
+    access = [orjson.loads(line) for line in seen.logs if '"duration_ms"' in line]
+    assert [a["error"] for a in access] == ["request_timeout"]
+    assert outcomes(stack) == {("eu-north-a", "ok"): 1}
+    assert_idle(stack)
 
 
 async def test_thousand_disconnects_mid_stream_leave_nothing_behind(stack: Stack) -> None:

@@ -20,6 +20,9 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     type: ClassVar[str] = "server_error"
+    # False where a client's retry cannot help: `x-should-retry: false`, which the
+    # OpenAI SDKs obey before their own rule (they retry every 5xx)
+    retryable: ClassVar[bool] = True
 
     def __init__(
         self, message: str, *, param: str | None = None, retry_after: float | None = None
@@ -33,6 +36,8 @@ class ProxyError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
     def headers(self) -> dict[str, str]:
+        if not self.retryable:
+            return {"x-should-retry": "false"}
         if self.retry_after is None:
             return {}
         # whole seconds, rounded up: a client that waits as long as told must not be
@@ -172,6 +177,7 @@ class UpstreamTimeout(UpstreamFailed):
 
 class UpstreamAuthFailed(UpstreamFailed):
     code = "upstream_auth_failed"
+    retryable = False  # the proxy's own key, refused: until its operator changes it
 
 
 class ShuttingDown(ProxyError):

@@ -1032,6 +1032,21 @@ def test_upstream_auth_failure_is_502_without_its_text(make_stack: MakeStack, ho
     assert codes(stack) == {"502": 1}
 
 
+def test_upstream_auth_failure_tells_the_sdk_not_to_retry(make_stack: MakeStack) -> None:
+    """No retry of the client's can help while the upstream refuses the proxy's own key
+    (the proxy has failed over already): `x-should-retry: false`, which the OpenAI SDK
+    obeys before its rule of retrying every 5xx, so one call is one attempt, not three."""
+    stack = make_stack(cfg(server={"retries": 0}))
+    faults(stack, ["eu-north-a"], fail_status=403, fail_count=-1)
+    with stack.client(max_retries=2) as client, pytest.raises(openai.InternalServerError) as ei:
+        client.chat.completions.create(model=LLAMA, messages=MSGS,
+                                       extra_body={"route": {"region": "eu-north"}})
+    assert ei.value.response.headers["x-should-retry"] == "false"
+    assert ei.value.code == "upstream_auth_failed"
+    assert len(stack.requests_to("eu-north-a")) == 1
+    wait_for(lambda: codes(stack) == {"502": 1})
+
+
 @pytest.mark.parametrize("status", [400, 404, 422])
 def test_upstream_4xx_passes_through_without_retry(stack: Stack, status: int) -> None:
     """Other upstream 4xx: status and body passed through as they are, one attempt only."""

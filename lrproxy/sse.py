@@ -293,13 +293,23 @@ def add_member(event: bytes, obj: dict[str, Any], name: str, value: Any) -> byte
     """`event`, whose data is the JSON object `obj`, with `name: value` added to it.
 
     An event of one `data: {...}` line keeps the upstream's bytes (`with_member`); any
-    other event is written anew from `obj` (LF line ends, orjson's spelling).
+    other event is written anew from `obj` (LF line ends, orjson's spelling, one data
+    line where its first was), its other fields (`id:`, `event:`, comments) kept.
     """
     n = len(event)
     if (event.startswith(b"data: {") and event.endswith(b"}\n\n")
             and event.find(b"\n") == n - 2 and event.find(b"\r") < 0):
         return b"data: %b\n\n" % with_member(event[6:n - 2], obj, name, value)
-    return make_event({**obj, name: value})
+    lines: list[bytes] = []
+    written = False
+    for line in event.splitlines():
+        if line.startswith(b"data:") or line == b"data":
+            if not written:
+                lines.append(b"data: " + orjson.dumps({**obj, name: value}))
+                written = True
+        elif line:
+            lines.append(line)
+    return b"\n".join(lines) + b"\n\n"
 
 
 def usage_of(obj: dict[str, Any]) -> tuple[int, int] | None:

@@ -512,6 +512,21 @@ def test_add_member_keeps_the_upstreams_bytes_of_a_one_line_event() -> None:
         assert out == b"data: " + orjson.dumps({**obj, "lowrouter": {"new": 2}}) + b"\n\n"
 
 
+def test_add_member_keeps_an_events_other_fields() -> None:
+    """An event with other fields than its data (`id:`, `event:`, a comment) keeps them,
+    in their places, when it is written anew with the member."""
+    obj = orjson.loads(event_data(FINISH))
+    data = b"data: " + orjson.dumps({**obj, "lowrouter": {"new": 2}})
+    for event, want in [
+        (b"id: 7\n" + FINISH, b"id: 7\n" + data + b"\n\n"),
+        (FINISH[:-1] + b"id: 7\n\n", data + b"\nid: 7\n\n"),
+        (b"event: chunk\r\n: note\r\n" + FINISH.replace(b"\n", b"\r\n"),
+         b"event: chunk\n: note\n" + data + b"\n\n"),
+    ]:
+        out = sse.add_member(event, obj, "lowrouter", {"new": 2})
+        assert out == want and feed_all([out]) == ([out], b"")
+
+
 _json_leaf = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8)
 
 

@@ -158,8 +158,11 @@ def _prompt_chars(obj: dict[str, Any], chat: bool) -> int:
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, str):
             total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+        elif isinstance(content, list):  # text parts (a client's `text: 5` counts nothing)
+            for p in content:
+                text = p.get("text") if isinstance(p, dict) else None
+                if isinstance(text, str):
+                    total += len(text)
         total += 16  # role and message framing
     return total
 
@@ -286,12 +289,12 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
         await _stream_error(rt, rec, _prompt_chars(obj, chat), c.cand, region, _Tail(),
                             c.error, rec.out, request)
         return rec.out
-    # What the answer still needs of the request; a long stream need not keep the
-    # parsed request (often the whole conversation) alive.
-    prompt_chars = _prompt_chars(obj, chat)
-    del body, obj
     cand = attempt.cand
-    try:
+    try:  # from here on, the upstream's place is released whatever happens
+        # What the answer still needs of the request; a long stream need not keep the
+        # parsed request (often the whole conversation) alive.
+        prompt_chars = _prompt_chars(obj, chat)
+        del body, obj
         if rec.out is not None and attempt.splitter is None:
             # Committed early, then a JSON answer (an error for a stream request): the
             # status has gone, so the error event says what came.
@@ -344,6 +347,12 @@ async def _try_candidates(
         cand = _next_candidate(order, tried, pool, time.monotonic() if n else None)
         if cand is None:
             break
+        obj["model"] = cand.upstream_model
+        try:
+            payload = orjson.dumps(obj)
+        except orjson.JSONEncodeError:  # orjson reads JSON 1024 levels deep, writes 254
+            raise errors.InvalidRequest(
+                "The request body is nested too deeply to forward (over 254 levels).") from None
         name = cand.upstream.name
         tried.append(name)
         rec.attempts += 1
@@ -351,7 +360,6 @@ async def _try_candidates(
         rec.upstream, rec.region, rec.model = name, cand.region.name, cand.model.id
         held, trial = pool.acquire(name, time.monotonic())
         target = st.targets[name]
-        obj["model"] = cand.upstream_model
         headers = (target.stream_headers if stream else target.json_headers).copy()
         headers["X-Request-Id"] = rec.request_id
         t_sent = time.perf_counter()
@@ -365,7 +373,7 @@ async def _try_candidates(
             resp = await upstream.send(
                 rt.session, target,  # type: ignore[arg-type]  # set in cleanup_ctx
                 target.chat_url if chat else target.embeddings_url,
-                orjson.dumps(obj), headers, rt.deadlines, first_byte, st.client_timeout,
+                payload, headers, rt.deadlines, first_byte, st.client_timeout,
             )
             attempt = _Attempt(cand, resp, t_sent=t_sent, trial=trial, held=held,
                                secret=target.secret)

@@ -111,11 +111,16 @@ class Runtime:
     def ended_by_drain(self, task: asyncio.Task[Any]) -> bool:
         """True, with the cancel taken back, when `task`'s CancelledError is the drain's
         at shutdown_grace_s (cli._drain cancels each task once), not a client that left:
-        the request is then answered properly, never cut (SPEC §6)."""
-        if self.drain_expired and task.cancelling() == 1:
+        the request is then answered properly, never cut (SPEC §6). Once only: ask
+        `by_drain` where the answer is given elsewhere."""
+        if self.by_drain(task):
             task.uncancel()
             return True
         return False
+
+    def by_drain(self, task: asyncio.Task[Any]) -> bool:
+        """`ended_by_drain`, the cancel left as it is."""
+        return self.drain_expired and task.cancelling() == 1
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` as a task of its own, held until it ends (cancelled at shutdown)."""
@@ -145,11 +150,15 @@ class Runtime:
         # bytes per file ever named) for those requests, and for its return.
         intensities = self._intensities(config)
         state = make_state(config, secrets, intensities)
-        for u in set(self.pool.health) - {u.name for u in config.upstreams}:
-            self.metrics.usable.remove(u)  # a series per configured name only
-        for r in set(self.state.config.regions) - set(config.regions):
-            with contextlib.suppress(KeyError):
-                self.metrics.intensity.remove(r)
+        # A series per configured name only. (A worker's files cannot drop one:
+        # prometheus-client's multiprocess mode warns instead, on stderr; the
+        # supervisor's sum keeps the accepted config's names, workers._Summed.)
+        if not self.metrics.immediate:
+            for u in set(self.pool.health) - {u.name for u in config.upstreams}:
+                self.metrics.usable.remove(u)
+            for r in set(self.state.config.regions) - set(config.regions):
+                with contextlib.suppress(KeyError):
+                    self.metrics.intensity.remove(r)
         self.pool.configure(config.upstreams)
         buckets = {}
         for k in config.keys:  # a changed rate takes effect at once, tokens kept
@@ -241,6 +250,9 @@ _ids: Final = itertools.count(int.from_bytes(os.urandom(4), "big"))
 _ID_MASK: Final = 0xFFFFFFFFFFFFFFFF
 
 
+_PROBES: Final = frozenset({"/healthz", "/readyz"})
+
+
 def _request_id(value: str | None) -> str:
     if value is not None and _REQUEST_ID_RE.fullmatch(value):
         return value
@@ -277,8 +289,9 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
     value = request.headers.get("X-Request-Id")  # _request_id(value), inline
     rec = Rec(value if value is not None and _REQUEST_ID_RE.fullmatch(value) else
               _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK), time.perf_counter())
-    # Every API request gets its access line and count, /models and unknown paths too (SPEC §6).
-    rec.api = request.path.startswith(("/api/v1/", "/v1/"))
+    # Every request gets its access line and count (SPEC §6), /models and unknown paths
+    # too (a scanner's), but the health probes a load balancer sends every second.
+    rec.api = request.path not in _PROBES
     task = task_of(rt.loop) or asyncio.current_task()
     assert task is not None
     rt.tasks.add(task)
@@ -396,7 +409,7 @@ async def _expect(request: web.Request, at_once: bool = True) -> web.StreamRespo
     err = errors.ExpectationFailed(f"'Expect: {errors.printable(expect[:40])}' is not supported; "
                                    "send the request without it.")
     rt = request.app[RUNTIME]
-    rid = _refused(rt, err.status, err.code)
+    rid = _refused(rt, err.status, err.code, request.headers.get("X-Request-Id"))
     resp = web.Response(status=err.status, body=err.body(), content_type="application/json",
                         headers={"Server-Timing": protocol.NO_TIME})
     finish_headers(rt, resp, rid)
@@ -406,10 +419,12 @@ async def _expect(request: web.Request, at_once: bool = True) -> web.StreamRespo
 _expect_later: Final = functools.partial(_expect, at_once=False)
 
 
-def _refused(rt: Runtime, status: int, code: str) -> str:
-    """An answer given before a request could be parsed (protocol.REFUSED): counted and
-    logged like any other, with no key, model or region; returns its request id."""
-    rec = Rec(_request_id(None), time.perf_counter(), api=True, status=status, error=code)
+def _refused(rt: Runtime, status: int, code: str, request_id: str | None = None) -> str:
+    """An answer given before a request could be parsed (protocol.REFUSED), or before
+    its route (a refused `Expect:`, with the client's X-Request-Id): counted and logged
+    like any other, with no key, model or region; returns its request id."""
+    rec = Rec(_request_id(request_id), time.perf_counter(), api=True, status=status,
+              error=code)
     _account(rt.metrics, rec)
     return rec.request_id
 

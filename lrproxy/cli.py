@@ -38,7 +38,7 @@ from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner
 from lrproxy.routing import unserved
-from lrproxy.sdnotify import Notifier, activated_sockets
+from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 from lrproxy.workers import (
     CONFIG_SHOWN_ENV,
     WORKER_FDS_ENV,
@@ -240,6 +240,7 @@ async def _serve(args: argparse.Namespace) -> int:
     _tune_gc()
     notifier.ready(f"serving on {bound}")
     await stop.wait()
+    ignore_hangups(loop)
     notifier.stopping()
     await _drain(runner, rt, rt.state.config.server.shutdown_grace_s)
     if watchdog is not None:

@@ -416,14 +416,16 @@ async def _try_candidates(
             if trial:
                 pool.abandoned(name, held)
             task = asyncio.current_task(rt.loop)
+            # (asked, not taken back: the edge answers the drain's 503 when nothing has
+            # gone to the client yet)
             gone = (isinstance(exc, asyncio.CancelledError)
-                    and (task is None or not rt.ended_by_drain(task)))
+                    and (task is None or not rt.by_drain(task)))
             rt.metrics.attempt(name, "client_closed" if gone else "cancelled")
             if early is None or not early.stop():
                 raise
             if not isinstance(exc, asyncio.CancelledError):
                 raise _Committed(_bug_in_stream(rec), cand) from None
-            if gone:
+            if task is None or not rt.ended_by_drain(task):
                 raise  # the client has gone
             raise _Committed(_drain_ends_stream(), cand) from None
         finally:

@@ -8,8 +8,10 @@ systemd, in a terminal and in tests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Mapping
@@ -87,3 +89,11 @@ def activated_sockets(environ: Mapping[str, str]) -> list[socket.socket]:
         os.set_inheritable(fd, False)
         socks.append(socket.socket(fileno=fd))
     return socks
+
+
+def ignore_hangups(loop: asyncio.AbstractEventLoop) -> None:
+    """Stopping: a SIGHUP reloads nothing now, nor, once the loop's handlers are gone at
+    the end, ends the process with status 129 instead of its own (a reload sent by a
+    script, or by `systemctl reload`, as the service stops)."""
+    loop.remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

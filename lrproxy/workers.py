@@ -38,7 +38,7 @@ from prometheus_client.metrics_core import Metric
 from lrproxy.config import Config, ConfigError, Listen, read_config, resolve_secrets
 from lrproxy.log import MAIN
 from lrproxy.metrics import serve_metrics
-from lrproxy.sdnotify import Notifier, activated_sockets
+from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 
 WORKER_FDS_ENV: Final = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
 SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
@@ -399,6 +399,7 @@ async def _supervise(
         watchdog = asyncio.create_task(ping())
     await stop.wait()
     stopping = True
+    ignore_hangups(loop)  # (its private config copy goes at exit: no reload from it)
     notifier.stopping()
     async with spawning:  # a restart under way ends first, and none starts after
         # A worker that had already exited (waiting for its restart) was logged then;

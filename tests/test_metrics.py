@@ -416,6 +416,32 @@ def test_access_log_one_line_per_request_without_secrets(stack: Stack, logs: _Re
     _assert_no_secrets(logs)
 
 
+def test_every_request_but_health_probes_is_logged_and_counted(
+    stack: Stack, logs: _Records
+) -> None:
+    """Requests off the API paths (a scanner's `/admin`, `/`, `//v1/models`) get their
+    access line and count too (SPEC §6); the health probes a load balancer sends every
+    second do not."""
+    import http.client
+
+    base = stack.base_url.removesuffix("/api/v1")
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    got = {}
+    for path in ("/admin", "/", "//v1/models", "/V1/MODELS", "/healthz", "/readyz"):
+        conn.request("GET", path, headers={"X-Request-Id": "t" + path.replace("/", "-")})
+        r = conn.getresponse()
+        r.read()
+        got[path] = r.status
+    conn.close()
+    assert got == {"/admin": 404, "/": 404, "//v1/models": 404, "/V1/MODELS": 404,
+                   "/healthz": 200, "/readyz": 200}
+    _wait(lambda: stack.metric_sum("lrproxy_requests_total", code="404") == 4)
+    assert stack.metric_sum("lrproxy_requests_total") == 4
+    ids = sorted(f["request_id"] for f in logs.access())
+    assert ids == sorted("t" + path.replace("/", "-") for path in got if got[path] == 404)
+
+
 def _assert_no_secrets(logs: _Records) -> None:
     fmt = JsonFormatter()
     assert logs.records

@@ -3,6 +3,7 @@ the CLI's exit codes, against `python -m lrproxy` as a real process."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import signal
@@ -416,6 +417,66 @@ def _raw_stream(port: int, sim: dict[str, Any]) -> bytes:
         return resp.read()
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_while_stopping_changes_no_exit_status(
+    tmp_path: Path, sim: SimThread, workers: int
+) -> None:
+    """A SIGHUP that comes as the proxy stops (a reload script, `systemctl reload` racing
+    a stop) reloads nothing and does not end it with 129: SIGTERM still exits 0."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=1,
+                               extra_server=f"workers = {workers}\n" if workers > 1 else ""))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        if workers > 1:
+            wait_for(lambda: proxy.stderr.count("listening on") == workers, 30, "workers")
+        proxy.signal(signal.SIGTERM)
+        end = time.monotonic() + 10
+        while proxy.proc.poll() is None and time.monotonic() < end:
+            with contextlib.suppress(ProcessLookupError):
+                proxy.signal(signal.SIGHUP)
+            time.sleep(0.005)
+        assert proxy.wait(1) == 0
+        assert "reload refused" not in proxy.stderr
+    finally:
+        proxy.stop()
+
+
+def test_drain_deadline_answers_waiting_requests_with_503(tmp_path: Path, sim: SimThread) -> None:
+    """Past shutdown_grace_s a request whose upstream has not answered yet, JSON or a
+    stream before its first event, gets 503 shutting_down with Retry-After, never a cut
+    connection, and is counted so (SPEC §6)."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=0.5))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        late = {"headers_delay_s": 5}
+        with _client(port) as client:
+            before = sim.chat_requests()
+            plain = _Runner(_plain, client, late)
+            stream = _Runner(_stream, client, {**late, "chunks": 2})
+            plain.start()
+            stream.start()
+            wait_for(lambda: sim.chat_requests() >= before + 2, 5, "both upstream")
+            proxy.signal(signal.SIGTERM)
+            assert proxy.wait(4) == 0
+            for runner in (plain, stream):
+                with pytest.raises(openai.APIStatusError) as info:
+                    runner.outcome(5)
+                assert info.value.status_code == 503
+                assert info.value.response.headers["Retry-After"] == "1"
+                assert isinstance(info.value.body, dict)
+                assert info.value.body["code"] == "shutting_down"
+        lines = [json.loads(line) for line in proxy.stdout.splitlines() if '"status"' in line]
+        assert [x["status"] for x in lines if x.get("error") == "shutting_down"] == [503, 503]
+    finally:
+        proxy.stop()
 
 
 def test_drain_deadline_ends_streams_with_error_event(tmp_path: Path, sim: SimThread) -> None:

@@ -163,6 +163,9 @@ def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) ->
         wait_for(lambda: _series(mport, "lrproxy_grid_intensity_g_per_kwh") == {"r2": 100},
                  10, "the renamed region alone")
         assert _series(mport, "lrproxy_upstream_usable") == {"sim2": 1}
+        # the workers' reloads dropped no series of their own (multiprocess mode cannot:
+        # it would warn in plain text amid the JSON log)
+        assert "Warning" not in proxy.stderr, proxy.stderr
     finally:
         _end(proxy, notify)
 

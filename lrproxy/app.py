@@ -351,8 +351,12 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
 
 def _close_if_body_unsent(request: web.Request, resp: web.StreamResponse) -> None:
     """A refusal given before `100 Continue` went: the body is not coming, so the
-    connection closes rather than waiting for it."""
-    if "Expect" in request.headers and not request.content.is_eof():
+    connection closes rather than waiting for it; as after a body that failed to parse."""
+    content = request.content
+    if content.exception() is not None:  # a body that broke (protocol): read no more of it
+        content.feed_eof()
+        resp.force_close()
+    elif "Expect" in request.headers and not content.is_eof():
         resp.force_close()
 
 

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
@@ -81,7 +81,25 @@ class LimitsHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         self._lr_seen = True
+        queued = len(self._messages)
         super().data_received(data)
+        if self.lr_busy and len(self._messages) > queued:
+            self._lr_body_broken()
+
+    def _lr_body_broken(self) -> None:
+        """A parse error in the body of the request being handled (a chunk size that is
+        no number, a chunk longer than it said): aiohttp queues its 400 for after the
+        handler, whose read of the body would wait meanwhile until client_body. That
+        read ends now, with a 400 in the OpenAI shape; the connection closes after it
+        (app._close_if_body_unsent)."""
+        msg = self._messages[-1][0]
+        request = getattr(self, "_current_request", None)
+        if (_ERR_INFO is None or not isinstance(msg, _ERR_INFO) or request is None
+                or request.content.is_eof()):
+            return
+        self._messages.pop()
+        request.content.set_exception(errors.InvalidRequest(
+            "Malformed request body (its chunked encoding)."))
 
     def lr_disarm(self) -> None:
         if self._lr_timer is not None:
@@ -156,6 +174,8 @@ class LimitsHandler(RequestHandler):
         return resp
 
 
+# aiohttp's queued parse error (private: without it, a broken body waits for client_body)
+_ERR_INFO: Final = getattr(web_protocol, "_ErrInfo", None)
 # The Server-Timing of an answer given before a request could be read (app.server_timing)
 NO_TIME: Final = "upstream;dur=0.000, proxy;dur=0.000"
 

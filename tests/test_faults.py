@@ -678,6 +678,27 @@ def test_chunked_body_over_limit_is_413(make_stack: MakeStack) -> None:
     assert codes(stack, key="team-a") == {"413": 1}
 
 
+@pytest.mark.parametrize("bad", [b"zz\r\nabc\r\n", b"2\r\nabcdef\r\n"],
+                         ids=["size-no-number", "chunk-longer-than-said"])
+def test_chunked_body_that_breaks_its_encoding_is_400_at_once(stack: Stack, bad: bytes) -> None:
+    """A chunked body whose encoding breaks midway: a 400 in the OpenAI shape at once,
+    not a wait for timeouts.client_body (60 s) and a 408; the connection closes."""
+    with open_raw(stack) as sock:
+        sock.sendall(head("Transfer-Encoding: chunked"))
+        time.sleep(0.05)  # the handler is reading the body when the break comes
+        sock.sendall(b"5\r\n{\"mod\r\n")
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        sock.sendall(bad + b"0\r\n\r\n")
+        a = read_answer(sock)
+        assert time.monotonic() - t0 < 2
+        assert closed_by_peer(sock)
+    err = a.error(400, "invalid_request")
+    assert "chunked" in err["message"]
+    assert sum(hits(stack).values()) == 0
+    wait_for(lambda: codes(stack, key="team-a") == {"400": 1})
+
+
 @pytest.mark.parametrize("case", ["gzip", "gzip-bomb", "br"])
 def test_compressed_body_is_415(stack: Stack, case: str) -> None:
     """A Content-Encoding body (gzip, a 20 MB gzip bomb, br): 415, never decompressed."""

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final
 
@@ -150,10 +151,11 @@ class Runtime:
         # bytes per file ever named) for those requests, and for its return.
         intensities = self._intensities(config)
         state = make_state(config, secrets, intensities)
-        # A series per configured name only. (A worker's files cannot drop one:
-        # prometheus-client's multiprocess mode warns instead, on stderr; the
+        # A series per configured name only. (In multiprocess mode prometheus-client
+        # warns, in plain text amid the JSON log, that a worker's files keep theirs: the
         # supervisor's sum keeps the accepted config's names, workers._Summed.)
-        if not self.metrics.immediate:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             for u in set(self.pool.health) - {u.name for u in config.upstreams}:
                 self.metrics.usable.remove(u)
             for r in set(self.state.config.regions) - set(config.regions):
@@ -251,6 +253,7 @@ _ID_MASK: Final = 0xFFFFFFFFFFFFFFFF
 
 
 _PROBES: Final = frozenset({"/healthz", "/readyz"})
+_PROBE_METHODS: Final = frozenset({"GET", "HEAD"})
 
 
 def _request_id(value: str | None) -> str:
@@ -291,7 +294,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
               _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK), time.perf_counter())
     # Every request gets its access line and count (SPEC §6), /models and unknown paths
     # too (a scanner's), but the health probes a load balancer sends every second.
-    rec.api = request.path not in _PROBES
+    rec.api = request.raw_path not in _PROBES or request.method not in _PROBE_METHODS
     task = task_of(rt.loop) or asyncio.current_task()
     assert task is not None
     rt.tasks.add(task)

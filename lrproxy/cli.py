@@ -163,6 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         for line in e.problems:
             print(line, file=sys.stderr)
         return EX_CONFIG
+    finally:  # the loop, closed, has put SIGHUP back to its default (sdnotify.ignore_hangups)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 async def _serve(args: argparse.Namespace) -> int:

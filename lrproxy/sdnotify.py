@@ -92,8 +92,12 @@ def activated_sockets(environ: Mapping[str, str]) -> list[socket.socket]:
 
 
 def ignore_hangups(loop: asyncio.AbstractEventLoop) -> None:
-    """Stopping: a SIGHUP reloads nothing now, nor, once the loop's handlers are gone at
-    the end, ends the process with status 129 instead of its own (a reload sent by a
-    script, or by `systemctl reload`, as the service stops)."""
-    loop.remove_signal_handler(signal.SIGHUP)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    """Stopping: a SIGHUP (a reload sent by a script, or by `systemctl reload`, as the
+    service stops) reloads nothing now. Its handler is swapped for one that does
+    nothing, never through the default action, which would end the process with status
+    129; `serve` ignores SIGHUP once its loop has closed (and restored that default)."""
+    loop.add_signal_handler(signal.SIGHUP, _no_reload)
+
+
+def _no_reload() -> None:
+    log.debug("SIGHUP ignored: stopping")

@@ -428,18 +428,20 @@ def test_every_request_but_health_probes_is_logged_and_counted(
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     got = {}
-    for path in ("/admin", "/", "//v1/models", "/V1/MODELS", "/healthz", "/readyz"):
-        conn.request("GET", path, headers={"X-Request-Id": "t" + path.replace("/", "-")})
+    for method, path in (("GET", "/admin"), ("GET", "/"), ("GET", "//v1/models"),
+                         ("GET", "/V1/MODELS"), ("POST", "/healthz"), ("GET", "/healthz"),
+                         ("HEAD", "/readyz")):
+        conn.request(method, path, headers={"X-Request-Id": f"t-{method}{path}".replace(
+            "/", "-")})
         r = conn.getresponse()
         r.read()
-        got[path] = r.status
+        got[method, path] = r.status
     conn.close()
-    assert got == {"/admin": 404, "/": 404, "//v1/models": 404, "/V1/MODELS": 404,
-                   "/healthz": 200, "/readyz": 200}
-    _wait(lambda: stack.metric_sum("lrproxy_requests_total", code="404") == 4)
-    assert stack.metric_sum("lrproxy_requests_total") == 4
+    assert list(got.values()) == [404, 404, 404, 404, 405, 200, 200]
+    _wait(lambda: stack.metric_sum("lrproxy_requests_total") == 5)
     ids = sorted(f["request_id"] for f in logs.access())
-    assert ids == sorted("t" + path.replace("/", "-") for path in got if got[path] == 404)
+    assert ids == sorted(f"t-{m}{p}".replace("/", "-") for (m, p), s in got.items()
+                         if s != 200)
 
 
 def _assert_no_secrets(logs: _Records) -> None:

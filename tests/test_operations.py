@@ -439,7 +439,7 @@ def test_sighup_while_stopping_changes_no_exit_status(
         while proxy.proc.poll() is None and time.monotonic() < end:
             with contextlib.suppress(ProcessLookupError):
                 proxy.signal(signal.SIGHUP)
-            time.sleep(0.005)
+            time.sleep(0.0005)
         assert proxy.wait(1) == 0
         assert "reload refused" not in proxy.stderr
     finally:

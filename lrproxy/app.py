@@ -253,7 +253,7 @@ _ID_MASK: Final = 0xFFFFFFFFFFFFFFFF
 
 
 _PROBES: Final = frozenset({"/healthz", "/readyz"})
-_PROBE_METHODS: Final = frozenset({"GET", "HEAD"})
+_GET_HEAD: Final = frozenset({"GET", "HEAD"})  # a probe's methods; /models/{id}'s
 
 
 def _request_id(value: str | None) -> str:
@@ -294,7 +294,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
               _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK), time.perf_counter())
     # Every request gets its access line and count (SPEC §6), /models and unknown paths
     # too (a scanner's), but the health probes a load balancer sends every second.
-    rec.api = request.raw_path not in _PROBES or request.method not in _PROBE_METHODS
+    rec.api = request.raw_path not in _PROBES or request.method not in _GET_HEAD
     task = task_of(rt.loop) or asyncio.current_task()
     assert task is not None
     rt.tasks.add(task)
@@ -498,9 +498,6 @@ async def models(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
 # GET /models/{id}: ids hold a slash (openai/gpt-4o-mini), so it is a pattern, which
 # the router matches (never protocol.direct, which takes exact paths); the SDK escapes
 # the slash (openai%2Fgpt-4o-mini) and the router unescapes it.
-_GET_HEAD: Final = frozenset({"GET", "HEAD"})
-
-
 async def model(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     """The entry `/models` lists for one id (OpenAI's `GET /models/{model}`, the SDK's
     `models.retrieve`), or 404 model_not_found where `/models` lists none."""

@@ -328,7 +328,7 @@ async def _try_candidates(
         order = list(cands) if pool.usable(cands[0].upstream.name, now) else []
     else:
         order = order_candidates(cands, lambda n: pool.usable(n, now), pool.load,
-                                 lambda n: pool.held(n, now))
+                                 lambda n: pool.last_resort(n, now))
     if not order:
         raise errors.NoUpstreamAvailable(
             "No upstream may be tried for this request right now.",
@@ -380,8 +380,7 @@ async def _try_candidates(
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 # first_byte runs from the request's sending to the first event (SPEC §4)
                 left = first_byte - (time.perf_counter() - t_sent)
-                await _first_events(attempt, rt.deadlines, left, tmo.keepalive, client_usage,
-                                    target.secret)
+                await _first_events(attempt, rt.deadlines, left, tmo.keepalive, client_usage)
             elif stream and resp.status < 300:
                 # A JSON body here would reach the SDK's stream loop as no chunks at all,
                 # with no error: a failure of this upstream, as a malformed event is.
@@ -558,7 +557,7 @@ def _answer_doc(
 
 async def _first_events(
     attempt: _Attempt, deadlines: upstream.Deadlines, first_byte: float, keepalive: float,
-    client_usage: bool, secret: bytes,
+    client_usage: bool,
 ) -> None:
     """Read until the stream's first event (SPEC §1.1: the status waits for it).
 
@@ -566,7 +565,7 @@ async def _first_events(
     (no failover after that); past `first_byte` the attempt has failed.
     """
     splitter = attempt.splitter = sse.EventSplitter()
-    tail = attempt.tail = _Tail(client_usage=client_usage, secret=secret)
+    tail = attempt.tail = _Tail(client_usage=client_usage, secret=attempt.secret)
     resp = attempt.resp
     try:
         with deadlines.timeout(min(first_byte, keepalive)):
@@ -631,7 +630,8 @@ def _answer(
     headers = _answer_headers(rt, rec, stream=False)
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
-        if _quotes(attempt.secret, data):  # … unless it quotes our key (issue 5: no key anywhere)
+        secret = attempt.secret  # … unless it quotes our key (issue 5: no key anywhere)
+        if secret and secret in data:
             data = errors.error_body(
                 "The upstream's error message was withheld: it quoted the proxy's credentials.",
                 "invalid_request_error", "upstream_error")
@@ -661,11 +661,6 @@ def _is_json_object(data: bytes) -> bool:
         return False
 
 
-def _quotes(secret: bytes, data: bytes) -> bool:
-    """True when an upstream's error body quotes the key the proxy sent it (`secret`)."""
-    return bool(secret) and secret in data
-
-
 def _late_status(attempt: _Attempt) -> str:
     """The error event's message for an error status that came once the client had its
     200 (`_EarlyCommit`): the status, and the upstream's own message when it has one
@@ -675,19 +670,17 @@ def _late_status(attempt: _Attempt) -> str:
         doc = orjson.loads(attempt.body)
     except orjson.JSONDecodeError:
         return said
-    if _quotes(attempt.secret, attempt.body):
-        return _upstream_said(said, doc, b"", withheld=True)
-    return _upstream_said(said, doc, b"")
+    return _upstream_said(said, doc, attempt.secret)
 
 
-def _upstream_said(said: str, doc: Any, secret: bytes, withheld: bool = False) -> str:
+def _upstream_said(said: str, doc: Any, secret: bytes) -> str:
     """`said`, then the upstream's own message from its error object `doc` when it has
-    one, cut to LATE_MESSAGE_CHARS; withheld when it quotes `secret` (or `withheld`)."""
+    one, cut to LATE_MESSAGE_CHARS; withheld when it quotes `secret`."""
     err = doc.get("error") if isinstance(doc, dict) else None
     message = err.get("message") if isinstance(err, dict) else err  # or {"error": "why"}
     if not isinstance(message, str) or not message.strip():
         return said
-    if withheld or (secret and secret in message.encode(errors="replace")):
+    if secret and secret in message.encode(errors="replace"):
         return said + " (its message was withheld: it quoted the proxy's credentials)"
     if len(message) > LATE_MESSAGE_CHARS:
         message = message[:LATE_MESSAGE_CHARS] + "…"

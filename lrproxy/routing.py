@@ -67,14 +67,13 @@ def pick_candidates(
     if cands is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
     if not cands:  # a 404, not a 503: no retry will change it before a reload
-        raise ModelNotFound(
-            f"The model '{model_id}' is not served by any upstream of this proxy"
-            if model_id != AUTO_MODEL else
-            f"The model '{model_id}' has no models to choose from on this proxy "
-            "(no upstream serves its [auto] models)" if table.auto_models else
-            f"The model '{model_id}' has no models to choose from on this proxy "
-            "(its config has no [auto] models)",
-            param="model")
+        if model_id != AUTO_MODEL:
+            why = f"The model '{model_id}' is not served by any upstream of this proxy"
+        else:
+            why = (f"The model '{model_id}' has no models to choose from on this proxy ("
+                   + ("no upstream serves its [auto] models)" if table.auto_models
+                      else "its config has no [auto] models)"))
+        raise ModelNotFound(why, param="model")
     if region is None:
         return cands
     if region not in table.regions:
@@ -93,13 +92,15 @@ def pick_candidates(
 
 def order_candidates(
     cands: Sequence[Candidate], usable: Callable[[str], bool], load: Callable[[str], int],
-    held: Callable[[str], bool] = lambda name: False,
+    last_resort: Callable[[str], bool] = lambda name: False,
 ) -> list[Candidate]:
     """Usable candidates, lowest carbon first; equal carbon goes to the least loaded.
-    A `held` one (failing, kept as its region's last: Pool.held) comes after the rest."""
+    A `last_resort` one (failing, kept as its region's last: Pool.last_resort) comes
+    after the rest."""
     ok = [c for c in cands if usable(c.upstream.name)]
     if len(ok) > 1:
-        ok.sort(key=lambda c: (held(c.upstream.name), c.carbon_per_1k, load(c.upstream.name)))
+        ok.sort(key=lambda c: (last_resort(c.upstream.name), c.carbon_per_1k,
+                               load(c.upstream.name)))
     return ok
 
 

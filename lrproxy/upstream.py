@@ -47,8 +47,8 @@ class Health:
     ejected_until: float = 0.0
     trial: bool = False  # the one trial request after a cool-down is out
     # Failing, but its region's last usable upstream, so not ejected: until then it is
-    # tried after the others (Pool.held)
-    held_until: float = 0.0
+    # tried after the others (Pool.last_resort)
+    last_resort_until: float = 0.0
 
     def usable(self, now: float) -> bool:
         if self.failures < EJECT_AFTER:
@@ -84,11 +84,11 @@ class Pool:
         h = self.health.get(name)
         return h is None or h.failures < EJECT_AFTER or h.usable(now)  # the usual case first
 
-    def held(self, name: str, now: float) -> bool:
+    def last_resort(self, name: str, now: float) -> bool:
         """True for a failing upstream kept only as its region's last usable one: its
         region's pinned requests still go to it, other requests to it last (SPEC §2)."""
         h = self.health.get(name)
-        return h is not None and now < h.held_until
+        return h is not None and now < h.last_resort_until
 
     def load(self, name: str) -> int:
         h = self.health.get(name)
@@ -133,7 +133,7 @@ class Pool:
                 return  # ejected: only the trial lets it back (SPEC §2)
             was_ejected = h.ejections > 0
             h.failures = h.ejections = 0
-            h.ejected_until = h.held_until = 0.0
+            h.ejected_until = h.last_resort_until = 0.0
             h.trial = False
             if was_ejected and self.on_change is not None:
                 self.on_change()
@@ -165,7 +165,7 @@ class Pool:
             # … but for the cool-down an ejection would have had, requests that may go
             # elsewhere try it last: a dead region must not hold up every unpinned
             # request (or, with retries spent on it, fail them)
-            h.held_until = now + min(COOL_DOWN_S * (h.ejections + 1), COOL_DOWN_CAP_S)
+            h.last_resort_until = now + min(COOL_DOWN_S * (h.ejections + 1), COOL_DOWN_CAP_S)
             return
         h.ejections += 1
         cool = min(COOL_DOWN_S * h.ejections, COOL_DOWN_CAP_S)

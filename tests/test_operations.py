@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -419,17 +420,24 @@ def _raw_stream(port: int, sim: dict[str, Any]) -> bytes:
         conn.close()
 
 
+def _serving(tmp_path: Path, sim: SimThread, args: Sequence[str] = (),
+             **toml: Any) -> tuple[Proxy, int]:
+    """`lrproxy serve` (not yet healthy) in front of `sim` on a free port, with
+    `config_toml(..., **toml)` and the extra `args`; its port."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, **toml))
+    return Proxy(["serve", "--config", str(cfg), *args], tmp_path, port=port), port
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_while_stopping_changes_no_exit_status(
     tmp_path: Path, sim: SimThread, workers: int
 ) -> None:
     """A SIGHUP that comes as the proxy stops (a reload script, `systemctl reload` racing
     a stop) reloads nothing and does not end it with 129: SIGTERM still exits 0."""
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=1,
-                               extra_server=f"workers = {workers}\n" if workers > 1 else ""))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    proxy, _ = _serving(tmp_path, sim, ["--no-access-log"], grace=1,
+                        extra_server=f"workers = {workers}\n" if workers > 1 else "")
     try:
         proxy.wait_healthy()
         if workers > 1:
@@ -450,10 +458,7 @@ def test_drain_deadline_answers_waiting_requests_with_503(tmp_path: Path, sim: S
     """Past shutdown_grace_s a request whose upstream has not answered yet, JSON or a
     stream before its first event, gets 503 shutting_down with Retry-After, never a cut
     connection, and is counted so (SPEC §6)."""
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=0.5))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    proxy, port = _serving(tmp_path, sim, grace=0.5)
     try:
         proxy.wait_healthy()
         late = {"headers_delay_s": 5}

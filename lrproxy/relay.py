@@ -941,14 +941,14 @@ async def _relay_stream(
         fast = _ChunkWriter.of(request)
         read, feed, fits = resp.read_some, splitter.feed, tail.shape.fits
         while not tail.done:
-            # The read ends by the first of: idle since the last byte, the total, the
-            # first event's deadline until it came, and (between events) the keep-alive.
+            # The read ends by the first of: the total; until the first event its
+            # deadline (first_byte alone: an idle shorter than it, for a model slow to
+            # start, does not cut that wait short), after it idle since the last byte;
+            # and (between events) the keep-alive.
             now = loop.time()
-            limit = last_byte + idle
+            limit = last_byte + idle if got_event else first_deadline
             if limit > deadline:
                 limit = deadline
-            if not got_event and limit > first_deadline:
-                limit = first_deadline
             if limit > now + 3600.0:  # with no limits configured, an hour of silence
                 limit = now + 3600.0
             when = limit

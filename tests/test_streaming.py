@@ -727,6 +727,19 @@ async def test_slow_first_event_commits_with_keepalive(make_stack: MakeStack, tm
     assert obj_of(events[-2])["choices"][0]["finish_reason"] == "stop"
 
 
+async def test_idle_shorter_than_first_byte_does_not_cut_the_first_wait(
+    make_stack: MakeStack, tmp_path: Path,
+) -> None:
+    """After a keep-alive commit the first event may take first_byte, not idle: a model
+    slow to start and quick after (idle < first_byte) still answers."""
+    stack = live_stack(make_stack, tmp_path, keepalive=0.2, idle=0.5, first_byte=5)
+    raw = await raw_stream(stack, body_of(first_delay_s=1.2))
+    assert raw.status == 200 and raw.events[0] == KEEPALIVE
+    raw.events = [e for e in raw.events if e != KEEPALIVE]
+    assert raw.events[-1] == b"data: [DONE]\n\n"
+    assert obj_of(raw.events[-2])["choices"][0]["finish_reason"] == "stop"
+
+
 async def test_first_byte_timeout_counts_from_the_request(make_stack: MakeStack, tmp_path: Path) -> None:
     """Keep-alives do not extend timeouts.first_byte: the error comes at first_byte, not later."""
     stack = live_stack(make_stack, tmp_path, keepalive=0.6, first_byte=0.8)

@@ -312,13 +312,22 @@ def add_member(event: bytes, obj: dict[str, Any], name: str, value: Any) -> byte
     return b"\n".join(lines) + b"\n\n"
 
 
+# The most tokens one request's usage may count: ten times the longest context window
+# (10 M) there is. A count above it is an upstream's bug (an unsigned underflow sends
+# 2**64 - 6), which would put the token and carbon counters where the next requests'
+# figures vanish under float rounding; the request's tokens are estimated instead.
+MAX_USAGE_TOKENS: Final = 100_000_000
+
+
 def usage_of(obj: dict[str, Any]) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI `usage` object, if it has them."""
+    """(prompt, completion) tokens from an OpenAI `usage` object, if it has plausible
+    ones: integers from 0 to MAX_USAGE_TOKENS."""
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
     if (isinstance(p, int) and isinstance(c, int) and not isinstance(p, bool)
-            and not isinstance(c, bool) and p >= 0 and c >= 0):
+            and not isinstance(c, bool) and 0 <= p <= MAX_USAGE_TOKENS
+            and 0 <= c <= MAX_USAGE_TOKENS):
         return p, c
     return None

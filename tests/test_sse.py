@@ -12,7 +12,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lrproxy import sse
-from lrproxy.sse import EventSplitter, Kind, classify, event_data, usage_of
+from lrproxy.sse import (
+    MAX_USAGE_TOKENS,
+    EventSplitter,
+    Kind,
+    classify,
+    event_data,
+    usage_of,
+)
 
 HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
 ROLE = HEAD + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
@@ -302,9 +309,14 @@ def test_error_object() -> None:
     ({"usage": {"prompt_tokens": True, "completion_tokens": 2}}, None),
     ({"usage": {"prompt_tokens": 3, "completion_tokens": True}}, None),
     ({"usage": {"prompt_tokens": 3, "completion_tokens": None}}, None),
+    ({"usage": {"prompt_tokens": MAX_USAGE_TOKENS, "completion_tokens": MAX_USAGE_TOKENS}},
+     (MAX_USAGE_TOKENS, MAX_USAGE_TOKENS)),
+    ({"usage": {"prompt_tokens": MAX_USAGE_TOKENS + 1, "completion_tokens": 2}}, None),
+    ({"usage": {"prompt_tokens": 3, "completion_tokens": MAX_USAGE_TOKENS + 1}}, None),
+    ({"usage": {"prompt_tokens": 2**64 - 6, "completion_tokens": 2}}, None),  # u64 underflow
 ])
 def test_usage_of(obj: dict[str, Any], want: tuple[int, int] | None) -> None:
-    """Only non-negative integer counts are trusted; anything else is no usage."""
+    """Only integer counts from 0 to MAX_USAGE_TOKENS are trusted; anything else is no usage."""
     assert usage_of(obj) == want
 
 

@@ -483,6 +483,35 @@ async def test_usage_on_content_chunks_is_not_held(canned: Canned, make_stack: M
     assert last == obj_of(finish)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_implausible_upstream_usage_is_estimated(
+    canned: Canned, make_stack: MakeStack, stream: bool,
+) -> None:
+    """A usage count past sse.MAX_USAGE_TOKENS (2**64 - 6: an upstream's unsigned
+    underflow) is no usage: the tokens are estimated, and the counters stay usable."""
+    stack = canned_stack(make_stack, canned)
+    bad = {"prompt_tokens": 2**64 - 6, "completion_tokens": 2}
+    if stream:
+        canned.events = [chunk(content="x"), chunk(finish="stop"), chunk([], bad),
+                         b"data: [DONE]\n\n"]
+        status, _, data = await raw_post(stack, body_of())
+        eco = obj_of(split_events(data)[-2])["lowrouter"]["eco"]
+    else:
+        canned.json = orjson.dumps({
+            "id": "x", "object": "chat.completion", "created": 1, "model": "llama-3.1-8b",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                         "finish_reason": "stop"}], "usage": bad})
+        async with aiohttp.ClientSession() as s, s.post(
+            f"{stack.base_url}/chat/completions", headers=auth(stack),
+            data=orjson.dumps({"model": LLAMA, "messages": MSGS}),
+        ) as r:
+            status, eco = r.status, (await r.json())["lowrouter"]["eco"]
+    assert status == 200 and eco["accuracy"] == "estimated"
+    prompt = eco["tokens"]["prompt"]
+    assert 0 < prompt < 1000  # the estimate from MSGS' text, not the upstream's figure
+    await await_for(lambda: stack.metric_sum("lrproxy_tokens_total", kind="prompt") == prompt)
+
+
 @pytest.mark.parametrize("usage", [True, False])
 async def test_chunk_of_empty_choices_without_usage(
     canned: Canned, make_stack: MakeStack, usage: bool,

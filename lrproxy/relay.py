@@ -579,6 +579,8 @@ async def _first_events(
                 if out and len(attempt.first) > MAX_EVENT_BYTES:  # comments, comments…
                     raise errors.UpstreamBadResponse(
                         "the upstream sent over 16 MiB of comments before its first event")
+                if len(splitter.held) > MAX_EVENT_BYTES:  # as between events (_relay_stream)
+                    raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
                 attempt.first += out
                 attempt.got_event = events > 0 and tail.began()
     except TimeoutError:

@@ -20,6 +20,10 @@ import orjson
 
 DONE: Final = b"[DONE]"
 _DONE_EVENT: Final = b"data: [DONE]\n\n"
+# An unfinished event this long is gathered in a bytearray, read by read, without a
+# copy of it or a search through it per read (quadratic in its length): it is joined
+# and searched once a read may end it.
+_LONG_EVENT: Final = 64 * 1024
 
 class EventSplitter:
     """Incremental SSE splitter: `feed(bytes) -> [event bytes]`, `close() -> leftover bytes`."""
@@ -28,12 +32,24 @@ class EventSplitter:
 
     def __init__(self) -> None:
         # The bytes of an unfinished event, read by the relay on each read (an attribute,
-        # not a property: a property costs a Python call there).
-        self.held = b""
+        # not a property: a property costs a Python call there); a bytearray once it is
+        # _LONG_EVENT long.
+        self.held: bytes | bytearray = b""
         self._scan = 0  # where to resume the search for a blank line in `held`
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self.held + data if self.held else data
+        held = self.held
+        if isinstance(held, bytearray):
+            # A long event goes on unless this read may end it: a blank line in it, or
+            # one across its start ("\n" + "\n", "\n" + "\r\n", "\n\r" + "\n").
+            edge = held[-2:] + data[:2]
+            if (data.find(b"\n\n") < 0 and data.find(b"\n\r\n") < 0
+                    and edge.find(b"\n\n") < 0 and edge.find(b"\n\r\n") < 0):
+                held += data
+                return []
+            buf = bytes(held) + data
+        else:
+            buf = held + data if held else data
         if buf.endswith(b"\n\n") and buf.find(b"\r") < 0:
             # Whole one-line events with LF line ends (every OpenAI-compatible stream):
             # split at each LF (a memchr; a split at LF LF searches ~10 times slower),
@@ -48,7 +64,7 @@ class EventSplitter:
             # LF line ends and no blank line of its own (every OpenAI-compatible stream):
             # each blank line ends an event, one split finds them all.
             *parts, rest = buf.split(b"\n\n")
-            self.held = rest
+            self.held = rest if len(rest) < _LONG_EVENT else bytearray(rest)
             self._scan = max(0, len(rest) - 2)
             if not rest and len(parts) == 1:
                 return [buf]
@@ -77,15 +93,16 @@ class EventSplitter:
                 end = a + 2 if b == -1 or (a != -1 and a < b) else b + 3
             events.append(buf[start:end] if start or end != n else buf)
             start = scan = end
-        self.held = buf[start:] if start < n else b""
+        rest = buf[start:] if start < n else b""
         # The terminators are up to 3 bytes long: resume 2 bytes before the end.
-        self._scan = max(0, len(self.held) - 2) if start < n else 0
+        self._scan = max(0, len(rest) - 2)
+        self.held = bytearray(rest) if len(rest) >= _LONG_EVENT else rest
         return events
 
     def close(self) -> bytes:
         """The bytes of an unfinished event at the end of the stream (usually empty)."""
         rest, self.held, self._scan = self.held, b"", 0
-        return rest
+        return bytes(rest)
 
 
 # A content chunk's text, and OpenAI's `obfuscation` padding after it, are the only

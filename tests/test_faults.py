@@ -1724,6 +1724,32 @@ def test_comments_without_end_before_the_first_event_are_bounded(
     assert outcomes(stack) == {("eu-north-a", "bad_response"): 3}
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_an_event_without_end_is_bounded_before_and_after_the_first(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+    monkeypatch: pytest.MonkeyPatch, first: bool,
+) -> None:
+    """An event that never ends is held to the event limit (cut here to 64 KiB): before
+    the first event it fails the attempt (once it was held until first_byte), after it
+    the stream ends with the error event."""
+    from lrproxy import relay
+    monkeypatch.setattr(relay, "MAX_EVENT_BYTES", 1 << 16)
+    flood = [b"data: {" + b'"x":1,' * 5000] + [b'"x":1,' * 5000] * 20  # 630 KB, no end
+    events = [chunk("a")] if first else []
+    up = scripted(lambda conn, n, body: ([sse_answer(events), *flood, chunk("late")], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+    if first:
+        before, last = stream_error(a, "upstream_error")
+        assert before == [chunk("a")]
+        message, want = last["error"]["message"], {("eu-north-a", "stream_bad_response"): 1}
+    else:
+        message = a.error(502, "upstream_error")["message"]
+        want = {("eu-north-a", "bad_response"): 3}
+    assert "the upstream sent an event over 16 MiB" in message
+    wait_for(lambda: outcomes(stack) == want)
+
+
 def test_keepalive_after_events_with_ids_is_a_comment_line_only(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted]
 ) -> None:

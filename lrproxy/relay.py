@@ -855,6 +855,7 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
 
 
 _INNER_ERROR: Final = "the upstream reported an error inside the stream"
+_DONE_LINES: Final = frozenset((b"data: [DONE]", b"data:[DONE]"))
 
 
 def _failure(tail: _Tail) -> errors.UpstreamFailed:
@@ -1003,8 +1004,17 @@ async def _relay_stream(
                     raise _failure(tail)
             elif len(splitter.held) > MAX_EVENT_BYTES:
                 raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
-        if splitter.held and not tail.done:
-            raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
+        if not tail.done:
+            # An end without [DONE] is a clean one (SPEC §1.1) when the answer came to
+            # its finish: a last `data: [DONE]` without its blank line counts as [DONE];
+            # any other unfinished event, or no finish chunk at all, is a cut (a stream
+            # without chunked framing ends at any close, a reset included).
+            rest = splitter.held
+            if rest and rest.rstrip(b"\r\n") not in _DONE_LINES:
+                raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
+            if not rest and not tail.held and tail.usage_chunk is None:
+                raise errors.UpstreamConnectionLost(
+                    "the upstream stream ended before its finish chunk")
         end, _ = _finish(rt, rec, prompt_chars, cand, region, tail)
         # The upstream's part is done, whatever becomes of the last write: the attempt
         # has succeeded. (aiohttp puts the body's terminating chunk out before it waits

@@ -1750,6 +1750,39 @@ def test_an_event_without_end_is_bounded_before_and_after_the_first(
     wait_for(lambda: outcomes(stack) == want)
 
 
+FINISH_CHUNK = chunk("").replace(b'"finish_reason":null', b'"finish_reason":"stop"')
+
+
+@pytest.mark.parametrize(("tail", "ok"), [
+    (b"", False),  # no finish, no [DONE]: cut (a close ends an unframed body, a reset too)
+    (FINISH_CHUNK, True),  # the answer came to its finish: a clean end without [DONE]
+    (FINISH_CHUNK + b"data: [DONE]\n", True),  # [DONE] without its blank line
+    (FINISH_CHUNK + b"data: [DO", False),  # cut inside an event
+])
+def test_an_unframed_stream_that_ends_early_is_a_cut(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], tail: bytes, ok: bool,
+) -> None:
+    """A stream without chunked framing ends at any close. One that ends before its
+    finish chunk was cut: the error event, not a short answer passed as whole."""
+    up = scripted(lambda conn, n, body: ([sse_answer([chunk("Hello"), chunk(" world")]),
+                                          tail], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+    if ok:
+        events = a.events()
+        assert events[:2] == [chunk("Hello"), chunk(" world")]
+        assert events[-1] == b"data: [DONE]\n\n"
+        assert obj_of(events[-2])["choices"][0]["finish_reason"] == "stop"
+        want = {("eu-north-a", "ok"): 1}
+    else:
+        before, last = stream_error(a, "upstream_error")
+        assert before[:2] == [chunk("Hello"), chunk(" world")]  # (then a finish chunk held)
+        assert last["lowrouter"]["eco"]["tokens"]["completion"] == len(before)
+        want = {("eu-north-a", "stream_connection_lost" if not tail else
+                 "stream_bad_response"): 1}
+    wait_for(lambda: outcomes(stack) == want)
+
+
 def test_keepalive_after_events_with_ids_is_a_comment_line_only(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted]
 ) -> None:

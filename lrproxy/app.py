@@ -420,6 +420,10 @@ async def _expect(request: web.Request, at_once: bool = True) -> web.StreamRespo
     resp = web.Response(status=err.status, body=err.body(), content_type="application/json",
                         headers={"Server-Timing": protocol.NO_TIME})
     finish_headers(rt, resp, rid)
+    _close_if_body_unsent(request, resp)
+    proto = request.protocol  # the request is answered, outside the edge: the next
+    if isinstance(proto, protocol.LimitsHandler):  # one's header deadline starts anew
+        proto.lr_end()
     return resp
 
 

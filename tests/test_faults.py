@@ -619,10 +619,17 @@ def test_header_limits_are_431(stack: Stack, case: str) -> None:
     assert codes(stack, key="unknown") == {"431": 1}
 
 
-def test_slowloris_headers_get_408(make_stack: MakeStack) -> None:
-    """Headers dripping in a byte at a time: 408 at timeouts.client_header, connection closed."""
+@pytest.mark.parametrize("kept_alive", [False, True])
+def test_slowloris_headers_get_408(make_stack: MakeStack, kept_alive: bool) -> None:
+    """Headers dripping in a byte at a time: 408 at timeouts.client_header, connection
+    closed; on a kept-alive connection too, counted from the request's first byte (it
+    was 75 s + client_header after the last answer, then a close without a 408)."""
     stack = make_stack(cfg(timeouts={"client_header": 0.5}))
     with open_raw(stack) as sock:
+        if kept_alive:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: lrproxy\r\n\r\n")
+            assert read_answer(sock).status == 200
+            time.sleep(0.3)  # idle, as a kept-alive connection is between requests
         t0 = time.monotonic()
         sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: lrproxy\r\n".encode())
         for byte in b"X-Slow: " + b"a" * 40:
@@ -638,6 +645,34 @@ def test_slowloris_headers_get_408(make_stack: MakeStack) -> None:
     assert 0.45 < took < 1.5
     assert sum(hits(stack).values()) == 0
     assert codes(stack, key="unknown") == {"408": 1}
+
+
+@pytest.mark.parametrize("body_sent", [True, False])
+def test_a_refused_expect_is_one_answer(make_stack: MakeStack, body_sent: bool) -> None:
+    """A refused `Expect:` gets its 417 and nothing more: the connection then waits for
+    the next request (no 408 of a header deadline left running, once sent and counted),
+    unless the body was held back for the expectation: then `Connection: close`, and the
+    close comes once the client has sent its body or given up (aiohttp's lingering close,
+    so that body bytes in flight do not reset the connection before the 417 is read)."""
+    stack = make_stack(cfg(timeouts={"client_header": 0.5}))
+    with open_raw(stack) as sock:
+        sock.sendall(request(BODY, "Expect: 200-ok") if body_sent
+                     else head(f"Content-Length: {len(BODY)}", "Expect: 200-ok"))
+        a = read_answer(sock)
+        a.error(417, "expectation_failed")
+        assert a.header("connection") == (None if body_sent else "close")
+        sock.settimeout(1.0)  # past client_header: nothing more comes
+        with contextlib.suppress(TimeoutError):
+            assert sock.recv(1) == b""
+        if body_sent:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: lrproxy\r\n\r\n")
+            assert read_answer(sock).status == 200
+        else:
+            sock.shutdown(socket.SHUT_WR)  # the client gives up on its body
+            assert closed_by_peer(sock)
+    wait_for(lambda: codes(stack, key="unknown") == {"417": 1})
+    time.sleep(0.2)
+    assert codes(stack, key="unknown") == {"417": 1}
 
 
 def test_slow_body_gets_408(make_stack: MakeStack) -> None:

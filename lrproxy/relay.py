@@ -633,11 +633,13 @@ def _answer(
     if resp.status >= 300:  # an upstream 4xx (bad parameters, context too long): as it is
         rec.error = "upstream_4xx"
         secret = attempt.secret  # … unless it quotes our key (issue 5: no key anywhere)
-        if secret and secret in data:
+        doc = _json_object(data)
+        # (in its bytes, or once decoded: `\/` for `/`, as PHP's json_encode writes it)
+        if secret and (secret in data or (doc is not None and secret in orjson.dumps(doc))):
             data = errors.error_body(
                 "The upstream's error message was withheld: it quoted the proxy's credentials.",
                 "invalid_request_error", "upstream_error")
-        elif not _is_json_object(data):  # an HTML page (a wrong base_url), text, gzip…
+        elif doc is None:  # an HTML page (a wrong base_url), text, gzip…
             data = errors.error_body(
                 f"The upstream answered {resp.status} with a body that is not a JSON object "
                 f"({resp.content_type or 'no content type'}).",
@@ -656,11 +658,12 @@ def _answer(
     return web.Response(body=sse.with_member(data, doc, "lowrouter", lr), headers=headers)
 
 
-def _is_json_object(data: bytes) -> bool:
+def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
-        return isinstance(orjson.loads(data), dict)
+        doc = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return False
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _late_status(attempt: _Attempt) -> str:

@@ -1129,13 +1129,19 @@ def test_upstream_4xx_passes_through_without_retry(stack: Stack, status: int) ->
     assert codes(stack) == {str(status): 1}
 
 
+@pytest.mark.parametrize("escaped", [False, True])
 def test_upstream_4xx_quoting_our_key_is_withheld(
-    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], escaped: bool
 ) -> None:
-    """An upstream 4xx whose body quotes our key: its status kept, its body replaced."""
+    """An upstream 4xx whose body quotes our key: its status kept, its body replaced;
+    also when the quote is JSON-escaped (each `-` as a unicode escape here; PHP escapes
+    every `/`), which the SDK decodes back into the key."""
     body = orjson.dumps({"error": {
         "message": f"Key {UPSTREAM_KEYS['eu-north-a']} may not use this model",
         "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
+    if escaped:
+        body = body.replace(b"-", b"\\u002d")
+        assert UPSTREAM_KEYS["eu-north-a"] in orjson.loads(body)["error"]["message"]
     answer = (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: "
               + str(len(body)).encode() + b"\r\n\r\n" + body)
     up = scripted(lambda conn, n, req: (answer, True))

@@ -215,7 +215,8 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
     if mlisten:
         try:
-            mrunner = await serve_metrics(lambda: registry, mlisten)
+            mrunner = await serve_metrics(lambda: registry, mlisten,
+                                          config.timeouts.client_header)
         except OSError as e:
             log.error("cannot listen on %s for /metrics: %s", mlisten, e.strerror or e)
             await _abandon(runner, sims)

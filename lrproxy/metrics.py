@@ -21,6 +21,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
+from lrproxy import protocol
 from lrproxy.config import NONE as NONE  # the words come from config, which reserves them
 from lrproxy.config import UNKNOWN as UNKNOWN
 from lrproxy.config import Listen
@@ -243,11 +244,14 @@ class _FlushFirst:
         return ()
 
 
-async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Listen) -> web.AppRunner:
+async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Listen,
+                        header_timeout: float) -> web.AppRunner:
     """/metrics on its own listener, so API clients cannot read it (SPEC §5).
 
     `registry` is called per scrape: the process's own registry, or a fresh one that
-    sums every worker's files (multiprocess mode).
+    sums every worker's files (multiprocess mode). Its connections have the API's limits
+    (protocol.Runner): `timeouts.client_header` for a request's headers, and idle
+    kept-alive connections closed after 75 s (aiohttp's default is an hour).
     """
 
     async def metrics(request: web.Request) -> web.Response:
@@ -256,7 +260,7 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
+    runner = protocol.Runner(app, header_timeout=header_timeout, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, listen.host, listen.port).start()

@@ -211,7 +211,7 @@ async def _supervise(
     if metrics_listen:
         try:
             mrunner = await serve_metrics(lambda: _summed(prom_dir, refused, config),
-                                          metrics_listen)
+                                          metrics_listen, config.timeouts.client_header)
         except OSError as e:
             log.error("cannot listen on %s for /metrics: %s", metrics_listen, e.strerror or e)
             return 1

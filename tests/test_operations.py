@@ -731,3 +731,38 @@ def test_reload_rereads_upstream_key_files(make_stack: Any, tmp_path: Path) -> N
     ask()
     seen = [r.headers.get("Authorization") for r in stack.requests_to("eu-west-a")]
     assert seen[-1] == "Bearer rotated-key-0042"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_listener_has_the_header_deadline(
+    tmp_path: Path, sim: SimThread, workers: int
+) -> None:
+    """The /metrics listener's connections have the API's header deadline
+    (timeouts.client_header, 408 and closed), as a slowloris on it held one for an hour;
+    a scrape is served as before. One process or the workers' supervisor alike."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    extra = f'metrics_listen = "127.0.0.1:{mport}"\n' + (
+        f"workers = {workers}\n" if workers > 1 else "")
+    cfg.write_text(config_toml(sim.base_url, port, extra_server=extra).replace(
+        "[timeouts]\n", "[timeouts]\nclient_header = 0.5\n"))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=5)
+        conn.request("GET", "/metrics")
+        scrape = conn.getresponse()
+        assert scrape.status == 200 and b"lrproxy_inflight_requests" in scrape.read()
+        conn.close()
+        with socket.create_connection(("127.0.0.1", mport), timeout=5) as s:
+            t0 = time.monotonic()
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and no end of headers
+            got = b""
+            while data := s.recv(65536):
+                got += data
+            took = time.monotonic() - t0
+        assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+        assert b'"code":"request_timeout"' in got
+        assert 0.4 < took < 3.0
+    finally:
+        proxy.stop()

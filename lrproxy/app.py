@@ -314,7 +314,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         _close_if_body_unsent(request, resp)
     except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
         err = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
-            f"{request.method} {(request.path or request.raw_path)[:200]} is not part of this API"
+            f"{request.method} {request.raw_path.partition('?')[0][:200]} is not part of this API"
             if e.status in (404, 405) else e.reason
         )
         rec.status, rec.error = e.status, err.code
@@ -356,7 +356,9 @@ def _close_if_body_unsent(request: web.Request, resp: web.StreamResponse) -> Non
     """A refusal given before `100 Continue` went: the body is not coming, so the
     connection closes rather than waiting for it; as after a body that failed to parse."""
     content = request.content
-    if content.exception() is not None:  # a body that broke (protocol): read no more of it
+    if content.exception() is not None or (resp.status == 408 and not content.is_eof()):
+        # a body that broke (protocol), or stopped coming (client_body): read no more of
+        # it (no lingering read of what was not coming anyway) and close
         content.feed_eof()
         resp.force_close()
     elif "Expect" in request.headers and not content.is_eof():

@@ -447,13 +447,18 @@ async def test_body_over_limit_is_413(make_stack: Callable[..., Stack],
 async def test_unknown_path_is_404_in_openai_shape(
     stack: Stack, http: aiohttp.ClientSession
 ) -> None:
-    """A path outside the API is 404 with an OpenAI error body and a request id."""
+    """A path outside the API is 404 with an OpenAI error body and a request id; its
+    message names the path as sent (an escaped slash is not the API's path)."""
     for method, path in (("GET", "/api/v1/nope"), ("POST", "/api/v2/chat/completions"),
-                         ("GET", "/")):
-        async with http.request(method, stack.origin + path, headers=auth(stack)) as r:
+                         ("GET", "/"), ("POST", "/v1/chat%2Fcompletions"),
+                         ("GET", "/v1/nope?model=x")):
+        async with http.request(method, yarl.URL(stack.origin + path, encoded=True),
+                                headers=auth(stack)) as r:
             assert r.status == 404, path
             body = await r.json()
             assert set(body["error"]) == {"message", "type", "param", "code"}
+            assert body["error"]["message"] == (
+                f"{method} {path.partition('?')[0]} is not part of this API")
             assert "X-Request-Id" in r.headers
             assert r.headers.getall("Server") == ["lrproxy"]
 

@@ -681,6 +681,8 @@ def test_slow_body_gets_408(make_stack: MakeStack) -> None:
     with open_raw(stack) as sock:
         sock.sendall(request(BODY)[:-20])
         a = read_answer(sock)
+        assert a.header("connection") == "close"
+        assert closed_by_peer(sock)  # at once: no lingering read of a body that stopped
     a.error(408, "request_timeout")
     assert 0.45 < a.elapsed < 1.5
     assert sum(hits(stack).values()) == 0

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import email.utils
 import io
 import math
 import ssl
+import time
 import types
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -189,14 +192,28 @@ class Pool:
         return max(1.0, min(waits, default=1.0))
 
 
-def parse_retry_after(value: str | None) -> float | None:
+RETRY_AFTER_CAP_S: Final = 86400.0  # a day: a provider's daily quota, spent
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a `Retry-After` header: a number of seconds or an HTTP date (from
+    `now`, a Unix time, by default the clock's), at most RETRY_AFTER_CAP_S; None for
+    anything else. The cool-down takes at most COOL_DOWN_CAP_S of it, the client all."""
     if value is None:
         return None
     try:
         s = float(value)
     except ValueError:
-        return None  # an HTTP date: rare from LLM APIs; the default cool-down applies
-    return s if 0 <= s < 86400 else None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # (-0000: no zone said) an HTTP date is in GMT
+            when = when.replace(tzinfo=dt.UTC)
+        s = max(0.0, when.timestamp() - (time.time() if now is None else now))
+    if not 0 <= s < math.inf:  # (NaN fails both)
+        return None
+    return min(s, RETRY_AFTER_CAP_S)
 
 
 @attrs.frozen

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
+import email.utils
 import gzip
 import hashlib
 import http.client
@@ -1031,6 +1033,29 @@ def test_retry_after_is_rounded_up(make_stack: MakeStack) -> None:
     a = post(stack, chat(MINI, region="eu-west"))
     a.error(429, "rate_limited")
     assert a.header("retry-after") == "3"
+
+
+@pytest.mark.parametrize(("value", "want"), [
+    ("7", 7.0), ("2.5", 2.5), ("0", 0.0), ("100000", 86400.0),  # a day at most
+    ("Fri, 27 Nov 2026 12:02:00 GMT", 120.0), ("Fri, 27 Nov 2026 12:02:00 -0000", 120.0),
+    ("Fri, 27 Nov 2026 11:59:00 GMT", 0.0),  # a date gone by: at once
+    ("-1", None), ("nan", None), ("inf", None), ("soon", None), ("", None),
+    ("Fri, 32 Nov 2026 12:02:00 GMT", None), (None, None),
+])
+def test_parse_retry_after(value: str | None, want: float | None) -> None:
+    """Seconds or an HTTP date (RFC 9110 §10.2.3), capped at a day; else None."""
+    now = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC).timestamp()
+    assert upstream.parse_retry_after(value, now) == want
+
+
+def test_upstream_retry_after_as_a_date_reaches_the_client(stack: Stack) -> None:
+    """An upstream 429 whose Retry-After is an HTTP date: the client is told the seconds
+    until then (it was told 1), and the cool-down honours them."""
+    when = email.utils.formatdate(time.time() + 120, usegmt=True)
+    faults(stack, EU_WEST, fail_status=429, fail_count=-1, retry_after=when)
+    a = post(stack, chat(MINI, region="eu-west"))
+    a.error(429, "rate_limited")
+    assert 110 <= int(a.header("retry-after") or 0) <= 121
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])

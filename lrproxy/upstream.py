@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 from lrproxy.config import Config, Secrets, Upstream
 from lrproxy.errors import (
     UpstreamAuthFailed,
+    UpstreamBadResponse,
     UpstreamConnectionLost,
     UpstreamError,
     UpstreamFailed,
@@ -500,6 +501,13 @@ async def send(
             )
     except TimeoutError as e:  # ours, or aiohttp's ServerTimeoutError (one too)
         raise UpstreamTimeout("upstream did not answer in time") from e
+    except aiohttp.ClientResponseError as e:  # it answered, but no HTTP it could parse
+        raise UpstreamBadResponse(f"upstream answered no valid HTTP: {type(e).__name__}") from e
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+        if isinstance(e, aiohttp.ClientConnectorError):  # (a ClientOSError too)
+            raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
+        raise UpstreamConnectionLost(  # connected, then cut before its answer's headers
+            f"upstream connection lost: {type(e).__name__}") from e
     except (aiohttp.ClientError, OSError) as e:
         raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
     status = resp.status

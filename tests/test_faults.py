@@ -976,7 +976,8 @@ def test_connect_timeout_is_504(make_stack: MakeStack) -> None:
 
 
 def test_reset_before_the_answer_fails_over(stack: Stack) -> None:
-    """An upstream resetting the connection: failover to the region's other upstream."""
+    """An upstream resetting the connection: failover to the region's other upstream;
+    the attempt counted as a lost connection (it was connected), not a connect error."""
     faults(stack, ["eu-west-a"], reset=True)
     a = post(stack, chat(MINI, region="eu-west"))
     route = a.route()
@@ -984,8 +985,23 @@ def test_reset_before_the_answer_fails_over(stack: Stack) -> None:
     assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
     sent = orjson.loads(bytes(stack.requests_to("eu-west-b")[0].sent))
     assert a.json()["choices"] == sent["choices"]
-    assert outcomes(stack) == {("eu-west-a", "connect_error"): 1, ("eu-west-b", "ok"): 1}
+    assert outcomes(stack) == {("eu-west-a", "connection_lost"): 1, ("eu-west-b", "ok"): 1}
     assert codes(stack) == {"200": 1}
+
+
+@pytest.mark.parametrize("answer", [
+    b"garbage\r\n\r\n",  # no status line
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",  # a header past aiohttp's limit
+], ids=["no-status-line", "header-too-long"])
+def test_an_answer_that_is_no_http_is_a_bad_response(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], answer: bytes,
+) -> None:
+    """An upstream that answers, but with no HTTP the client can parse: 502 after the
+    retries, each attempt counted `bad_response` (it was `connect_error`)."""
+    up = scripted(lambda conn, n, body: (answer, False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    post(stack, chat(LLAMA, region="eu-north")).error(502, "upstream_error")
+    assert outcomes(stack) == {("eu-north-a", "bad_response"): 3}
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
@@ -1358,7 +1374,7 @@ def test_stale_pooled_connection_closed_on_reuse(
     assert [(r.conn, r.n) for r in up.requests] == [(0, 0), (0, 1), (1, 0)]
     assert {r.headers["authorization"] for r in up.requests} == {
         f"Bearer {UPSTREAM_KEYS['eu-north-a']}"}
-    assert outcomes(stack) == {("eu-north-a", "ok"): 2, ("eu-north-a", "connect_error"): 1}
+    assert outcomes(stack) == {("eu-north-a", "ok"): 2, ("eu-north-a", "connection_lost"): 1}
     assert codes(stack) == {"200": 2}
 
 

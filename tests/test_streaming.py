@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import itertools
 import json
+import math
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -82,6 +83,28 @@ def usage_sent(up: RecordedRequest) -> dict[str, int]:
             "completion": chunk["usage"]["completion_tokens"]}
 
 
+
+
+def prompt_estimate(messages: list[Any]) -> int:
+    """README's prompt estimate without usage: the messages' text, plus 16 characters
+    per message for its role and framing, over 4, rounded up."""
+    return math.ceil((sum(len(m["content"]) for m in messages) + 16 * len(messages)) / 4)
+
+
+def chunks_with_choices(up_events: list[bytes]) -> int:
+    """README's completion estimate without usage: one per chunk with choices that the
+    upstream sent, up to a malformed event (where the relay stops reading)."""
+    n = 0
+    for e in up_events:
+        data = event_data(e)
+        if data is None or data == b"[DONE]":
+            continue
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            break
+        n += bool(doc.get("choices"))
+    return n
 
 
 def body_of(model: str = LLAMA, usage: bool | None = None, **knobs: Any) -> bytes:
@@ -345,7 +368,10 @@ async def test_omit_usage_estimates_tokens(live: Stack) -> None:
     lr = obj_of(raw.events[-2])["lowrouter"]
     assert raw.events[-1] == b"data: [DONE]\n\n"
     assert lr["eco"]["accuracy"] == "estimated"
-    assert lr["eco"]["tokens"]["prompt"] > 0 and lr["eco"]["tokens"]["completion"] >= 6
+    # README's rule: the role chunk, six words and the finish chunk are 8 chunks with choices
+    assert lr["eco"]["tokens"] == {"prompt": prompt_estimate(MSGS),
+                                   "completion": chunks_with_choices(raw.up_events)}
+    assert lr["eco"]["tokens"]["completion"] == 8
     await await_for(lambda: live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="prompt") > 0)
     assert live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="completion") == \
         lr["eco"]["tokens"]["completion"]
@@ -393,7 +419,10 @@ async def test_upstream_failure_mid_stream_ends_with_error_event(live: Stack, kn
     last = error_event(raw)
     assert last["error"]["code"] == "upstream_error"
     assert len(kinds(raw.events, Kind.PASS)) == 1 + 3  # the role chunk and three words
-    assert last["lowrouter"]["eco"]["tokens"]["completion"] > 0
+    # README's estimate: the chunks with choices the upstream sent before it failed
+    assert last["lowrouter"]["eco"]["tokens"] == {
+        "prompt": prompt_estimate(MSGS), "completion": chunks_with_choices(raw.up_events)}
+    assert last["lowrouter"]["eco"]["tokens"]["completion"] == 1 + 3
     await await_for(
         lambda: live.metric("lrproxy_requests_total", **KEY_LABELS, code="stream_error") == 1)
     assert live.metric("lrproxy_tokens_total", **KEY_LABELS, kind="completion") == \

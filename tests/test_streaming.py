@@ -443,6 +443,24 @@ def test_sdk_raises_api_error_on_failed_stream(live: Stack, knob: str) -> None:
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "upstream_error"
 
 
+async def test_failure_after_a_finish_chunk_still_sends_it(live: Stack) -> None:
+    """An upstream cut after its finish chunk, before [DONE]: the held finish chunk was
+    only delayed (SPEC §1.1), so it reaches the client byte for byte, then the error event."""
+    raw = await raw_stream(live, body_of(chunks=3, finish_in_content=True, cut_after=3,
+                                         chunk_delay_s=0.02))
+    (finish,) = kinds(raw.up_events, Kind.FINAL)
+    assert obj_of(finish)["choices"][0]["finish_reason"] == "stop"
+    assert not kinds(raw.up_events, Kind.DONE)
+    passed = kinds(raw.up_events, Kind.PASS)
+    assert raw.status == 200 and not kinds(raw.events, Kind.DONE)
+    assert raw.events[:-1] == [*passed, finish]
+    last = obj_of(raw.events[-1])
+    assert last["error"]["code"] == "upstream_error"
+    assert last["choices"] == [{"index": 0, "delta": {}, "finish_reason": "error"}]
+    assert last["lowrouter"]["eco"]["tokens"] == {
+        "prompt": prompt_estimate(MSGS), "completion": chunks_with_choices(raw.up_events)}
+
+
 async def test_stall_longer_than_idle_times_out(make_stack: MakeStack, tmp_path: Path) -> None:
     """Silence past timeouts.idle ends the stream with an upstream_timeout error event."""
     stack = live_stack(make_stack, tmp_path, idle=0.4)

@@ -20,8 +20,6 @@ import yarl
 from conftest import CI_KEY, UPSTREAM_KEYS, Stack, wait_for
 from openai.types.chat import ChatCompletionMessageParam
 
-from lrproxy.config import DEFAULT_E_COMPLETION, PREFILL_RATIO
-
 MINI = "openai/gpt-4o-mini"
 LLAMA = "meta/llama-3.1-8b"
 AUTO = "lowrouter/auto"
@@ -42,8 +40,9 @@ def energy_per_1k(data: dict[str, Any], model_id: str) -> tuple[float, float]:
     m = data["models"][model_id]
     if "energy_wh_per_1k_prompt_tokens" in m:
         return m["energy_wh_per_1k_prompt_tokens"], m["energy_wh_per_1k_completion_tokens"]
-    if "active_params_b" not in m:  # no figures at all: the global default (accuracy "default")
-        return PREFILL_RATIO * DEFAULT_E_COMPLETION, DEFAULT_E_COMPLETION
+    if "active_params_b" not in m:  # no figures at all: README's default, the medium class
+        e_c = SIZE_CLASSES[1][1]
+        return 0.1 * e_c, e_c
     size = m["active_params_b"]
     e_c = next(e for limit, e in SIZE_CLASSES if size <= limit)
     return 0.1 * e_c, e_c
@@ -253,6 +252,19 @@ def test_models_list(stack: Stack) -> None:
         assert set(lr["carbon_per_1k_tokens_g"]) == set(lr["regions"])
         for region, value in lr["carbon_per_1k_tokens_g"].items():
             assert value == pytest.approx(carbon_ref(data, mid, region))
+        check_model_eco(data, mid, lr["eco"])
+
+
+def check_model_eco(data: dict[str, Any], mid: str, eco: dict[str, Any]) -> None:
+    """A /models entry's eco figures are the model's from the config, or SPEC §3's
+    size-class and default figures where it gives none."""
+    e_p, e_c = energy_per_1k(data, mid)
+    m = data["models"][mid]
+    source = ("config" if "energy_wh_per_1k_prompt_tokens" in m
+              else "size_class" if "active_params_b" in m else "default")
+    assert eco == {"energy_wh_per_1k_prompt_tokens": pytest.approx(e_p, rel=1e-12),
+                   "energy_wh_per_1k_completion_tokens": pytest.approx(e_c, rel=1e-12),
+                   "source": source}, mid
 
 
 def test_models_retrieve_answers_the_listed_entry(stack: Stack) -> None:
@@ -264,6 +276,8 @@ def test_models_retrieve_answers_the_listed_entry(stack: Stack) -> None:
         for mid in (MINI, AUTO):
             raw = client.models.with_raw_response.retrieve(mid)
             assert raw.parse().model_dump() == listed[mid], mid
+            if mid != AUTO:  # the figures themselves, not only as /models has them
+                check_model_eco(stack.data, mid, listed[mid]["lowrouter"]["eco"])
             assert raw.headers["Server"] == "lrproxy" and "X-Request-Id" in raw.headers
             assert _server_timing(raw.headers["Server-Timing"])["upstream"] == 0.0
             assert not any(h in raw.headers for h in ROUTE_HEADERS)

@@ -296,6 +296,17 @@ async def test_health_and_readiness(stack: Stack, http: aiohttp.ClientSession) -
             assert r.headers.getall("Server") == ["lrproxy"]  # no library versions
 
 
+async def test_readiness_is_503_while_draining(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """/readyz is 200 while upstreams are usable, and 503 `{"status": "draining"}` once the
+    proxy drains (SPEC §1), so a load balancer stops sending it new requests."""
+    async with http.get(stack.origin + "/readyz") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ready"
+    stack.call(lambda: setattr(stack.runtime, "draining", True))
+    async with http.get(stack.origin + "/readyz") as r:
+        assert r.status == 503
+        assert await r.json() == {"status": "draining"}
+
+
 async def test_v1_alias_serves_the_same_api(stack: Stack, http: aiohttp.ClientSession) -> None:
     """/v1 is an alias of /api/v1: same models list, same chat handling."""
     bodies = []

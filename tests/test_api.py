@@ -469,6 +469,45 @@ async def test_body_over_limit_is_413(make_stack: Callable[..., Stack],
     assert r2.choices[0].message.content
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_body_of_exactly_the_limit_is_accepted(
+    make_stack: Callable[..., Stack], http: aiohttp.ClientSession, framing: str
+) -> None:
+    """A body of exactly server.max_body_bytes is relayed; one byte more is 413 (SPEC §1:
+    "over" the limit), whether its length is declared or it comes chunked."""
+    limit = 2048
+
+    def small(data: dict[str, Any]) -> None:
+        data["server"]["max_body_bytes"] = limit
+
+    stack = make_stack(small)
+
+    def body(size: int) -> bytes:
+        empty = json.dumps({"model": MINI, "messages": [{"role": "user", "content": ""}]})
+        pad = "x" * (size - len(empty))
+        data = json.dumps({"model": MINI, "messages": [{"role": "user", "content": pad}]})
+        assert len(data.encode()) == size
+        return data.encode()
+
+    async def post(payload: bytes) -> tuple[int, Any]:
+        async def pieces() -> AsyncIterator[bytes]:
+            for i in range(0, len(payload), 512):
+                yield payload[i:i + 512]
+
+        data = payload if framing == "content-length" else pieces()
+        async with http.post(stack.base_url + "/chat/completions", data=data,
+                             headers={**auth(stack), "Content-Type": "application/json"}) as r:
+            assert ("Content-Length" in r.request_info.headers) is (framing == "content-length")
+            return r.status, await r.json()
+
+    status, doc = await post(body(limit))
+    assert status == 200, doc
+    assert only_hit(stack).json["messages"] == json.loads(body(limit))["messages"]
+    status, doc = await post(body(limit + 1))
+    assert status == 413 and doc["error"]["code"] == "request_too_large"
+    assert sum(hits(stack).values()) == 1
+
+
 async def test_unknown_path_is_404_in_openai_shape(
     stack: Stack, http: aiohttp.ClientSession
 ) -> None:

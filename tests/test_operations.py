@@ -29,9 +29,11 @@ from procs import (
     child_env,
     config_toml,
     free_port,
+    http_get,
     port_refuses,
     wait_for,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from lrproxy import __version__
 
@@ -303,6 +305,36 @@ def test_reload_names_what_waits_for_a_restart(tmp_path: Path, sim: SimThread) -
         assert len(kept) == 1, proxy.stderr
         assert kept[0].endswith("server.trust_env, timeouts.client_header"), kept[0]
         assert _upstream_of_a_request(port) == "sim"
+    finally:
+        proxy.stop()
+
+
+def _reloads(mport: int) -> dict[str, float] | None:
+    """lrproxy_config_reloads_total by result, from /metrics; None while it is not served."""
+    try:
+        status, body = http_get(mport, "/metrics")
+    except OSError:
+        return None
+    assert status == 200
+    return {s.labels["result"]: s.value for fam in text_string_to_metric_families(body.decode())
+            for s in fam.samples if s.name == "lrproxy_config_reloads_total"}
+
+
+def test_good_reload_is_counted_ok(tmp_path: Path, sim: SimThread) -> None:
+    """A good SIGHUP reload adds one to lrproxy_config_reloads_total{result="ok"} and
+    leaves result="error" at 0 (SPEC §5, §6): a reload alert must not see it as failed."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    extra = f'metrics_listen = "127.0.0.1:{mport}"\n'
+    cfg.write_text(config_toml(sim.base_url, port, intensity=100, extra_server=extra))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        assert wait_for(lambda: _reloads(mport), 5, "/metrics") == {"ok": 0.0, "error": 0.0}
+        cfg.write_text(config_toml(sim.base_url, port, intensity=200, extra_server=extra))
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
+        assert _reloads(mport) == {"ok": 1.0, "error": 0.0}
     finally:
         proxy.stop()
 

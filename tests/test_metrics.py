@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import math
 import os
 import re
 import time
@@ -104,15 +105,32 @@ def _families(stack: Stack) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
-def _total(stack: Stack) -> dict[str, float]:
-    """The counters whose growth the accounting test compares with what clients saw."""
-    return {
-        "carbon": stack.metric_sum("lrproxy_carbon_grams_total"),
-        "energy": stack.metric_sum("lrproxy_energy_wh_total"),
-        "prompt": stack.metric_sum("lrproxy_tokens_total", kind="prompt"),
-        "completion": stack.metric_sum("lrproxy_tokens_total", kind="completion"),
-        "requests": stack.metric_sum("lrproxy_requests_total"),
-    }
+Figures = dict[tuple[str, str, str], dict[str, float]]  # (key, model, region) -> figures
+_FIGURE_OF = {"lrproxy_carbon_grams_total": "carbon", "lrproxy_energy_wh_total": "energy"}
+
+
+def _figures(stack: Stack) -> Figures:
+    """The counters whose growth the accounting test compares with what clients saw,
+    per (key, model, region) label set: a figure under the wrong label does not add up."""
+    out: Figures = {}
+    for fam in stack.registry.collect():
+        for s in fam.samples:
+            what = s.labels.get("kind") if s.name == "lrproxy_tokens_total" else (
+                _FIGURE_OF.get(s.name))
+            if what is not None:
+                k = (s.labels["key"], s.labels["model"], s.labels["region"])
+                out.setdefault(k, {})[what] = s.value
+    return out
+
+
+def _growth(before: Figures, after: Figures) -> Figures:
+    """What each label set's figures grew by; label sets that did not grow are left out."""
+    out: Figures = {}
+    for k, figs in after.items():
+        grew = {w: v - before.get(k, {}).get(w, 0.0) for w, v in figs.items()}
+        if any(grew.values()):
+            out[k] = grew
+    return out
 
 
 def _sse_data(raw: bytes) -> list[dict[str, Any]]:
@@ -305,14 +323,17 @@ def test_every_metric_exists_with_its_labels_and_type(stack: Stack, logs: _Recor
 
 def test_figures_add_up_counted_once(stack: Stack, logs: _Records) -> None:
     """Σ eco the clients were told (+ the abandoned stream's line) = the counters' growth."""
-    before = _total(stack)
+    before, requests_before = _figures(stack), stack.metric_sum("lrproxy_requests_total")
     seen = _mixed_traffic(stack)
-    after = _total(stack)
+    grown = _growth(before, _figures(stack))
     received = seen["received"]
     assert len(received) == 7  # 3 plain, 2 streams, the cut stream's error event, failover
     cut = [lr for lr in received if lr["request_id"] == "t-cut"]
     assert len(cut) == 1 and cut[0]["eco"]["accuracy"] == "estimated"
-    assert cut[0]["eco"]["tokens"]["completion"] > 0
+    # README's estimate: (prompt chars + 16 per message) / 4 rounded up; one completion
+    # token per chunk with choices the upstream sent: the role chunk and three words
+    assert cut[0]["eco"]["tokens"] == {"prompt": math.ceil((len(PROMPT) + 16) / 4),
+                                       "completion": 1 + 3}
 
     lines = {f["request_id"]: f for f in logs.access()}
     abandoned = lines["t-abandon"]
@@ -325,18 +346,30 @@ def test_figures_add_up_counted_once(stack: Stack, logs: _Records) -> None:
         assert (line["prompt_tokens"], line["completion_tokens"]) == (
             lr["eco"]["tokens"]["prompt"], lr["eco"]["tokens"]["completion"])
 
-    def grew(what: str) -> float:
-        return after[what] - before[what]
-
-    assert grew("carbon") == pytest.approx(
-        sum(lr["eco"]["carbon_g"] for lr in received) + abandoned["carbon_g"], rel=1e-9)
-    assert grew("energy") == pytest.approx(
-        sum(lr["eco"]["energy_wh"] for lr in received) + abandoned["energy_wh"], rel=1e-9)
-    assert grew("prompt") == sum(lr["eco"]["tokens"]["prompt"] for lr in received) + abandoned[
-        "prompt_tokens"]
-    assert grew("completion") == sum(
-        lr["eco"]["tokens"]["completion"] for lr in received) + abandoned["completion_tokens"]
-    assert grew("requests") == seen["requests"]
+    # Each figure under the labels of the request it is for: the key that asked (every
+    # answer here went to team-a), the model and region it was routed to.
+    expected: Figures = {}
+    told = [(("team-a", lr["route"]["model"], lr["route"]["region"]), lr["eco"]["carbon_g"],
+             lr["eco"]["energy_wh"], lr["eco"]["tokens"]["prompt"],
+             lr["eco"]["tokens"]["completion"]) for lr in received]
+    told.append(((abandoned["key"], abandoned["model"], abandoned["region"]),
+                 abandoned["carbon_g"], abandoned["energy_wh"], abandoned["prompt_tokens"],
+                 abandoned["completion_tokens"]))
+    for labels, carbon, energy, prompt, completion in told:
+        e = expected.setdefault(labels, dict.fromkeys(
+            ("carbon", "energy", "prompt", "completion"), 0.0))
+        e["carbon"] += carbon
+        e["energy"] += energy
+        e["prompt"] += prompt
+        e["completion"] += completion
+    assert len(expected) >= 3  # gpt-4o-mini in two regions, llama: the labels differ
+    assert set(grown) == set(expected)
+    for labels, e in expected.items():
+        g = grown[labels]
+        assert g["carbon"] == pytest.approx(e["carbon"], rel=1e-9), labels
+        assert g["energy"] == pytest.approx(e["energy"], rel=1e-9), labels
+        assert (g["prompt"], g["completion"]) == (e["prompt"], e["completion"]), labels
+    assert stack.metric_sum("lrproxy_requests_total") - requests_before == seen["requests"]
 
 
 def test_request_codes_attempt_outcomes_and_gauges(stack: Stack, logs: _Records) -> None:

@@ -1522,6 +1522,26 @@ def test_ejection_honours_retry_after(stack: Stack, retry_after: str, cool: floa
     assert codes(stack) == {"200": 5}
 
 
+def test_region_whose_upstreams_all_cool_down_is_503_with_retry_after(stack: Stack) -> None:
+    """eu-west-a ejected while eu-west-b served, then a reload that drops eu-west-b: the
+    region's one upstream is cooling down (its Health outlives the reload), so a request
+    pinned there gets 503 no_upstream_available with a Retry-After of the cool-down left
+    (SPEC §1, §2), and nothing is sent upstream."""
+    from conftest import ENVIRON
+
+    from lrproxy.config import parse_config, resolve_secrets
+
+    eject_eu_west_a(stack)
+    config = parse_config({**stack.data, "upstreams": [
+        u for u in stack.data["upstreams"] if u["name"] != "eu-west-b"]}, source="test")
+    stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
+    a = post(stack, chat(MINI, region="eu-west"))
+    a.error(503, "no_upstream_available")
+    assert 25 < int(a.header("retry-after") or 0) <= 30  # SPEC §2: 30 s for a first ejection
+    assert hits(stack)["eu-west-a"] == 5
+    assert codes(stack) == {"200": 5, "503": 1}
+
+
 # =======================================================================================
 # faults during a stream
 

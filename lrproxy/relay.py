@@ -817,9 +817,11 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
         if kind == sse.Kind.PASS:
             if obj is None:
                 pass  # a comment, or an event without data
-            elif obj.get("choices") == []:  # no usage: Azure's prompt_filter_results, say
+            elif not obj.get("choices"):  # `[]` without usage (Azure's prompt_filter_
+                # results), null or none at all (a ping): no token, and a client that did
+                # not ask for usage does not get it: its chunk.choices[0] loop would fail
                 if not tail.client_usage:
-                    continue  # the SDK's chunk.choices[0] loop never meets one (SPEC §1.1)
+                    continue  # (SPEC §1.1)
             else:
                 tail.content_events += 1
                 shape.learn(ev, tail.content_events)

@@ -559,17 +559,24 @@ async def test_implausible_upstream_usage_is_estimated(
     await await_for(lambda: stack.metric_sum("lrproxy_tokens_total", kind="prompt") == prompt)
 
 
+@pytest.mark.parametrize("odd", ["azure", "null", "ping"])
 @pytest.mark.parametrize("usage", [True, False])
 async def test_chunk_of_empty_choices_without_usage(
-    canned: Canned, make_stack: MakeStack, usage: bool,
+    canned: Canned, make_stack: MakeStack, usage: bool, odd: str,
 ) -> None:
     """Azure's first chunk (`choices: []`, `prompt_filter_results`, no usage) is not the
     usage-only chunk: a client that asked for usage (and so handles empty choices) gets
     it at once, as sent; one that did not never meets it, as it never meets the usage
-    chunk (SPEC §1.1). It is not counted as a token either way."""
+    chunk (SPEC §1.1). It is not counted as a token either way. So too a chunk whose
+    `choices` is null, or a data event without any (a ping), which would fail the
+    OpenAI SDK's `chunk.choices[0]` loop as well."""
     stack = canned_stack(make_stack, canned)
-    filt = chunk([]).replace(b'"choices":[]', b'"choices":[],"prompt_filter_results":'
-                             b'[{"prompt_index":0,"content_filter_results":{}}]')
+    filt = {
+        "azure": chunk([]).replace(b'"choices":[]', b'"choices":[],"prompt_filter_results":'
+                                   b'[{"prompt_index":0,"content_filter_results":{}}]'),
+        "null": chunk([]).replace(b'"choices":[]', b'"choices":null'),
+        "ping": b'data: {"type":"ping"}\n\n',
+    }[odd]
     words = [chunk(content=w) for w in ("x", "y")]
     canned.events = [filt, *words, None, chunk(finish="stop"), b"data: [DONE]\n\n"]
     first = [filt, *words] if usage else words

@@ -167,6 +167,33 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def connection_cap(config: Config, worker: bool = False) -> int:
+    """server.max_connections, or for 0 what the open-files limit allows: each client
+    connection may hold an upstream one too, and 256 are left for the rest. The soft
+    limit is first raised to the hard one (as nginx's worker_rlimit_nofile does); a
+    configured cap over what it allows is kept, with a warning (past the limit, accept()
+    and upstream connects fail with EMFILE)."""
+    cap = config.server.max_connections
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, ValueError, OSError):
+        return cap or 1 << 62
+    if soft == resource.RLIM_INFINITY:
+        return cap or 1 << 62
+    allowed = max(16, (soft - 256) // 2)
+    if not cap:
+        return allowed
+    if cap > allowed and not worker:
+        log.warning("server.max_connections = %d is over what the open-files limit (%d) "
+                    "allows (%d): raise the limit (LimitNOFILE=) or lower max_connections",
+                    cap, soft, allowed)
+    return cap
+
+
 async def _serve(args: argparse.Namespace) -> int:
     if os.environ.get(WORKER_FDS_ENV) is not None:
         die_with_supervisor(os.environ)
@@ -189,6 +216,7 @@ async def _serve(args: argparse.Namespace) -> int:
               f"different addresses (both {listen})", file=sys.stderr)
         return EX_USAGE
     worker = os.environ.get(WORKER_FDS_ENV) is not None
+    cap = connection_cap(config, worker)
     if config.server.workers > 1 and not args.demo and not worker:
         passed = [f"--log-level={args.log_level}", f"--log-format={args.log_format}"]
         if args.no_access_log:
@@ -204,7 +232,8 @@ async def _serve(args: argparse.Namespace) -> int:
     rt = app[RUNTIME]
     _warn_unserved(rt)
     runner = Runner(app, header_timeout=config.timeouts.client_header, access_log=None,
-                    handler_cancellation=True, shutdown_timeout=1.0)
+                    handler_cancellation=True, shutdown_timeout=1.0,
+                    max_connections=cap)
     await runner.setup()
     mrunner = None
     try:
@@ -332,13 +361,14 @@ def _bound(runner: web.AppRunner, listen: Listen) -> Listen:
 
 
 # What a reload cannot change in a running process: its sockets, its worker count, the
-# upstream session's proxy settings and the connection handlers' header timer.
+# upstream session's proxy settings and the connection handlers' header timer and cap.
 _AT_RESTART: Final[tuple[tuple[str, Callable[[Config], object]], ...]] = (
     ("server.listen", lambda c: c.server.listen),
     ("server.metrics_listen", lambda c: c.server.metrics_listen),
     ("server.workers", lambda c: c.server.workers),
     ("server.trust_env", lambda c: c.server.trust_env),
     ("timeouts.client_header", lambda c: c.timeouts.client_header),
+    ("server.max_connections", lambda c: c.server.max_connections),
 )
 
 

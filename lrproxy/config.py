@@ -69,6 +69,7 @@ class ServerConfig:
     workers: int = 1
     trust_env: bool = False
     max_inflight: int = 4096
+    max_connections: int = 0  # 0: from the open-files limit (cli.connection_cap)
 
 
 @attrs.frozen
@@ -454,6 +455,7 @@ _SERVER: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "workers": (_conv_int, 1),
     "trust_env": (_conv_bool, False),
     "max_inflight": (_conv_int, 4096),
+    "max_connections": (_conv_int, 0),
 }
 _TIMEOUTS: Final = {f.name: (_conv_float, f.default) for f in attrs.fields(Timeouts)}
 _KEY: Final[Mapping[str, tuple[_Conv, Any]]] = {
@@ -505,6 +507,7 @@ def parse_config(
     for k in ("max_body_bytes", "workers", "max_inflight"):
         _positive(p, f"server.{k}", srv[k])
     _positive(p, "server.retries", srv["retries"], zero_ok=True)
+    _positive(p, "server.max_connections", srv["max_connections"], zero_ok=True)
     _positive(p, "server.shutdown_grace_s", srv["shutdown_grace_s"], zero_ok=True)
     if srv["workers"] > 64:
         p.add("server.workers", f"at most 64 (got {srv['workers']})")

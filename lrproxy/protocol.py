@@ -11,6 +11,7 @@ error shape with 431 for header limits (SPEC §1, issue 5).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final
 
@@ -19,7 +20,9 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from lrproxy import errors
+from lrproxy.log import MAIN
 
+log = logging.getLogger(MAIN)
 MAX_HEADERS: Final = 128
 MAX_FIELD_SIZE: Final = 16384  # one header line; OpenAI SDK headers are far below this
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
@@ -69,15 +72,38 @@ class LimitsHandler(RequestHandler):
 
     header_timeout: float = 10.0
     on_refused: ClassVar[Callable[[int, str], str] | None] = None
+    # The server's open connections (one count shared by its handlers) and their cap
+    # (server.max_connections): one over it gets its 429 at once and is closed.
+    max_connections: ClassVar[int] = 1 << 62
+    open_connections: ClassVar[list[int]] = [0]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.lr_busy = False  # set by the app's edge while it handles a request
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
+        self._lr_timer: asyncio.TimerHandle | None = None
+        count = self.open_connections
+        count[0] += 1
+        if count[0] > self.max_connections:
+            self._lr_over()
+            return
         # One timer per connection, moved lazily: a request only sets attributes.
         self._lr_deadline = self._loop.time() + self.header_timeout
-        self._lr_timer: asyncio.TimerHandle | None = self._loop.call_at(
-            self._lr_deadline, self._lr_check)
+        self._lr_timer = self._loop.call_at(self._lr_deadline, self._lr_check)
+
+    def _lr_over(self) -> None:
+        """A connection over server.max_connections: a 429 (before any request: its
+        bytes are not read) and the close, logged once a minute at most."""
+        now = self._loop.time()
+        if now >= _over_logged[0] + 60.0:
+            _over_logged[0] = now
+            log.warning("server.max_connections (%d) reached: new connections get 429 "
+                        "and are closed", self.max_connections)
+        self._lr_seen = True  # (its bytes, should any come before the close, are no
+        self._lr_deadline = now  # request to wait for)
+        self._lr_answer(errors.RateLimited(
+            "The proxy has too many open connections; retry later.", retry_after=1),
+            b"429 Too Many Requests")
 
     def data_received(self, data: bytes) -> None:
         if not self._lr_seen and not self.lr_busy:
@@ -148,13 +174,22 @@ class LimitsHandler(RequestHandler):
         if not self._lr_seen:  # an idle connection, not a slow request: just close it
             transport.close()
             return
-        err = errors.RequestTimeout("The request headers did not arrive in time.")
+        self._lr_answer(errors.RequestTimeout("The request headers did not arrive in time."),
+                        b"408 Request Timeout")
+
+    def _lr_answer(self, err: errors.ProxyError, status_line: bytes) -> None:
+        """`err`, counted and logged as a request, as the connection's last answer."""
+        transport = self.transport
+        assert transport is not None
         rid = self._lr_refused(err)
         body = err.body()
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode())
+                         for k, v in err.headers().items())
         transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\nServer: lrproxy\r\nContent-Type: application/json\r\n"
+            b"HTTP/1.1 " + status_line
+            + b"\r\nServer: lrproxy\r\nContent-Type: application/json\r\n"
             + (b"X-Request-Id: " + rid.encode() + b"\r\n" if rid else b"")
-            + b"Server-Timing: " + NO_TIME.encode() + b"\r\n"
+            + b"Server-Timing: " + NO_TIME.encode() + b"\r\n" + extra
             + b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
             + body
         )
@@ -166,6 +201,7 @@ class LimitsHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lr_disarm()
+        self.open_connections[0] -= 1
         super().connection_lost(exc)
 
     def handle_error(
@@ -189,6 +225,7 @@ class LimitsHandler(RequestHandler):
         return resp
 
 
+_over_logged: Final = [-1e9]  # when the max_connections warning was last logged
 # aiohttp's queued parse error (private: without it, a broken body waits for client_body)
 _ERR_INFO: Final = getattr(web_protocol, "_ErrInfo", None)
 # The Server-Timing of an answer given before a request could be read (app.server_timing)
@@ -198,22 +235,26 @@ NO_TIME: Final = "upstream;dur=0.000, proxy;dur=0.000"
 class Runner(web.AppRunner):
     """An AppRunner whose connections have the limits above."""
 
-    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, *, header_timeout: float,
+                 max_connections: int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("max_headers", MAX_HEADERS)
         kwargs.setdefault("max_field_size", MAX_FIELD_SIZE)
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_S)
         kwargs.setdefault("auto_decompress", False)  # compressed bodies are refused (415)
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
+        self.max_connections = max_connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        timeout = self.header_timeout
+        timeout, cap = self.header_timeout, self.max_connections
         refused = self.app.get(REFUSED)
 
         class Handler(LimitsHandler):
             header_timeout = timeout
             on_refused = refused
+            max_connections = LimitsHandler.max_connections if cap is None else cap
+            open_connections = [0]
 
         class Server(web.Server):
             def __call__(self) -> RequestHandler:

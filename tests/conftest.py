@@ -119,7 +119,8 @@ class Stack:
         self.app = make_app(self.config, resolve_secrets(self.config, ENVIRON),
                             registry=self.registry)
         self.runner = Runner(self.app, header_timeout=self.config.timeouts.client_header,
-                             access_log=None, handler_cancellation=True, shutdown_timeout=2)
+                             access_log=None, handler_cancellation=True, shutdown_timeout=2,
+                             max_connections=self.config.server.max_connections or None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

@@ -1013,3 +1013,28 @@ def test_proxy_url_may_carry_credentials_never_echoed(tmp_path: Path) -> None:
     bad = write(tmp_path, base + 'proxy = "ftp://user:s3cret@proxy.corp"\n', "bad.toml")
     lines = problems(bad)
     assert lines and all("s3cret" not in line for line in lines)
+
+
+@pytest.mark.parametrize(("soft", "hard", "configured", "want", "raised", "warned"), [
+    (1024, 1024, 0, 384, False, False),  # auto: (limit - 256) / 2
+    (1024, 65536, 0, 32640, True, False),  # the soft limit raised to the hard one first
+    (65536, 65536, 1000, 1000, False, False),
+    (1024, 1024, 1000, 1000, False, True),  # kept, but over what the limit allows: warned
+    (100, 100, 0, 16, False, False),  # never below 16
+])
+def test_connection_cap_follows_the_open_files_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, soft: int, hard: int,
+    configured: int, want: int, raised: bool, warned: bool,
+) -> None:
+    """server.max_connections = 0 takes what the open-files limit allows, after raising
+    the soft limit to the hard one; a configured cap is kept, and warned about when the
+    limit cannot hold it (2 fds per connection, 256 spare)."""
+    import resource
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, v: calls.append(v))
+    cfg = read_config(EXAMPLE_TOML)
+    cfg = attrs.evolve(cfg, server=attrs.evolve(cfg.server, max_connections=configured))
+    assert cli.connection_cap(cfg) == want
+    assert calls == ([(hard, hard)] if raised else [])
+    assert ("is over what the open-files limit" in caplog.text) == warned

@@ -677,6 +677,34 @@ def test_a_refused_expect_is_one_answer(make_stack: MakeStack, body_sent: bool) 
     assert codes(stack, key="unknown") == {"417": 1}
 
 
+def test_connections_over_max_connections_get_429_and_close(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past server.max_connections open connections (idle ones included), a new one gets
+    an immediate 429 rate_limited with Retry-After and is closed, counted and logged;
+    once one closes, connections are taken again. Each held connection counts."""
+    stack = make_stack(cfg(server={"max_connections": 3}))
+    held = [open_raw(stack) for _ in range(3)]
+    try:
+        held[0].sendall(request(BODY))  # a held connection serves as before
+        assert read_answer(held[0]).status == 200
+        with open_raw(stack) as sock:
+            a = read_answer(sock)
+            a.error(429, "rate_limited")
+            assert a.header("retry-after") == "1" and a.header("connection") == "close"
+            assert closed_by_peer(sock)
+        assert "server.max_connections (3) reached" in caplog.text
+        held.pop().close()
+        time.sleep(0.2)
+        with open_raw(stack) as sock:
+            sock.sendall(request(BODY))
+            assert read_answer(sock).status == 200
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: codes(stack, key="unknown") == {"429": 1})
+
+
 def test_slow_body_gets_408(make_stack: MakeStack) -> None:
     """A body that stops arriving: 408 request_timeout at timeouts.client_body, nothing sent upstream."""
     stack = make_stack(cfg(timeouts={"client_body": 0.5}))

@@ -107,24 +107,17 @@ class LimitsHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         if not self._lr_seen and not self.lr_busy:
-            self._lr_first_bytes()
+            # A request's first bytes: its headers are due within header_timeout from
+            # now (on a new connection, from its start). The timer is never further
+            # off than that (_lr_check), so it need not move.
+            due = self._loop.time() + self.header_timeout
+            if due < self._lr_deadline:
+                self._lr_deadline = due
         self._lr_seen = True
         queued = len(self._messages)
         super().data_received(data)
         if self.lr_busy and len(self._messages) > queued:
             self._lr_body_broken()
-
-    def _lr_first_bytes(self) -> None:
-        """A request's first bytes on a kept-alive connection: its headers are due
-        within header_timeout from now (on a new connection, from its start)."""
-        due = self._loop.time() + self.header_timeout
-        if due < self._lr_deadline:
-            self._lr_deadline = due
-            timer = self._lr_timer
-            if timer is None or timer.when() > due:
-                if timer is not None:
-                    timer.cancel()
-                self._lr_timer = self._loop.call_at(due, self._lr_check)
 
     def _lr_body_broken(self) -> None:
         """A parse error in the body of the request being handled (a chunk size that is
@@ -151,7 +144,7 @@ class LimitsHandler(RequestHandler):
         self.lr_busy = False
         self._lr_seen = False
         # Keep-alive: the next request may take its time to start, but then has the
-        # same header deadline from its first byte (_lr_first_bytes); an idle
+        # same header deadline from its first byte (data_received); an idle
         # connection closes after KEEPALIVE_S, here as in aiohttp.
         self._lr_deadline = self._loop.time() + KEEPALIVE_S + self.header_timeout
 
@@ -164,7 +157,10 @@ class LimitsHandler(RequestHandler):
         if self.lr_busy:  # a request is being handled: look again later
             self._lr_timer = self._loop.call_at(now + self.header_timeout, self._lr_check)
         elif now < self._lr_deadline:
-            self._lr_timer = self._loop.call_at(self._lr_deadline, self._lr_check)
+            # never further off than header_timeout: a kept-alive connection's deadline,
+            # far off while it idles, comes near at a request's first bytes
+            self._lr_timer = self._loop.call_at(
+                min(self._lr_deadline, now + self.header_timeout), self._lr_check)
         else:
             self._lr_expired()
 

@@ -584,6 +584,9 @@ async def _first_events(
                 attempt.first += out
                 attempt.got_event = events > 0 and tail.began()
     except TimeoutError:
+        if resp.gone():  # its framing broke (upstream.gone): fail over
+            resp.close()
+            raise errors.UpstreamConnectionLost("upstream connection lost") from None
         if keepalive < first_byte:
             return  # silent for the keep-alive time: commit and wait on in the relay
         resp.close()
@@ -974,6 +977,8 @@ async def _relay_stream(
                     what = "in total" if over_total else (
                         "before its first event" if not got_event else "between events")
                     raise errors.UpstreamTimeout(f"the upstream went silent {what}") from None
+                if resp.gone():  # its framing broke (upstream.gone): no more is coming
+                    raise errors.UpstreamConnectionLost("upstream connection lost") from None
                 await _send(out.write(KEEPALIVE_LINE if tail.ids else KEEPALIVE_EVENT),
                             watch, deadline)
                 continue

@@ -444,6 +444,15 @@ class UpstreamResponse:
         """True when the whole body has been read (the connection can go back)."""
         return self._resp.content.is_eof()
 
+    def gone(self) -> bool:
+        """True when the connection has closed under a body not at its end: asked after
+        a read waited in vain. aiohttp leaves that read waiting for ever when its parser
+        fails on the body (a chunk size that is no number, from a broken middlebox): it
+        closes the connection but tells the body's reader nothing."""
+        conn = self._resp.connection
+        proto = None if conn is None else conn.protocol
+        return not self._resp.content.is_eof() and (proto is None or not proto.is_connected())
+
     async def finish(self, deadlines: Deadlines, limit: int = 65536, timeout: float = 1.0) -> None:
         """Read the rest of a body the relay is done with, then release the connection.
 

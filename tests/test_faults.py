@@ -1915,6 +1915,37 @@ def test_an_unframed_stream_that_ends_early_is_a_cut(
     wait_for(lambda: outcomes(stack) == want)
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_broken_chunked_framing_is_a_lost_connection_at_the_keepalive(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], first: bool,
+) -> None:
+    """A chunk size that is no number (a broken middlebox), then the close: aiohttp
+    closes the connection but leaves the body's reader waiting, which held the client
+    until timeouts.idle. The proxy sees the connection gone at its next keep-alive
+    point, or at first_byte: before the first event the attempt has failed (not timed
+    out) and fails over, after it the stream ends with the error event."""
+    events = [chunk("a")] if first else []
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n"
+              + b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events))
+    up = scripted(lambda conn, n, body: ([answer, 0.05, b"zz\r\n", 0.05], False))
+    # (before the first event: seen as first_byte runs out, the keep-alive commit far off)
+    tmo = {"keepalive": 0.5, "first_byte": 20} if first else {"keepalive": 10, "first_byte": 0.5}
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           timeouts={**tmo, "idle": 20}))
+    t0 = time.monotonic()
+    a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+    assert time.monotonic() - t0 < 5  # at the keep-alive points, not idle's 20 s
+    if first:
+        before, _ = stream_error(a, "upstream_error")
+        assert before == [chunk("a")]
+        want = {("eu-north-a", "stream_connection_lost"): 1}
+    else:
+        a.error(502, "upstream_error")
+        want = {("eu-north-a", "connection_lost"): 3}
+    wait_for(lambda: outcomes(stack) == want)
+
+
 def test_keepalive_after_events_with_ids_is_a_comment_line_only(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted]
 ) -> None:

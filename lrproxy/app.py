@@ -294,7 +294,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
               _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK), time.perf_counter())
     # Every request gets its access line and count (SPEC §6), /models and unknown paths
     # too (a scanner's), but the health probes a load balancer sends every second.
-    rec.api = request.raw_path not in _PROBES or request.method not in _GET_HEAD
+    rec.api = request.method not in _GET_HEAD or request.path not in _PROBES  # (?x too)
     task = task_of(rt.loop) or asyncio.current_task()
     assert task is not None
     rt.tasks.add(task)

@@ -255,8 +255,15 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
     """
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry()),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST, "Server": "lrproxy"})
+        proto = request.protocol  # its header deadline (as the API's edge does)
+        if isinstance(proto, protocol.LimitsHandler):
+            proto.lr_busy = True
+        try:
+            return web.Response(body=generate_latest(registry()), headers={
+                "Content-Type": CONTENT_TYPE_LATEST, "Server": "lrproxy"})
+        finally:
+            if isinstance(proto, protocol.LimitsHandler):
+                proto.lr_end()  # a kept-alive scraper's next request has its own
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

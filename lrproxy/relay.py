@@ -1020,7 +1020,7 @@ async def _relay_stream(
             # any other unfinished event, or no finish chunk at all, is a cut (a stream
             # without chunked framing ends at any close, a reset included).
             rest = splitter.held
-            if rest and rest.rstrip(b"\r\n") not in _DONE_LINES:
+            if rest and bytes(rest).rstrip(b"\r\n") not in _DONE_LINES:  # (or a bytearray)
                 raise errors.UpstreamBadResponse("the upstream stream ended inside an event")
             if not rest and not tail.held and tail.usage_chunk is None:
                 raise errors.UpstreamConnectionLost(

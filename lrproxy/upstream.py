@@ -207,7 +207,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # (a year 10**20)
             return None
         if when.tzinfo is None:  # (-0000: no zone said) an HTTP date is in GMT
             when = when.replace(tzinfo=dt.UTC)
@@ -510,6 +510,8 @@ async def send(
             )
     except TimeoutError as e:  # ours, or aiohttp's ServerTimeoutError (one too)
         raise UpstreamTimeout("upstream did not answer in time") from e
+    except aiohttp.ClientHttpProxyError as e:  # the egress proxy refused the CONNECT
+        raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
     except aiohttp.ClientResponseError as e:  # it answered, but no HTTP it could parse
         raise UpstreamBadResponse(f"upstream answered no valid HTTP: {type(e).__name__}") from e
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:

@@ -7,6 +7,7 @@ simulated upstream serving HTTPS with a certificate from a CA made in the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -194,3 +195,35 @@ def test_trust_env_honours_https_proxy(make_stack: Any, tls: Any, tinyproxy: Any
 
     _ask(make_stack(trusting))
     assert len(_connects(log)) == 1
+
+
+def test_egress_proxy_refusing_connect_is_a_connect_error(make_stack: Any, tls: Any) -> None:
+    """An egress proxy that refuses the CONNECT (403: a port it does not allow) is a
+    connect failure, as a refused connection is: 502, outcome `connect_error` (not the
+    `bad_response` of an upstream that answers no HTTP)."""
+    sim, ca = tls
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def refuse() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = srv.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=refuse, daemon=True).start()
+    try:
+        stack = make_stack(_pin_eu_west_a(sim.base_url, proxy=f"http://127.0.0.1:{port}",
+                                          ca_file=str(ca)))
+        with pytest.raises(openai.APIStatusError) as e:
+            _ask(stack)
+        assert e.value.status_code == 502
+        assert stack.metric("lrproxy_upstream_attempts_total", upstream="eu-west-a",
+                            outcome="connect_error") >= 1
+        assert stack.metric("lrproxy_upstream_attempts_total", upstream="eu-west-a",
+                            outcome="bad_response") == 0
+        assert not sim.sim.requests
+    finally:
+        srv.close()

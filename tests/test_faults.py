@@ -1085,6 +1085,7 @@ def test_retry_after_is_rounded_up(make_stack: MakeStack) -> None:
     ("Fri, 27 Nov 2026 11:59:00 GMT", 0.0),  # a date gone by: at once
     ("-1", None), ("nan", None), ("inf", None), ("soon", None), ("", None),
     ("Fri, 32 Nov 2026 12:02:00 GMT", None), (None, None),
+    ("Mon, 01 Jan 99999999999999999999 00:00:00 GMT", None),  # an OverflowError once: a 500
 ])
 def test_parse_retry_after(value: str | None, want: float | None) -> None:
     """Seconds or an HTTP date (RFC 9110 §10.2.3), capped at a day; else None."""
@@ -1890,7 +1891,8 @@ FINISH_CHUNK = chunk("").replace(b'"finish_reason":null', b'"finish_reason":"sto
     (FINISH_CHUNK, True),  # the answer came to its finish: a clean end without [DONE]
     (FINISH_CHUNK + b"data: [DONE]\n", True),  # [DONE] without its blank line
     (FINISH_CHUNK + b"data: [DO", False),  # cut inside an event
-])
+    (b'data: {"x":"' + b"a" * 100_000, False),  # inside one past 64 KiB (a bytearray held)
+], ids=["no-finish", "finish", "done-without-blank-line", "cut-in-event", "cut-in-long-event"])
 def test_an_unframed_stream_that_ends_early_is_a_cut(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], tail: bytes, ok: bool,
 ) -> None:

@@ -154,7 +154,9 @@ class LimitsHandler(RequestHandler):
         if transport is None or transport.is_closing():
             return
         now = self._loop.time()
-        if self.lr_busy:  # a request is being handled: look again later
+        if self.lr_busy or self._messages:
+            # a request is being handled, or parsed and waiting for the last answer to
+            # be written out (a pipelining client's, which the edge has not begun)
             self._lr_timer = self._loop.call_at(now + self.header_timeout, self._lr_check)
         elif now < self._lr_deadline:
             # never further off than header_timeout: a kept-alive connection's deadline,

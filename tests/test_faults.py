@@ -705,6 +705,36 @@ def test_connections_over_max_connections_get_429_and_close(
     wait_for(lambda: codes(stack, key="unknown") == {"429": 1})
 
 
+def test_a_pipelined_request_waiting_for_a_slow_answer_is_not_408(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+) -> None:
+    """A pipelined request whose headers came whole, waiting while the answer before it
+    is written to a client slow to read it (past client_header): it is answered, not
+    refused with 408 as if its headers had not come."""
+    body = json_answer().partition(b"\r\n\r\n")[2]
+    body = body.replace(b'"calm"', b'"' + b"calm " * 800_000 + b'"')  # 4 MB
+    big = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
+           b"\r\n\r\n" % len(body) + body)
+    up = scripted(lambda conn, n, body: (big, True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           timeouts={"client_header": 0.5}))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.port))
+    with sock:
+        sock.sendall(request(orjson.dumps(chat(LLAMA, region="eu-north"))))
+        time.sleep(0.3)  # the answer is being written, the client not reading
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: lrproxy\r\nConnection: close\r\n\r\n")
+        time.sleep(1.5)  # past client_header
+        sock.settimeout(10)
+        got = b""
+        while data := sock.recv(65536):
+            got += data
+    assert re.findall(rb"HTTP/1\.1 (\d+)", got) == [b"200", b"200"]
+    assert len(got) > 4_000_000
+    assert codes(stack, key="unknown") == {}
+
+
 def test_slow_body_gets_408(make_stack: MakeStack) -> None:
     """A body that stops arriving: 408 request_timeout at timeouts.client_body, nothing sent upstream."""
     stack = make_stack(cfg(timeouts={"client_body": 0.5}))

@@ -72,24 +72,42 @@ class LimitsHandler(RequestHandler):
 
     header_timeout: float = 10.0
     on_refused: ClassVar[Callable[[int, str], str] | None] = None
-    # The server's open connections (one count shared by its handlers) and their cap
-    # (server.max_connections): one over it gets its 429 at once and is closed.
+    # The server's open connections, oldest first (one dict shared by its handlers), and
+    # their cap (server.max_connections): at it, a new connection takes the place of the
+    # oldest idle kept-alive one, closed; with none idle, it gets its 429 and is closed.
     max_connections: ClassVar[int] = 1 << 62
-    open_connections: ClassVar[list[int]] = [0]
+    connections: ClassVar[dict[LimitsHandler, None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.lr_busy = False  # set by the app's edge while it handles a request
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
         self._lr_timer: asyncio.TimerHandle | None = None
-        count = self.open_connections
-        count[0] += 1
-        if count[0] > self.max_connections:
+        self._lr_kept = False  # it has had an answer: kept alive since (_lr_evict)
+        conns = self.connections
+        conns[self] = None
+        if len(conns) > self.max_connections and not self._lr_evict():
             self._lr_over()
             return
         # One timer per connection, moved lazily: a request only sets attributes.
         self._lr_deadline = self._loop.time() + self.header_timeout
         self._lr_timer = self._loop.call_at(self._lr_deadline, self._lr_check)
+
+    def _lr_evict(self) -> bool:
+        """Close the oldest idle kept-alive connection (one answered, no byte of its next
+        request come), as nginx reuses idle connections when it has no free ones; False
+        when none is idle. Its client sees a keep-alive close, which it retries. A new
+        connection yet to send its request is not idle: its header deadline bounds it."""
+        for h in self.connections:
+            transport = h.transport
+            # (aiohttp's handler waits for the next request, its answer all written)
+            if (h._lr_kept and not h._lr_seen and getattr(h, "_waiter", None) is not None
+                    and not h.lr_busy and not h._messages and transport is not None
+                    and not transport.is_closing() and not transport.get_write_buffer_size()):
+                transport.close()
+                del self.connections[h]  # (its connection_lost comes later)
+                return True
+        return False
 
     def _lr_over(self) -> None:
         """A connection over server.max_connections: a 429 (before any request: its
@@ -143,6 +161,7 @@ class LimitsHandler(RequestHandler):
         """The app's edge is done with a request (it set `lr_busy` at its start)."""
         self.lr_busy = False
         self._lr_seen = False
+        self._lr_kept = True
         # Keep-alive: the next request may take its time to start, but then has the
         # same header deadline from its first byte (data_received); an idle
         # connection closes after KEEPALIVE_S, here as in aiohttp.
@@ -199,7 +218,7 @@ class LimitsHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lr_disarm()
-        self.open_connections[0] -= 1
+        self.connections.pop(self, None)
         super().connection_lost(exc)
 
     def handle_error(
@@ -252,7 +271,7 @@ class Runner(web.AppRunner):
             header_timeout = timeout
             on_refused = refused
             max_connections = LimitsHandler.max_connections if cap is None else cap
-            open_connections = [0]
+            connections: ClassVar[dict[LimitsHandler, None]] = {}
 
         class Server(web.Server):
             def __call__(self) -> RequestHandler:

@@ -680,29 +680,32 @@ def test_a_refused_expect_is_one_answer(make_stack: MakeStack, body_sent: bool) 
 def test_connections_over_max_connections_get_429_and_close(
     make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Past server.max_connections open connections (idle ones included), a new one gets
-    an immediate 429 rate_limited with Retry-After and is closed, counted and logged;
-    once one closes, connections are taken again. Each held connection counts."""
+    """At server.max_connections open connections, a new one takes the place of the
+    oldest idle kept-alive one (closed, as nginx reuses idle connections); with none
+    idle (new ones yet to send their request count as busy), it gets an immediate 429
+    rate_limited with Retry-After and is closed, counted and logged."""
     stack = make_stack(cfg(server={"max_connections": 3}))
     held = [open_raw(stack) for _ in range(3)]
     try:
-        held[0].sendall(request(BODY))  # a held connection serves as before
-        assert read_answer(held[0]).status == 200
-        with open_raw(stack) as sock:
+        time.sleep(0.1)
+        with open_raw(stack) as sock:  # none of the three is idle: refused
             a = read_answer(sock)
             a.error(429, "rate_limited")
             assert a.header("retry-after") == "1" and a.header("connection") == "close"
             assert closed_by_peer(sock)
         assert "server.max_connections (3) reached" in caplog.text
-        held.pop().close()
-        time.sleep(0.2)
-        with open_raw(stack) as sock:
+        held[0].sendall(request(BODY))  # a held connection serves as before, then idles
+        assert read_answer(held[0]).status == 200
+        with open_raw(stack) as sock:  # takes the idle one's place
             sock.sendall(request(BODY))
             assert read_answer(sock).status == 200
+            assert closed_by_peer(held[0])
+            assert not closed_by_peer(held[1], within=0.2)  # the others are kept
     finally:
-        for sock in held:
-            sock.close()
+        for s in held:
+            s.close()
     wait_for(lambda: codes(stack, key="unknown") == {"429": 1})
+    assert codes(stack, key="team-a") == {"200": 2}
 
 
 def test_a_pipelined_request_waiting_for_a_slow_answer_is_not_408(

@@ -1,11 +1,13 @@
-"""Client-side connection limits aiohttp lacks: a header deadline and OpenAI-shaped parse errors.
+"""Client-side connection limits aiohttp lacks: a header deadline, a cap on connections
+and OpenAI-shaped parse errors.
 
-aiohttp has no deadline for receiving a request's headers (slowloris), and answers
-unparsable requests (oversized or too many headers, both Content-Length and
-Transfer-Encoding, duplicate Content-Length) with a plain-text 400. This wraps its
-`RequestHandler` so that a connection that has not delivered its headers within
-`timeouts.client_header` gets a 408 and is closed, and parse errors get the OpenAI
-error shape with 431 for header limits (SPEC §1, issue 5).
+aiohttp has no deadline for receiving a request's headers (slowloris), no cap on open
+connections, and answers unparsable requests (oversized or too many headers, both
+Content-Length and Transfer-Encoding, duplicate Content-Length) with a plain-text 400.
+This wraps its `RequestHandler` so that a connection that has not delivered its headers
+within `timeouts.client_header` gets a 408 and is closed, a connection past
+`server.max_connections` takes an idle one's place or gets a 429, and parse errors get
+the OpenAI error shape with 431 for header limits (SPEC §1, issue 5).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def direct(routes: dict[str, dict[str, _Handle]], app_handle: _Handle,
 
 
 class LimitsHandler(RequestHandler):
-    """aiohttp's protocol, plus the header deadline and JSON error pages."""
+    """aiohttp's protocol, plus the header deadline, the connection cap and JSON error pages."""
 
     header_timeout: float = 10.0
     on_refused: ClassVar[Callable[[int, str], str] | None] = None

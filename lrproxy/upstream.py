@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import email.utils
+import errno
 import io
+import logging
 import math
 import ssl
 import time
@@ -26,6 +28,7 @@ from multidict import CIMultiDict
 
 from lrproxy.config import Config, Secrets, Upstream
 from lrproxy.errors import (
+    NoUpstreamAvailable,
     UpstreamAuthFailed,
     UpstreamBadResponse,
     UpstreamConnectionLost,
@@ -33,7 +36,9 @@ from lrproxy.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from lrproxy.log import MAIN
 
+log = logging.getLogger(MAIN)
 EJECT_AFTER: Final = 5  # consecutive failures
 COOL_DOWN_S: Final = 30.0  # × the number of ejections in a row
 COOL_DOWN_CAP_S: Final = 300.0
@@ -516,6 +521,8 @@ async def send(
         raise UpstreamBadResponse(f"upstream answered no valid HTTP: {type(e).__name__}") from e
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
         if isinstance(e, aiohttp.ClientConnectorError):  # (a ClientOSError too)
+            if e.os_error.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_files(target.upstream.name) from e
             raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
         raise UpstreamConnectionLost(  # connected, then cut before its answer's headers
             f"upstream connection lost: {type(e).__name__}") from e
@@ -537,6 +544,20 @@ async def send(
     err.upstream_status = status
     err.retry_after = retry_after
     raise err
+
+
+_out_of_files_logged: Final = [-1e9]  # when it was last logged (monotonic)
+
+
+def _out_of_files(name: str) -> NoUpstreamAvailable:
+    """The proxy's own shortage, not the upstream's failure: its health stays as it was,
+    the client gets a 503 to retry, and the operator a log line (once a minute)."""
+    now = time.monotonic()
+    if now >= _out_of_files_logged[0] + 60.0:
+        _out_of_files_logged[0] = now
+        log.error("out of open files connecting to upstream %s: raise the limit "
+                  "(LimitNOFILE=) or lower server.max_connections", name)
+    return NoUpstreamAvailable("The proxy is out of open files; retry later.", retry_after=1)
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:

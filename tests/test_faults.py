@@ -16,6 +16,7 @@ import base64
 import contextlib
 import datetime as dt
 import email.utils
+import errno
 import gzip
 import hashlib
 import http.client
@@ -1048,6 +1049,33 @@ def test_reset_before_the_answer_fails_over(stack: Stack) -> None:
     assert a.json()["choices"] == sent["choices"]
     assert outcomes(stack) == {("eu-west-a", "connection_lost"): 1, ("eu-west-b", "ok"): 1}
     assert codes(stack) == {"200": 1}
+
+
+def test_out_of_open_files_is_the_proxys_503_not_the_upstreams_failure(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    seen: Seen,
+) -> None:
+    """EMFILE on an upstream connect is the proxy's shortage: a 503 to retry and an
+    error line for the operator, the upstream's health untouched (it was a
+    `connect_error` against it, five of which ejected a healthy upstream)."""
+    from aiohttp.client_reqrep import ConnectionKey
+
+    key = ConnectionKey("127.0.0.1", 9, False, True, None, None, None)
+
+    async def emfile(*args: Any, **kwargs: Any) -> Any:
+        raise aiohttp.ClientConnectorError(key, OSError(errno.EMFILE, "Too many open files"))
+
+    monkeypatch.setattr(aiohttp.ClientSession, "post", emfile)
+    seen.expected_errors.append("out of open files connecting to upstream eu-west-a: raise "
+                                "the limit (LimitNOFILE=) or lower server.max_connections")
+    for _ in range(upstream.EJECT_AFTER + 1):
+        a = post(stack, chat(MINI, region="eu-west"))
+        a.error(503, "no_upstream_available")
+        assert a.header("retry-after") == "1"
+    assert "out of open files connecting to upstream eu-west-a" in caplog.text
+    assert caplog.text.count("out of open files") == 1  # once a minute
+    assert outcomes(stack) == {("eu-west-a", "cancelled"): upstream.EJECT_AFTER + 1}
+    assert usable(stack, "eu-west-a") == 1
 
 
 @pytest.mark.parametrize("answer", [

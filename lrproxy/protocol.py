@@ -28,6 +28,8 @@ log = logging.getLogger(MAIN)
 MAX_HEADERS: Final = 128
 MAX_FIELD_SIZE: Final = 16384  # one header line; OpenAI SDK headers are far below this
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
+SEND_TIMEOUT_S: Final = 60.0  # an answer none of which the client takes, as nginx's send_timeout
+_EVICT_IDLE_S: Final = 1.0  # at max_connections, what counts as idle (_lr_evict)
 # Called with (status, code) for each answer given here, before the app saw a request
 # (parse errors, the header deadline), so that metrics and the access log count it too;
 # it returns the request id it logged, which the answer carries in X-Request-Id.
@@ -85,7 +87,8 @@ class LimitsHandler(RequestHandler):
         self.lr_busy = False  # set by the app's edge while it handles a request
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
         self._lr_timer: asyncio.TimerHandle | None = None
-        self._lr_kept = False  # it has had an answer: kept alive since (_lr_evict)
+        self._lr_kept = -1.0  # when its last request ended (_lr_evict); -1: none yet
+        self._lr_stuck = (0, 0.0)  # its unsent answer bytes, and since when (_lr_check)
         conns = self.connections
         conns[self] = None
         if len(conns) > self.max_connections and not self._lr_evict():
@@ -96,14 +99,18 @@ class LimitsHandler(RequestHandler):
         self._lr_timer = self._loop.call_at(self._lr_deadline, self._lr_check)
 
     def _lr_evict(self) -> bool:
-        """Close the oldest idle kept-alive connection (one answered, no byte of its next
-        request come), as nginx reuses idle connections when it has no free ones; False
-        when none is idle. Its client sees a keep-alive close, which it retries. A new
-        connection yet to send its request is not idle: its header deadline bounds it."""
-        for h in self.connections:
+        """Close the least recently used idle kept-alive connection (answered at least
+        _EVICT_IDLE_S ago, no byte of its next request come since), as nginx reuses idle
+        connections when it has no free ones; False when none is idle. Its client sees
+        a keep-alive close, which it retries. A new connection yet to send its request
+        is not idle: its header deadline bounds it."""
+        idle_since = self._loop.time() - _EVICT_IDLE_S
+        for h in self.connections:  # (least recently used first: lr_end moves them last)
             transport = h.transport
+            if h._lr_kept > idle_since:
+                break  # the rest were used more recently still
             # (aiohttp's handler waits for the next request, its answer all written)
-            if (h._lr_kept and not h._lr_seen and getattr(h, "_waiter", None) is not None
+            if (h._lr_kept >= 0 and not h._lr_seen and getattr(h, "_waiter", None) is not None
                     and not h.lr_busy and not h._messages and transport is not None
                     and not transport.is_closing() and not transport.get_write_buffer_size()):
                 transport.close()
@@ -163,11 +170,15 @@ class LimitsHandler(RequestHandler):
         """The app's edge is done with a request (it set `lr_busy` at its start)."""
         self.lr_busy = False
         self._lr_seen = False
-        self._lr_kept = True
+        now = self._loop.time()
+        self._lr_kept = now
+        conns = self.connections  # least recently used first (_lr_evict)
+        if conns.pop(self, 0) is None:  # (an over-cap one never got here)
+            conns[self] = None
         # Keep-alive: the next request may take its time to start, but then has the
         # same header deadline from its first byte (data_received); an idle
         # connection closes after KEEPALIVE_S, here as in aiohttp.
-        self._lr_deadline = self._loop.time() + KEEPALIVE_S + self.header_timeout
+        self._lr_deadline = now + KEEPALIVE_S + self.header_timeout
 
     def _lr_check(self) -> None:
         self._lr_timer = None
@@ -175,7 +186,17 @@ class LimitsHandler(RequestHandler):
         if transport is None or transport.is_closing():
             return
         now = self._loop.time()
-        if self.lr_busy or self._messages:
+        unsent = transport.get_write_buffer_size()
+        if unsent and not self.lr_busy:
+            # An answer the client does not take: cut once none of it has gone for
+            # SEND_TIMEOUT_S (nginx's send_timeout); close() would wait on it for ever.
+            size, since = self._lr_stuck
+            if unsent != size:
+                self._lr_stuck = (unsent, now)
+            elif now - since >= SEND_TIMEOUT_S:
+                transport.abort()
+                return
+        if self.lr_busy or self._messages or unsent:
             # a request is being handled, or parsed and waiting for the last answer to
             # be written out (a pipelining client's, which the edge has not begun)
             self._lr_timer = self._loop.call_at(now + self.header_timeout, self._lr_check)

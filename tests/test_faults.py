@@ -682,9 +682,10 @@ def test_connections_over_max_connections_get_429_and_close(
     make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """At server.max_connections open connections, a new one takes the place of the
-    oldest idle kept-alive one (closed, as nginx reuses idle connections); with none
-    idle (new ones yet to send their request count as busy), it gets an immediate 429
-    rate_limited with Retry-After and is closed, counted and logged."""
+    least recently used kept-alive one idle for a second or more (closed, as nginx
+    reuses idle connections); with none idle (new ones yet to send their request count
+    as busy), it gets an immediate 429 rate_limited with Retry-After and is closed,
+    counted and logged."""
     stack = make_stack(cfg(server={"max_connections": 3}))
     held = [open_raw(stack) for _ in range(3)]
     try:
@@ -695,18 +696,54 @@ def test_connections_over_max_connections_get_429_and_close(
             assert a.header("retry-after") == "1" and a.header("connection") == "close"
             assert closed_by_peer(sock)
         assert "server.max_connections (3) reached" in caplog.text
-        held[0].sendall(request(BODY))  # a held connection serves as before, then idles
-        assert read_answer(held[0]).status == 200
-        with open_raw(stack) as sock:  # takes the idle one's place
+        for sock in held[:2]:  # held connections serve as before, then idle
             sock.sendall(request(BODY))
             assert read_answer(sock).status == 200
-            assert closed_by_peer(held[0])
-            assert not closed_by_peer(held[1], within=0.2)  # the others are kept
+        time.sleep(1.1)
+        held[0].sendall(request(BODY))  # used again: held[1] is now the least recent
+        assert read_answer(held[0]).status == 200
+        with open_raw(stack) as sock:  # takes held[1]'s place
+            sock.sendall(request(BODY))
+            assert read_answer(sock).status == 200
+            assert closed_by_peer(held[1])
+            assert not closed_by_peer(held[0], within=0.2)  # the others are kept
+            assert not closed_by_peer(held[2], within=0.2)
     finally:
         for s in held:
             s.close()
     wait_for(lambda: codes(stack, key="unknown") == {"429": 1})
-    assert codes(stack, key="team-a") == {"200": 2}
+    assert codes(stack, key="team-a") == {"200": 4}
+
+
+def test_an_answer_the_client_never_takes_is_cut(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that asks for a large answer and never reads it held its connection
+    (and a max_connections place) for ever: once none of the answer has gone for
+    protocol.SEND_TIMEOUT_S (nginx's send_timeout; cut to 1 s here), it is cut."""
+    monkeypatch.setattr(protocol, "SEND_TIMEOUT_S", 1.0)
+    body = json_answer().partition(b"\r\n\r\n")[2]
+    body = body.replace(b'"calm"', b'"' + b"calm " * 800_000 + b'"')  # 4 MB
+    big = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
+           b"\r\n\r\n" % len(body) + body)
+    up = scripted(lambda conn, n, body: (big, True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           timeouts={"client_header": 0.3}))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.port))
+    with sock:
+        sock.sendall(request(orjson.dumps(chat(LLAMA, region="eu-north"))))
+        time.sleep(3.0)  # not reading: past SEND_TIMEOUT_S plus a check's interval
+        got, cut = b"", False
+        sock.settimeout(5)
+        try:
+            while data := sock.recv(65536):
+                got += data
+        except ConnectionResetError:
+            cut = True
+    assert cut or len(got) < len(big)  # an abort: a reset, or the answer short
 
 
 def test_a_pipelined_request_waiting_for_a_slow_answer_is_not_408(

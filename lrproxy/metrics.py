@@ -255,17 +255,23 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
     """
 
     async def metrics(request: web.Request) -> web.Response:
-        proto = request.protocol  # its header deadline (as the API's edge does)
-        if isinstance(proto, protocol.LimitsHandler):
-            proto.lr_busy = True
-        try:
-            return web.Response(body=generate_latest(registry()), headers={
-                "Content-Type": CONTENT_TYPE_LATEST, "Server": "lrproxy"})
-        finally:
-            if isinstance(proto, protocol.LimitsHandler):
-                proto.lr_end()  # a kept-alive scraper's next request has its own
+        return web.Response(body=generate_latest(registry()),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST, "Server": "lrproxy"})
 
-    app = web.Application()
+    @web.middleware
+    async def limits(request: web.Request, handler: Any) -> web.StreamResponse:
+        """Each request (a 404 or 405 too) marked as the API's edge does, so that a
+        kept-alive scraper's next request has its own header deadline."""
+        proto = request.protocol
+        if not isinstance(proto, protocol.LimitsHandler):
+            return await handler(request)  # type: ignore[no-any-return]
+        proto.lr_busy = True
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            proto.lr_end()
+
+    app = web.Application(middlewares=[limits])
     app.router.add_get("/metrics", metrics)
     runner = protocol.Runner(app, header_timeout=header_timeout, access_log=None)
     await runner.setup()

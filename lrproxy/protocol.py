@@ -183,10 +183,12 @@ class LimitsHandler(RequestHandler):
     def _lr_check(self) -> None:
         self._lr_timer = None
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None:
             return
         now = self._loop.time()
         unsent = transport.get_write_buffer_size()
+        if transport.is_closing() and not unsent:
+            return
         if unsent and not self.lr_busy:
             # An answer the client does not take: cut once none of it has gone for
             # SEND_TIMEOUT_S (nginx's send_timeout); close() would wait on it for ever.
@@ -195,6 +197,9 @@ class LimitsHandler(RequestHandler):
                 self._lr_stuck = (unsent, now)
             elif now - since >= SEND_TIMEOUT_S:
                 transport.abort()
+                return
+            if transport.is_closing():  # (an answer with Connection: close) look again
+                self._lr_timer = self._loop.call_at(now + self.header_timeout, self._lr_check)
                 return
         if self.lr_busy or self._messages or unsent:
             # a request is being handled, or parsed and waiting for the last answer to

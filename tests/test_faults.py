@@ -776,6 +776,53 @@ def test_a_pipelined_request_waiting_for_a_slow_answer_is_not_408(
     assert codes(stack, key="unknown") == {}
 
 
+@pytest.mark.parametrize("closing", [False, True])
+def test_a_stuck_answer_is_aborted_closing_or_not(closing: bool) -> None:
+    """protocol.LimitsHandler's check, on a connection whose answer stopped moving:
+    aborted once SEND_TIMEOUT_S passed with the same bytes unsent, also when the answer
+    had `Connection: close` (aiohttp's close then waits on those bytes for ever, and
+    the check had stopped looking at a closing connection); never while bytes go."""
+    import collections
+
+    class Transport:
+        unsent, aborted = 1000, False
+
+        def get_write_buffer_size(self) -> int:
+            return self.unsent
+
+        def is_closing(self) -> bool:
+            return closing or self.aborted
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class Loop:
+        now = 100.0
+
+        def time(self) -> float:
+            return self.now
+
+        def call_at(self, when: float, cb: Any) -> Any:
+            return None
+
+    h = object.__new__(protocol.LimitsHandler)
+    t, loop = Transport(), Loop()
+    h.transport, h._loop = t, loop  # type: ignore[assignment]
+    h.lr_busy, h._lr_seen, h._messages = False, False, collections.deque()
+    h._lr_stuck, h._lr_deadline, h._lr_timer = (0, 0.0), 1e9, None
+    for _ in range(20):  # bytes going: never cut
+        loop.now += 10
+        t.unsent -= 1
+        h._lr_check()
+    assert not t.aborted
+    while loop.now < 100 + 200 + protocol.SEND_TIMEOUT_S + 10:  # stuck: cut
+        loop.now += 10
+        h._lr_check()
+        if t.aborted:
+            break
+    assert t.aborted
+
+
 def test_slow_body_gets_408(make_stack: MakeStack) -> None:
     """A body that stops arriving: 408 request_timeout at timeouts.client_body, nothing sent upstream."""
     stack = make_stack(cfg(timeouts={"client_body": 0.5}))

@@ -784,10 +784,13 @@ def test_metrics_listener_has_the_header_deadline(
     try:
         proxy.wait_healthy()
         conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=5)
-        for _ in range(2):  # a kept-alive scraper's next scrape, past client_header idle
-            conn.request("GET", "/metrics")
+        # a kept-alive scraper's next request, past client_header idle, after a 404 too
+        for path, status in (("/nope", 404), ("/metrics", 200), ("/metrics", 200)):
+            conn.request("GET", path)
             scrape = conn.getresponse()
-            assert scrape.status == 200 and b"lrproxy_inflight_requests" in scrape.read()
+            body = scrape.read()
+            assert scrape.status == status, (path, body[:200])
+            assert status != 200 or b"lrproxy_inflight_requests" in body
             time.sleep(1.0)
         conn.close()
         with socket.create_connection(("127.0.0.1", mport), timeout=5) as s:

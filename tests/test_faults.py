@@ -715,6 +715,24 @@ def test_connections_over_max_connections_get_429_and_close(
     assert codes(stack, key="team-a") == {"200": 4}
 
 
+def _big_answer_to_a_slow_reader(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], client_header: float,
+) -> tuple[bytes, Stack, socket.socket]:
+    """A stack whose LLAMA upstream answers 4 MB of JSON, and a connected socket whose
+    receive buffer is 4 KiB: (the upstream's answer, the stack, the socket)."""
+    body = json_answer().partition(b"\r\n\r\n")[2]
+    body = body.replace(b'"calm"', b'"' + b"calm " * 800_000 + b'"')
+    big = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
+           b"\r\n\r\n" % len(body) + body)
+    up = scripted(lambda conn, n, body: (big, True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           timeouts={"client_header": client_header}))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.port))
+    return big, stack, sock
+
+
 def test_an_answer_the_client_never_takes_is_cut(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted],
     monkeypatch: pytest.MonkeyPatch,
@@ -723,16 +741,7 @@ def test_an_answer_the_client_never_takes_is_cut(
     (and a max_connections place) for ever: once none of the answer has gone for
     protocol.SEND_TIMEOUT_S (nginx's send_timeout; cut to 1 s here), it is cut."""
     monkeypatch.setattr(protocol, "SEND_TIMEOUT_S", 1.0)
-    body = json_answer().partition(b"\r\n\r\n")[2]
-    body = body.replace(b'"calm"', b'"' + b"calm " * 800_000 + b'"')  # 4 MB
-    big = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
-           b"\r\n\r\n" % len(body) + body)
-    up = scripted(lambda conn, n, body: (big, True))
-    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
-                           timeouts={"client_header": 0.3}))
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", stack.port))
+    big, _, sock = _big_answer_to_a_slow_reader(make_stack, scripted, 0.3)
     with sock:
         sock.sendall(request(orjson.dumps(chat(LLAMA, region="eu-north"))))
         time.sleep(3.0)  # not reading: past SEND_TIMEOUT_S plus a check's interval
@@ -752,16 +761,7 @@ def test_a_pipelined_request_waiting_for_a_slow_answer_is_not_408(
     """A pipelined request whose headers came whole, waiting while the answer before it
     is written to a client slow to read it (past client_header): it is answered, not
     refused with 408 as if its headers had not come."""
-    body = json_answer().partition(b"\r\n\r\n")[2]
-    body = body.replace(b'"calm"', b'"' + b"calm " * 800_000 + b'"')  # 4 MB
-    big = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
-           b"\r\n\r\n" % len(body) + body)
-    up = scripted(lambda conn, n, body: (big, True))
-    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
-                           timeouts={"client_header": 0.5}))
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", stack.port))
+    _, stack, sock = _big_answer_to_a_slow_reader(make_stack, scripted, 0.5)
     with sock:
         sock.sendall(request(orjson.dumps(chat(LLAMA, region="eu-north"))))
         time.sleep(0.3)  # the answer is being written, the client not reading

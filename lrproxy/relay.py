@@ -21,7 +21,7 @@ import orjson
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
-from lrproxy import eco, errors, limits, sse, upstream
+from lrproxy import eco, errors, limits, protocol, sse, upstream
 from lrproxy.app import Rec, Runtime, State, finish_headers, send_continue, server_timing
 from lrproxy.log import MAIN
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
@@ -1108,9 +1108,10 @@ def _cut(request: web.BaseRequest) -> None:
 
 async def _send(write: Awaitable[None], watch: upstream.Watch, deadline: float) -> None:
     """A write to a stream's client that may wait for it to read: under the request's
-    total (`deadline`, on the stream's `watch`), so that a client that stops reading
-    does not hold its upstream, and their places, for ever."""
-    watch.arm(deadline)
+    total (`deadline`, on the stream's `watch`) and protocol.SEND_TIMEOUT_S (nginx's
+    send_timeout, as for a JSON answer), so that a client that stops reading does not
+    hold its upstream, and their places, for long."""
+    watch.arm(min(deadline, asyncio.get_running_loop().time() + protocol.SEND_TIMEOUT_S))
     try:
         await write
     finally:

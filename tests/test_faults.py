@@ -2301,11 +2301,18 @@ def test_client_leaves_mid_stream(stack: Stack) -> None:
     assert_idle(stack)
 
 
-def test_client_that_stops_reading_is_cut_off_at_total(make_stack: MakeStack, seen: Seen) -> None:
+@pytest.mark.parametrize("by", ["total", "send_timeout"])
+def test_client_that_stops_reading_is_cut_off_at_total(
+    make_stack: MakeStack, seen: Seen, monkeypatch: pytest.MonkeyPatch, by: str,
+) -> None:
     """A client that stops reading a stream (its connection open) holds the upstream, its
-    max_concurrency place and its in-flight place no longer than timeouts.total (SPEC §4):
-    then the upstream is closed, the connection dropped and the tokens so far counted."""
-    stack = make_stack(cfg(timeouts={"total": 1}))
+    max_concurrency place and its in-flight place no longer than timeouts.total (SPEC §4),
+    nor than protocol.SEND_TIMEOUT_S (nginx's send_timeout, 60 s, cut to 1 s here) with
+    nothing taken: then the upstream is closed, the connection dropped and the tokens so
+    far counted."""
+    if by == "send_timeout":
+        monkeypatch.setattr(protocol, "SEND_TIMEOUT_S", 1.0)
+    stack = make_stack(cfg(timeouts={"total": 1 if by == "total" else 600}))
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
         sock.connect(("127.0.0.1", stack.port))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import select
 import sys
@@ -172,20 +173,35 @@ def _writable(fd: int) -> None:
     flush_access()
 
 
-_DROP_REPORT_S: Final = 10.0
-_last_report = -_DROP_REPORT_S
+class Seldom:
+    """Whether a log line that a condition repeats (per read, connection or request) is
+    due: at most once per `period` seconds, unless forced."""
+
+    __slots__ = ("_last", "period")
+
+    def __init__(self, period: float) -> None:
+        self.period, self._last = period, -math.inf
+
+    def due(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last < self.period:
+            return False
+        self._last = now
+        return True
+
+
+_drops_report: Final = Seldom(10.0)
 
 
 def _report_drops(force: bool) -> None:
     """Say how many access lines were dropped: when stdout takes lines again, at exit,
     and every 10 s while it stays full (a reader that never catches up)."""
-    global _dropped, _last_report
-    now = time.monotonic()
-    if not force and now - _last_report < _DROP_REPORT_S:
+    global _dropped
+    if not _drops_report.due(force):
         return
     logging.getLogger(MAIN).warning(
         "access log: %d lines dropped while stdout took none", _dropped)
-    _dropped, _last_report = 0, now
+    _dropped = 0
 
 
 def close_access(wait_s: float = 1.0) -> None:

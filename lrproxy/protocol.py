@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from lrproxy import errors
-from lrproxy.log import MAIN
+from lrproxy.log import MAIN, Seldom
 
 log = logging.getLogger(MAIN)
 MAX_HEADERS: Final = 128
@@ -122,8 +122,7 @@ class LimitsHandler(RequestHandler):
         """A connection over server.max_connections: a 429 (before any request: its
         bytes are not read) and the close, logged once a minute at most."""
         now = self._loop.time()
-        if now >= _over_logged[0] + 60.0:
-            _over_logged[0] = now
+        if _over_logged.due():
             log.warning("server.max_connections (%d) reached: new connections get 429 "
                         "and are closed", self.max_connections)
         self._lr_seen = True  # (its bytes, should any come before the close, are no
@@ -270,7 +269,7 @@ class LimitsHandler(RequestHandler):
         return resp
 
 
-_over_logged: Final = [-1e9]  # when the max_connections warning was last logged
+_over_logged: Final = Seldom(60.0)  # the max_connections warning
 # aiohttp's queued parse error (private: without it, a broken body waits for client_body)
 _ERR_INFO: Final = getattr(web_protocol, "_ErrInfo", None)
 # The Server-Timing of an answer given before a request could be read (app.server_timing)

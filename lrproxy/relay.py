@@ -565,7 +565,7 @@ async def _first_events(
     (no failover after that); past `first_byte` the attempt has failed.
     """
     splitter = attempt.splitter = sse.EventSplitter()
-    tail = attempt.tail = _Tail(client_usage=client_usage, secret=attempt.secret)
+    tail = attempt.tail = _Tail(client_usage=client_usage)
     resp = attempt.resp
     try:
         with deadlines.timeout(min(first_byte, keepalive)):
@@ -770,7 +770,6 @@ class _Tail:
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
     ids: bool = False  # an event has had an `id:` field (KEEPALIVE_LINE)
     said: dict[str, Any] | None = None  # the upstream's error object that is the failure
-    secret: bytes = b""  # the upstream key sent: an error message quoting it is withheld
 
     def began(self) -> bool:
         """True once a data event has come: comments (`: OPENROUTER PROCESSING`) before
@@ -866,13 +865,14 @@ _INNER_ERROR: Final = "the upstream reported an error inside the stream"
 _DONE_LINES: Final = frozenset((b"data: [DONE]", b"data:[DONE]"))
 
 
-def _failure(tail: _Tail) -> errors.UpstreamFailed:
+def _failure(tail: _Tail, secret: bytes) -> errors.UpstreamFailed:
     """`tail.failure` for the client of a started stream: an error object's message is
-    quoted (before the stream starts, it is a failure to fail over, said as after a 5xx)."""
+    quoted, unless it quotes `secret`, the upstream key sent (before the stream starts,
+    it is a failure to fail over, said as after a 5xx)."""
     assert tail.failure is not None
     if tail.said is None:
         return tail.failure
-    return errors.UpstreamBadResponse(_upstream_said(_INNER_ERROR, tail.said, tail.secret))
+    return errors.UpstreamBadResponse(_upstream_said(_INNER_ERROR, tail.said, secret))
 
 
 def _finish(
@@ -948,7 +948,7 @@ async def _relay_stream(
         if data and not tail.done:
             await _send(out.write(data), watch, deadline)
         if tail.failure is not None:
-            raise _failure(tail)
+            raise _failure(tail, attempt.secret)
         fast = _ChunkWriter.of(request)
         read, feed, fits = resp.read_some, splitter.feed, tail.shape.fits
         while not tail.done:
@@ -1011,7 +1011,7 @@ async def _relay_stream(
                 elif fast.write(data):
                     await _send(fast.drain(), watch, deadline)
                 if tail.failure is not None:
-                    raise _failure(tail)
+                    raise _failure(tail, attempt.secret)
             elif len(splitter.held) > MAX_EVENT_BYTES:
                 raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
         if not tail.done:
@@ -1055,8 +1055,8 @@ async def _relay_stream(
                     raise
             return out
         outcome = "cancelled"  # ended on the proxy's side: not the upstream's doing
-        if watch.expired():  # the total ran out in a write: the client stopped reading
-            resp.close()
+        if watch.expired():  # a write outlived the total or protocol.SEND_TIMEOUT_S: the
+            resp.close()  # client stopped reading
             await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.RequestTimeout(
                 "The stream reached timeouts.total while the client was not reading it."),
                 out, request)

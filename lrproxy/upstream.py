@@ -36,7 +36,7 @@ from lrproxy.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
-from lrproxy.log import MAIN
+from lrproxy.log import MAIN, Seldom
 
 log = logging.getLogger(MAIN)
 EJECT_AFTER: Final = 5  # consecutive failures
@@ -546,15 +546,13 @@ async def send(
     raise err
 
 
-_out_of_files_logged: Final = [-1e9]  # when it was last logged (monotonic)
+_out_of_files_logged: Final = Seldom(60.0)
 
 
 def _out_of_files(name: str) -> NoUpstreamAvailable:
     """The proxy's own shortage, not the upstream's failure: its health stays as it was,
     the client gets a 503 to retry, and the operator a log line (once a minute)."""
-    now = time.monotonic()
-    if now >= _out_of_files_logged[0] + 60.0:
-        _out_of_files_logged[0] = now
+    if _out_of_files_logged.due():
         log.error("out of open files connecting to upstream %s: raise the limit "
                   "(LimitNOFILE=) or lower server.max_connections", name)
     return NoUpstreamAvailable("The proxy is out of open files; retry later.", retry_after=1)

@@ -1057,9 +1057,11 @@ async def _relay_stream(
         outcome = "cancelled"  # ended on the proxy's side: not the upstream's doing
         if watch.expired():  # a write outlived the total or protocol.SEND_TIMEOUT_S: the
             resp.close()  # client stopped reading
+            why = ("The stream reached timeouts.total"
+                   if asyncio.get_running_loop().time() >= deadline
+                   else f"None of the stream was taken for {protocol.SEND_TIMEOUT_S:g} s")
             await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.RequestTimeout(
-                "The stream reached timeouts.total while the client was not reading it."),
-                out, request)
+                why + " while the client was not reading it."), out, request)
             return out
         if rt.ended_by_drain(task):  # the drain's deadline, not the client: the error event
             resp.close()

@@ -547,12 +547,22 @@ def _answer_doc(
         raise errors.UpstreamBadResponse("upstream answered with a body that is not JSON") from e
     if not isinstance(doc, dict):
         raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
-    if doc.get("error") and not doc.get("choices") and not doc.get("data"):
-        # a failed generation some servers answer with 200 (OpenRouter): a failure of
-        # this attempt, as the same object inside a stream is (and, as after a 5xx, its
-        # words stay here)
+    if b'"error"' in data and (  # (one C search: the usual answer has no such string)
+            (doc.get("error") and not doc.get("data")) or _failed_choice(doc.get("choices"))):
+        # a failed generation some servers answer with 200 (OpenRouter), with choices
+        # (`finish_reason: "error"`) or without: a failure of this attempt, as the same
+        # object inside a stream is (and, as after a 5xx, its words stay here)
         raise errors.UpstreamBadResponse("the upstream answered 200 with an error object")
     return data, doc
+
+
+def _failed_choice(choices: Any) -> bool:
+    """Whether an answer's choices hold one that ended with `finish_reason: "error"`."""
+    if isinstance(choices, list):
+        for c in choices:
+            if isinstance(c, dict) and c.get("finish_reason") == "error":
+                return True
+    return False
 
 
 async def _first_events(

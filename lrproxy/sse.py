@@ -280,15 +280,19 @@ def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
         return Kind.MALFORMED, None, has_id
     if not isinstance(obj, dict):
         return Kind.MALFORMED, None, has_id
-    if obj.get("error") is not None and not obj.get("choices"):
-        return Kind.ERROR, obj, has_id
     choices = obj.get("choices")
-    if obj.get("usage"):
-        return Kind.FINAL, obj, has_id
+    # An error object: alone, or beside choices (OpenRouter's failure after tokens went:
+    # `"error": {...}, "choices": [{"delta": {}, "finish_reason": "error"}]`, the shape
+    # of the §1.1 error event itself), where an empty one is taken for no error.
+    err = obj.get("error")
+    if err is not None and (err or not choices):
+        return Kind.ERROR, obj, has_id
     if isinstance(choices, list):
         for c in choices:  # a loop: any() of a generator costs a frame and its resumes
-            if isinstance(c, dict) and c.get("finish_reason"):
-                return Kind.FINAL, obj, has_id
+            if isinstance(c, dict) and (why := c.get("finish_reason")):
+                return (Kind.ERROR if why == "error" else Kind.FINAL), obj, has_id
+    if obj.get("usage"):
+        return Kind.FINAL, obj, has_id
     return Kind.PASS, obj, has_id
 
 

@@ -1466,6 +1466,26 @@ def test_upstream_200_with_an_error_object_fails_over(
                                ("eu-north-a", "bad_response"): 3}
 
 
+@pytest.mark.parametrize("doc", [
+    {"error": {"message": "Provider disconnected", "code": 502},
+     "choices": [{"index": 0, "message": {"role": "assistant", "content": "calm"},
+                  "finish_reason": "error"}]},
+    {"choices": [{"index": 0, "message": {"role": "assistant", "content": "calm"},
+                  "finish_reason": "error"}]},
+])
+def test_upstream_200_with_a_failed_choice_fails_over(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], doc: dict[str, Any]
+) -> None:
+    """A 200 whose choice finished with "error" (with an error object beside it or not)
+    is a failed generation, not an answer: with retries spent, a 502."""
+    body = orjson.dumps(doc)
+    up = scripted(lambda conn, n, req: (_answer_of("200 OK", "application/json", body), True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    err = post(stack, chat(LLAMA, region="eu-north")).error(502, "upstream_error")
+    assert err["message"] == "the upstream answered 200 with an error object"
+    assert outcomes(stack) == {("eu-north-a", "bad_response"): 3}
+
+
 def test_json_body_coming_slowly_is_read_while_bytes_keep_coming(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted]
 ) -> None:
@@ -1805,6 +1825,32 @@ def test_upstream_error_object_in_stream_raises_api_error(
     assert orjson.loads(rec.body)["stream_options"] == {"include_usage": True}
     wait_for(lambda: codes(stack) == {"stream_error": 1})
     assert outcomes(stack) == {("eu-north-a", "stream_bad_response"): 1}
+
+
+@pytest.mark.parametrize("done", [False, True])
+def test_upstream_error_chunk_with_choices_mid_stream_is_a_failure(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], done: bool
+) -> None:
+    """OpenRouter's failure after tokens went: an error object beside a choice that
+    finished with "error" (the §1.1 event's own shape), its body then ending, with or
+    without [DONE]. The stream failed: the §1.1 error event and no [DONE] (as for an
+    error object alone), stream_error, and the upstream's failure; not a 200 whose
+    [DONE] the proxy adds."""
+    events = [chunk("calm "), b'data: {"id":"x","object":"chat.completion.chunk",'
+              b'"error":{"code":"server_error","message":"Provider disconnected"},'
+              b'"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}\n\n']
+    if done:
+        events.append(b"data: [DONE]\n\n")
+    up = scripted(lambda conn, n, body: ([sse_answer(events[:1]), b"".join(events[1:])], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, stream=True))
+    assert b"[DONE]" not in a.body
+    _, last = stream_error(a, "upstream_error")
+    assert last["error"]["message"] == ("the upstream reported an error inside the stream: "
+                                        "Provider disconnected")
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert outcomes(stack) == {("eu-north-a", "stream_bad_response"): 1}
+    assert stack.call(lambda: stack.runtime.pool.health["eu-north-a"].failures) == 1
 
 
 def test_upstream_error_object_mid_stream_is_quoted(

@@ -314,6 +314,28 @@ def test_error_object() -> None:
     assert classify(b'event: error\ndata: {"error":{"message":"x"}}\n\n')[0] == Kind.ERROR
 
 
+@pytest.mark.parametrize(("data", "kind"), [
+    # OpenRouter's failure after tokens went (and the shape of the §1.1 error event)
+    (b'{"error": {"code": "server_error", "message": "Provider disconnected"}, '
+     b'"choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}',
+     Kind.ERROR),
+    (b'{"error": "gone", "choices": [{"index": 0, "delta": {"content": "x"}}]}', Kind.ERROR),
+    (b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "error"}]}', Kind.ERROR),
+    (b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "error"}], '
+     b'"usage": {"prompt_tokens": 1, "completion_tokens": 1}}', Kind.ERROR),
+    # no error: null, or empty beside choices
+    (b'{"error": null, "choices": [{"index": 0, "delta": {"content": "x"}}]}', Kind.PASS),
+    (b'{"error": {}, "choices": [{"index": 0, "delta": {"content": "x"}}]}', Kind.PASS),
+    (b'{"error": {}, "choices": []}', Kind.ERROR),
+    (b'{"error": null, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}',
+     Kind.FINAL),
+])
+def test_error_beside_choices(data: bytes, kind: int) -> None:
+    """An error object beside choices, or a choice that finished with "error", is ERROR:
+    the stream failed, however many tokens went before."""
+    assert classify(b"data: " + data + b"\n\n")[0] == kind
+
+
 # ---------------------------------------------------------------------------------------
 # usage_of, event_data, make_event
 

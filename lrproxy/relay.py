@@ -28,6 +28,10 @@ from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
 log = logging.getLogger(MAIN)
 MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
+# No next attempt with less of timeouts.total left: it could only time out, and the
+# upstream would be charged a failure that was the request's (nginx's
+# proxy_next_upstream_timeout stops likewise).
+MIN_ATTEMPT_S: Final = 0.05
 MAX_EVENT_BYTES: Final = 16 * 1024 * 1024  # one SSE event; no chunk of an LLM stream is near it
 KEEPALIVE_EVENT: Final = b": keep-alive\n\n"
 # Once a stream's events have carried an `id:` field, a blank line with no field of its
@@ -344,6 +348,8 @@ async def _try_candidates(
     for n in range(st.config.server.retries + 1):
         if n and not limits.retry_allowed(rt.retries_in_progress, len(rt.tasks)):
             break  # the retry budget is spent: answer with the last failure
+        if n and deadline - time.monotonic() < MIN_ATTEMPT_S:
+            break  # timeouts.total is spent: no upstream is tried (and charged) with none
         cand = _next_candidate(order, tried, pool, time.monotonic() if n else None)
         if cand is None:
             break
@@ -401,7 +407,14 @@ async def _try_candidates(
         except errors.UpstreamFailed as e:
             rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
             pool.release(held)
-            pool.failed(name, time.monotonic(), e.retry_after, trial, held)
+            now = time.monotonic()
+            if isinstance(e, errors.UpstreamTimeout) and now >= deadline - 0.005:
+                # timeouts.total, the proxy's own cap on a request, ran out in this
+                # attempt's wait: not this upstream's failure (as for a stream, below)
+                if trial:
+                    pool.abandoned(name, held)
+            else:
+                pool.failed(name, now, e.retry_after, trial, held)
             committed = early is not None and early.stop()
             rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
             if committed:  # the client has its 200: no failover (SPEC §1.1)

@@ -1281,6 +1281,37 @@ def test_silent_upstream_is_504_after_first_byte(make_stack: MakeStack, stream: 
     assert codes(stack) == {"504": 1}
 
 
+def test_no_upstream_is_tried_once_the_total_is_spent(make_stack: MakeStack) -> None:
+    """timeouts.total (1 s) runs out in the first attempt's wait for its headers
+    (first_byte 5 s): the answer is that attempt's 504, and the region's other upstream
+    is neither tried with no time left nor charged a timeout; nor is the first, whose
+    wait the proxy's own cap on the request cut, not its first_byte."""
+    stack = make_stack(cfg(server={"retries": 1}, timeouts={"first_byte": 5, "total": 1}))
+    faults(stack, EU_WEST, headers_delay_s=3)
+    a = post(stack, chat(MINI, region="eu-west"))
+    a.error(504, "upstream_timeout")
+    assert a.elapsed < 2.0
+    assert a.header("x-lowrouter-upstream") == "eu-west-a"
+    assert hits(stack)["eu-west-b"] == 0
+    assert outcomes(stack) == {("eu-west-a", "timeout"): 1}
+    health = stack.call(lambda: {n: h.failures for n, h in stack.runtime.pool.health.items()})
+    assert health["eu-west-a"] == health["eu-west-b"] == 0
+
+
+def test_an_attempt_cut_short_by_the_total_is_not_the_upstreams_failure(
+    make_stack: MakeStack,
+) -> None:
+    """The first attempt times out at first_byte (0.8 s), its upstream's failure; the
+    second has 0.4 s of timeouts.total left, and timing out then is the request's end,
+    not a failure of its upstream."""
+    stack = make_stack(cfg(server={"retries": 1}, timeouts={"first_byte": 0.8, "total": 1.2}))
+    faults(stack, EU_WEST, headers_delay_s=3)
+    post(stack, chat(MINI, region="eu-west")).error(504, "upstream_timeout")
+    assert outcomes(stack) == {("eu-west-a", "timeout"): 1, ("eu-west-b", "timeout"): 1}
+    health = stack.call(lambda: {n: h.failures for n, h in stack.runtime.pool.health.items()})
+    assert (health["eu-west-a"], health["eu-west-b"]) == (1, 0)
+
+
 @pytest.mark.parametrize("redirecting", [("eu-west-a",), EU_WEST], ids=["one", "all"])
 def test_redirect_is_never_followed(stack: Stack, redirecting: tuple[str, ...]) -> None:
     """A 307 from an upstream is a failure: never followed, its target (another region) never reached."""

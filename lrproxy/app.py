@@ -335,7 +335,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         resp = await _answer_error(rec, errors.ProxyError("Internal error; see the proxy's log."))
     finally:
         if limits_of is not None:
-            limits_of.lr_end()
+            limits_of.lr_end(request.content)
         rt.tasks.discard(task)
         if count_inflight:
             rt.metrics.inflight.dec()
@@ -425,7 +425,7 @@ async def _expect(request: web.Request, at_once: bool = True) -> web.StreamRespo
     _close_if_body_unsent(request, resp)
     proto = request.protocol  # the request is answered, outside the edge: the next
     if isinstance(proto, protocol.LimitsHandler):  # one's header deadline starts anew
-        proto.lr_end()
+        proto.lr_end(request.content)
     return resp
 
 

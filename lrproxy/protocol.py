@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Final
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_exceptions import LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from lrproxy import errors
@@ -86,6 +87,7 @@ class LimitsHandler(RequestHandler):
         super().connection_made(transport)
         self.lr_busy = False  # set by the app's edge while it handles a request
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
+        self._lr_body: StreamReader | None = None  # an answered request's body still coming
         self._lr_timer: asyncio.TimerHandle | None = None
         self._lr_kept = -1.0  # when its last request ended (_lr_evict); -1: none yet
         self._lr_stuck = (0, 0.0)  # its unsent answer bytes, and since when (_lr_check)
@@ -132,7 +134,18 @@ class LimitsHandler(RequestHandler):
             b"429 Too Many Requests")
 
     def data_received(self, data: bytes) -> None:
+        if not data:  # no bytes of a request: aiohttp's own call as it resumes reading
+            super().data_received(data)
+            return
         if not self._lr_seen and not self.lr_busy:
+            body = self._lr_body
+            if body is not None:
+                if not body.is_eof():
+                    # the rest of the body of a request answered before it came (a 401,
+                    # a 413), which aiohttp reads and drops: no next request's bytes
+                    super().data_received(data)
+                    return
+                self._lr_body = None
             # A request's first bytes: its headers are due within header_timeout from
             # now (on a new connection, from its start). The timer is never further
             # off than that (_lr_check), so it need not move.
@@ -165,10 +178,12 @@ class LimitsHandler(RequestHandler):
             self._lr_timer.cancel()
             self._lr_timer = None
 
-    def lr_end(self) -> None:
-        """The app's edge is done with a request (it set `lr_busy` at its start)."""
+    def lr_end(self, body: StreamReader | None = None) -> None:
+        """The app's edge is done with a request (it set `lr_busy` at its start);
+        `body`, the request's, if it may not have all come yet."""
         self.lr_busy = False
         self._lr_seen = False
+        self._lr_body = None if body is None or body.is_eof() else body
         now = self._loop.time()
         self._lr_kept = now
         conns = self.connections  # least recently used first (_lr_evict)

@@ -678,6 +678,43 @@ def test_a_refused_expect_is_one_answer(make_stack: MakeStack, body_sent: bool) 
     assert codes(stack, key="unknown") == {"417": 1}
 
 
+@pytest.mark.parametrize("then", ["next_request", "idle"])
+@pytest.mark.parametrize("refusal", ["401", "413"])
+def test_the_rest_of_a_refused_requests_body_is_no_next_request(
+    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch, refusal: str, then: str,
+) -> None:
+    """A request refused before its body came (a wrong key, a body over max_body_bytes),
+    the body then sent anyway, as the SDK sends it: aiohttp reads and drops the rest,
+    and those bytes are no next request's, whose headers would be late; nor is
+    aiohttp's data_received(b"") as it resumes reading a body it had paused. Nothing
+    follows the refusal (there was an unasked 408 at client_header, or at the keep-alive's
+    end, counted and logged): the connection takes the next request, or closes quietly
+    at the keep-alive's end (protocol.KEEPALIVE_S, cut to 1 s here)."""
+    if then == "idle":
+        monkeypatch.setattr(protocol, "KEEPALIVE_S", 1.0)
+    stack = make_stack(cfg(timeouts={"client_header": 0.5}, server={"max_body_bytes": 4096}))
+    big = orjson.dumps(chat(LLAMA, region="eu-north") | {"pad": "x" * 1_000_000})
+    key = "sk-wrong" if refusal == "401" else TEAM_A_KEY
+    data = request(big, key=key)
+    with open_raw(stack) as sock:
+        sock.sendall(data[:len(data) - len(big) + 1000])  # the headers, a little body
+        read_answer(sock).error(int(refusal), {"401": "invalid_api_key",
+                                               "413": "request_too_large"}[refusal])
+        time.sleep(0.1)
+        sock.sendall(data[len(data) - len(big) + 1000:])  # the rest, after the answer
+        if then == "next_request":
+            sock.settimeout(1.5)  # past client_header and a check: nothing more comes
+            with contextlib.suppress(TimeoutError):
+                assert sock.recv(1) == b""
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: lrproxy\r\n\r\n")
+            assert read_answer(sock).status == 200
+        else:  # past the keep-alive and client_header: a close, no 408 before it
+            sock.settimeout(4.0)
+            assert sock.recv(1) == b""
+    time.sleep(0.2)
+    assert codes(stack) == {refusal: 1}
+
+
 def test_connections_over_max_connections_get_429_and_close(
     make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
 ) -> None:

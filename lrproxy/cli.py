@@ -50,6 +50,9 @@ from lrproxy.workers import (
 EX_CONFIG: Final = 78  # sysexits.h; systemd's RestartPreventExitStatus= understands it
 EX_USAGE: Final = 64
 GC_THRESHOLDS: Final = (20_000, 20, 100)  # see _tune_gc
+# Connections the kernel queues for accept, as lrproxy.socket's Backlog= (and capped by
+# net.core.somaxconn): on every socket, a worker's and an activated one too.
+LISTEN_BACKLOG: Final = 1024
 log = logging.getLogger(MAIN)
 
 
@@ -312,10 +315,11 @@ async def _start_sites(runner: web.AppRunner, listen: Listen, reuse_port: bool) 
     socks = worker_sockets(os.environ) or activated_sockets(os.environ)
     if socks:
         for sock in socks:
-            await web.SockSite(runner, sock).start()
+            # (aiohttp listens on it anew: with its default of 128 unless told)
+            await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
         log.debug("listening on %d inherited socket(s)", len(socks))
         return
-    await web.TCPSite(runner, listen.host, listen.port, backlog=1024,
+    await web.TCPSite(runner, listen.host, listen.port, backlog=LISTEN_BACKLOG,
                       reuse_port=reuse_port or None).start()
 
 

@@ -79,7 +79,7 @@ def _bind(listen: Listen, *, listening: bool = True, reuse_port: bool = True) ->
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((listen.host, listen.port))
     if listening:
-        sock.listen(1024)
+        sock.listen(1024)  # cli.LISTEN_BACKLOG
     return sock  # not inheritable: spawn() lets each worker inherit its own only
 
 
@@ -203,6 +203,8 @@ async def _supervise(
             _bind(listen, listening=False, reuse_port=False).close()
             for _ in range(n):
                 socks.append(_bind(listen))
+                if listen.port == 0:  # any free port: one, the first socket's, for all
+                    listen = Listen(listen.host, socks[0].getsockname()[1])
         except OSError as e:
             log.error("cannot listen on %s: %s", listen, e.strerror or e)
             return 1

@@ -42,6 +42,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listen_backlogs(port: int) -> list[int]:
+    """The backlog of each socket listening on 127.0.0.1:`port`, as `ss` (iproute2)
+    shows it (Send-Q), and the most the kernel allows (net.core.somaxconn)."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                         text=True, check=True).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.strip()]
+
+
+def somaxconn() -> int:
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
 def port_refuses(port: int) -> bool:
     """True when a TCP connect to 127.0.0.1:port is refused."""
     try:

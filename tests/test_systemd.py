@@ -27,7 +27,9 @@ from procs import (
     config_toml,
     free_port,
     http_get,
+    listen_backlogs,
     port_refuses,
+    somaxconn,
 )
 
 from lrproxy.sdnotify import Notifier, activated_sockets
@@ -274,7 +276,7 @@ def test_socket_activation(tmp_path: Path, sim: SimThread) -> None:
     cfg.write_text(config_toml(sim.base_url, conf_port))
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
-    lsock.listen(128)
+    lsock.listen(1024)  # as lrproxy.socket's Backlog=
     port = lsock.getsockname()[1]
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, listen_sock=lsock, port=port)
     lsock.close()  # the child holds it now, as systemd would
@@ -290,6 +292,8 @@ def test_socket_activation(tmp_path: Path, sim: SimThread) -> None:
             assert chunks[-1].choices[0].finish_reason == "stop"
         assert port_refuses(conf_port)
         assert f"127.0.0.1:{port}" in proxy.stderr  # the start line names the socket it got
+        # the backlog it was given stays (aiohttp listens anew: by default with 128)
+        assert listen_backlogs(port) == [min(1024, somaxconn())]
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(10) == 0
     finally:

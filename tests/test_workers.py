@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -25,7 +26,9 @@ from procs import (
     config_toml,
     free_port,
     http_get,
+    listen_backlogs,
     port_refuses,
+    somaxconn,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -80,6 +83,8 @@ def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, 
                            "two workers")
         started = [ln for ln in proxy.stderr.splitlines() if "listening on" in ln]
         assert len(started) == 2 and all("(asyncio)" in ln for ln in started)  # its --loop
+        # each worker's socket keeps the backlog one process has (aiohttp's default: 128)
+        assert listen_backlogs(port) == [min(1024, somaxconn())] * 2
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
                                max_retries=0, timeout=20)
         n = 40
@@ -196,6 +201,26 @@ def test_supervisor_reload_that_fails_unexpectedly_still_ends_ready(
         assert notify.wait_for("READY", 10)["READY"] == "1"
         wait_for(lambda: "reload refused" in proxy.stderr, 5, "the refusal logged")
         assert "Traceback" not in proxy.stderr
+        assert _chat_on_a_new_connection(port) == 200
+    finally:
+        _end(proxy, notify)
+
+
+def test_two_workers_on_port_0_share_one_port(tmp_path: Path, sim: SimThread) -> None:
+    """`listen` with port 0 (any free one) and 2 workers: one port, the first socket's,
+    for both workers and in the supervisor's line; not a port of its own for each."""
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 2\n"))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=notify.path))
+    try:
+        ready = notify.wait_for("READY", 30)
+        port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", ready["STATUS"]).group(1))  # type: ignore[union-attr]
+        assert port != 0
+        lines = [ln for ln in proxy.stderr.splitlines() if "listening on" in ln]
+        assert len(lines) == 2 and all(f"127.0.0.1:{port}/" in ln for ln in lines), lines
+        assert len(listen_backlogs(port)) == 2
         assert _chat_on_a_new_connection(port) == 200
     finally:
         _end(proxy, notify)

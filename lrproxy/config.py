@@ -183,6 +183,8 @@ def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Confi
             data = tomllib.loads(text)
         except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits
             raise ConfigError([f"{label}: not valid TOML: {e}"]) from e
+        except RecursionError:  # arrays or tables nested thousands deep
+            raise ConfigError([f"{label}: not valid TOML here: nested too deeply"]) from None
         return parse_config(data, source=label)
     if p.suffix in (".ini", ".conf", ".cfg"):
         data, names = _ini_to_mapping(text, label)

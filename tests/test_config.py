@@ -474,6 +474,15 @@ def test_invalid_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert re.fullmatch(r"lrproxy\.toml: not valid TOML: .*\(at line \d+, column \d+\)", err[0])
 
 
+def test_toml_nested_too_deeply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Valid TOML nested 5000 deep (Python's parser recurses): one line and 78, not a
+    RecursionError's thousands of lines and 1, which systemd would restart for ever."""
+    path = write(tmp_path, base_toml(tail="[extra]\nx = " + "[" * 5000 + "]" * 5000))
+    rc, out, err = check(capsys, path)
+    assert (rc, out, err) == (EX_CONFIG, [], ["lrproxy.toml: not valid TOML here: nested "
+                                              "too deeply"])
+
+
 def test_invalid_ini(tmp_path: Path) -> None:
     """A file that is not INI (here a key outside any section) gets one line naming the file."""
     path = write(tmp_path, "listen = 1\n" + BASE_INI, "lrproxy.ini")

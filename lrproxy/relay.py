@@ -13,13 +13,13 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from typing import Any, Final
 
 import attrs
 import orjson
 from aiohttp import HttpVersion11, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from lrproxy import eco, errors, limits, protocol, sse, upstream
 from lrproxy.app import Rec, Runtime, State, finish_headers, send_continue, server_timing
@@ -89,7 +89,7 @@ async def _read_body(request: web.Request, st: State) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _parse_body(body: bytes, chat: bool, headers: Mapping[str, str]) -> tuple[
+def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tuple[
     dict[str, Any], str, str | None, bool, bool
 ]:
     """(body object, model id, region pin, stream, client asked for usage); raises 400s."""
@@ -121,7 +121,9 @@ def _parse_body(body: bytes, chat: bool, headers: Mapping[str, str]) -> tuple[
         raise errors.InvalidRequest("'stream' must be a boolean.", param="stream")
     if stream and not chat:
         raise errors.InvalidRequest("Embeddings do not stream.", param="stream")
-    region = headers.get("X-LowRouter-Region") or None
+    region = headers.get(REGION_HEADER)
+    if region is not None:
+        _check_region_header(region, headers)
     if "route" in obj:
         route = obj.pop("route")
         if route is not None:
@@ -148,6 +150,21 @@ def _parse_body(body: bytes, chat: bool, headers: Mapping[str, str]) -> tuple[
         client_usage = so.get("include_usage") is True
         obj["stream_options"] = {**so, "include_usage": True}  # we always count (SPEC §1.1)
     return obj, model, region, stream, client_usage
+
+
+REGION_HEADER: Final = "X-LowRouter-Region"
+
+
+def _check_region_header(region: str, headers: CIMultiDictProxy[str]) -> None:
+    """A pin by header must name one region: an empty value (an unset variable in the
+    client's `default_headers`), or copies that differ (one added on the way), would
+    otherwise pin nothing, or the first copy only (SPEC §2)."""
+    if not region:
+        raise errors.InvalidRequest(f"The {REGION_HEADER} header is empty; name a region, "
+                                    "or send no such header.", param=REGION_HEADER)
+    if len(values := headers.getall(REGION_HEADER)) > 1 and any(v != region for v in values):
+        raise errors.InvalidRequest(f"The {REGION_HEADER} header is given more than once, "
+                                    "with different regions.", param=REGION_HEADER)
 
 
 def _prompt_chars(obj: dict[str, Any], chat: bool) -> int:

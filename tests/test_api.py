@@ -1052,6 +1052,44 @@ def test_header_bytes_that_are_not_utf8_are_quoted_escaped(stack: Stack) -> None
     assert stack.metric_sum("lrproxy_requests_total", code="500") == 0
 
 
+@pytest.mark.parametrize(("lines", "want"), [
+    ([b"X-LowRouter-Region: "], 400),  # an unset variable in default_headers
+    ([b"X-LowRouter-Region:    "], 400),
+    ([b"X-LowRouter-Region: us-east", b"X-LowRouter-Region: eu-west"], 400),
+    ([b"X-LowRouter-Region: ", b"X-LowRouter-Region: eu-west"], 400),
+    ([b"X-LowRouter-Region: eu-west", b"x-lowrouter-region: eu-west"], 200),
+    ([b"X-LowRouter-Region: eu-west"], 200),
+])
+def test_a_region_header_must_name_one_region(
+    stack: Stack, lines: list[bytes], want: int,
+) -> None:
+    """A pin by header that is empty, or given twice with different regions, is refused
+    (400, param naming the header), never taken for no pin or for its first copy: either
+    could send a pinned request out of its region (SPEC §2). Copies that agree pin."""
+    import socket
+
+    host, port = stack.origin.removeprefix("http://").split(":")
+    body = json.dumps({"model": MINI, "messages": MSGS}).encode()
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Authorization: Bearer " + stack.key.encode() + b"\r\n"
+                  + b"".join(line + b"\r\n" for line in lines)
+                  + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        raw = b""
+        while data := s.recv(65536):
+            raw += data
+    head, _, answer = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % want), raw[:300]
+    doc = json.loads(answer)
+    if want == 400:
+        assert doc["error"]["code"] == "invalid_request"
+        assert doc["error"]["param"] == "X-LowRouter-Region"
+        assert not any(stack.requests_to(u["name"]) for u in stack.data["upstreams"])
+    else:
+        assert doc["lowrouter"]["route"]["region"] == "eu-west"
+        assert doc["lowrouter"]["route"]["pinned"] is True
+
+
 def test_error_body_never_fails_on_lone_surrogates() -> None:
     """errors.error_body escapes a lone surrogate that a message quoting client text
     still holds, rather than raising."""

@@ -362,6 +362,7 @@ async def _try_candidates(
     beat_at = now + tmo.keepalive if stream else math.inf
     tried: list[str] = []
     last: errors.UpstreamFailed | None = None
+    soonest: float | None = None  # the earliest Retry-After of the upstreams' 429s
     for n in range(st.config.server.retries + 1):
         if n and not limits.retry_allowed(rt.retries_in_progress, len(rt.tasks)):
             break  # the retry budget is spent: answer with the last failure
@@ -439,6 +440,8 @@ async def _try_candidates(
             last = e
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
+                if e.retry_after is not None:
+                    soonest = min(soonest or math.inf, e.retry_after)
             continue
         except BaseException as exc:  # the client gone, the drain, a bug of ours
             pool.release(held)
@@ -471,7 +474,7 @@ async def _try_candidates(
         )
     if last.upstream_status == 429:  # every upstream tried is rate-limiting us: say so
         raise errors.RateLimited("The upstream providers are rate-limiting this request; "
-                                 "retry later.", retry_after=last.retry_after or 1)
+                                 "retry later.", retry_after=soonest or 1)
     raise last
 
 

@@ -1244,6 +1244,24 @@ def test_upstream_429_moves_to_a_different_upstream_only(stack: Stack, limited: 
     assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 0}
 
 
+@pytest.mark.parametrize(("first", "second", "want"), [
+    ("60", "5", "5"), ("5", "60", "5"), ("60", None, "60"), (None, "60", "60"),
+    (None, None, "1"),
+])
+def test_429_from_every_upstream_gives_the_soonest_retry_after(
+    stack: Stack, first: str | None, second: str | None, want: str,
+) -> None:
+    """Every upstream tried answers 429: the client's Retry-After is the soonest any of
+    them gave (when one will take a request again), not the last one's; 1 when none
+    gave one."""
+    faults(stack, ("eu-west-a",), fail_status=429, fail_count=-1, retry_after=first)
+    faults(stack, ("eu-west-b",), fail_status=429, fail_count=-1, retry_after=second)
+    a = post(stack, chat(MINI, region="eu-west"))
+    a.error(429, "rate_limited")
+    assert a.header("retry-after") == want
+    assert hits(stack)["eu-west-a"] == hits(stack)["eu-west-b"] == 1
+
+
 def test_retry_after_is_rounded_up(make_stack: MakeStack) -> None:
     """Retry-After is a whole number of seconds rounded up, never down: a client that
     waits as told is let through (a key's rate), and an upstream's `Retry-After: 2.5`

@@ -170,6 +170,13 @@ class UpstreamBadResponse(UpstreamError):
     """The upstream answered, but not with a usable answer (not JSON, a malformed event)."""
 
 
+class UpstreamTooLarge(UpstreamBadResponse):
+    """An answer over the proxy's cap: the request's own, not its upstream's failure; any
+    other upstream's answer to it would be as large, and so would a retry's."""
+
+    retryable = False
+
+
 class UpstreamTimeout(UpstreamFailed):
     status = 504
     code = "upstream_timeout"

@@ -27,7 +27,9 @@ from lrproxy.log import MAIN
 from lrproxy.routing import Candidate, order_candidates, pick_candidates
 
 log = logging.getLogger(MAIN)
-MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
+# A JSON answer is held whole (its usage read, `lowrouter` added): up to this. The
+# largest OpenAI answers, 2048 embeddings of 3072 floats, are ~145 MB as text.
+MAX_UPSTREAM_BODY: Final = 256 * 1024 * 1024
 # No next attempt with less of timeouts.total left: it could only time out, and the
 # upstream would be charged a failure that was the request's (nginx's
 # proxy_next_upstream_timeout stops likewise).
@@ -426,9 +428,11 @@ async def _try_candidates(
             rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
             pool.release(held)
             now = time.monotonic()
-            if isinstance(e, errors.UpstreamTimeout) and now >= deadline - 0.005:
+            if ((isinstance(e, errors.UpstreamTimeout) and now >= deadline - 0.005)
+                    or isinstance(e, errors.UpstreamTooLarge)):
                 # timeouts.total, the proxy's own cap on a request, ran out in this
-                # attempt's wait: not this upstream's failure (as for a stream, below)
+                # attempt's wait (as for a stream, below), or its answer is over the
+                # proxy's cap: not this upstream's failure
                 if trial:
                     pool.abandoned(name, held)
             else:
@@ -437,6 +441,8 @@ async def _try_candidates(
             rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
             if committed:  # the client has its 200: no failover (SPEC §1.1)
                 raise _Committed(e, cand) from None
+            if isinstance(e, errors.UpstreamTooLarge):
+                raise  # as large from any upstream: no failover
             last = e
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
@@ -501,6 +507,12 @@ def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Poo
     return fallback
 
 
+def _too_large() -> errors.UpstreamTooLarge:
+    return errors.UpstreamTooLarge(
+        f"The upstream's answer is over {MAX_UPSTREAM_BODY >> 20} MiB, the most the proxy "
+        "holds; ask for less (fewer inputs, or encoding_format \"base64\").")
+
+
 def _outcome(e: errors.UpstreamFailed) -> str:
     if isinstance(e, errors.UpstreamTimeout):
         return "timeout"
@@ -544,7 +556,7 @@ async def _read_answer(
                 break
             size += len(data)
             if size > MAX_UPSTREAM_BODY:
-                raise errors.UpstreamError("upstream answer too large")
+                raise _too_large()
             chunks.append(data)
             wait = idle
     except BaseException:  # a failure, or the client gone: the upstream stops at once
@@ -561,7 +573,7 @@ def _answer_now(resp: upstream.UpstreamResponse) -> tuple[bytes, dict[str, Any] 
         if data is None:
             return None
         if len(data) > MAX_UPSTREAM_BODY:
-            raise errors.UpstreamError("upstream answer too large")
+            raise _too_large()
     except BaseException:
         resp.close()
         raise

@@ -39,7 +39,7 @@ import pytest
 from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS, Stack, await_for, wait_for
 from prometheus_client import generate_latest
 
-from lrproxy import protocol, upstream
+from lrproxy import protocol, relay, upstream
 from lrproxy.config import Upstream
 from lrproxy.log import ACCESS, MAIN, JsonFormatter
 from lrproxy.sse import EventSplitter, event_data
@@ -1550,6 +1550,32 @@ def test_upstream_200_with_an_error_object_fails_over(
     wait_for(lambda: codes(stack) == {"200": 1, "502": 1})
     assert outcomes(stack) == {("eu-west-a", "bad_response"): 1, ("eu-west-b", "ok"): 1,
                                ("eu-north-a", "bad_response"): 3}
+
+
+def test_an_answer_over_the_cap_is_not_the_upstreams_failure(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A JSON answer over relay.MAX_UPSTREAM_BODY (256 MiB; cut to 1 MiB here): a 502
+    that says so, with `x-should-retry: false` (the SDK would fetch it again twice), one
+    attempt (the region's other upstream would answer as much), counted `bad_response`,
+    and no failure of its upstream, which answered what it was asked."""
+    monkeypatch.setattr(relay, "MAX_UPSTREAM_BODY", 1 << 20)
+    body = orjson.dumps({"object": "list", "data": [
+        {"object": "embedding", "index": i, "embedding": [0.125] * 3072} for i in range(80)],
+        "model": "text-embedding-3-small", "usage": {"prompt_tokens": 40, "total_tokens": 40}})
+    assert len(body) > 1 << 20
+    up = scripted(lambda conn, n, req: (_answer_of("200 OK", "application/json", body), True))
+    stack = make_stack(cfg(upstreams={"eu-west-a": {"base_url": up.base_url},
+                                      "eu-west-b": {"base_url": up.base_url}}))
+    a = post(stack, chat(MINI, region="eu-west"))
+    err = a.error(502, "upstream_error")
+    assert err["message"].startswith("The upstream's answer is over 1 MiB")
+    assert a.header("x-should-retry") == "false"
+    assert len(up.requests) == 1
+    assert outcomes(stack) == {("eu-west-a", "bad_response"): 1}
+    health = stack.call(lambda: {n: h.failures for n, h in stack.runtime.pool.health.items()})
+    assert health["eu-west-a"] == 0
 
 
 @pytest.mark.parametrize("doc", [

@@ -104,7 +104,9 @@ class Runtime:
     draining: bool = False
     drain_expired: bool = False  # shutdown_grace_s is over: end what is left with an error
     tasks: set[asyncio.Task[Any]] = attrs.Factory(set)  # handlers in flight, for the drain
-    buckets: dict[str, limits.TokenBucket] = attrs.Factory(dict)  # per key with rate_per_s
+    buckets: dict[str, limits.TokenBucket | limits.SharedBucket] = attrs.Factory(dict)  # per
+    # key with rate_per_s; with workers, in the file they share (limits.SharedBuckets)
+    shared_buckets: limits.SharedBuckets | None = None
     retries_in_progress: int = 0
     clock: Callable[[], float] = time.time  # wall clock for intensity ages
     feed_poll_s: float = 5.0
@@ -162,12 +164,18 @@ class Runtime:
                 with contextlib.suppress(KeyError):
                     self.metrics.intensity.remove(r)
         self.pool.configure(config.upstreams)
-        buckets = {}
+        buckets: dict[str, limits.TokenBucket | limits.SharedBucket] = {}
+        shared = self.shared_buckets
         for k in config.keys:  # a changed rate takes effect at once, tokens kept
-            if k.rate_per_s is not None:
-                new, old = limits.bucket_for(k.rate_per_s), self.buckets.get(k.name)
-                buckets[k.name] = new if old is None else attrs.evolve(new, tokens=old.tokens,
-                                                                       at=old.at)
+            if k.rate_per_s is None:
+                continue
+            old = self.buckets.get(k.name)
+            if shared is not None and not isinstance(old, limits.TokenBucket):
+                buckets[k.name] = shared.bucket(k.name, k.rate_per_s)  # (tokens in the file)
+                continue
+            new = limits.bucket_for(k.rate_per_s)
+            buckets[k.name] = (attrs.evolve(new, tokens=old.tokens, at=old.at)
+                               if isinstance(old, limits.TokenBucket) else new)
         self.buckets = buckets
         self.state = state
         self._publish_intensities(intensities)
@@ -561,6 +569,9 @@ def make_app(
 
     metrics = Metrics.create(registry or CollectorRegistry())
     rt = Runtime(make_state(config, secrets, {}), Pool(), metrics, clock=clock)
+    shared = os.environ.get(limits.SHARED_BUCKETS_ENV)  # a worker's (workers.py)
+    if shared:
+        rt.shared_buckets = limits.SharedBuckets(shared)
     rt.install(config, secrets)
     if not metrics.immediate:  # in multiprocess mode a function cannot be summed
         metrics.inflight.set_function(lambda: len(rt.tasks))

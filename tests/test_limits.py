@@ -1,10 +1,16 @@
-"""Pure limits (issue 5): the per-key token bucket and the retry budget."""
+"""Pure limits (issue 5): the per-key token bucket (and its file shared by workers), the retry budget."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from lrproxy.limits import RETRY_BUDGET_MIN, TokenBucket, bucket_for, retry_allowed
+from lrproxy import limits
+from lrproxy.limits import RETRY_BUDGET_MIN, SharedBuckets, TokenBucket, bucket_for, retry_allowed
 
 
 def test_bucket_allows_a_burst_then_paces() -> None:
@@ -39,3 +45,43 @@ def test_slow_rates_have_a_burst_of_one() -> None:
 def test_retry_budget(retries: int, inflight: int, allowed: bool) -> None:
     """Retries in progress stay under max(3, 20 % of requests in flight)."""
     assert retry_allowed(retries, inflight) is allowed
+
+
+def test_shared_buckets_hold_one_rate_for_every_process(tmp_path: Path) -> None:
+    """Two maps of one file (two workers) take from one bucket per key: a burst of 2
+    in all, not 2 each; another key has its own; another process too takes from it."""
+    path = str(tmp_path / "buckets")
+    a, b = SharedBuckets.create(path), SharedBuckets(path)
+    try:
+        ka, kb = a.bucket("team-a", 2.0), b.bucket("team-a", 2.0)
+        other = b.bucket("team-b", 2.0)
+        now = time.monotonic()
+        assert [ka.take(now), kb.take(now)] == [0.0, 0.0]
+        assert kb.take(now) == pytest.approx(0.5)
+        assert ka.take(now) == pytest.approx(0.5)
+        assert other.take(now) == 0.0
+        assert kb.take(now + 0.5) == 0.0  # a token later, for either
+        assert ka.take(now + 0.5) > 0
+        # a process of its own: its bucket is empty too
+        code = ("import sys, time; from lrproxy.limits import SharedBuckets; "
+                "print(SharedBuckets(sys.argv[1]).bucket('team-a', 2.0).take(time.monotonic()))")
+        out = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
+                             text=True, check=True, timeout=30).stdout
+        assert 0 < float(out) <= 0.5
+    finally:
+        a.close()
+        b.close()
+
+
+def test_shared_buckets_a_full_table_falls_back_to_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With every slot taken, a new key's bucket is its process's own (and says so)."""
+    monkeypatch.setattr(limits, "SLOTS", 2)
+    t = SharedBuckets.create(str(tmp_path / "buckets"))
+    try:
+        kinds = [type(t.bucket(f"k{i}", 1.0)) for i in range(3)]
+        assert kinds == [limits.SharedBucket, limits.SharedBucket, TokenBucket]
+        assert type(t.bucket("k0", 1.0)) is limits.SharedBucket  # its slot is kept
+    finally:
+        t.close()

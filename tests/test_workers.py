@@ -206,6 +206,28 @@ def test_supervisor_reload_that_fails_unexpectedly_still_ends_ready(
         _end(proxy, notify)
 
 
+def test_two_workers_hold_a_keys_rate_together(tmp_path: Path, sim: SimThread) -> None:
+    """A key's rate_per_s holds for the service, not per worker (limits.SharedBuckets):
+    at 0.5 a second (a burst of 1), requests on 12 new connections, which the kernel
+    spreads over both workers, get one 200 and 429s, not one 200 per worker."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n").replace(
+        '{ name = "ops", sha256', '{ name = "ops", rate_per_s = 0.5, sha256'))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        assert notify.wait_for("READY", 30)["READY"] == "1"
+        t0 = time.monotonic()
+        got = [_chat_on_a_new_connection(port) for _ in range(12)]
+        elapsed = time.monotonic() - t0
+        assert set(got) <= {200, 429}, got
+        assert 1 <= got.count(200) <= 1 + int(0.5 * elapsed), (got, elapsed)
+    finally:
+        _end(proxy, notify)
+
+
 def test_two_workers_on_port_0_share_one_port(tmp_path: Path, sim: SimThread) -> None:
     """`listen` with port 0 (any free one) and 2 workers: one port, the first socket's,
     for both workers and in the supervisor's line; not a port of its own for each."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import email.utils
 import errno
@@ -18,12 +19,17 @@ import math
 import ssl
 import time
 import types
+import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Final
 
 import aiohttp
 import attrs
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 
 from lrproxy.config import Config, Secrets, Upstream
@@ -507,12 +513,27 @@ async def send(
     """
     try:
         with deadlines.timeout(timeout):
-            resp = await session.post(
-                # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
-                url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
-                headers=headers, allow_redirects=False, timeout=client_timeout,
-                **target.post_options,
-            )
+            for replays in range(_REPLAYS, -1, -1):
+                sent = time.monotonic()
+                try:
+                    resp = await session.post(
+                        # aiohttp writes bytes over 1 MiB in one go, with a warning;
+                        # BytesIO streams.
+                        url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
+                        headers=headers, allow_redirects=False, timeout=client_timeout,
+                        **target.post_options,
+                    )
+                    break
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                    # A kept-alive connection the upstream closed as we sent on it
+                    # (its idle timeout, 5 s in uvicorn and Node): the request never
+                    # reached it, as nginx, Go and aiohttp (for GET) take it; sent again
+                    # on the next one, not counted as an attempt or a failure. Only at
+                    # once: a break later may be the upstream's crash while it worked.
+                    if (not replays or not _reused.get()
+                            or isinstance(e, aiohttp.ClientConnectorError)
+                            or time.monotonic() - sent > _REPLAY_WITHIN_S):
+                        raise
     except TimeoutError as e:  # ours, or aiohttp's ServerTimeoutError (one too)
         raise UpstreamTimeout("upstream did not answer in time") from e
     except aiohttp.ClientHttpProxyError as e:  # the egress proxy refused the CONNECT
@@ -558,8 +579,37 @@ def _out_of_files(name: str) -> NoUpstreamAvailable:
     return NoUpstreamAvailable("The proxy is out of open files; retry later.", retry_after=1)
 
 
+# Whether the current task's last upstream request went on a kept-alive connection
+# (_Connector), and how many times at most one is sent again after such a connection
+# broke before its answer (a pool may hold several the upstream closed at once).
+_reused: Final[contextvars.ContextVar[bool]] = contextvars.ContextVar("lrproxy_reused",
+                                                                      default=False)
+_REPLAYS: Final = 3
+_REPLAY_WITHIN_S: Final = 1.0  # an idle close shows within a round trip
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, noting whether each connection it hands out was used before."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._used: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+
+    async def connect(self, req: ClientRequest, traces: list[Trace],
+                      timeout: aiohttp.ClientTimeout) -> Connection:
+        conn = await super().connect(req, traces, timeout)
+        proto, used = conn.protocol, self._used
+        if proto is not None:
+            if proto in used:
+                _reused.set(True)
+            else:
+                used.add(proto)
+                _reused.set(False)
+        return conn
+
+
 def make_session(config: Config) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
+    connector = _Connector(
         limit=0, ttl_dns_cache=300, enable_cleanup_closed=False, keepalive_timeout=30
     )
     return aiohttp.ClientSession(

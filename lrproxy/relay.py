@@ -60,16 +60,26 @@ def _body_now(request: web.Request, st: State) -> bytes | None:
     length = request.content_length
     if length is not None and length > limit:
         raise errors.RequestTooLarge(f"Request body over the limit of {limit} bytes.")
-    enc = request.headers.get("Content-Encoding")
-    if enc is not None and enc.strip().lower() not in ("identity", ""):
-        raise errors.UnsupportedMediaType(
-            f"Content-Encoding '{errors.printable(enc.strip()[:32])}' is not accepted; "
-            "send the body uncompressed."
-        )
+    headers = request.headers
+    if "Content-Encoding" in headers or "Transfer-Encoding" in headers:
+        _check_codings(headers)
     content = request.content
     if length is not None and content.is_eof():
         return content.read_nowait()
     return None
+
+
+def _check_codings(headers: CIMultiDictProxy[str]) -> None:
+    """Refuse a compressed body (no gzip bombs): a Content-Encoding, in any of its
+    headers, or a transfer coding but chunked (`Transfer-Encoding: gzip, chunked`)."""
+    for name, allowed in (("Content-Encoding", ("identity", "")), ("Transfer-Encoding",
+                                                                  ("chunked", "identity", ""))):
+        for value in headers.getall(name, ()):
+            for coding in value.split(","):
+                if coding.strip().lower() not in allowed:
+                    raise errors.UnsupportedMediaType(
+                        f"{name} '{errors.printable(value.strip()[:32])}' is not accepted; "
+                        "send the body uncompressed.")
 
 
 async def _read_body(request: web.Request, st: State) -> bytes:

@@ -937,6 +937,32 @@ def test_compressed_body_is_415(stack: Stack, case: str) -> None:
     assert codes(stack, key="team-a") == {"415": 1}
 
 
+@pytest.mark.parametrize("lines", [
+    ["Content-Encoding: identity", "Content-Encoding: gzip"],  # the second header
+    ["Content-Encoding: identity, gzip"],
+])
+def test_compressed_body_in_any_content_encoding_is_415(stack: Stack, lines: list[str]) -> None:
+    """A gzip body whose coding is in a second Content-Encoding header, or the second of
+    a list: 415, as for one header, not parsed as JSON (a 400)."""
+    with open_raw(stack) as sock:
+        sock.sendall(request(gzip.compress(BODY), *lines))
+        a = read_answer(sock)
+    a.error(415, "unsupported_media_type")
+    assert sum(hits(stack).values()) == 0
+
+
+def test_a_transfer_coding_but_chunked_is_415(stack: Stack) -> None:
+    """`Transfer-Encoding: gzip, chunked`: a compressed body as well, refused (415)."""
+    data = gzip.compress(BODY)
+    with open_raw(stack) as sock:
+        sock.sendall(head("Transfer-Encoding: gzip, chunked")
+                     + b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
+        a = read_answer(sock)
+    a.error(415, "unsupported_media_type")
+    assert "Transfer-Encoding 'gzip, chunked'" in a.json()["error"]["message"]
+    assert sum(hits(stack).values()) == 0
+
+
 _PREFIX = b'{"model":"meta/llama-3.1-8b","messages":[{"role":"user","content":'
 BAD_JSON = {
     "invalid-utf8": _PREFIX + b'"caf\xc3\x28 \xff"}]}',

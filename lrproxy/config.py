@@ -448,6 +448,21 @@ def _positive(p: _Problems, path: str, value: float, *, zero_ok: bool = False) -
         p.add(path, f"must be {'>= 0' if zero_ok else '> 0'} (got {value!r})")
 
 
+# Bounds far past any real figure, so that a typo (1e308, 1e-300) is refused rather than
+# turning eco figures into infinities (null in JSON, +Inf counters for good) or a
+# Retry-After of 300 digits.
+MAX_INTENSITY: Final = 5000.0  # g/kWh; the dirtiest grids are near 1,100
+MAX_PUE: Final = 10.0
+MAX_WH_PER_1K: Final = 1000.0  # Wh per 1k tokens; LLMs are near 0.01-10
+MAX_ACTIVE_PARAMS_B: Final = 100_000.0
+MIN_RATE_PER_S: Final = 1 / 86400  # one request a day
+
+
+def _at_most(p: _Problems, path: str, value: float | None, limit: float) -> None:
+    if value is not None and value > limit:
+        p.add(path, f"must be <= {limit:g} (got {value!r})")
+
+
 _SERVER: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "listen": (_conv_listen, Listen("127.0.0.1", 8080)),
     "metrics_listen": (_conv_listen, None),
@@ -588,8 +603,9 @@ def _parse_keys(p: _Problems, auth: Any, ini: bool) -> tuple[ClientKey, ...]:
             p.add(path, "give exactly one of sha256, key_env, key_file")
         if k["sha256"] is not None and not _SHA_RE.fullmatch(k["sha256"]):
             p.add(f"{path}.sha256", "expected 64 lowercase hex digits (see `lrproxy hash-key`)")
-        if k["rate_per_s"] is not None:
-            _positive(p, f"{path}.rate_per_s", k["rate_per_s"])
+        if k["rate_per_s"] is not None and not k["rate_per_s"] >= MIN_RATE_PER_S:
+            p.add(f"{path}.rate_per_s",
+                  f"must be >= {MIN_RATE_PER_S:.3g} (one a day; got {k['rate_per_s']!r})")
         if name is not None:
             out.append(ClientKey(**k))
     return tuple(out)
@@ -608,8 +624,11 @@ def _parse_regions(p: _Problems, raw: Any, ini: bool) -> dict[str, Region]:
             p.add(path, f"{NONE!r} is reserved: the metrics' region of a request routed nowhere")
         r = _take(p, path, table, _REGION, ini, required=("grid_intensity_g_per_kwh",))
         _positive(p, f"{path}.grid_intensity_g_per_kwh", r["grid_intensity_g_per_kwh"], zero_ok=True)
+        _at_most(p, f"{path}.grid_intensity_g_per_kwh", r["grid_intensity_g_per_kwh"],
+                 MAX_INTENSITY)
         if r["pue"] < 1.0:
             p.add(f"{path}.pue", f"must be >= 1.0 (got {r['pue']!r})")
+        _at_most(p, f"{path}.pue", r["pue"], MAX_PUE)
         _positive(p, f"{path}.intensity_max_age_s", r["intensity_max_age_s"])
         out[name] = Region(name=name, **r)
     return out
@@ -638,6 +657,8 @@ def _parse_models(p: _Problems, raw: Any, ini: bool) -> dict[str, Model]:
         for k, v in m.items():
             if v is not None:
                 _positive(p, f"{path}.{k}", v, zero_ok=k != "active_params_b")
+                _at_most(p, f"{path}.{k}", v,
+                         MAX_ACTIVE_PARAMS_B if k == "active_params_b" else MAX_WH_PER_1K)
         source: Literal["config", "size_class", "default"]
         if ep is not None or ec is not None:
             if ep is None or ec is None:

@@ -13,7 +13,7 @@ from typing import Any, Final, Literal
 import attrs
 import orjson
 
-from lrproxy.config import Model, Region
+from lrproxy.config import MAX_INTENSITY, Model, Region
 
 Accuracy = Literal["measured", "estimated", "default"]
 CHARS_PER_TOKEN: Final = 4  # the usual rule of thumb for English text with BPE tokenizers
@@ -59,6 +59,8 @@ def parse_reading(data: bytes) -> Reading:
         raise ValueError("carbonIntensity: expected a number")
     if value < 0:
         raise ValueError("carbonIntensity: must be >= 0")
+    if value > MAX_INTENSITY:
+        raise ValueError(f"carbonIntensity: must be <= {MAX_INTENSITY:g}")
     stamp = doc.get("datetime")
     if not isinstance(stamp, str):
         raise ValueError("datetime: expected an ISO 8601 string")

@@ -42,7 +42,8 @@ class ProxyError(Exception):
             return {}
         # whole seconds, rounded up: a client that waits as long as told must not be
         # refused again (an upstream's 2.5 is 3, not round()'s 2)
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        # (at most a day: an upstream's is capped so, and a key's rate at one a day)
+        return {"Retry-After": str(max(1, math.ceil(min(self.retry_after, 86400.0))))}
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

@@ -246,6 +246,26 @@ def test_out_of_range_values(tmp_path: Path) -> None:
     ]
 
 
+def test_figures_past_any_real_one_are_refused(tmp_path: Path) -> None:
+    """A typo of a figure (1e308 g/kWh, 1e-300 requests a second) is refused, not taken:
+    eco figures would be infinities (null in answers, +Inf counters for good) and a
+    Retry-After 300 digits long."""
+    text = base_toml(tail=(
+        '[regions.far]\ngrid_intensity_g_per_kwh = 1e308\npue = 11\n'
+        '[models."acme/huge"]\nenergy_wh_per_1k_prompt_tokens = 1e308\n'
+        'energy_wh_per_1k_completion_tokens = 0.3\n'
+        '[models."acme/big"]\nactive_params_b = 1e9\n'
+        '[auth]\nkeys = [{ name = "slow", sha256 = "' + "a" * 64 + '", rate_per_s = 1e-300 }]'))
+    assert problems(write(tmp_path, text)) == [
+        "lrproxy.toml: auth.keys[0].rate_per_s: must be >= 1.16e-05 (one a day; got 1e-300)",
+        "lrproxy.toml: regions.far.grid_intensity_g_per_kwh: must be <= 5000 (got 1e+308)",
+        "lrproxy.toml: regions.far.pue: must be <= 10 (got 11.0)",
+        "lrproxy.toml: models.\"acme/huge\".energy_wh_per_1k_prompt_tokens: must be <= 1000 "
+        "(got 1e+308)",
+        "lrproxy.toml: models.\"acme/big\".active_params_b: must be <= 100000 (got 1000000000.0)",
+    ]
+
+
 def test_huge_integer_for_a_number_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     """An integer beyond the float range is reported as out of range."""
     huge = "9" * 400

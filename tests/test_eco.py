@@ -249,6 +249,8 @@ def test_parse_reading_accepts_offsets_and_fractions() -> None:
     (b'{"carbonIntensity": "302", "datetime": "2024-05-21T14:00:00Z"}', "carbonIntensity: expected a number"),
     (b'{"carbonIntensity": true, "datetime": "2024-05-21T14:00:00Z"}', "carbonIntensity: expected a number"),
     (b'{"carbonIntensity": -1, "datetime": "2024-05-21T14:00:00Z"}', "carbonIntensity: must be >= 0"),
+    (b'{"carbonIntensity": 1e308, "datetime": "2024-05-21T14:00:00Z"}',
+     "carbonIntensity: must be <= 5000"),
     (b'{"carbonIntensity": 302}', "datetime: expected an ISO 8601 string"),
     (b'{"carbonIntensity": 302, "datetime": 1716300000}', "datetime: expected an ISO 8601 string"),
     (b'{"carbonIntensity": 302, "datetime": "yesterday"}', "datetime: "),

@@ -85,3 +85,13 @@ def test_shared_buckets_a_full_table_falls_back_to_the_process(
         assert type(t.bucket("k0", 1.0)) is limits.SharedBucket  # its slot is kept
     finally:
         t.close()
+
+
+@pytest.mark.parametrize(("wait", "header"), [(0.2, "1"), (2.5, "3"), (86400.0, "86400"),
+                                              (1e300, "86400"), (float("inf"), "86400")])
+def test_retry_after_is_whole_seconds_up_to_a_day(wait: float, header: str) -> None:
+    """A refusal's Retry-After: whole seconds rounded up, at least 1, at most a day
+    (a slow key's bucket, or any wait, never gives a header hundreds of digits long)."""
+    from lrproxy.errors import RateLimited
+
+    assert RateLimited("x", retry_after=wait).headers() == {"Retry-After": header}

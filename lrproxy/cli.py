@@ -407,7 +407,10 @@ def _reload(app: web.Application, path: str, notifier: Notifier, shown: str) -> 
 
 
 def _warn_unserved(rt: Runtime) -> None:
-    """Say which model ids answer 404 because no upstream serves them (legal, often a slip)."""
+    """Say which model ids answer 404 because no upstream serves them, and that every
+    request answers 401 with no client key (legal, often a slip)."""
+    if not rt.state.config.keys:
+        log.warning("no client keys are configured ([auth] keys): every request gets 401")
     for mid in unserved(rt.state.table):
         if mid == AUTO_MODEL and rt.state.config.auto_models:
             log.warning("no upstream serves any [auto] model: requests for %s get 404", mid)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Final
 
-from lrproxy.log import MAIN
+from lrproxy.log import MAIN, Seldom
 
 SD_LISTEN_FDS_START: Final = 3
 log = logging.getLogger(MAIN)
@@ -34,6 +34,7 @@ class Notifier:
         elif addr.startswith("/"):
             self._addr = addr
         self._sock: socket.socket | None = None
+        self._failed = Seldom(60.0)  # its warning, once a minute at most
         self.ready_status = ""  # a worker names itself here for its supervisor
         usec = environ.get("WATCHDOG_USEC", "")
         pid = environ.get("WATCHDOG_PID", "")
@@ -53,7 +54,8 @@ class Notifier:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._sock.sendto("\n".join(lines).encode(), self._addr)
         except OSError as e:  # systemd gone or socket full: never fatal for serving
-            log.warning("sd_notify failed: %s", e.strerror)
+            if self._failed.due():  # (WATCHDOG=1 goes every few seconds)
+                log.warning("sd_notify failed: %s", e.strerror)
 
     def ready(self, status: str = "") -> None:
         status = self.ready_status or status

@@ -298,3 +298,26 @@ def test_auto_models_served_by_no_upstream_say_so(caplog: pytest.LogCaptureFixtu
     assert [r.getMessage() for r in caplog.records] == [
         f"model {UNRATED} is served by no upstream: requests for it get 404",
         f"no upstream serves any [auto] model: requests for {AUTO_MODEL} get 404"]
+
+
+def test_no_client_keys_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """A config without [auth] keys is legal (check-config says ok), but every request
+    gets 401: the start (and each reload) says so, once."""
+    from prometheus_client import CollectorRegistry
+
+    from lrproxy import cli
+    from lrproxy.app import RUNTIME, make_app
+    from lrproxy.config import resolve_secrets
+
+    def a_key(d: dict[str, Any]) -> None:
+        d["auth"] = {"keys": [{"name": "ops", "sha256": "a" * 64}]}
+
+    for mutate, want in ((None, 1), (a_key, 0)):  # (DATA has no [auth])
+        cfg = config(mutate)
+        app = make_app(cfg, resolve_secrets(cfg, {}), registry=CollectorRegistry())
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lrproxy"):
+            cli._warn_unserved(app[RUNTIME])
+        said = [r.getMessage() for r in caplog.records if "client keys" in r.getMessage()]
+        assert said == ["no client keys are configured ([auth] keys): every request "
+                        "gets 401"] * want

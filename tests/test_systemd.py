@@ -219,6 +219,22 @@ def test_sd_notify_watchdog(tmp_path: Path, sim: SimThread) -> None:
         notify.close()
 
 
+def test_a_notify_socket_that_is_gone_is_warned_about_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NOTIFY_SOCKET naming a socket no one listens on (a stale one): each send fails,
+    as WATCHDOG=1 does every few seconds; the warning comes once a minute, not each time."""
+    from lrproxy.sdnotify import Notifier
+
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+    with caplog.at_level("WARNING", logger="lrproxy"):
+        for _ in range(5):
+            n.send("WATCHDOG=1")
+    n.close()
+    assert [r.getMessage() for r in caplog.records].count(
+        "sd_notify failed: No such file or directory") == 1
+
+
 def test_without_notify_socket_nothing_breaks(tmp_path: Path, sim: SimThread) -> None:
     """Without NOTIFY_SOCKET (WATCHDOG_USEC set all the same) serving, reload and stop work."""
     port = free_port()

@@ -16,6 +16,7 @@ import errno
 import io
 import logging
 import math
+import os
 import ssl
 import time
 import types
@@ -436,7 +437,7 @@ class UpstreamResponse:
         try:
             return await self._resp.content.readany()
         except (aiohttp.ClientError, OSError) as e:
-            raise UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}") from e
+            raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from e
 
     def read_complete(self) -> bytes | None:
         """The whole body when it has already arrived (usual for a JSON answer), else None.
@@ -449,7 +450,7 @@ class UpstreamResponse:
         try:
             return content.read_nowait()
         except (aiohttp.ClientError, OSError) as e:
-            raise UpstreamConnectionLost(f"upstream connection lost: {type(e).__name__}") from e
+            raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from e
 
     def done(self) -> bool:
         """True when the whole body has been read (the connection can go back)."""
@@ -537,18 +538,18 @@ async def send(
     except TimeoutError as e:  # ours, or aiohttp's ServerTimeoutError (one too)
         raise UpstreamTimeout("upstream did not answer in time") from e
     except aiohttp.ClientHttpProxyError as e:  # the egress proxy refused the CONNECT
-        raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
+        raise UpstreamError(f"upstream connection failed: {_why(e)}") from e
     except aiohttp.ClientResponseError as e:  # it answered, but no HTTP it could parse
-        raise UpstreamBadResponse(f"upstream answered no valid HTTP: {type(e).__name__}") from e
+        raise UpstreamBadResponse("upstream answered no valid HTTP") from e
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
         if isinstance(e, aiohttp.ClientConnectorError):  # (a ClientOSError too)
             if e.os_error.errno in (errno.EMFILE, errno.ENFILE):
                 raise _out_of_files(target.upstream.name) from e
-            raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
+            raise UpstreamError(f"upstream connection failed: {_why(e)}") from e
         raise UpstreamConnectionLost(  # connected, then cut before its answer's headers
-            f"upstream connection lost: {type(e).__name__}") from e
+            f"upstream connection lost: {_why(e)}") from e
     except (aiohttp.ClientError, OSError) as e:
-        raise UpstreamError(f"upstream connection failed: {type(e).__name__}") from e
+        raise UpstreamError(f"upstream connection failed: {_why(e)}") from e
     status = resp.status
     if status < 300 or (400 <= status < 500 and status not in (401, 403, 429)):
         return UpstreamResponse(resp)
@@ -568,6 +569,26 @@ async def send(
 
 
 _out_of_files_logged: Final = Seldom(60.0)
+# What broke, in words, for messages a client reads (not aiohttp's class names)
+_WHY: Final[tuple[tuple[type[BaseException], str], ...]] = (
+    (aiohttp.ClientHttpProxyError, "the egress proxy refused it"),
+    (aiohttp.ClientSSLError, "TLS failed"),
+    (aiohttp.ServerDisconnectedError, "the upstream closed it"),
+    (aiohttp.ClientPayloadError, "the answer's body broke off"),
+    (aiohttp.ServerFingerprintMismatch, "TLS failed"),
+)
+
+
+def _why(e: BaseException) -> str:
+    """A failure of an upstream connection in plain words: the system's for an OS error
+    ("Connection refused"), else what the kind of failure means."""
+    for kind, words in _WHY:
+        if isinstance(e, kind):
+            return words
+    os_error = getattr(e, "os_error", e)  # a ClientConnectorError's cause
+    if isinstance(os_error, OSError) and os_error.errno:  # (its strerror may name the
+        return os.strerror(os_error.errno)  # upstream's address: asyncio's connect's does)
+    return "the connection failed"
 
 
 def _out_of_files(name: str) -> NoUpstreamAvailable:

@@ -1163,7 +1163,8 @@ def test_connect_refused_fails_over_in_region(make_stack: MakeStack, down: tuple
         assert outcomes(stack) == {("eu-west-a", "connect_error"): 1, ("eu-west-b", "ok"): 1}
         assert codes(stack) == {"200": 1}
     else:
-        a.error(502, "upstream_error")
+        err = a.error(502, "upstream_error")
+        assert err["message"] == "upstream connection failed: Connection refused"
         assert hits(stack) == {"eu-north-a": 0, "us-east-a": 0}
         got = outcomes(stack)
         assert {u for u, _ in got} == set(EU_WEST) and {o for _, o in got} == {"connect_error"}
@@ -1915,6 +1916,9 @@ def test_stream_cut_ends_with_error_event(stack: Stack) -> None:
     _, rec = only_hit(stack)
     assert before == split_events(rec.sent)  # role chunk + 3 words, byte for byte
     assert last["lowrouter"]["eco"]["tokens"]["completion"] == len(before)  # one per chunk
+    # in words, not aiohttp's class names (ClientPayloadError)
+    assert last["error"]["message"] == ("upstream connection lost: the answer's body "
+                                        "broke off")
     wait_for(lambda: codes(stack) == {"stream_error": 1})
     # one attempt, one outcome: a stream's is counted at its end
     assert outcomes(stack) == {("eu-north-a", "stream_connection_lost"): 1}

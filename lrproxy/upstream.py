@@ -13,6 +13,7 @@ import contextvars
 import datetime as dt
 import email.utils
 import errno
+import functools
 import io
 import logging
 import math
@@ -20,7 +21,6 @@ import os
 import ssl
 import time
 import types
-import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Final
@@ -28,9 +28,6 @@ from typing import Any, Final
 import aiohttp
 import attrs
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 
 from lrproxy.config import Config, Secrets, Upstream
@@ -609,24 +606,32 @@ _REPLAYS: Final = 3
 _REPLAY_WITHIN_S: Final = 1.0  # an idle close shows within a round trip
 
 
+class _Handler(ResponseHandler):
+    """aiohttp's client protocol, counting its requests: at each one's start (after the
+    connection is handed out, before a byte is written) it notes, for `send`, whether
+    the connection was used before (a flag in the task's context: no call of its own)."""
+
+    __slots__ = ("lr_requests",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.lr_requests = 0
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        self.lr_requests += 1
+        _reused.set(self.lr_requests > 1)
+        super().set_response_params(**kwargs)
+
+
 class _Connector(aiohttp.TCPConnector):
-    """aiohttp's connector, noting whether each connection it hands out was used before."""
+    """aiohttp's connector, making _Handler connections."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._used: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
-
-    async def connect(self, req: ClientRequest, traces: list[Trace],
-                      timeout: aiohttp.ClientTimeout) -> Connection:
-        conn = await super().connect(req, traces, timeout)
-        proto, used = conn.protocol, self._used
-        if proto is not None:
-            if proto in used:
-                _reused.set(True)
-            else:
-                used.add(proto)
-                _reused.set(False)
-        return conn
+        # (the factory is private; without it, a stale connection is not told apart
+        # from a new one, and its break is a failure, as before)
+        if isinstance(getattr(self, "_factory", None), functools.partial):
+            self._factory = functools.partial(_Handler, loop=self._loop)  # type: ignore[assignment]
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:

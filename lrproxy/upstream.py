@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import datetime as dt
 import email.utils
 import errno
@@ -528,7 +527,8 @@ async def send(
                     # reached it, as nginx, Go and aiohttp (for GET) take it; sent again
                     # on the next one, not counted as an attempt or a failure. Only at
                     # once: a break later may be the upstream's crash while it worked.
-                    if (not replays or not _reused.get()
+                    made = getattr(e, "lr_made", None)  # its connection's (_Handler)
+                    if (not replays or made is None or made >= sent
                             or isinstance(e, aiohttp.ClientConnectorError)
                             or time.monotonic() - sent > _REPLAY_WITHIN_S):
                         raise
@@ -597,30 +597,27 @@ def _out_of_files(name: str) -> NoUpstreamAvailable:
     return NoUpstreamAvailable("The proxy is out of open files; retry later.", retry_after=1)
 
 
-# Whether the current task's last upstream request went on a kept-alive connection
-# (_Connector), and how many times at most one is sent again after such a connection
-# broke before its answer (a pool may hold several the upstream closed at once).
-_reused: Final[contextvars.ContextVar[bool]] = contextvars.ContextVar("lrproxy_reused",
-                                                                      default=False)
+# How many times at most a request is sent again after a pooled connection broke
+# before its answer (a pool may hold several the upstream closed at once)
 _REPLAYS: Final = 3
 _REPLAY_WITHIN_S: Final = 1.0  # an idle close shows within a round trip
 
 
 class _Handler(ResponseHandler):
-    """aiohttp's client protocol, counting its requests: at each one's start (after the
-    connection is handed out, before a byte is written) it notes, for `send`, whether
-    the connection was used before (a flag in the task's context: no call of its own)."""
+    """aiohttp's client protocol, which stamps the failures it reports with when its
+    connection was made: one made before a request was sent was a pooled one (`send`).
+    Nothing per request: only a new connection, and a failure, do more."""
 
-    __slots__ = ("lr_requests",)
+    __slots__ = ("lr_made",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
-        self.lr_requests = 0
+        self.lr_made = time.monotonic()
 
-    def set_response_params(self, **kwargs: Any) -> None:
-        self.lr_requests += 1
-        _reused.set(self.lr_requests > 1)
-        super().set_response_params(**kwargs)
+    def set_exception(self, exc: BaseException, *args: Any) -> None:
+        with contextlib.suppress(AttributeError):  # (an exception without a __dict__)
+            exc.lr_made = self.lr_made  # type: ignore[attr-defined]
+        super().set_exception(exc, *args)
 
 
 class _Connector(aiohttp.TCPConnector):

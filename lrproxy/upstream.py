@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import email.utils
 import errno
-import functools
 import io
 import logging
 import math
@@ -26,7 +25,6 @@ from typing import Any, Final
 
 import aiohttp
 import attrs
-from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
 
 from lrproxy.config import Config, Secrets, Upstream
@@ -510,28 +508,12 @@ async def send(
     """
     try:
         with deadlines.timeout(timeout):
-            for replays in range(_REPLAYS, -1, -1):
-                sent = time.monotonic()
-                try:
-                    resp = await session.post(
-                        # aiohttp writes bytes over 1 MiB in one go, with a warning;
-                        # BytesIO streams.
-                        url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
-                        headers=headers, allow_redirects=False, timeout=client_timeout,
-                        **target.post_options,
-                    )
-                    break
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-                    # A kept-alive connection the upstream closed as we sent on it
-                    # (its idle timeout, 5 s in uvicorn and Node): the request never
-                    # reached it, as nginx, Go and aiohttp (for GET) take it; sent again
-                    # on the next one, not counted as an attempt or a failure. Only at
-                    # once: a break later may be the upstream's crash while it worked.
-                    made = getattr(e, "lr_made", None)  # its connection's (_Handler)
-                    if (not replays or made is None or made >= sent
-                            or isinstance(e, aiohttp.ClientConnectorError)
-                            or time.monotonic() - sent > _REPLAY_WITHIN_S):
-                        raise
+            resp = await session.post(
+                # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
+                url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
+                headers=headers, allow_redirects=False, timeout=client_timeout,
+                **target.post_options,
+            )
     except TimeoutError as e:  # ours, or aiohttp's ServerTimeoutError (one too)
         raise UpstreamTimeout("upstream did not answer in time") from e
     except aiohttp.ClientHttpProxyError as e:  # the egress proxy refused the CONNECT
@@ -597,42 +579,8 @@ def _out_of_files(name: str) -> NoUpstreamAvailable:
     return NoUpstreamAvailable("The proxy is out of open files; retry later.", retry_after=1)
 
 
-# How many times at most a request is sent again after a pooled connection broke
-# before its answer (a pool may hold several the upstream closed at once)
-_REPLAYS: Final = 3
-_REPLAY_WITHIN_S: Final = 1.0  # an idle close shows within a round trip
-
-
-class _Handler(ResponseHandler):
-    """aiohttp's client protocol, which stamps the failures it reports with when its
-    connection was made: one made before a request was sent was a pooled one (`send`).
-    Nothing per request: only a new connection, and a failure, do more."""
-
-    __slots__ = ("lr_made",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self.lr_made = time.monotonic()
-
-    def set_exception(self, exc: BaseException, *args: Any) -> None:
-        with contextlib.suppress(AttributeError):  # (an exception without a __dict__)
-            exc.lr_made = self.lr_made  # type: ignore[attr-defined]
-        super().set_exception(exc, *args)
-
-
-class _Connector(aiohttp.TCPConnector):
-    """aiohttp's connector, making _Handler connections."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # (the factory is private; without it, a stale connection is not told apart
-        # from a new one, and its break is a failure, as before)
-        if isinstance(getattr(self, "_factory", None), functools.partial):
-            self._factory = functools.partial(_Handler, loop=self._loop)  # type: ignore[assignment]
-
-
 def make_session(config: Config) -> aiohttp.ClientSession:
-    connector = _Connector(
+    connector = aiohttp.TCPConnector(
         limit=0, ttl_dns_cache=300, enable_cleanup_closed=False, keepalive_timeout=30
     )
     return aiohttp.ClientSession(

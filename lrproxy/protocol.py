@@ -88,6 +88,7 @@ class LimitsHandler(RequestHandler):
         self.lr_busy = False  # set by the app's edge while it handles a request
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
         self._lr_body: StreamReader | None = None  # an answered request's body still coming
+        self._lr_body_sized = True  # … with a Content-Length
         self._lr_timer: asyncio.TimerHandle | None = None
         self._lr_kept = -1.0  # when its last request ended (_lr_evict); -1: none yet
         self._lr_stuck = (0, 0.0)  # its unsent answer bytes, and since when (_lr_check)
@@ -142,8 +143,12 @@ class LimitsHandler(RequestHandler):
             if body is not None:
                 if not body.is_eof():
                     # the rest of the body of a request answered before it came (a 401,
-                    # a 413), which aiohttp reads and drops: no next request's bytes
+                    # a 413), which aiohttp reads and drops: no next request's bytes,
+                    # unless some follow the body's end
+                    fed = body.total_bytes
                     super().data_received(data)
+                    if body.is_eof():
+                        self._lr_body_ended(len(data) - (body.total_bytes - fed))
                     return
                 self._lr_body = None
             # A request's first bytes: its headers are due within header_timeout from
@@ -157,6 +162,21 @@ class LimitsHandler(RequestHandler):
         super().data_received(data)
         if self.lr_busy and len(self._messages) > queued:
             self._lr_body_broken()
+
+    def _lr_body_ended(self, after: int) -> None:
+        """A refused request's body ended within a read with `after` bytes past its own:
+        they are the next request's first ones, its headers due within header_timeout
+        (a slowloris sends them with the body's end). A chunked body's framing is in
+        `after` too: then the connection, whether or not a request began, closes at
+        header_timeout if none has come whole, quietly (no 408 for what may be none)."""
+        self._lr_body = None
+        due = self._loop.time() + self.header_timeout
+        if self._lr_body_sized and after > 0:
+            self._lr_seen = True
+        elif self._lr_body_sized:
+            return
+        if due < self._lr_deadline:
+            self._lr_deadline = due
 
     def _lr_body_broken(self) -> None:
         """A parse error in the body of the request being handled (a chunk size that is
@@ -178,12 +198,15 @@ class LimitsHandler(RequestHandler):
             self._lr_timer.cancel()
             self._lr_timer = None
 
-    def lr_end(self, body: StreamReader | None = None) -> None:
+    def lr_end(self, body: StreamReader | None = None, sized: bool = True) -> None:
         """The app's edge is done with a request (it set `lr_busy` at its start);
-        `body`, the request's, if it may not have all come yet."""
+        `body`, the request's, if it may not have all come yet, and whether its length
+        was given (not chunked)."""
         self.lr_busy = False
         self._lr_seen = False
         self._lr_body = None if body is None or body.is_eof() else body
+        if self._lr_body is not None:  # (a Content-Length body, or a chunked one)
+            self._lr_body_sized = sized
         now = self._loop.time()
         self._lr_kept = now
         conns = self.connections  # least recently used first (_lr_evict)

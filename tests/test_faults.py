@@ -715,6 +715,38 @@ def test_the_rest_of_a_refused_requests_body_is_no_next_request(
     assert codes(stack) == {refusal: 1}
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_request_begun_with_a_refused_bodys_end_has_its_header_deadline(
+    make_stack: MakeStack, chunked: bool,
+) -> None:
+    """A refused request's body whose last bytes come in one read with the start of a
+    next request that then stalls (a slowloris): that request's headers are due within
+    client_header (0.5 s): a 408, or, after a chunked body (whose framing the proxy
+    does not count), a close at client_header; not a wait of the keep-alive's 75 s."""
+    stack = make_stack(cfg(timeouts={"client_header": 0.5}))
+    body = b"x" * 20
+    with open_raw(stack) as sock:
+        if chunked:
+            sock.sendall(head("Transfer-Encoding: chunked", key="sk-wrong"))
+            rest = b"14\r\n" + body + b"\r\n0\r\n\r\n"
+        else:
+            sock.sendall(head(f"Content-Length: {len(body)}", key="sk-wrong"))
+            rest = body
+        read_answer(sock).error(401, "invalid_api_key")
+        t0 = time.monotonic()
+        sock.sendall(rest + b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        sock.settimeout(5.0)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                got += data
+        assert time.monotonic() - t0 < 2.5
+    if chunked:  # (the framing left the proxy unsure a request began: a quiet close)
+        assert got == b""
+    else:
+        assert got.startswith(b"HTTP/1.1 408 ")
+
+
 def test_connections_over_max_connections_get_429_and_close(
     make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -401,6 +401,8 @@ async def _try_candidates(
         t_sent = time.perf_counter()
         now = time.monotonic()
         first_byte = min(tmo.first_byte, deadline - now)
+        # less time than a first attempt has: the request's earlier attempts took it
+        cut_short = first_byte < min(tmo.first_byte, tmo.total) - 0.005
         early = (_EarlyCommit(request, rt, rec, cand, t_sent, max(0.0, beat_at - now),
                               tmo.keepalive)
                  if beat_at < now + first_byte else None)
@@ -438,10 +440,11 @@ async def _try_candidates(
             rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
             pool.release(held)
             now = time.monotonic()
-            if ((isinstance(e, errors.UpstreamTimeout) and now >= deadline - 0.005)
-                    or isinstance(e, errors.UpstreamTooLarge)):
-                # timeouts.total, the proxy's own cap on a request, ran out in this
-                # attempt's wait (as for a stream, below), or its answer is over the
+            if ((cut_short and isinstance(e, errors.UpstreamTimeout)
+                 and now >= deadline - 0.005) or isinstance(e, errors.UpstreamTooLarge)):
+                # timeouts.total ran out in a wait that the request's earlier attempts
+                # had cut short (a first attempt's timeout, with all the time any
+                # attempt gets, is its upstream's failure), or its answer is over the
                 # proxy's cap: not this upstream's failure
                 if trial:
                     pool.abandoned(name, held)

@@ -1398,10 +1398,11 @@ def test_silent_upstream_is_504_after_first_byte(make_stack: MakeStack, stream: 
 def test_no_upstream_is_tried_once_the_total_is_spent(make_stack: MakeStack) -> None:
     """timeouts.total (1 s) runs out in the first attempt's wait for its headers
     (first_byte 5 s): the answer is that attempt's 504, and the region's other upstream
-    is neither tried with no time left nor charged a timeout; nor is the first, whose
-    wait the proxy's own cap on the request cut, not its first_byte."""
+    is neither tried with no time left nor charged a timeout. The first had all the
+    time any attempt gets: its failure, so that five eject it and the sixth request
+    goes to the other."""
     stack = make_stack(cfg(server={"retries": 1}, timeouts={"first_byte": 5, "total": 1}))
-    faults(stack, EU_WEST, headers_delay_s=3)
+    faults(stack, ("eu-west-a",), headers_delay_s=3)
     a = post(stack, chat(MINI, region="eu-west"))
     a.error(504, "upstream_timeout")
     assert a.elapsed < 2.0
@@ -1409,7 +1410,10 @@ def test_no_upstream_is_tried_once_the_total_is_spent(make_stack: MakeStack) -> 
     assert hits(stack)["eu-west-b"] == 0
     assert outcomes(stack) == {("eu-west-a", "timeout"): 1}
     health = stack.call(lambda: {n: h.failures for n, h in stack.runtime.pool.health.items()})
-    assert health["eu-west-a"] == health["eu-west-b"] == 0
+    assert (health["eu-west-a"], health["eu-west-b"]) == (1, 0)
+    for _ in range(4):
+        post(stack, chat(MINI, region="eu-west")).error(504, "upstream_timeout")
+    assert post(stack, chat(MINI, region="eu-west")).route()["upstream"] == "eu-west-b"
 
 
 def test_an_attempt_cut_short_by_the_total_is_not_the_upstreams_failure(

@@ -133,9 +133,7 @@ def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tupl
         raise errors.InvalidRequest("'stream' must be a boolean.", param="stream")
     if stream and not chat:
         raise errors.InvalidRequest("Embeddings do not stream.", param="stream")
-    region = headers.get(REGION_HEADER)
-    if region is not None:
-        _check_region_header(region, headers)
+    region = None
     if "route" in obj:
         route = obj.pop("route")
         if route is not None:
@@ -151,6 +149,10 @@ def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tupl
                     raise errors.InvalidRequest("'route.region' must be a non-empty string.",
                                                 param="route.region")
                 region = r  # the body wins over the header (SPEC §2)
+    if region is None:
+        region = headers.get(REGION_HEADER)
+        if region is not None:
+            _check_region_header(region, headers)
     client_usage = False
     if stream:
         so = obj.get("stream_options")
@@ -460,7 +462,7 @@ async def _try_candidates(
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
                 if e.retry_after is not None:
-                    soonest = min(soonest or math.inf, e.retry_after)
+                    soonest = e.retry_after if soonest is None else min(soonest, e.retry_after)
             continue
         except BaseException as exc:  # the client gone, the drain, a bug of ours
             pool.release(held)
@@ -493,7 +495,7 @@ async def _try_candidates(
         )
     if last.upstream_status == 429:  # every upstream tried is rate-limiting us: say so
         raise errors.RateLimited("The upstream providers are rate-limiting this request; "
-                                 "retry later.", retry_after=soonest or 1)
+                                 "retry later.", retry_after=1 if soonest is None else soonest)
     raise last
 
 
@@ -605,7 +607,8 @@ def _answer_doc(
         raise errors.UpstreamBadResponse("upstream answered with a body that is not JSON") from e
     if not isinstance(doc, dict):
         raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
-    if b'"error"' in data and (  # (one C search: the usual answer has no such string)
+    if (b'"error"' in data or b"\\u" in data) and (  # (one or two C searches: the usual
+            # answer has neither; "\u0065rror" would hide the key from the first)
             (doc.get("error") and not doc.get("data")) or _failed_choice(doc.get("choices"))):
         # a failed generation some servers answer with 200 (OpenRouter), with choices
         # (`finish_reason: "error"`) or without: a failure of this attempt, as the same

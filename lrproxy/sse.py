@@ -283,9 +283,9 @@ def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
     choices = obj.get("choices")
     # An error object: alone, or beside choices (OpenRouter's failure after tokens went:
     # `"error": {...}, "choices": [{"delta": {}, "finish_reason": "error"}]`, the shape
-    # of the §1.1 error event itself), where an empty one is taken for no error.
+    # of the §1.1 error event itself); an empty object alone is one too.
     err = obj.get("error")
-    if err is not None and (err or not choices):
+    if err or (err == {} and not choices):  # (false, 0, "", [] and null are no error)
         return Kind.ERROR, obj, has_id
     if isinstance(choices, list):
         for c in choices:  # a loop: any() of a generator costs a frame and its resumes

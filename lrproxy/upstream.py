@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import os
+import socket
 import ssl
 import time
 import types
@@ -558,6 +559,10 @@ _WHY: Final[tuple[tuple[type[BaseException], str], ...]] = (
 )
 
 
+_DNS_ERROR: Final[type[BaseException]] = getattr(aiohttp, "ClientConnectorDNSError",
+                                                 socket.gaierror)  # (aiohttp 3.10 on)
+
+
 def _why(e: BaseException) -> str:
     """A failure of an upstream connection in plain words: the system's for an OS error
     ("Connection refused"), else what the kind of failure means."""
@@ -565,9 +570,11 @@ def _why(e: BaseException) -> str:
         if isinstance(e, kind):
             return words
     os_error = getattr(e, "os_error", e)  # a ClientConnectorError's cause
-    if isinstance(os_error, OSError) and os_error.errno:  # (its strerror may name the
-        return os.strerror(os_error.errno)  # upstream's address: asyncio's connect's does)
-    return "the connection failed"
+    if isinstance(os_error, socket.gaierror) or isinstance(e, _DNS_ERROR):
+        return "the upstream's host name did not resolve"
+    if isinstance(os_error, OSError) and os_error.errno and os_error.errno > 0:
+        return os.strerror(os_error.errno)  # (its strerror may name the upstream's
+    return "the connection failed"  # address: asyncio's connect's does)
 
 
 def _out_of_files(name: str) -> NoUpstreamAvailable:

@@ -1052,24 +1052,31 @@ def test_header_bytes_that_are_not_utf8_are_quoted_escaped(stack: Stack) -> None
     assert stack.metric_sum("lrproxy_requests_total", code="500") == 0
 
 
-@pytest.mark.parametrize(("lines", "want"), [
-    ([b"X-LowRouter-Region: "], 400),  # an unset variable in default_headers
-    ([b"X-LowRouter-Region:    "], 400),
-    ([b"X-LowRouter-Region: us-east", b"X-LowRouter-Region: eu-west"], 400),
-    ([b"X-LowRouter-Region: ", b"X-LowRouter-Region: eu-west"], 400),
-    ([b"X-LowRouter-Region: eu-west", b"x-lowrouter-region: eu-west"], 200),
-    ([b"X-LowRouter-Region: eu-west"], 200),
+@pytest.mark.parametrize(("lines", "want", "body_region"), [
+    ([b"X-LowRouter-Region: "], 400, None),  # an unset variable in default_headers
+    ([b"X-LowRouter-Region:    "], 400, None),
+    ([b"X-LowRouter-Region: us-east", b"X-LowRouter-Region: eu-west"], 400, None),
+    ([b"X-LowRouter-Region: ", b"X-LowRouter-Region: eu-west"], 400, None),
+    ([b"X-LowRouter-Region: eu-west", b"x-lowrouter-region: eu-west"], 200, None),
+    ([b"X-LowRouter-Region: eu-west"], 200, None),
+    # the body's pin wins (SPEC §2): the header, whatever it holds, is not read
+    ([b"X-LowRouter-Region: "], 200, "eu-west"),
+    ([b"X-LowRouter-Region: us-east", b"X-LowRouter-Region: eu-north"], 200, "eu-west"),
 ])
 def test_a_region_header_must_name_one_region(
-    stack: Stack, lines: list[bytes], want: int,
+    stack: Stack, lines: list[bytes], want: int, body_region: str | None,
 ) -> None:
     """A pin by header that is empty, or given twice with different regions, is refused
     (400, param naming the header), never taken for no pin or for its first copy: either
-    could send a pinned request out of its region (SPEC §2). Copies that agree pin."""
+    could send a pinned request out of its region (SPEC §2). Copies that agree pin; a
+    body that pins wins over any header."""
     import socket
 
     host, port = stack.origin.removeprefix("http://").split(":")
-    body = json.dumps({"model": MINI, "messages": MSGS}).encode()
+    fields: dict[str, Any] = {"model": MINI, "messages": MSGS}
+    if body_region is not None:
+        fields["route"] = {"region": body_region}
+    body = json.dumps(fields).encode()
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                   b"Authorization: Bearer " + stack.key.encode() + b"\r\n"

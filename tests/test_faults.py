@@ -1204,6 +1204,16 @@ def test_connect_refused_fails_over_in_region(make_stack: MakeStack, down: tuple
         assert codes(stack) == {"502": 1}
 
 
+def test_an_upstream_name_that_does_not_resolve_says_so(make_stack: MakeStack) -> None:
+    """A base_url whose host name does not resolve (.invalid never does, RFC 6761): 502
+    saying so in words, not "Unknown error -2" (a resolver's negative errno)."""
+    stack = make_stack(cfg(server={"retries": 0},
+                           upstreams={"eu-north-a": {"base_url": "http://lrproxy.invalid/v1"}}))
+    err = post(stack, chat(LLAMA, region="eu-north")).error(502, "upstream_error")
+    assert err["message"] == ("upstream connection failed: the upstream's host name did "
+                              "not resolve")
+
+
 def test_connect_timeout_is_504(make_stack: MakeStack) -> None:
     """An upstream whose connect hangs: 504 upstream_timeout after timeouts.connect, not first_byte."""
     with blackhole() as url:
@@ -1305,7 +1315,7 @@ def test_upstream_429_moves_to_a_different_upstream_only(stack: Stack, limited: 
 
 @pytest.mark.parametrize(("first", "second", "want"), [
     ("60", "5", "5"), ("5", "60", "5"), ("60", None, "60"), (None, "60", "60"),
-    (None, None, "1"),
+    (None, None, "1"), ("0", "30", "1"), ("30", "0", "1"),  # 0: at once (at least 1 s)
 ])
 def test_429_from_every_upstream_gives_the_soonest_retry_after(
     stack: Stack, first: str | None, second: str | None, want: str,
@@ -1639,6 +1649,18 @@ def test_an_answer_over_the_cap_is_not_the_upstreams_failure(
     assert outcomes(stack) == {("eu-west-a", "bad_response"): 1}
     health = stack.call(lambda: {n: h.failures for n, h in stack.runtime.pool.health.items()})
     assert health["eu-west-a"] == 0
+
+
+def test_upstream_200_with_an_escaped_error_key_fails_over(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """The error object's key written with a JSON escape ("\\u0065rror", as a server
+    escaping more than it must might): the same failure as "error", not a 200."""
+    body = b'{"\\u0065rror": {"message": "Provider returned error", "code": 502}}'
+    up = scripted(lambda conn, n, req: (_answer_of("200 OK", "application/json", body), True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    err = post(stack, chat(LLAMA, region="eu-north")).error(502, "upstream_error")
+    assert err["message"] == "the upstream answered 200 with an error object"
 
 
 @pytest.mark.parametrize("doc", [

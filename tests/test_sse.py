@@ -327,6 +327,14 @@ def test_error_object() -> None:
     (b'{"error": null, "choices": [{"index": 0, "delta": {"content": "x"}}]}', Kind.PASS),
     (b'{"error": {}, "choices": [{"index": 0, "delta": {"content": "x"}}]}', Kind.PASS),
     (b'{"error": {}, "choices": []}', Kind.ERROR),
+    (b'{"error": {}}', Kind.ERROR),
+    # a falsy member on a usage-only chunk (choices []), as on the chunks before it
+    (b'{"error": false, "choices": [], "usage": {"prompt_tokens": 1, '
+     b'"completion_tokens": 1}}', Kind.FINAL),
+    (b'{"error": 0, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}',
+     Kind.FINAL),
+    (b'{"error": "", "choices": []}', Kind.PASS),
+    (b'{"error": [], "choices": [{"index": 0, "delta": {"content": "x"}}]}', Kind.PASS),
     (b'{"error": null, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}',
      Kind.FINAL),
 ])

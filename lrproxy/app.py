@@ -575,7 +575,11 @@ def make_app(
     rt = Runtime(make_state(config, secrets, {}), Pool(), metrics, clock=clock)
     shared = os.environ.get(limits.SHARED_BUCKETS_ENV)  # a worker's (workers.py)
     if shared:
-        rt.shared_buckets = limits.SharedBuckets(shared)
+        try:
+            rt.shared_buckets = limits.SharedBuckets(shared)
+        except OSError as e:  # gone (a /tmp cleaner's doing, outside systemd)
+            log.warning("the workers' shared rate_per_s buckets cannot be opened (%s): "
+                        "this worker's are its own", e.strerror or e)
     rt.install(config, secrets)
     if not metrics.immediate:  # in multiprocess mode a function cannot be summed
         metrics.inflight.set_function(lambda: len(rt.tasks))

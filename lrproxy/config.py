@@ -185,7 +185,10 @@ def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Confi
             raise ConfigError([f"{label}: not valid TOML: {e}"]) from e
         except RecursionError:  # arrays or tables nested thousands deep
             raise ConfigError([f"{label}: not valid TOML here: nested too deeply"]) from None
-        return parse_config(data, source=label)
+        try:
+            return parse_config(data, source=label)
+        except RecursionError:  # dotted keys (a.a.a…) the parser takes flat, then deep
+            raise ConfigError([f"{label}: not valid here: nested too deeply"]) from None
     if p.suffix in (".ini", ".conf", ".cfg"):
         data, names = _ini_to_mapping(text, label)
         return parse_config(data, source=label, ini_names=names)
@@ -605,7 +608,7 @@ def _parse_keys(p: _Problems, auth: Any, ini: bool) -> tuple[ClientKey, ...]:
             p.add(f"{path}.sha256", "expected 64 lowercase hex digits (see `lrproxy hash-key`)")
         if k["rate_per_s"] is not None and not k["rate_per_s"] >= MIN_RATE_PER_S:
             p.add(f"{path}.rate_per_s",
-                  f"must be >= {MIN_RATE_PER_S:.3g} (one a day; got {k['rate_per_s']!r})")
+                  f"must be at least one a day, 1/86400 (got {k['rate_per_s']!r})")
         if name is not None:
             out.append(ClientKey(**k))
     return tuple(out)

@@ -63,8 +63,12 @@ class SharedBuckets:
     A key has a slot for the file's life, found by its name's hash (a renamed key gets
     a new one); with all SLOTS taken, a new key's bucket is its process's own."""
 
-    def __init__(self, path: str) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def __init__(self, path: str, *, create: bool = False) -> None:
+        """The file at `path`, made (empty: every slot free) when `create`; a worker
+        only opens the supervisor's (FileNotFoundError if it has gone: a new file of
+        its own would share nothing)."""
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
+        fd = os.open(path, flags, 0o600)
         size = SLOTS * _SLOT.size
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)  # zeros: every slot free
@@ -74,9 +78,7 @@ class SharedBuckets:
     @classmethod
     def create(cls, path: str) -> SharedBuckets:
         """The supervisor's file, new and empty, for its workers to open."""
-        with open(path, "wb"):
-            pass
-        return cls(path)
+        return cls(path, create=True)
 
     def close(self) -> None:
         self.map.close()

@@ -95,3 +95,15 @@ def test_retry_after_is_whole_seconds_up_to_a_day(wait: float, header: str) -> N
     from lrproxy.errors import RateLimited
 
     assert RateLimited("x", retry_after=wait).headers() == {"Retry-After": header}
+
+
+def test_a_worker_does_not_make_a_bucket_file_of_its_own(tmp_path: Path) -> None:
+    """The supervisor makes the file (0600); a worker only opens it: when it has gone,
+    FileNotFoundError (the worker then keeps its own buckets, and says so), never a new
+    file that no other worker shares."""
+    path = tmp_path / "buckets"
+    with pytest.raises(FileNotFoundError):
+        SharedBuckets(str(path))
+    assert not path.exists()
+    SharedBuckets.create(str(path)).close()
+    assert path.stat().st_mode & 0o777 == 0o600

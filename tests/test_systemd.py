@@ -308,7 +308,7 @@ def test_socket_activation(tmp_path: Path, sim: SimThread) -> None:
             assert chunks[-1].choices[0].finish_reason == "stop"
         assert port_refuses(conf_port)
         assert f"127.0.0.1:{port}" in proxy.stderr  # the start line names the socket it got
-        # the backlog it was given stays (aiohttp listens anew: by default with 128)
+        # 1024, the unit's Backlog= (aiohttp listens on it anew: by default with 128)
         assert listen_backlogs(port) == [min(1024, somaxconn())]
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(10) == 0

@@ -28,6 +28,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 
 from lrproxy import __version__, eco, errors, limits, protocol
+from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBucket, SharedBuckets
 from lrproxy.config import AUTO_MODEL, Config, Region, Secrets
 from lrproxy.log import ACCESS, MAIN, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
@@ -104,9 +105,9 @@ class Runtime:
     draining: bool = False
     drain_expired: bool = False  # shutdown_grace_s is over: end what is left with an error
     tasks: set[asyncio.Task[Any]] = attrs.Factory(set)  # handlers in flight, for the drain
-    buckets: dict[str, limits.TokenBucket | limits.SharedBucket] = attrs.Factory(dict)  # per
-    # key with rate_per_s; with workers, in the file they share (limits.SharedBuckets)
-    shared_buckets: limits.SharedBuckets | None = None
+    buckets: dict[str, limits.TokenBucket | SharedBucket] = attrs.Factory(dict)  # per
+    # key with rate_per_s; with workers, in the file they share (SharedBuckets)
+    shared_buckets: SharedBuckets | None = None
     retries_in_progress: int = 0
     clock: Callable[[], float] = time.time  # wall clock for intensity ages
     feed_poll_s: float = 5.0
@@ -164,7 +165,7 @@ class Runtime:
                 with contextlib.suppress(KeyError):
                     self.metrics.intensity.remove(r)
         self.pool.configure(config.upstreams)
-        buckets: dict[str, limits.TokenBucket | limits.SharedBucket] = {}
+        buckets: dict[str, limits.TokenBucket | SharedBucket] = {}
         shared = self.shared_buckets
         for k in config.keys:  # a changed rate takes effect at once, tokens kept
             if k.rate_per_s is None:
@@ -573,10 +574,10 @@ def make_app(
 
     metrics = Metrics.create(registry or CollectorRegistry())
     rt = Runtime(make_state(config, secrets, {}), Pool(), metrics, clock=clock)
-    shared = os.environ.get(limits.SHARED_BUCKETS_ENV)  # a worker's (workers.py)
+    shared = os.environ.get(SHARED_BUCKETS_ENV)  # a worker's (workers.py)
     if shared:
         try:
-            rt.shared_buckets = limits.SharedBuckets(shared)
+            rt.shared_buckets = SharedBuckets(shared)
         except OSError as e:  # gone (a /tmp cleaner's doing, outside systemd)
             log.warning("the workers' shared rate_per_s buckets cannot be opened (%s): "
                         "this worker's are its own", e.strerror or e)

@@ -35,8 +35,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
 from prometheus_client.metrics_core import Metric
 
+from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBuckets
 from lrproxy.config import Config, ConfigError, Listen, read_config, resolve_secrets
-from lrproxy.limits import SHARED_BUCKETS_ENV, SharedBuckets
 from lrproxy.log import MAIN
 from lrproxy.metrics import serve_metrics
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
@@ -233,7 +233,7 @@ async def _supervise(
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                         "LISTEN_PID", "LISTEN_FDNAMES")}
     env["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
-    # The keys' rate_per_s buckets, one file for all workers (limits.SharedBuckets)
+    # The keys' rate_per_s buckets, one file for all workers (buckets.SharedBuckets)
     buckets = os.path.join(prom_dir, "buckets")
     SharedBuckets.create(buckets).close()
     env[SHARED_BUCKETS_ENV] = buckets

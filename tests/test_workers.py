@@ -207,7 +207,7 @@ def test_supervisor_reload_that_fails_unexpectedly_still_ends_ready(
 
 
 def test_two_workers_hold_a_keys_rate_together(tmp_path: Path, sim: SimThread) -> None:
-    """A key's rate_per_s holds for the service, not per worker (limits.SharedBuckets):
+    """A key's rate_per_s holds for the service, not per worker (buckets.SharedBuckets):
     at 0.5 a second (a burst of 1), requests on 12 new connections, which the kernel
     spreads over both workers, get one 200 and 429s, not one 200 per worker."""
     port = free_port()

@@ -283,6 +283,7 @@ def test_auto_models_served_by_no_upstream_say_so(caplog: pytest.LogCaptureFixtu
     from lrproxy.config import resolve_secrets
 
     def only_unserved_auto(d: dict[str, Any]) -> None:
+        d["auth"] = {"keys": [{"name": "ops", "sha256": "a" * 64}]}  # (no keys: a warning)
         d["auto"]["models"] = [UNRATED]
         d["upstreams"] = [u for u in d["upstreams"] if u["name"] != "eu-north-a"]
 

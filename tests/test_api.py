@@ -1023,27 +1023,35 @@ async def test_expect_header(stack: Stack, http: aiohttp.ClientSession) -> None:
     wait_for(lambda: stack.metric_sum("lrproxy_requests_total", code="417") == 1)
 
 
+def _raw_chat(stack: Stack, lines: list[bytes], body: bytes) -> tuple[bytes, bytes]:
+    """A chat request with header `lines` as raw bytes (which no HTTP client sends as
+    given: non-UTF-8, repeated, empty), on a connection of its own: (head, body)."""
+    import socket
+
+    host, port = stack.origin.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Authorization: Bearer " + stack.key.encode() + b"\r\n"
+                  + b"".join(line + b"\r\n" for line in lines)
+                  + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        raw = b""
+        while data := s.recv(65536):
+            raw += data
+    head, _, answer = raw.partition(b"\r\n\r\n")
+    return head, answer
+
+
 def test_header_bytes_that_are_not_utf8_are_quoted_escaped(stack: Stack) -> None:
     """A header value with a byte that is not UTF-8, which the refusal quotes
     (X-LowRouter-Region, Expect, Content-Encoding): the refusal in the OpenAI shape with
     the byte escaped, counted under the status the client got; never aiohttp's plain 500."""
-    import socket
-
-    host, port = stack.origin.removeprefix("http://").split(":")
     body = json.dumps({"model": MINI, "messages": MSGS}).encode()
     cases = ((b"X-LowRouter-Region: eu\xff", 400, "unknown_region"),
              (b"Expect: 100-continu\xff", 417, "expectation_failed"),
              (b"Content-Encoding: gz\xffip", 415, "unsupported_media_type"))
     for header, status, code in cases:
-        with socket.create_connection((host, int(port)), timeout=5) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      b"Authorization: Bearer " + stack.key.encode() + b"\r\n" + header
-                      + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            raw = b""
-            while data := s.recv(65536):
-                raw += data
-        head, _, answer = raw.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 %d " % status), raw[:300]
+        head, answer = _raw_chat(stack, [header], body)
+        assert head.startswith(b"HTTP/1.1 %d " % status), head[:300]
         assert b"Content-Type: application/json" in head
         err = json.loads(answer)["error"]
         assert err["code"] == code and "\\udcff" in err["message"], err
@@ -1070,23 +1078,11 @@ def test_a_region_header_must_name_one_region(
     (400, param naming the header), never taken for no pin or for its first copy: either
     could send a pinned request out of its region (SPEC §2). Copies that agree pin; a
     body that pins wins over any header."""
-    import socket
-
-    host, port = stack.origin.removeprefix("http://").split(":")
     fields: dict[str, Any] = {"model": MINI, "messages": MSGS}
     if body_region is not None:
         fields["route"] = {"region": body_region}
-    body = json.dumps(fields).encode()
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                  b"Authorization: Bearer " + stack.key.encode() + b"\r\n"
-                  + b"".join(line + b"\r\n" for line in lines)
-                  + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        raw = b""
-        while data := s.recv(65536):
-            raw += data
-    head, _, answer = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 %d " % want), raw[:300]
+    head, answer = _raw_chat(stack, lines, json.dumps(fields).encode())
+    assert head.startswith(b"HTTP/1.1 %d " % want), head[:300]
     doc = json.loads(answer)
     if want == 400:
         assert doc["error"]["code"] == "invalid_request"

@@ -148,9 +148,14 @@ class LimitsHandler(RequestHandler):
                     fed = body.total_bytes
                     super().data_received(data)
                     if body.is_eof():
-                        self._lr_body_ended(len(data) - (body.total_bytes - fed))
+                        after = len(data) - (body.total_bytes - fed)
+                        self._lr_body_ended(
+                            after > 0 and bool(data[len(data) - after:].lstrip(b"\r\n")))
                     return
                 self._lr_body = None
+            if data[0] in _CRLF and not data.lstrip(b"\r\n"):
+                super().data_received(data)  # line ends before a request line, which
+                return  # the parser skips (RFC 9112 §2.2): no request's bytes
             # A request's first bytes: its headers are due within header_timeout from
             # now (on a new connection, from its start). The timer is never further
             # off than that (_lr_check), so it need not move.
@@ -163,15 +168,16 @@ class LimitsHandler(RequestHandler):
         if self.lr_busy and len(self._messages) > queued:
             self._lr_body_broken()
 
-    def _lr_body_ended(self, after: int) -> None:
-        """A refused request's body ended within a read with `after` bytes past its own:
-        they are the next request's first ones, its headers due within header_timeout
-        (a slowloris sends them with the body's end). A chunked body's framing is in
-        `after` too: then the connection, whether or not a request began, closes at
-        header_timeout if none has come whole, quietly (no 408 for what may be none)."""
+    def _lr_body_ended(self, after: bool) -> None:
+        """A refused request's body ended within a read, `after` it bytes (other than
+        line ends, which the parser skips): the next request's first ones, its headers
+        due within header_timeout (a slowloris sends them with the body's end). A
+        chunked body's framing is in them too: then the connection, whether or not a
+        request began, closes at header_timeout if none has come whole, quietly (no 408
+        for what may be none)."""
         self._lr_body = None
         due = self._loop.time() + self.header_timeout
-        if self._lr_body_sized and after > 0:
+        if self._lr_body_sized and after:
             self._lr_seen = True
         elif self._lr_body_sized:
             return
@@ -308,6 +314,7 @@ class LimitsHandler(RequestHandler):
 
 
 _over_logged: Final = Seldom(60.0)  # the max_connections warning
+_CRLF: Final = frozenset(b"\r\n")
 # aiohttp's queued parse error (private: without it, a broken body waits for client_body)
 _ERR_INFO: Final = getattr(web_protocol, "_ErrInfo", None)
 # The Server-Timing of an answer given before a request could be read (app.server_timing)

@@ -404,7 +404,8 @@ async def _try_candidates(
         now = time.monotonic()
         first_byte = min(tmo.first_byte, deadline - now)
         # less time than a first attempt has: the request's earlier attempts took it
-        cut_short = first_byte < min(tmo.first_byte, tmo.total) - 0.005
+        # (never a first attempt's: its body's making may take a few ms of a short total)
+        cut_short = n > 0 and first_byte < min(tmo.first_byte, tmo.total)
         early = (_EarlyCommit(request, rt, rec, cand, t_sent, max(0.0, beat_at - now),
                               tmo.keepalive)
                  if beat_at < now + first_byte else None)

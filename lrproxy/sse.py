@@ -285,7 +285,8 @@ def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
     # `"error": {...}, "choices": [{"delta": {}, "finish_reason": "error"}]`, the shape
     # of the §1.1 error event itself); an empty object alone is one too.
     err = obj.get("error")
-    if err or (err == {} and not choices):  # (false, 0, "", [] and null are no error)
+    if err or (err == {} and not choices and not obj.get("usage")):  # (false, 0, "",
+        # [] and null are no error, nor {} on a chunk that has choices or usage)
         return Kind.ERROR, obj, has_id
     if isinstance(choices, list):
         for c in choices:  # a loop: any() of a generator costs a frame and its resumes

@@ -747,6 +747,30 @@ def test_a_request_begun_with_a_refused_bodys_end_has_its_header_deadline(
         assert got.startswith(b"HTTP/1.1 408 ")
 
 
+@pytest.mark.parametrize("after", ["refused_body", "answer"])
+def test_line_ends_before_a_request_line_are_no_request(make_stack: MakeStack, after: str) -> None:
+    """A CRLF after a refused request's body (in its read), or alone after an answer:
+    the parser skips line ends before a request line (RFC 9112 §2.2), so they begin no
+    request, and no 408 follows at client_header."""
+    stack = make_stack(cfg(timeouts={"client_header": 0.5}))
+    with open_raw(stack) as sock:
+        if after == "refused_body":
+            sock.sendall(head("Content-Length: 20", key="sk-wrong"))
+            read_answer(sock).error(401, "invalid_api_key")
+            sock.sendall(b"x" * 20 + b"\r\n")
+        else:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: lrproxy\r\n\r\n")
+            assert read_answer(sock).status == 200
+            sock.sendall(b"\r\n")
+        sock.settimeout(1.5)  # past client_header and a check: nothing comes
+        with contextlib.suppress(TimeoutError):
+            assert sock.recv(1) == b""
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: lrproxy\r\n\r\n")
+        assert read_answer(sock).status == 200
+    time.sleep(0.2)
+    assert "408" not in codes(stack, key="unknown")
+
+
 def test_connections_over_max_connections_get_429_and_close(
     make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1424,6 +1448,19 @@ def test_no_upstream_is_tried_once_the_total_is_spent(make_stack: MakeStack) -> 
     for _ in range(4):
         post(stack, chat(MINI, region="eu-west")).error(504, "upstream_timeout")
     assert post(stack, chat(MINI, region="eu-west")).route()["upstream"] == "eu-west-b"
+
+
+def test_a_first_attempt_with_a_big_body_is_charged_at_the_total(make_stack: MakeStack) -> None:
+    """The same with a 7 MB prompt of non-ASCII text, whose JSON takes the proxy some
+    milliseconds to write before the attempt goes: still a first attempt, with all the
+    time any gets, so its timeout at the total is its upstream's failure."""
+    stack = make_stack(cfg(server={"retries": 1}, timeouts={"first_byte": 5, "total": 1}))
+    faults(stack, ("eu-west-a",), headers_delay_s=3)
+    body = chat(MINI, region="eu-west")
+    body["messages"] = [{"role": "user", "content": "é" * 3_500_000}]
+    post(stack, body).error(504, "upstream_timeout")
+    health = stack.call(lambda: {n: h.failures for n, h in stack.runtime.pool.health.items()})
+    assert (health["eu-west-a"], health["eu-west-b"]) == (1, 0)
 
 
 def test_an_attempt_cut_short_by_the_total_is_not_the_upstreams_failure(

@@ -328,6 +328,9 @@ def test_error_object() -> None:
     (b'{"error": {}, "choices": [{"index": 0, "delta": {"content": "x"}}]}', Kind.PASS),
     (b'{"error": {}, "choices": []}', Kind.ERROR),
     (b'{"error": {}}', Kind.ERROR),
+    (b'{"error": {}, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}',
+     Kind.FINAL),
+    (b'{"error": {}, "usage": {"prompt_tokens": 1, "completion_tokens": 1}}', Kind.FINAL),
     # a falsy member on a usage-only chunk (choices []), as on the chunks before it
     (b'{"error": false, "choices": [], "usage": {"prompt_tokens": 1, '
      b'"completion_tokens": 1}}', Kind.FINAL),

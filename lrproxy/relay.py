@@ -61,7 +61,8 @@ def _body_now(request: web.Request, st: State) -> bytes | None:
     if length is not None and length > limit:
         raise errors.RequestTooLarge(f"Request body over the limit of {limit} bytes.")
     headers = request.headers
-    if "Content-Encoding" in headers or "Transfer-Encoding" in headers:
+    # (a Transfer-Encoding comes without Content-Length: aiohttp refuses both at once)
+    if "Content-Encoding" in headers or (length is None and "Transfer-Encoding" in headers):
         _check_codings(headers)
     content = request.content
     if length is not None and content.is_eof():

@@ -126,6 +126,12 @@ class ExpectationFailed(ProxyError):
     type = "invalid_request_error"
 
 
+class UriTooLong(ProxyError):
+    status = 414
+    code = "uri_too_long"
+    type = "invalid_request_error"
+
+
 class HeadersTooLarge(ProxyError):
     status = 431
     code = "headers_too_large"

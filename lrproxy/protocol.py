@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final
 
@@ -301,7 +302,10 @@ class LimitsHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         err: errors.ProxyError
         text = str(getattr(exc, "message", "") or message or "")
-        if isinstance(exc, LineTooLong) or "Too many headers" in text or "too long" in text:
+        if isinstance(exc, LineTooLong) and _TARGET.match(_quoted(exc)):
+            # (aiohttp's C parser quotes the target alone; its Python one, the line)
+            err = errors.UriTooLong("Request target too long.")
+        elif isinstance(exc, LineTooLong) or "Too many headers" in text or "too long" in text:
             err = errors.HeadersTooLarge("Request headers too large or too many.")
         else:
             err = errors.InvalidRequest("Malformed HTTP request.")
@@ -313,8 +317,17 @@ class LimitsHandler(RequestHandler):
         return resp
 
 
+def _quoted(exc: LineTooLong) -> bytes:
+    """The start of the line a LineTooLong quotes (bytes, or str from some parsers)."""
+    line = exc.args[0] if exc.args else b""
+    return line.encode(errors="replace") if isinstance(line, str) else bytes(line)
+
+
 _over_logged: Final = Seldom(60.0)  # the max_connections warning
 _CRLF: Final = frozenset(b"\r\n")
+# An over-long line that is a request's target (its path, absolute URL or *), or its
+# request line, not a header's name or value: 414, as nginx answers, not 431
+_TARGET: Final = re.compile(rb"(?:[A-Z]+ )?(?:/|\*|https?://)")
 # aiohttp's queued parse error (private: without it, a broken body waits for client_body)
 _ERR_INFO: Final = getattr(web_protocol, "_ErrInfo", None)
 # The Server-Timing of an answer given before a request could be read (app.server_timing)

@@ -622,6 +622,21 @@ def test_header_limits_are_431(stack: Stack, case: str) -> None:
     assert codes(stack, key="unknown") == {"431": 1}
 
 
+@pytest.mark.parametrize("target", ["path", "absolute", "query"])
+def test_a_target_too_long_is_414(stack: Stack, target: str) -> None:
+    """A request target over aiohttp's 8190-byte line limit (a path, an absolute URL, a
+    long query string): 414 uri_too_long, as nginx answers it, not 431 (a header's)."""
+    long = "a" * 9000
+    path = {"path": f"/v1/{long}", "absolute": f"http://lrproxy/v1/{long}",
+            "query": f"/v1/chat/completions?x={long}"}[target]
+    with open_raw(stack) as sock:
+        sock.sendall(head(f"Content-Length: {len(BODY)}", path=path) + BODY)
+        a = read_answer(sock)
+        a.error(414, "uri_too_long")
+        assert closed_by_peer(sock)
+    assert codes(stack, key="unknown") == {"414": 1}
+
+
 @pytest.mark.parametrize("kept_alive", [False, True])
 def test_slowloris_headers_get_408(make_stack: MakeStack, kept_alive: bool) -> None:
     """Headers dripping in a byte at a time: 408 at timeouts.client_header, connection

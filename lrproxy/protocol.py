@@ -158,10 +158,11 @@ class LimitsHandler(RequestHandler):
                 super().data_received(data)  # line ends before a request line, which
                 return  # the parser skips (RFC 9112 §2.2): no request's bytes
             # A request's first bytes: its headers are due within header_timeout from
-            # now (on a new connection, from its start). The timer is never further
-            # off than that (_lr_check), so it need not move.
+            # now (on a new connection, from its start; on a kept-alive one also past
+            # the idle close's time). The timer is never further off than
+            # header_timeout (_lr_check), so it need not move.
             due = self._loop.time() + self.header_timeout
-            if due < self._lr_deadline:
+            if due < self._lr_deadline or self._lr_kept >= 0:
                 self._lr_deadline = due
         self._lr_seen = True
         queued = len(self._messages)
@@ -219,10 +220,10 @@ class LimitsHandler(RequestHandler):
         conns = self.connections  # least recently used first (_lr_evict)
         if conns.pop(self, 0) is None:  # (an over-cap one never got here)
             conns[self] = None
-        # Keep-alive: the next request may take its time to start, but then has the
-        # same header deadline from its first byte (data_received); an idle
-        # connection closes after KEEPALIVE_S, here as in aiohttp.
-        self._lr_deadline = now + KEEPALIVE_S + self.header_timeout
+        # Keep-alive: an idle connection closes after KEEPALIVE_S (here: aiohttp's own
+        # timer, a backstop, runs header_timeout longer); a next request begun before
+        # then has the same header deadline from its first byte (data_received).
+        self._lr_deadline = now + KEEPALIVE_S
 
     def _lr_check(self) -> None:
         self._lr_timer = None
@@ -341,7 +342,8 @@ class Runner(web.AppRunner):
                  max_connections: int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("max_headers", MAX_HEADERS)
         kwargs.setdefault("max_field_size", MAX_FIELD_SIZE)
-        kwargs.setdefault("keepalive_timeout", KEEPALIVE_S)
+        # (past ours: aiohttp's closes a connection with a request begun but not whole)
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_S + header_timeout + 1.0)
         kwargs.setdefault("auto_decompress", False)  # compressed bodies are refused (415)
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout

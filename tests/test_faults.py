@@ -622,6 +622,30 @@ def test_header_limits_are_431(stack: Stack, case: str) -> None:
     assert codes(stack, key="unknown") == {"431": 1}
 
 
+def test_a_request_begun_before_the_idle_close_is_served(
+    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kept-alive connection idle for most of KEEPALIVE_S (cut to 2 s here), whose
+    next request begins before the idle close and comes whole within client_header
+    (1.5 s) of its first byte, past the idle close's time: served, not cut at the idle
+    close (aiohttp's own timer closed any connection not holding a whole request). An
+    idle connection still closes at KEEPALIVE_S."""
+    monkeypatch.setattr(protocol, "KEEPALIVE_S", 2.0)
+    stack = make_stack(cfg(timeouts={"client_header": 1.5}))
+    with open_raw(stack) as sock, open_raw(stack) as idle:
+        for s in (sock, idle):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: lrproxy\r\n\r\n")
+            assert read_answer(s).status == 200
+        t0 = time.monotonic()
+        time.sleep(1.5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(1.0)  # past the idle close
+        sock.sendall(b"Host: lrproxy\r\n\r\n")
+        assert read_answer(sock).status == 200
+        assert closed_by_peer(idle, within=2.0)
+        assert time.monotonic() - t0 < 3.5  # at 2 s, not aiohttp's backstop's 4.5 s
+
+
 @pytest.mark.parametrize("target", ["path", "absolute", "query"])
 def test_a_target_too_long_is_414(stack: Stack, target: str) -> None:
     """A request target over aiohttp's 8190-byte line limit (a path, an absolute URL, a
@@ -1478,6 +1502,18 @@ def test_a_first_attempt_with_a_big_body_is_charged_at_the_total(make_stack: Mak
     assert (health["eu-west-a"], health["eu-west-b"]) == (1, 0)
 
 
+def test_a_retry_after_a_quick_failure_is_charged_at_the_total(make_stack: MakeStack) -> None:
+    """The first attempt fails at once (a 503), the retry then has nearly all of
+    timeouts.total (1 s, under first_byte) and times out at it: it had a first
+    attempt's time, near enough, so it is its upstream's failure."""
+    stack = make_stack(cfg(server={"retries": 1}, timeouts={"first_byte": 5, "total": 1}))
+    faults(stack, ("eu-west-a",), fail_status=503, fail_count=-1)
+    faults(stack, ("eu-west-b",), headers_delay_s=3)
+    post(stack, chat(MINI, region="eu-west")).error(504, "upstream_timeout")
+    health = stack.call(lambda: {n: h.failures for n, h in stack.runtime.pool.health.items()})
+    assert (health["eu-west-a"], health["eu-west-b"]) == (1, 1)
+
+
 def test_an_attempt_cut_short_by_the_total_is_not_the_upstreams_failure(
     make_stack: MakeStack,
 ) -> None:
@@ -1721,6 +1757,8 @@ def test_upstream_200_with_an_escaped_error_key_fails_over(
                   "finish_reason": "error"}]},
     {"choices": [{"index": 0, "message": {"role": "assistant", "content": "calm"},
                   "finish_reason": "error"}]},
+    {"error": {}},  # an empty error object alone, as a stream's chunk of it is
+    {"error": {}, "choices": []},
 ])
 def test_upstream_200_with_a_failed_choice_fails_over(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], doc: dict[str, Any]

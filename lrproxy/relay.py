@@ -404,9 +404,10 @@ async def _try_candidates(
         t_sent = time.perf_counter()
         now = time.monotonic()
         first_byte = min(tmo.first_byte, deadline - now)
-        # less time than a first attempt has: the request's earlier attempts took it
-        # (never a first attempt's: its body's making may take a few ms of a short total)
-        cut_short = n > 0 and first_byte < min(tmo.first_byte, tmo.total)
+        # under nine tenths of a first attempt's time: the request's earlier attempts
+        # took it (never a first attempt: its body's making may take a few ms of a
+        # short total; nor a retry after a failure that came at once)
+        cut_short = n > 0 and first_byte < 0.9 * min(tmo.first_byte, tmo.total)
         early = (_EarlyCommit(request, rt, rec, cand, t_sent, max(0.0, beat_at - now),
                               tmo.keepalive)
                  if beat_at < now + first_byte else None)
@@ -611,7 +612,8 @@ def _answer_doc(
         raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
     if (b'"error"' in data or b"\\u" in data) and (  # (one or two C searches: the usual
             # answer has neither; "\u0065rror" would hide the key from the first)
-            (doc.get("error") and not doc.get("data")) or _failed_choice(doc.get("choices"))):
+            (sse.error_object(doc) and not doc.get("data"))
+            or _failed_choice(doc.get("choices"))):
         # a failed generation some servers answer with 200 (OpenRouter), with choices
         # (`finish_reason: "error"`) or without: a failure of this attempt, as the same
         # object inside a stream is (and, as after a 5xx, its words stay here)

@@ -264,6 +264,16 @@ def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
     return kind, obj
 
 
+def error_object(obj: dict[str, Any]) -> bool:
+    """Whether a chunk, or a JSON answer, is an upstream's error: an error member beside
+    choices or not (OpenRouter's failure after tokens went: `"error": {...}, "choices":
+    [{"delta": {}, "finish_reason": "error"}]`, the shape of the §1.1 error event itself),
+    or an empty one alone (false, 0, "", [] and null are no error, nor {} on a chunk
+    that has choices or usage)."""
+    err = obj.get("error")
+    return bool(err) or (err == {} and not obj.get("choices") and not obj.get("usage"))
+
+
 def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
     """`classify`, and whether the event has an `id` field: after one the OpenAI SDK
     takes every blank line for an event (it keeps the last id), keep-alives included."""
@@ -281,12 +291,7 @@ def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
     if not isinstance(obj, dict):
         return Kind.MALFORMED, None, has_id
     choices = obj.get("choices")
-    # An error object: alone, or beside choices (OpenRouter's failure after tokens went:
-    # `"error": {...}, "choices": [{"delta": {}, "finish_reason": "error"}]`, the shape
-    # of the §1.1 error event itself); an empty object alone is one too.
-    err = obj.get("error")
-    if err or (err == {} and not choices and not obj.get("usage")):  # (false, 0, "",
-        # [] and null are no error, nor {} on a chunk that has choices or usage)
+    if error_object(obj):
         return Kind.ERROR, obj, has_id
     if isinstance(choices, list):
         for c in choices:  # a loop: any() of a generator costs a frame and its resumes

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final
 
@@ -29,6 +28,7 @@ from lrproxy.log import MAIN, Seldom
 log = logging.getLogger(MAIN)
 MAX_HEADERS: Final = 128
 MAX_FIELD_SIZE: Final = 16384  # one header line; OpenAI SDK headers are far below this
+MAX_LINE_SIZE: Final = 8190  # a request's target (aiohttp's default, kept)
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
 SEND_TIMEOUT_S: Final = 60.0  # an answer none of which the client takes, as nginx's send_timeout
 _EVICT_IDLE_S: Final = 1.0  # at max_connections, what counts as idle (_lr_evict)
@@ -90,6 +90,8 @@ class LimitsHandler(RequestHandler):
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
         self._lr_body: StreamReader | None = None  # an answered request's body still coming
         self._lr_body_sized = True  # … with a Content-Length
+        self._lr_line_open = -1  # bytes of a request line not ended yet; -1: none
+        self._lr_line_long = False  # the last request line was over MAX_LINE_SIZE
         self._lr_timer: asyncio.TimerHandle | None = None
         self._lr_kept = -1.0  # when its last request ended (_lr_evict); -1: none yet
         self._lr_stuck = (0, 0.0)  # its unsent answer bytes, and since when (_lr_check)
@@ -164,6 +166,18 @@ class LimitsHandler(RequestHandler):
             due = self._loop.time() + self.header_timeout
             if due < self._lr_deadline or self._lr_kept >= 0:
                 self._lr_deadline = due
+            # how long its request line is (handle_error: 414 for it, 431 for a header)
+            line = data.lstrip(b"\r\n") if data[0] in _CRLF else data
+            end = line.find(b"\n")
+            self._lr_line_long = end > MAX_LINE_SIZE
+            self._lr_line_open = len(line) if end < 0 else -1
+        elif self._lr_line_open >= 0:  # the request line goes on in this read
+            end = data.find(b"\n")
+            if end < 0:
+                self._lr_line_open += len(data)
+            else:
+                self._lr_line_long = self._lr_line_open + end > MAX_LINE_SIZE
+                self._lr_line_open = -1
         self._lr_seen = True
         queued = len(self._messages)
         super().data_received(data)
@@ -303,8 +317,10 @@ class LimitsHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         err: errors.ProxyError
         text = str(getattr(exc, "message", "") or message or "")
-        if isinstance(exc, LineTooLong) and _TARGET.match(_quoted(exc)):
-            # (aiohttp's C parser quotes the target alone; its Python one, the line)
+        if isinstance(exc, LineTooLong) and (self._lr_line_long
+                                             or self._lr_line_open > MAX_LINE_SIZE):
+            # the request line is the long one (its target: the only part aiohttp
+            # measures), not a header's, which the error quotes alike
             err = errors.UriTooLong("Request target too long.")
         elif isinstance(exc, LineTooLong) or "Too many headers" in text or "too long" in text:
             err = errors.HeadersTooLarge("Request headers too large or too many.")
@@ -318,17 +334,8 @@ class LimitsHandler(RequestHandler):
         return resp
 
 
-def _quoted(exc: LineTooLong) -> bytes:
-    """The start of the line a LineTooLong quotes (bytes, or str from some parsers)."""
-    line = exc.args[0] if exc.args else b""
-    return line.encode(errors="replace") if isinstance(line, str) else bytes(line)
-
-
 _over_logged: Final = Seldom(60.0)  # the max_connections warning
 _CRLF: Final = frozenset(b"\r\n")
-# An over-long line that is a request's target (its path, absolute URL or *), or its
-# request line, not a header's name or value: 414, as nginx answers, not 431
-_TARGET: Final = re.compile(rb"(?:[A-Z]+ )?(?:/|\*|https?://)")
 # aiohttp's queued parse error (private: without it, a broken body waits for client_body)
 _ERR_INFO: Final = getattr(web_protocol, "_ErrInfo", None)
 # The Server-Timing of an answer given before a request could be read (app.server_timing)
@@ -342,6 +349,7 @@ class Runner(web.AppRunner):
                  max_connections: int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("max_headers", MAX_HEADERS)
         kwargs.setdefault("max_field_size", MAX_FIELD_SIZE)
+        kwargs.setdefault("max_line_size", MAX_LINE_SIZE)
         # (past ours: aiohttp's closes a connection with a request begun but not whole)
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_S + header_timeout + 1.0)
         kwargs.setdefault("auto_decompress", False)  # compressed bodies are refused (415)

@@ -646,19 +646,38 @@ def test_a_request_begun_before_the_idle_close_is_served(
         assert time.monotonic() - t0 < 3.5  # at 2 s, not aiohttp's backstop's 4.5 s
 
 
-@pytest.mark.parametrize("target", ["path", "absolute", "query"])
+@pytest.mark.parametrize("target", ["path", "absolute", "ABSOLUTE", "query", "in-pieces"])
 def test_a_target_too_long_is_414(stack: Stack, target: str) -> None:
-    """A request target over aiohttp's 8190-byte line limit (a path, an absolute URL, a
-    long query string): 414 uri_too_long, as nginx answers it, not 431 (a header's)."""
+    """A request target over aiohttp's 8190-byte line limit (a path, an absolute URL in
+    any case, a long query string, a line sent in pieces): 414 uri_too_long, as nginx
+    answers it, not 431 (a header's)."""
     long = "a" * 9000
     path = {"path": f"/v1/{long}", "absolute": f"http://lrproxy/v1/{long}",
-            "query": f"/v1/chat/completions?x={long}"}[target]
+            "ABSOLUTE": f"HTTP://lrproxy/v1/{long}", "query": f"/v1/chat/completions?x={long}",
+            "in-pieces": f"/v1/{long}"}[target]
+    data = head(f"Content-Length: {len(BODY)}", path=path) + BODY
     with open_raw(stack) as sock:
-        sock.sendall(head(f"Content-Length: {len(BODY)}", path=path) + BODY)
+        if target == "in-pieces":
+            for i in range(0, 9000, 3000):
+                sock.sendall(data[i:i + 3000])
+                time.sleep(0.05)
+            sock.sendall(data[9000:])
+        else:
+            sock.sendall(data)
         a = read_answer(sock)
         a.error(414, "uri_too_long")
         assert closed_by_peer(sock)
     assert codes(stack, key="unknown") == {"414": 1}
+
+
+@pytest.mark.parametrize("line", ["Referer: https://app.example/", "X-Forwarded-Uri: /",
+                                  "X-Foo: POST /"])
+def test_a_long_header_that_looks_like_a_target_is_431(stack: Stack, line: str) -> None:
+    """A header value over 16 KiB that begins as a target would (a URL, a path): the
+    header is the long line, so 431 headers_too_large, not 414."""
+    with open_raw(stack) as sock:
+        sock.sendall(request(BODY, line + "a" * 17000))
+        read_answer(sock).error(431, "headers_too_large")
 
 
 @pytest.mark.parametrize("kept_alive", [False, True])
@@ -1759,6 +1778,7 @@ def test_upstream_200_with_an_escaped_error_key_fails_over(
                   "finish_reason": "error"}]},
     {"error": {}},  # an empty error object alone, as a stream's chunk of it is
     {"error": {}, "choices": []},
+    {"error": {}, "usage": {"prompt_tokens": 9, "completion_tokens": 0}},  # no answer
 ])
 def test_upstream_200_with_a_failed_choice_fails_over(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], doc: dict[str, Any]

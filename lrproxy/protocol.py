@@ -28,7 +28,7 @@ from lrproxy.log import MAIN, Seldom
 log = logging.getLogger(MAIN)
 MAX_HEADERS: Final = 128
 MAX_FIELD_SIZE: Final = 16384  # one header line; OpenAI SDK headers are far below this
-MAX_LINE_SIZE: Final = 8190  # a request's target (aiohttp's default, kept)
+MAX_LINE_SIZE: Final = 8190  # a request's target (aiohttp's default; != MAX_FIELD_SIZE)
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
 SEND_TIMEOUT_S: Final = 60.0  # an answer none of which the client takes, as nginx's send_timeout
 _EVICT_IDLE_S: Final = 1.0  # at max_connections, what counts as idle (_lr_evict)
@@ -90,8 +90,6 @@ class LimitsHandler(RequestHandler):
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
         self._lr_body: StreamReader | None = None  # an answered request's body still coming
         self._lr_body_sized = True  # … with a Content-Length
-        self._lr_line_open = -1  # bytes of a request line not ended yet; -1: none
-        self._lr_line_long = False  # the last request line was over MAX_LINE_SIZE
         self._lr_timer: asyncio.TimerHandle | None = None
         self._lr_kept = -1.0  # when its last request ended (_lr_evict); -1: none yet
         self._lr_stuck = (0, 0.0)  # its unsent answer bytes, and since when (_lr_check)
@@ -166,18 +164,6 @@ class LimitsHandler(RequestHandler):
             due = self._loop.time() + self.header_timeout
             if due < self._lr_deadline or self._lr_kept >= 0:
                 self._lr_deadline = due
-            # how long its request line is (handle_error: 414 for it, 431 for a header)
-            line = data.lstrip(b"\r\n") if data[0] in _CRLF else data
-            end = line.find(b"\n")
-            self._lr_line_long = end > MAX_LINE_SIZE
-            self._lr_line_open = len(line) if end < 0 else -1
-        elif self._lr_line_open >= 0:  # the request line goes on in this read
-            end = data.find(b"\n")
-            if end < 0:
-                self._lr_line_open += len(data)
-            else:
-                self._lr_line_long = self._lr_line_open + end > MAX_LINE_SIZE
-                self._lr_line_open = -1
         self._lr_seen = True
         queued = len(self._messages)
         super().data_received(data)
@@ -317,10 +303,10 @@ class LimitsHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         err: errors.ProxyError
         text = str(getattr(exc, "message", "") or message or "")
-        if isinstance(exc, LineTooLong) and (self._lr_line_long
-                                             or self._lr_line_open > MAX_LINE_SIZE):
-            # the request line is the long one (its target: the only part aiohttp
-            # measures), not a header's, which the error quotes alike
+        if (isinstance(exc, LineTooLong) and len(exc.args) > 1
+                and str(exc.args[1]) == str(MAX_LINE_SIZE)):
+            # over the request line's limit (its target's: the only part aiohttp
+            # measures), not a header's (MAX_FIELD_SIZE): the error names the limit
             err = errors.UriTooLong("Request target too long.")
         elif isinstance(exc, LineTooLong) or "Too many headers" in text or "too long" in text:
             err = errors.HeadersTooLarge("Request headers too large or too many.")

@@ -670,6 +670,31 @@ def test_a_target_too_long_is_414(stack: Stack, target: str) -> None:
     assert codes(stack, key="unknown") == {"414": 1}
 
 
+@pytest.mark.parametrize("case", ["pipelined-long-target", "target-8190-long-header"])
+def test_414_or_431_by_the_limit_that_was_passed(stack: Stack, case: str) -> None:
+    """A short request pipelined with one whose target is too long, in one read: 414
+    for that one (the proxy does not count lines itself: the parser's error names the
+    limit passed); an 8190-byte target, at its limit, with a header over 16 KiB: 431."""
+    if case == "pipelined-long-target":
+        data = (b"GET /healthz HTTP/1.1\r\nHost: lrproxy\r\n\r\n"
+                + head(f"Content-Length: {len(BODY)}", path="/v1/" + "a" * 9000) + BODY)
+        want = (414, "uri_too_long")
+    else:
+        data = request(BODY, "X-Padding: " + "a" * 17000).replace(
+            CHAT.encode(), b"/v1/" + b"a" * 8186, 1)  # a target of 8190 bytes
+        want = (431, "headers_too_large")
+    with open_raw(stack) as sock:
+        sock.sendall(data)
+        sock.settimeout(5)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                got += chunk
+    statuses = re.findall(rb"HTTP/1\.[01] (\d+)", got)
+    assert statuses[-1] == str(want[0]).encode(), got[:300]
+    assert want[1].encode() in got
+
+
 @pytest.mark.parametrize("line", ["Referer: https://app.example/", "X-Forwarded-Uri: /",
                                   "X-Foo: POST /"])
 def test_a_long_header_that_looks_like_a_target_is_431(stack: Stack, line: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Final
 import aiohttp
 import attrs
 import orjson
-from aiohttp import hdrs, web
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from lrproxy import __version__, eco, errors, limits, protocol
@@ -344,11 +344,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         resp = await _answer_error(rec, errors.ProxyError("Internal error; see the proxy's log."))
     finally:
         if limits_of is not None:
-            content = request.content
-            if content.is_eof():
-                limits_of.lr_end()
-            else:  # the body not all come (an answer before it: a 401, a 413)
-                limits_of.lr_end(content, hdrs.CONTENT_LENGTH in request.headers)
+            limits_of.lr_end(request)
         rt.tasks.discard(task)
         if count_inflight:
             rt.metrics.inflight.dec()
@@ -438,7 +434,7 @@ async def _expect(request: web.Request, at_once: bool = True) -> web.StreamRespo
     _close_if_body_unsent(request, resp)
     proto = request.protocol  # the request is answered, outside the edge: the next
     if isinstance(proto, protocol.LimitsHandler):  # one's header deadline starts anew
-        proto.lr_end(request.content, hdrs.CONTENT_LENGTH in request.headers)
+        proto.lr_end(request)
     return resp
 
 

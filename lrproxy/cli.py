@@ -41,6 +41,7 @@ from lrproxy.routing import unserved
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 from lrproxy.workers import (
     CONFIG_SHOWN_ENV,
+    LISTEN_BACKLOG,
     WORKER_FDS_ENV,
     die_with_supervisor,
     supervise,
@@ -50,9 +51,6 @@ from lrproxy.workers import (
 EX_CONFIG: Final = 78  # sysexits.h; systemd's RestartPreventExitStatus= understands it
 EX_USAGE: Final = 64
 GC_THRESHOLDS: Final = (20_000, 20, 100)  # see _tune_gc
-# Connections the kernel queues for accept, as lrproxy.socket's Backlog= (and capped by
-# net.core.somaxconn): on every socket, a worker's and an activated one too.
-LISTEN_BACKLOG: Final = 1024
 log = logging.getLogger(MAIN)
 
 

@@ -206,15 +206,15 @@ class LimitsHandler(RequestHandler):
             self._lr_timer.cancel()
             self._lr_timer = None
 
-    def lr_end(self, body: StreamReader | None = None, sized: bool = True) -> None:
-        """The app's edge is done with a request (it set `lr_busy` at its start);
-        `body`, the request's, if it may not have all come yet, and whether its length
-        was given (not chunked)."""
+    def lr_end(self, request: web.BaseRequest | None = None) -> None:
+        """The app's edge is done with `request` (it set `lr_busy` at its start), whose
+        body may not have all come yet (an answer before it: a 401, a 413)."""
         self.lr_busy = False
         self._lr_seen = False
-        self._lr_body = None if body is None or body.is_eof() else body
-        if self._lr_body is not None:  # (a Content-Length body, or a chunked one)
-            self._lr_body_sized = sized
+        self._lr_body = None
+        if request is not None and not (body := request.content).is_eof():
+            self._lr_body = body  # (a Content-Length body, or a chunked one)
+            self._lr_body_sized = hdrs.CONTENT_LENGTH in request.headers
         now = self._loop.time()
         self._lr_kept = now
         conns = self.connections  # least recently used first (_lr_evict)

@@ -612,19 +612,13 @@ def _answer_doc(
         raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
     if (b'"error"' in data or b"\\u" in data) and (  # (one or two C searches: the usual
             # answer has neither; "\u0065rror" would hide the key from the first)
-            (_json_error(doc) and not doc.get("data")) or _failed_choice(doc.get("choices"))):
+            (sse.error_object(doc, answer=True) and not doc.get("data"))
+            or _failed_choice(doc.get("choices"))):
         # a failed generation some servers answer with 200 (OpenRouter), with choices
         # (`finish_reason: "error"`) or without: a failure of this attempt, as the same
         # object inside a stream is (and, as after a 5xx, its words stay here)
         raise errors.UpstreamBadResponse("the upstream answered 200 with an error object")
     return data, doc
-
-
-def _json_error(doc: dict[str, Any]) -> bool:
-    """Whether a 200 JSON answer is an error object: a non-empty one, or {} where the
-    answer has no choices (beside usage alone too: an answer of usage only is none)."""
-    err = doc.get("error")
-    return bool(err) or (err == {} and not doc.get("choices"))
 
 
 def _failed_choice(choices: Any) -> bool:

@@ -264,14 +264,16 @@ def classify(event: bytes) -> tuple[int, dict[str, Any] | None]:
     return kind, obj
 
 
-def error_object(obj: dict[str, Any]) -> bool:
-    """Whether a chunk, or a JSON answer, is an upstream's error: an error member beside
-    choices or not (OpenRouter's failure after tokens went: `"error": {...}, "choices":
-    [{"delta": {}, "finish_reason": "error"}]`, the shape of the §1.1 error event itself),
-    or an empty one alone (false, 0, "", [] and null are no error, nor {} on a chunk
-    that has choices or usage)."""
+def error_object(obj: dict[str, Any], answer: bool = False) -> bool:
+    """Whether a chunk, or with `answer` a whole JSON answer, is an upstream's error: an
+    error member beside choices or not (OpenRouter's failure after tokens went:
+    `"error": {...}, "choices": [{"delta": {}, "finish_reason": "error"}]`, the shape of
+    the §1.1 error event itself), or an empty one with no choices (false, 0, "", [] and
+    null are no error; nor is {} on a chunk that has usage, a stream's usage chunk,
+    where an answer of usage alone is no answer)."""
     err = obj.get("error")
-    return bool(err) or (err == {} and not obj.get("choices") and not obj.get("usage"))
+    return bool(err) or (err == {} and not obj.get("choices")
+                         and (answer or not obj.get("usage")))
 
 
 def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:

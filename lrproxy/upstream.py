@@ -549,18 +549,17 @@ async def send(
 
 
 _out_of_files_logged: Final = Seldom(60.0)
+_DNS_ERROR: Final[type[BaseException]] = getattr(aiohttp, "ClientConnectorDNSError",
+                                                 socket.gaierror)  # (aiohttp 3.10 on)
 # What broke, in words, for messages a client reads (not aiohttp's class names)
 _WHY: Final[tuple[tuple[type[BaseException], str], ...]] = (
+    (_DNS_ERROR, "the upstream's host name did not resolve"),
     (aiohttp.ClientHttpProxyError, "the egress proxy refused it"),
     (aiohttp.ClientSSLError, "TLS failed"),
     (aiohttp.ServerDisconnectedError, "the upstream closed it"),
     (aiohttp.ClientPayloadError, "the answer's body broke off"),
     (aiohttp.ServerFingerprintMismatch, "TLS failed"),
 )
-
-
-_DNS_ERROR: Final[type[BaseException]] = getattr(aiohttp, "ClientConnectorDNSError",
-                                                 socket.gaierror)  # (aiohttp 3.10 on)
 
 
 def _why(e: BaseException) -> str:
@@ -570,8 +569,8 @@ def _why(e: BaseException) -> str:
         if isinstance(e, kind):
             return words
     os_error = getattr(e, "os_error", e)  # a ClientConnectorError's cause
-    if isinstance(os_error, socket.gaierror) or isinstance(e, _DNS_ERROR):
-        return "the upstream's host name did not resolve"
+    if isinstance(os_error, socket.gaierror):  # (before aiohttp 3.10)
+        return _WHY[0][1]
     if isinstance(os_error, OSError) and os_error.errno and os_error.errno > 0:
         return os.strerror(os_error.errno)  # (its strerror may name the upstream's
     return "the connection failed"  # address: asyncio's connect's does)

@@ -45,6 +45,9 @@ WORKER_FDS_ENV: Final = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
 SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
 CONFIG_SHOWN_ENV: Final = "LRPROXY_CONFIG_SHOWN"  # the operator's file, for a worker's log
 _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
+# Connections the kernel queues for accept, as lrproxy.socket's Backlog= (and capped by
+# net.core.somaxconn): on every socket, a worker's and an activated one too (cli).
+LISTEN_BACKLOG: Final = 1024
 RESTART_BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
 _EX_CONFIG: Final = 78  # a worker's exit status for a config or credential problem (cli)
 log = logging.getLogger(MAIN)
@@ -80,7 +83,7 @@ def _bind(listen: Listen, *, listening: bool = True, reuse_port: bool = True) ->
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((listen.host, listen.port))
     if listening:
-        sock.listen(1024)  # cli.LISTEN_BACKLOG
+        sock.listen(LISTEN_BACKLOG)
     return sock  # not inheritable: spawn() lets each worker inherit its own only
 
 

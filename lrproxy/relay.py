@@ -399,8 +399,6 @@ async def _try_candidates(
         rec.upstream, rec.region, rec.model = name, cand.region.name, cand.model.id
         held, trial = pool.acquire(name, time.monotonic())
         target = st.targets[name]
-        headers = (target.stream_headers if stream else target.json_headers).copy()
-        headers["X-Request-Id"] = rec.request_id
         t_sent = time.perf_counter()
         now = time.monotonic()
         first_byte = min(tmo.first_byte, deadline - now)
@@ -414,9 +412,8 @@ async def _try_candidates(
         rt.retries_in_progress += n > 0
         try:
             resp = await upstream.send(
-                rt.session, target,  # type: ignore[arg-type]  # set in cleanup_ctx
-                target.chat_url if chat else target.embeddings_url,
-                payload, headers, rt.deadlines, first_byte, st.client_timeout,
+                rt.session, target, chat, stream,  # type: ignore[arg-type]  # (cleanup_ctx)
+                payload, rec.request_id, rt.deadlines, first_byte, st.client_timeout,
             )
             attempt = _Attempt(cand, resp, t_sent=t_sent, trial=trial, held=held,
                                secret=target.secret)

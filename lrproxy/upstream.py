@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import email.utils
 import errno
+import inspect
 import io
 import logging
 import math
@@ -22,11 +23,13 @@ import time
 import types
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiohttp
 import attrs
-from multidict import CIMultiDict
+from aiohttp.http import HttpProcessingError
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from lrproxy.config import Config, Secrets, Upstream
 from lrproxy.errors import (
@@ -240,6 +243,9 @@ class Target:
     stream_headers: CIMultiDict[str] = attrs.field(init=False)
     post_options: dict[str, Any] = attrs.field(init=False)  # only what differs from defaults
     secret: bytes = attrs.field(init=False)  # the key itself, that no answer may quote
+    # How `send` posts to it (`_Direct`, or False: through the ClientSession), found at
+    # its first request, in the running loop
+    direct: _Direct | Literal[False] | None = attrs.field(init=False, default=None, eq=False)
 
     def __attrs_post_init__(self) -> None:
         # Nothing of the client's goes upstream: these headers are the whole set.
@@ -413,24 +419,40 @@ class _Deadline(Watch):
 
 
 class UpstreamResponse:
-    """An upstream answer whose status is 2xx or a client error to pass through."""
+    """An upstream answer whose status is 2xx or a client error to pass through.
 
-    __slots__ = ("_resp", "status")
+    Made by `send` from aiohttp's ClientResponse, or by `_send_direct` from the parsed
+    head, the body's reader and the pooled connection themselves (`_conn`): either way
+    the connection goes back to the pool once the body is read to its end.
+    """
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
+    __slots__ = ("_conn", "_resp", "content", "headers", "status")
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], content: aiohttp.StreamReader,
+                 resp: aiohttp.ClientResponse | None = None, conn: Any = None) -> None:
+        self.status, self.headers, self.content = status, headers, content
+        self._resp, self._conn = resp, conn
+        if conn is not None:
+            content.on_eof(self._at_eof)  # as aiohttp's own response does
+
+    def _at_eof(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.release()
 
     @property
     def content_type(self) -> str:
-        """Read only for a stream request's answer: aiohttp parses it on each access (two
-        Python calls), which a JSON answer need not pay."""
-        return self._resp.content_type
+        """The media type, lowercased, as aiohttp gives it ("application/octet-stream"
+        when there is none); read only for a stream request's answer."""
+        raw = self.headers.get("Content-Type")
+        if raw is None:
+            return "application/octet-stream"
+        return raw.partition(";")[0].strip().lower()
 
     async def read_some(self) -> bytes:
         """The next bytes of the body, b"" at its end; raises UpstreamError if cut."""
         try:
-            return await self._resp.content.readany()
+            return await self.content.readany()
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from e
 
@@ -439,7 +461,7 @@ class UpstreamResponse:
 
         Saves the deadlines and the read loop of `relay._read_answer` on the common path.
         """
-        content = self._resp.content
+        content = self.content
         if not content.is_eof():
             return None
         try:
@@ -449,16 +471,16 @@ class UpstreamResponse:
 
     def done(self) -> bool:
         """True when the whole body has been read (the connection can go back)."""
-        return self._resp.content.is_eof()
+        return self.content.is_eof()
 
     def gone(self) -> bool:
         """True when the connection has closed under a body not at its end: asked after
         a read waited in vain. aiohttp leaves that read waiting for ever when its parser
         fails on the body (a chunk size that is no number, from a broken middlebox): it
         closes the connection but tells the body's reader nothing."""
-        conn = self._resp.connection
+        conn = self._conn if self._resp is None else self._resp.connection
         proto = None if conn is None else conn.protocol
-        return not self._resp.content.is_eof() and (proto is None or not proto.is_connected())
+        return not self.content.is_eof() and (proto is None or not proto.is_connected())
 
     async def finish(self, deadlines: Deadlines, limit: int = 65536, timeout: float = 1.0) -> None:
         """Read the rest of a body the relay is done with, then release the connection.
@@ -471,7 +493,7 @@ class UpstreamResponse:
         size = 0
         try:
             with deadlines.timeout(timeout):
-                while size <= limit and (data := await self._resp.content.readany()):
+                while size <= limit and (data := await self.content.readany()):
                     size += len(data)
         except (TimeoutError, aiohttp.ClientError, OSError):
             size = limit + 1
@@ -485,19 +507,34 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Drop the connection: the upstream stops generating (client gone, error)."""
-        self._resp.close()
+        if self._resp is not None:
+            self._resp.close()
+            return
+        content = self.content
+        if content.exception() is None:  # a read still waiting ends, as aiohttp's does
+            content.set_exception(aiohttp.ClientConnectionError("Connection closed"))
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def release(self) -> None:
-        """Give a fully read connection back to the pool."""
-        self._resp.release()
+        """Give a fully read connection back to the pool (one not read to its end is
+        closed: the pool takes back only a connection whose answer has ended)."""
+        if self._resp is not None:
+            self._resp.release()
+            return
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.release()
 
 
 async def send(
     session: aiohttp.ClientSession,
     target: Target,
-    url: str,
+    chat: bool,
+    stream: bool,
     body: bytes,
-    headers: CIMultiDict[str],
+    request_id: str,
     deadlines: Deadlines,
     timeout: float,
     client_timeout: aiohttp.ClientTimeout,
@@ -505,21 +542,37 @@ async def send(
     """POST to an upstream; raises UpstreamFailed for what may fail over (SPEC §1, §2).
 
     `timeout` bounds the time until the response headers. Redirects are never followed:
-    they would carry our key to another host.
+    they would carry our key to another host. The request goes out on aiohttp's pooled
+    connection directly (`_Direct`) where it can; else through the ClientSession.
     """
+    direct = target.direct
+    if direct is None:
+        direct = _Direct.of(target, session)
+        object.__setattr__(target, "direct", direct)  # (a frozen attrs class)
     try:
         with deadlines.timeout(timeout):
-            resp = await session.post(
-                # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO streams.
-                url, data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
-                headers=headers, allow_redirects=False, timeout=client_timeout,
-                **target.post_options,
-            )
+            if direct:
+                status, headers, content, conn = await direct.post(
+                    chat, stream, body, request_id, client_timeout)
+                resp = None
+            else:
+                req_headers = (target.stream_headers if stream else target.json_headers).copy()
+                req_headers["X-Request-Id"] = request_id
+                resp = await session.post(
+                    # aiohttp writes bytes over 1 MiB in one go, with a warning; BytesIO
+                    # streams them.
+                    target.chat_url if chat else target.embeddings_url,
+                    data=body if len(body) < _LARGE_BODY else io.BytesIO(body),
+                    headers=req_headers, allow_redirects=False, timeout=client_timeout,
+                    **target.post_options,
+                )
+                status, headers, content, conn = resp.status, resp.headers, resp.content, None
     except TimeoutError as e:  # ours, or aiohttp's ServerTimeoutError (one too)
         raise UpstreamTimeout("upstream did not answer in time") from e
     except aiohttp.ClientHttpProxyError as e:  # the egress proxy refused the CONNECT
         raise UpstreamError(f"upstream connection failed: {_why(e)}") from e
-    except aiohttp.ClientResponseError as e:  # it answered, but no HTTP it could parse
+    except (aiohttp.ClientResponseError, HttpProcessingError) as e:
+        # it answered, but no HTTP it could parse
         raise UpstreamBadResponse("upstream answered no valid HTTP") from e
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
         if isinstance(e, aiohttp.ClientConnectorError):  # (a ClientOSError too)
@@ -530,11 +583,11 @@ async def send(
             f"upstream connection lost: {_why(e)}") from e
     except (aiohttp.ClientError, OSError) as e:
         raise UpstreamError(f"upstream connection failed: {_why(e)}") from e
-    status = resp.status
+    answer = UpstreamResponse(status, headers, content, resp, conn)
     if status < 300 or (400 <= status < 500 and status not in (401, 403, 429)):
-        return UpstreamResponse(resp)
-    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-    resp.close()
+        return answer
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    answer.close()
     err: UpstreamFailed
     if status in (401, 403):
         # The upstream's text may echo our key: never pass it on (SPEC §1).
@@ -546,6 +599,113 @@ async def send(
     err.upstream_status = status
     err.retry_after = retry_after
     raise err
+
+
+def _response_params() -> dict[str, Any] | None:
+    """The arguments of aiohttp's `ResponseHandler.set_response_params` for a POST's
+    answer, as a ClientSession of ours sets them (its defaults, no decompression, read
+    to the connection's end when no length is given); None where this aiohttp's
+    internals are not as `_Direct` needs them, which then is not used."""
+    try:
+        from aiohttp.client_proto import ResponseHandler
+        from aiohttp.connector import Connection
+
+        have = inspect.signature(ResponseHandler.set_response_params).parameters
+        defaults = inspect.signature(aiohttp.ClientSession.__init__).parameters
+        if not (callable(getattr(ResponseHandler, "read", None))
+                and isinstance(getattr(Connection, "transport", None), property)
+                and {"skip_payload", "read_until_eof", "auto_decompress", "read_timeout",
+                     "read_bufsize", "max_line_size", "max_field_size"} <= set(have)):
+            return None
+        params: dict[str, Any] = {"skip_payload": False, "read_until_eof": True,
+                                  "auto_decompress": False, "read_timeout": None}
+        for name in ("read_bufsize", "max_line_size", "max_field_size", "max_headers"):
+            if name in have and name in defaults:
+                params[name] = defaults[name].default
+        return params
+    except Exception:  # any surprise: the ClientSession's way
+        return None
+
+
+_RESPONSE_PARAMS: Final = _response_params()
+_NO_TRACES: Final[list[Any]] = []  # (the connector only iterates it)
+# A body this long goes out in a write of its own, not copied behind the head
+_JOIN_BODY: Final = 64 * 1024
+
+
+class _Direct:
+    """A target's POSTs written on a pooled connection of the session's connector, the
+    answer read from aiohttp's own protocol and parser, past the ClientSession.
+
+    `ClientSession.post` builds a ClientRequest and a ClientResponse with their timer,
+    tracing, cookie and header machinery for every request: about half the CPU of an
+    upstream call (bench/RESULTS.md). The connector (pool, DNS cache, TLS, keep-alive)
+    and the HTTP parser are aiohttp's, as before; the request head is written here,
+    bytes for bytes what aiohttp writes (tests/test_egress.py compares them). Used for
+    a target with no egress proxy, in a session that reads no proxy from the
+    environment, on an aiohttp whose internals are as `_response_params` checks.
+    """
+
+    __slots__ = ("connector", "heads", "req")
+
+    def __init__(self, connector: aiohttp.BaseConnector, req: Any, heads: tuple[bytes, ...]):
+        self.connector, self.req, self.heads = connector, req, heads
+
+    @classmethod
+    def of(cls, target: Target, session: aiohttp.ClientSession) -> _Direct | Literal[False]:
+        """The target's `_Direct`, or False where the ClientSession must send."""
+        connector = session.connector
+        if (_RESPONSE_PARAMS is None or target.proxy is not None or session.trust_env
+                or connector is None):
+            return False
+        try:
+            heads: list[bytes] = []
+            req = None
+            for url in (target.embeddings_url, target.chat_url):
+                # The connector keys its pool by what a ClientRequest says of the URL's
+                # host, port and TLS: one made once stands for every request.
+                req = aiohttp.ClientRequest(
+                    "POST", URL(url), loop=asyncio.get_running_loop(), session=session,
+                    ssl=target.ssl_context or True)
+                for headers in (target.json_headers, target.stream_headers):
+                    lines = [f"POST {req.url.raw_path_qs} HTTP/1.1",
+                             f"Host: {req.headers['Host']}",
+                             *(f"{k}: {v}" for k, v in headers.items())]
+                    if any("\r" in line or "\n" in line for line in lines):
+                        return False  # aiohttp refuses such a header: let it say so
+                    heads.append("\r\n".join((*lines, "X-Request-Id: ")).encode())
+            return cls(connector, req, tuple(heads))
+        except Exception:  # any surprise: the ClientSession's way
+            log.debug("upstream %s: sent through the ClientSession", target.upstream.name,
+                      exc_info=True)
+            return False
+
+    async def post(self, chat: bool, stream: bool, body: bytes, request_id: str,
+                   timeout: aiohttp.ClientTimeout,
+                   ) -> tuple[int, CIMultiDictProxy[str], aiohttp.StreamReader, Any]:
+        conn = await self.connector.connect(self.req, traces=_NO_TRACES, timeout=timeout)
+        try:
+            proto = conn.protocol
+            transport = conn.transport
+            if proto is None or transport is None or transport.is_closing():
+                raise aiohttp.ServerDisconnectedError()
+            proto.set_response_params(**_RESPONSE_PARAMS)  # type: ignore[arg-type]
+            head = self.heads[chat * 2 + stream]
+            if len(body) < _JOIN_BODY:
+                transport.write(b"%b%b\r\nContent-Length: %d\r\n\r\n%b" % (
+                    head, request_id.encode(), len(body), body))
+            else:
+                transport.write(b"%b%b\r\nContent-Length: %d\r\n\r\n" % (
+                    head, request_id.encode(), len(body)))
+                transport.write(body)
+            while True:
+                message, content = await proto.read()
+                code = message.code
+                if code < 100 or code > 199 or code == 101:  # (1xx: the answer follows)
+                    return code, message.headers, content, conn
+        except BaseException:
+            conn.close()
+            raise
 
 
 _out_of_files_logged: Final = Seldom(60.0)

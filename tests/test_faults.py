@@ -1362,7 +1362,7 @@ def test_out_of_open_files_is_the_proxys_503_not_the_upstreams_failure(
     async def emfile(*args: Any, **kwargs: Any) -> Any:
         raise aiohttp.ClientConnectorError(key, OSError(errno.EMFILE, "Too many open files"))
 
-    monkeypatch.setattr(aiohttp.ClientSession, "post", emfile)
+    monkeypatch.setattr(aiohttp.TCPConnector, "connect", emfile)  # where EMFILE comes from
     seen.expected_errors.append("out of open files connecting to upstream eu-west-a: raise "
                                 "the limit (LimitNOFILE=) or lower server.max_connections")
     for _ in range(upstream.EJECT_AFTER + 1):

@@ -1,0 +1,243 @@
+"""The upstream request on the wire (upstream.send): the direct path (`_Direct`), which
+writes a POST on aiohttp's pooled connection itself, sends what the ClientSession sends,
+byte for byte, and reads answers as aiohttp's own response does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from lrproxy import upstream
+from lrproxy.config import Upstream
+from lrproxy.errors import UpstreamBadResponse, UpstreamConnectionLost, UpstreamError
+
+Answer = Callable[[bytes], Awaitable[bytes]]  # the request's bytes -> the answer's
+
+
+class Wire:
+    """A raw HTTP/1.1 server on loopback: keeps each connection's requests, answers each
+    with what `answer` gives for it (after reading its whole body), and closes the
+    connection after that answer when `close` says so."""
+
+    def __init__(self, answer: Answer, close: bool = False) -> None:
+        self.answer, self.close = answer, close
+        self.requests: list[tuple[int, bytes]] = []  # (connection number, request bytes)
+        self.conns = 0
+        self.server: asyncio.Server | None = None
+        self._open: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+    async def stop(self) -> None:
+        """Stop listening, close every connection and wait for their handlers."""
+        assert self.server is not None
+        self.server.close()
+        for w in self._open.values():
+            w.close()
+        await asyncio.gather(*self._open, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[task] = w
+        self.conns += 1
+        n = self.conns
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                req = head + await r.readexactly(length)
+                self.requests.append((n, req))
+                w.write(await self.answer(req))
+                await w.drain()
+                if self.close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._open.pop(task, None)
+            w.close()
+
+
+@pytest.fixture
+async def wires() -> AsyncIterator[Callable[..., Awaitable[tuple[Wire, str]]]]:
+    """Starts `Wire`s, each given as (the wire, its base URL); all stop after the test."""
+    made: list[Wire] = []
+
+    async def make(answer: Answer, close: bool = False) -> tuple[Wire, str]:
+        wire = Wire(answer, close)
+        made.append(wire)
+        return wire, await wire.start()
+
+    yield make
+    for wire in made:
+        await wire.stop()
+
+
+def _ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> Answer:
+    async def answer(req: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra
+                + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return answer
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     cookie_jar=aiohttp.DummyCookieJar()) as s:
+        yield s
+
+
+def _target(base_url: str, auth: str | None = "Bearer sk-up") -> upstream.Target:
+    u = Upstream(name="u", region="r", base_url=base_url, models={"m": "m"})
+    return upstream.Target(u, base_url + "/chat/completions", base_url + "/embeddings",
+                           auth, None, None)
+
+
+async def _send(session: aiohttp.ClientSession, target: upstream.Target, body: bytes,
+                chat: bool = True, stream: bool = False,
+                rid: str = "req-1") -> upstream.UpstreamResponse:
+    return await upstream.send(session, target, chat, stream, body, rid,
+                               upstream.Deadlines(), 5.0, aiohttp.ClientTimeout(total=None))
+
+
+async def _read(resp: upstream.UpstreamResponse) -> bytes:
+    out = b""
+    while data := await resp.read_some():
+        out += data
+    resp.release()
+    return out
+
+
+async def test_direct_request_is_the_client_sessions_byte_for_byte(
+        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]]) -> None:
+    """For chat and embeddings, JSON and stream answers, with and without a key, a
+    body short and long: the bytes the upstream reads are those ClientSession sends."""
+    wire, base = await wires(_ok())
+    base += "/prefix"
+    async with aiohttp.ClientSession(trust_env=True, auto_decompress=False) as plain:
+        for auth in ("Bearer sk-up", None):
+            for chat in (True, False):
+                for stream in (False, True):
+                    for size in (10, 100_000, 1_500_000):
+                        body = b'{"x":"' + b"a" * size + b'"}'
+                        sent = []
+                        for s in (session, plain):  # trust_env: the ClientSession's path
+                            target = _target(base, auth)
+                            await _read(await _send(s, target, body, chat, stream, "rid-7"))
+                            assert bool(target.direct) is (s is session)
+                            sent.append(wire.requests[-1][1])
+                        direct, through_session = sent
+                        assert direct == through_session, (chat, stream, size)
+                        path = b"/v1/prefix/chat/completions" if chat else b"/v1/prefix/embeddings"
+                        assert direct.startswith(b"POST " + path + b" HTTP/1.1\r\n")
+                        assert b"\r\nX-Request-Id: rid-7\r\n" in direct
+                        assert direct.endswith(b"\r\n\r\n" + body)
+
+
+async def test_direct_connection_is_pooled_and_closed_when_the_answer_says(
+        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]]) -> None:
+    """Answers read to their end leave the connection in the pool; `Connection: close`
+    or an answer closed before its end do not."""
+    closing = {"yes": False}
+
+    async def answer(req: bytes) -> bytes:
+        body = b'{"ok":true}'
+        if req.endswith(b'{"partial":1}'):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + body
+        if closing["yes"]:
+            return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 11\r\n\r\n" + body
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + body
+
+    wire, base = await wires(answer)
+    target = _target(base)
+    for _ in range(3):
+        assert await _read(await _send(session, target, b"{}")) == b'{"ok":true}'
+    assert [n for n, _ in wire.requests] == [1, 1, 1]
+    closing["yes"] = True
+    await _read(await _send(session, target, b"{}"))
+    closing["yes"] = False
+    await _read(await _send(session, target, b"{}"))
+    assert [n for n, _ in wire.requests] == [1, 1, 1, 1, 2]
+    resp = await _send(session, target, b'{"partial":1}')  # closed before its end
+    assert not resp.done()
+    resp.close()
+    with pytest.raises(UpstreamConnectionLost):
+        await resp.read_some()
+    await _read(await _send(session, target, b"{}"))
+    assert [n for n, _ in wire.requests][-2:] == [2, 3]
+
+
+async def test_direct_reads_past_an_interim_answer_and_to_the_close(
+        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]]) -> None:
+    """A `100 Continue` before the answer is skipped, as aiohttp's response skips it; a
+    body with neither length nor chunks is read until the upstream closes."""
+    async def answer(req: bytes) -> bytes:
+        return (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/event-stream"
+                b"; charset=utf-8\r\nConnection: close\r\n\r\ndata: [DONE]\n\n")
+
+    _, base = await wires(answer, close=True)
+    resp = await _send(session, _target(base), b"{}", stream=True)
+    assert resp.status == 200 and resp.content_type == "text/event-stream"
+    assert await _read(resp) == b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(("answer", "error"), [
+    (b"garbage\r\n\r\n", UpstreamBadResponse),
+    (b"HTTP/1.1 200 OK\r\nContent-Len", UpstreamConnectionLost),  # cut in its head
+    (b"", UpstreamConnectionLost),  # closed without a word
+])
+async def test_direct_failures_are_the_client_sessions(
+        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]], answer: bytes,
+        error: type[Exception]) -> None:
+    """A broken or missing answer is the same failure on either path."""
+    async def give(req: bytes) -> bytes:
+        return answer
+
+    wire, base = await wires(give, close=True)
+    got = []
+    async with aiohttp.ClientSession(trust_env=True) as plain:
+        for s in (session, plain):
+            with pytest.raises(error) as e:
+                await _send(s, _target(base), b"{}")
+            got.append(str(e.value))
+    assert got[0] == got[1]
+    assert len(wire.requests) == 2
+    await wire.stop()  # nothing listening: the connect's failure
+    with pytest.raises(UpstreamError, match="Connection refused"):
+        await _send(session, _target(base), b"{}")
+
+
+async def test_a_header_aiohttp_would_refuse_is_left_to_it(
+        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]]) -> None:
+    """A key with a line break in it is not written into the head: the target goes
+    through the ClientSession, which refuses it (as before the direct path)."""
+    wire, base = await wires(_ok())
+    target = _target(base, auth="Bearer sk\r\nX-Evil: 1")
+    with pytest.raises(ValueError, match=r"control character|[Nn]ewline"):
+        await _send(session, target, b"{}")
+    assert target.direct is False
+    assert wire.requests == []
+
+
+def test_direct_needs_no_egress_proxy_and_no_proxy_from_the_environment() -> None:
+    """Only a target without `proxy`, in a session with trust_env off, goes direct."""
+    async def check() -> list[Any]:
+        out = []
+        u = Upstream(name="u", region="r", base_url="http://127.0.0.1:9/v1", models={"m": "m"})
+        for proxy, trust in ((None, False), ("http://127.0.0.1:3128", False), (None, True)):
+            t = upstream.Target(u, u.base_url + "/chat/completions", u.base_url + "/embeddings",
+                                None, None, proxy)
+            async with aiohttp.ClientSession(trust_env=trust) as s:
+                out.append(bool(upstream._Direct.of(t, s)))
+        return out
+
+    assert asyncio.run(check()) == [True, False, False]

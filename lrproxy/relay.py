@@ -831,7 +831,9 @@ def _call_chars(fn: Any) -> int:
 class _Tail:
     """What a stream holds back until its end (SPEC §1.1), and what it has counted."""
 
-    held: list[tuple[bytes, dict[str, Any]]] = attrs.Factory(list)  # finish chunks
+    held: list[bytes] = attrs.Factory(list)  # finish chunks
+    last_held: dict[str, Any] | None = None  # the last one's JSON, for `lowrouter`
+    held_bytes: int = 0  # at most MAX_EVENT_BYTES of them
     usage_chunk: tuple[bytes, dict[str, Any]] | None = None
     usage: tuple[int, int] | None = None
     content_events: int = 0
@@ -920,7 +922,13 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
                     # not held, as only finish and usage-only chunks wait (SPEC §1.1).
                     out.append(ev)
                     continue
-            tail.held.append((ev, obj))
+            tail.held.append(ev)
+            tail.last_held = obj
+            tail.held_bytes += len(ev)
+            if tail.held_bytes > MAX_EVENT_BYTES:  # a server in a loop: never held
+                tail.failure = errors.UpstreamBadResponse(  # whole, nor relayed after
+                    "the upstream sent over 16 MiB of finish chunks")
+                break
             continue
         if kind == sse.Kind.DONE:
             tail.done, tail.done_event = True, ev
@@ -953,13 +961,14 @@ def _finish(
 ) -> tuple[bytes, dict[str, Any]]:
     """The tail of a stream that ended well: finish chunks, usage, lowrouter, [DONE]."""
     lr = _stream_lowrouter(rt, rec, prompt_chars, cand, region, tail)
-    out = [ev for ev, _ in tail.held[:-1]]
+    out = tail.held[:-1]
     if tail.client_usage and tail.usage_chunk is not None:
         if tail.held:
-            out.append(tail.held[-1][0])
+            out.append(tail.held[-1])
         out.append(sse.add_member(*tail.usage_chunk, "lowrouter", lr))
     elif tail.held:
-        out.append(sse.add_member(*tail.held[-1], "lowrouter", lr))
+        assert tail.last_held is not None
+        out.append(sse.add_member(tail.held[-1], tail.last_held, "lowrouter", lr))
     else:  # no finish chunk came: carry lowrouter on an empty delta, never on choices: []
         out.append(sse.make_event({
             "object": "chat.completion.chunk",
@@ -1047,7 +1056,8 @@ async def _relay_stream(
                 if now >= limit - 0.001:
                     over_total = now >= deadline - 0.001
                     what = "in total" if over_total else (
-                        "before its first event" if not got_event else "between events")
+                        "before its first event" if not got_event else
+                        "inside an event" if splitter.held else "between events")
                     raise errors.UpstreamTimeout(f"the upstream went silent {what}") from None
                 if resp.gone():  # its framing broke (upstream.gone): no more is coming
                     raise errors.UpstreamConnectionLost("upstream connection lost") from None
@@ -1283,7 +1293,7 @@ async def _stream_error(
         with rt.deadlines.timeout(max(1.0, rec.total_s - (time.perf_counter() - rec.t0))):
             if not out.prepared:
                 await out.prepare(request)
-            await out.write(b"".join([*(ev for ev, _ in tail.held), event]))
+            await out.write(b"".join([*tail.held, event]))
             await out.write_eof()
     except ConnectionResetError:
         rec.status = "client_closed"

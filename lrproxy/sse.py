@@ -7,7 +7,7 @@ tells the relay whether to pass it on, hold it back (a finish or usage chunk) or
 the stream (an error, data that is not a JSON object). `ChunkShape` vouches for a
 content chunk without parsing it, when it is an earlier parsed chunk's bytes around
 other text. Lone-CR line ends (allowed by the SSE standard, sent by no OpenAI-compatible
-server we know) are not treated as line ends.
+server we know) are not treated as line ends: an event with one is malformed.
 """
 
 from __future__ import annotations
@@ -219,16 +219,30 @@ def _text_ok(data: bytes, start: int, end: int) -> bool:
 
 
 def event_data(event: bytes) -> bytes | None:
-    """The event's data (its `data:` lines joined by LF), or None if it has none."""
+    """The event's data (its `data:` lines joined by LF), or None if it has none;
+    raises BadEvent for one the relay ends the stream at (`_event_data`)."""
     return _event_data(event)[0]
 
 
+class BadEvent(ValueError):
+    """An event a client's SSE parser would not read as the proxy does."""
+
+
 def _event_data(event: bytes) -> tuple[bytes | None, bool]:
-    """`event_data`, and whether the event has an `id` field."""
+    """`event_data`, and whether the event has an `id` field; raises BadEvent for an
+    event with a lone CR (the OpenAI SDK, as the SSE standard, ends a line there: it
+    would read other events than the proxy checked) or bytes that are not UTF-8 (the
+    SDK decodes every line, comments too). Data lines are UTF-8-checked by their parse."""
     n = len(event)
     if event[:6] == b"data: " and event.find(b"\n") == n - 2 and event.find(b"\r") < 0:
         # one `data: ` line and its blank line: every stream's events
         return event[6:n - 2], False
+    if event.find(b"\r") >= 0 and event.replace(b"\r\n", b"").find(b"\r") >= 0:
+        raise BadEvent("a lone CR")
+    try:
+        event.decode()
+    except UnicodeDecodeError:
+        raise BadEvent("not UTF-8") from None
     parts: list[bytes] = []
     has_id = False
     for line in event.splitlines():
@@ -281,7 +295,10 @@ def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
     takes every blank line for an event (it keeps the last id), keep-alives included."""
     if event == _DONE_EVENT:  # every stream's last event, as OpenAI writes it
         return Kind.DONE, None, False
-    data, has_id = _event_data(event)
+    try:
+        data, has_id = _event_data(event)
+    except BadEvent:
+        return Kind.MALFORMED, None, False
     if data is None:
         return Kind.PASS, None, has_id
     if data == DONE:

@@ -306,6 +306,17 @@ def test_malformed() -> None:
         assert classify(ev) == (Kind.MALFORMED, None), ev
 
 
+def test_lone_cr_or_bytes_not_utf8_are_malformed() -> None:
+    """An event the SDK would read as other events (a lone CR ends a line for it) or
+    could not decode (it decodes comments and fields too) is MALFORMED; CRLF is fine."""
+    for ev in (b'data: {"a":\r\rdata: 1}\n\n', b"data: {}\r\n\r\r\n", b": x\ry\n\n",
+               b": \xff\n\n", b"id: \xc3\ndata: {}\n\n", b"event: e\ndata: {}\r\n\xfe\n\n"):
+        assert classify(ev) == (Kind.MALFORMED, None), ev
+    for ev in (b"data: {}\r\n\r\n", b": keep-alive\r\n\r\n", b": caf\xc3\xa9\n\n",
+               b"id: 1\r\nevent: e\r\ndata: {}\r\n\r\n"):
+        assert classify(ev)[0] in (Kind.PASS,), ev
+
+
 def test_error_object() -> None:
     """An upstream error object inside the stream is ERROR."""
     ev = b'data: {"error": {"message": "overloaded", "type": "server_error", "code": null}}\n\n'

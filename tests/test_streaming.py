@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import attrs
@@ -681,6 +681,74 @@ async def test_malformed_chunk_of_a_learnt_shape_ends_the_stream(
             model=LLAMA, messages=MSGS, stream=True)))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [
+    # a JSON object over two data lines joined by CR CR: one valid event to a parser that
+    # takes no lone CR for a line end, two halves of JSON to the SDK (the SSE standard's)
+    b'data: {"id":"chatcmpl-c","object":"chat.completion.chunk",\r\r'
+    b'data: "choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n',
+    b": \xff\xfe\n\n",  # a comment, not UTF-8: the SDK decodes every line
+    b"event: \xc3\ndata: " + chunk(content="x")[6:],  # a field, not UTF-8
+])
+async def test_event_the_sdk_would_read_otherwise_ends_the_stream(
+    canned: Canned, make_stack: MakeStack, bad: bytes,
+) -> None:
+    """An event with a lone CR or bytes that are not UTF-8 outside its data is
+    malformed: never relayed, the stream ends with the error event, and the SDK raises
+    APIError (it raised JSONDecodeError or UnicodeDecodeError, and the request counted as
+    the client's close)."""
+    stack = canned_stack(make_stack, canned)
+    good = [chunk(content=w) for w in ["One", " two"]]
+    canned.events = [*good, bad, chunk(finish="stop"), b"data: [DONE]\n\n"]
+    canned.pause = 0.02
+    status, _, body = await raw_post(stack, body_of())
+    events = split_events(body)
+    assert status == 200 and events[:2] == good and len(events) == 3, events
+    err = obj_of(events[2])
+    assert "malformed" in err["error"]["message"] and bad not in body
+    client = stack.client(max_retries=0)
+    with pytest.raises(openai.APIError):
+        await asyncio.to_thread(lambda: list(client.chat.completions.create(
+            model=LLAMA, messages=MSGS, stream=True)))  # type: ignore[arg-type]
+
+
+async def test_finish_chunks_past_the_cap_end_the_stream(
+    canned: Canned, make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finish chunks are held until [DONE] (SPEC §1.1), but not without end: past
+    MAX_EVENT_BYTES of them (a server in a loop) the stream ends with the error event,
+    the ones held before it relayed."""
+    from lrproxy import relay
+
+    monkeypatch.setattr(relay, "MAX_EVENT_BYTES", 4096)
+    stack = canned_stack(make_stack, canned)
+    fin = chunk(finish="stop")
+    n = 4096 // len(fin) + 1
+    canned.events = [chunk(content="One"), *[fin] * (n + 5), b"data: [DONE]\n\n"]
+    canned.pause = 0.01  # a read each: the first chunk commits the stream (no failover)
+    status, _, body = await raw_post(stack, body_of())
+    events = split_events(body)
+    assert status == 200 and events[0] == chunk(content="One"), events[:2]
+    assert events[1:-1] == [fin] * n and b"[DONE]" not in body
+    assert "16 MiB of finish chunks" in obj_of(events[-1])["error"]["message"]
+
+
+async def test_stall_inside_an_event_says_so(canned: Canned, make_stack: MakeStack) -> None:
+    """An upstream silent past `idle` in the middle of an event: the error event says
+    it went silent inside an event, not between events."""
+    def mutate(d: dict[str, Any]) -> None:
+        d["upstreams"][2]["base_url"] = canned.url
+        d["timeouts"]["idle"] = 0.3
+
+    stack = make_stack(mutate)
+    one = chunk(content="One")
+    canned.events = [one, one[:20], None, one[20:]]
+    status, _, body = await raw_post(stack, body_of())
+    canned.go.set()
+    events = split_events(body)
+    assert status == 200 and events[0] == one
+    assert "went silent inside an event" in obj_of(events[-1])["error"]["message"]
+
+
 async def test_tool_call_answer_without_usage_counts_its_calls(
     canned: Canned, make_stack: MakeStack,
 ) -> None:
@@ -1078,3 +1146,82 @@ def test_streams_and_answers_reuse_one_upstream_connection(live: Stack) -> None:
     peers = {r.peer for r in live.requests_to("eu-north-a")}
     assert len(live.requests_to("eu-north-a")) == 6
     assert len(peers) == 1 and None not in peers
+
+
+# Texts for the holes of a learnt shape, hostile ones among them: quotes, escapes that
+# JSON has or has not, lone surrogates, bytes that are not UTF-8 or cut short, CR, LF,
+# a finish or usage spelled inside the text.
+_HOLE_TOKENS: Final = [
+    b"a", b"Hi", b" ", b'"', b"\\", b"\\\\", b"\\n", b"\\u00e9", b"\\ud83d", b"\\ude00",
+    b"\\u12", b"\xff", b"\xe2\x82", b"\xe2\x82\xac", b"\r", b"\n", b"\t", b"\x7f",
+    b'","finish_reason":"stop', b'"}],"usage":{"prompt_tokens":1},"x":{"y":"', b"\xc2\x85",
+    b"\xe2\x80\xa8", b"}", b"]", b",",
+]
+_holes = st.lists(st.sampled_from(_HOLE_TOKENS), max_size=5).map(b"".join)
+_FIELDS: Final = [b"", b"id: 7\n", b": c\n", b"event: message\n", b': "content":"x",\n']
+
+
+def _chunk_json(text: bytes, pad: bytes | None, fin: bytes, key: bytes) -> bytes:
+    s = (b'{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"'
+         + key + b'":"' + text + b'"},"finish_reason":' + fin + b"}]")
+    return s + (b"" if pad is None else b',"obfuscation":"' + pad + b'"') + b"}"
+
+
+@st.composite
+def _shaped_stream(draw: st.DrawFn) -> list[bytes]:
+    """A stream whose first content chunk teaches a shape of any spelling (CRLF, fields
+    and comments before its data, its JSON over two data lines, `data:` without a space,
+    padding or none), then chunks of that shape with any texts, among other events."""
+    eol = draw(st.sampled_from([b"\n", b"\r\n"]))
+    fields = draw(st.sampled_from(_FIELDS)).replace(b"\n", eol)
+    key = draw(st.sampled_from([b"content", b"reasoning_content"]))
+    padded, split = draw(st.booleans()), draw(st.booleans())
+    data = draw(st.sampled_from([b"data: ", b"data:"]))
+
+    def event(text: bytes, pad: bytes, fin: bytes) -> bytes:
+        body = _chunk_json(text, pad if padded else None, fin, key)
+        if split:
+            i = body.find(b'"choices"')
+            body = body[:i] + eol + b"data: " + body[i:]
+        return fields + data + body + eol + eol
+
+    others = [b": ping" + eol + eol, b"data: [DONE]" + eol + eol,
+              b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}' + eol + eol,
+              b'data: {"error":{"message":"x"}}' + eol + eol]
+    shaped = st.builds(event, _holes, _holes, st.sampled_from([b"null"] * 5 + [b'"stop"']))
+    rest = draw(st.lists(st.one_of(shaped, shaped, shaped, st.sampled_from(others)),
+                         max_size=10))
+    return [event(b"Hi", b"abc", b"null"), *rest]
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=_shaped_stream(), points=st.lists(st.integers(0, 4000), max_size=6),
+       whole=st.booleans())
+def test_any_learnt_shape_fast_path_equals_parsing_every_event(
+    events: list[bytes], points: list[int], whole: bool
+) -> None:
+    """The same as the test above for shapes learnt from chunks of any spelling and
+    texts of any bytes (a review's property): what `relay._take` forwards, holds,
+    counts and fails at is what parsing every event gives."""
+    from lrproxy import relay
+
+    data = b"".join(events)
+    if whole:  # a read per event, as from a live model: the shape's usual case
+        reads = events
+    else:
+        bounds = [0, *sorted(p % (len(data) + 1) for p in points), len(data)]
+        reads = [data[a:b] for a, b in itertools.pairwise(bounds) if a < b]
+
+    def run(learn: bool) -> tuple[Any, ...]:
+        splitter, tail = EventSplitter(), relay._Tail()
+        if not learn:
+            tail.shape.lessons = 0  # fits nothing: every event is parsed
+        out = []
+        for r in reads:
+            out.append(relay._take(r, splitter, tail)[0])
+            if tail.failure is not None or tail.done:
+                break
+        return (b"".join(out), tail.held, tail.usage, tail.done, str(tail.failure),
+                tail.content_events, bytes(splitter.held))
+
+    assert run(True) == run(False)

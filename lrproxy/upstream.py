@@ -437,17 +437,23 @@ class UpstreamResponse:
 
     def _at_eof(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is None:
+            return
+        transport = conn.transport
+        if transport is not None and transport.get_write_buffer_size():
+            # The answer ended before the request's body was all out (a 413 from the
+            # head alone, say): the rest would go out ahead of the next request on this
+            # connection, so it closes, as aiohttp's own response closes it then.
+            conn.close()
+        else:
             conn.release()
 
     @property
     def content_type(self) -> str:
-        """The media type, lowercased, as aiohttp gives it ("application/octet-stream"
-        when there is none); read only for a stream request's answer."""
-        raw = self.headers.get("Content-Type")
-        if raw is None:
-            return "application/octet-stream"
-        return raw.partition(";")[0].strip().lower()
+        """The media type as aiohttp's own response gives it (lowercased, without
+        parameters, "application/octet-stream" when there is none); read only for a
+        stream request's answer."""
+        return _MediaType(self.headers).content_type
 
     async def read_some(self) -> bytes:
         """The next bytes of the body, b"" at its end; raises UpstreamError if cut."""
@@ -522,10 +528,15 @@ class UpstreamResponse:
         closed: the pool takes back only a connection whose answer has ended)."""
         if self._resp is not None:
             self._resp.release()
-            return
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.release()
+        else:
+            self._at_eof()
+
+
+class _MediaType(aiohttp.helpers.HeadersMixin):
+    """aiohttp's parse of a Content-Type header, for an answer read past ClientResponse."""
+
+    def __init__(self, headers: CIMultiDictProxy[str]) -> None:
+        self._headers = headers
 
 
 async def send(
@@ -641,7 +652,7 @@ class _Direct:
     tracing, cookie and header machinery for every request: about half the CPU of an
     upstream call (bench/RESULTS.md). The connector (pool, DNS cache, TLS, keep-alive)
     and the HTTP parser are aiohttp's, as before; the request head is written here,
-    bytes for bytes what aiohttp writes (tests/test_egress.py compares them). Used for
+    bytes for bytes what aiohttp writes (tests/test_upstream.py compares them). Used for
     a target with no egress proxy, in a session that reads no proxy from the
     environment, on an aiohttp whose internals are as `_response_params` checks.
     """

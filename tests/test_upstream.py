@@ -16,6 +16,7 @@ from lrproxy.config import Upstream
 from lrproxy.errors import UpstreamBadResponse, UpstreamConnectionLost, UpstreamError
 
 Answer = Callable[[bytes], Awaitable[bytes]]  # the request's bytes -> the answer's
+Wires = Callable[..., Awaitable[tuple["Wire", str]]]
 
 
 class Wire:
@@ -118,7 +119,7 @@ async def _read(resp: upstream.UpstreamResponse) -> bytes:
 
 
 async def test_direct_request_is_the_client_sessions_byte_for_byte(
-        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]]) -> None:
+        session: aiohttp.ClientSession, wires: Wires) -> None:
     """For chat and embeddings, JSON and stream answers, with and without a key, a
     body short and long: the bytes the upstream reads are those ClientSession sends."""
     wire, base = await wires(_ok())
@@ -144,7 +145,7 @@ async def test_direct_request_is_the_client_sessions_byte_for_byte(
 
 
 async def test_direct_connection_is_pooled_and_closed_when_the_answer_says(
-        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]]) -> None:
+        session: aiohttp.ClientSession, wires: Wires) -> None:
     """Answers read to their end leave the connection in the pool; `Connection: close`
     or an answer closed before its end do not."""
     closing = {"yes": False}
@@ -177,7 +178,7 @@ async def test_direct_connection_is_pooled_and_closed_when_the_answer_says(
 
 
 async def test_direct_reads_past_an_interim_answer_and_to_the_close(
-        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]]) -> None:
+        session: aiohttp.ClientSession, wires: Wires) -> None:
     """A `100 Continue` before the answer is skipped, as aiohttp's response skips it; a
     body with neither length nor chunks is read until the upstream closes."""
     async def answer(req: bytes) -> bytes:
@@ -196,7 +197,7 @@ async def test_direct_reads_past_an_interim_answer_and_to_the_close(
     (b"", UpstreamConnectionLost),  # closed without a word
 ])
 async def test_direct_failures_are_the_client_sessions(
-        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]], answer: bytes,
+        session: aiohttp.ClientSession, wires: Wires, answer: bytes,
         error: type[Exception]) -> None:
     """A broken or missing answer is the same failure on either path."""
     async def give(req: bytes) -> bytes:
@@ -217,7 +218,7 @@ async def test_direct_failures_are_the_client_sessions(
 
 
 async def test_a_header_aiohttp_would_refuse_is_left_to_it(
-        session: aiohttp.ClientSession, wires: Callable[..., Awaitable[tuple[Wire, str]]]) -> None:
+        session: aiohttp.ClientSession, wires: Wires) -> None:
     """A key with a line break in it is not written into the head: the target goes
     through the ClientSession, which refuses it (as before the direct path)."""
     wire, base = await wires(_ok())
@@ -241,3 +242,68 @@ def test_direct_needs_no_egress_proxy_and_no_proxy_from_the_environment() -> Non
         return out
 
     assert asyncio.run(check()) == [True, False, False]
+
+
+async def test_answer_before_the_body_is_out_closes_the_connection(
+        session: aiohttp.ClientSession) -> None:
+    """An upstream that answers from a request's head alone (a 413 for a big body) and
+    keeps the connection: what is left of the body must not go out ahead of the next
+    request. The connection closes, as aiohttp's response closes it then, and the next
+    request goes on a new one."""
+    got: list[tuple[int, bytes]] = []
+    conns: list[asyncio.StreamWriter] = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)
+        n = len(conns)
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                got.append((n, head.split(b"\r\n")[0]))
+                if not head.startswith(b"POST "):
+                    return
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                if length > 1_000_000:  # refused at once, its body left unread
+                    w.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\n{}")
+                    await asyncio.sleep(0.2)
+                    continue
+                await r.readexactly(length)
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await w.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    target = _target(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1")
+    big = b'{"x":"' + b"a" * 12_000_000 + b'"}'
+    resp = await _send(session, target, big)
+    assert resp.status == 413
+    await _read(resp)
+    for _ in range(2):
+        resp = await _send(session, target, b'{"small":1}')
+        assert resp.status == 200 and await _read(resp) == b"{}"
+    assert [(n, line[:5]) for n, line in got] == [(1, b"POST "), (2, b"POST "), (2, b"POST ")]
+    server.close()
+    for w in conns:
+        w.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("ctype", [None, "", "textevent-stream", "a, b", "Text/Event-Stream",
+                                   "text/event-stream; charset=utf-8", "application/json"])
+async def test_media_type_is_aiohttps(session: aiohttp.ClientSession, wires: Wires,
+                                      ctype: str | None) -> None:
+    """The media type read from an answer's Content-Type is the one aiohttp's own
+    response gives, odd values included (the stream check and its message use it)."""
+    async def answer(req: bytes) -> bytes:
+        header = b"" if ctype is None else b"Content-Type: %b\r\n" % ctype.encode()
+        return b"HTTP/1.1 200 OK\r\n" + header + b"Content-Length: 2\r\n\r\n{}"
+
+    _, base = await wires(answer)
+    resp = await _send(session, _target(base), b"{}")
+    direct = resp.content_type
+    await _read(resp)
+    async with session.post(base + "/chat/completions", data=b"{}") as r:
+        assert direct == r.content_type

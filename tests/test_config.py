@@ -1078,3 +1078,25 @@ def test_connection_cap_follows_the_open_files_limit(
     assert cli.connection_cap(cfg) == want
     assert calls == ([(hard, hard)] if raised else [])
     assert ("is over what the open-files limit" in caplog.text) == warned
+
+
+def test_figures_at_their_bounds_are_taken(tmp_path: Path) -> None:
+    """The bounds are inclusive: the message says "must be <= 5000", so 5000 is fine."""
+    text = base_toml(tail=(
+        '[regions.far]\ngrid_intensity_g_per_kwh = 5000\npue = 10\n'
+        '[models."acme/huge"]\nenergy_wh_per_1k_prompt_tokens = 1000\n'
+        'energy_wh_per_1k_completion_tokens = 1000\n'
+        '[models."acme/big"]\nactive_params_b = 100000\n'
+        '[auth]\nkeys = [{ name = "slow", sha256 = "' + "a" * 64
+        + '", rate_per_s = 1.1574074074074073e-05 }]'))  # one a day
+    assert problems(write(tmp_path, text)) == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_rate_that_is_no_number_is_refused(tmp_path: Path, value: str) -> None:
+    """rate_per_s = nan (TOML has it) would make every take() compare False: never a
+    token, a 429 with a Retry-After of NaN; inf no limit at all. Both are refused."""
+    text = base_toml(tail='[auth]\nkeys = [{ name = "x", sha256 = "' + "a" * 64
+                     + f'", rate_per_s = {value} }}]')
+    got = problems(write(tmp_path, text))
+    assert got and "rate_per_s" in got[0], got

@@ -2693,7 +2693,8 @@ def test_client_that_stops_reading_is_cut_off_at_total(
     far counted."""
     if by == "send_timeout":
         monkeypatch.setattr(protocol, "SEND_TIMEOUT_S", 1.0)
-    stack = make_stack(cfg(timeouts={"total": 1 if by == "total" else 600}))
+    # (2 s, not 1: on a busy machine 1 s could run out before the stream's status line)
+    stack = make_stack(cfg(timeouts={"total": 2 if by == "total" else 600}))
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
         sock.connect(("127.0.0.1", stack.port))
@@ -2957,3 +2958,109 @@ def test_upstream_headers_never_reach_the_client(stack: Stack, kind: str) -> Non
     wait_for(lambda: codes(stack) == {str(status): 1})
     expected = {"json": "ok", "stream": "ok", "passed-4xx": "passed_4xx", "failed-502": "status_5xx"}
     assert {o for _, o in outcomes(stack)} == {expected[kind]}
+
+
+def test_idle_timeout_in_a_cut_short_attempt_is_the_upstreams_failure(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+) -> None:
+    """The first attempt takes 0.5 s to fail (a 503), so the retry is cut short
+    (1.5 s left of total 2 < 0.9 x 2). The retry's upstream sends headers and part of
+    the body, then stalls: timeouts.idle (0.3 s) ends it long before the total. That is
+    the upstream's own failure (it had time; it went silent), so it is charged."""
+    slow_503 = scripted(lambda conn, n, req: ([0.5, _answer_of("503 Service Unavailable",
+                                                             "application/json", b"{}")], True))
+    stall = scripted(lambda conn, n, req: ([*_slow_json(0.05, 2)[:3], 5.0], True))
+    stack = make_stack(cfg(server={"retries": 1},
+                           timeouts={"first_byte": 5, "total": 2, "idle": 0.3},
+                           upstreams={"eu-west-a": {"base_url": slow_503.base_url},
+                                      "eu-west-b": {"base_url": stall.base_url}}))
+    a = post(stack, chat(MINI, region="eu-west"))
+    a.error(504, "upstream_timeout")
+    assert a.elapsed < 1.8  # ended by idle, not by the total
+    health = stack.call(lambda: {n: h.failures for n, h in stack.runtime.pool.health.items()})
+    # whichever went first, both failed on their own: one failure each
+    assert (health["eu-west-a"], health["eu-west-b"]) == (1, 1), health
+
+
+def test_a_trial_answered_over_the_cap_lets_another_trial_go(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trial after a cool-down gets an answer over MAX_UPSTREAM_BODY: no verdict
+    on the upstream, but the trial is over, so the next request is a trial again and
+    readmits it (SPEC §2: one trial request lets it back), not an upstream unusable
+    for good."""
+    monkeypatch.setattr(upstream, "COOL_DOWN_S", 0.3)
+    eject_eu_west_a(stack)
+    stack.call(lambda: [setattr(stack.sims["eu-west-a"].faults, "fail_status", None)])
+    time.sleep(0.35)
+    monkeypatch.setattr(relay, "MAX_UPSTREAM_BODY", 16)  # any answer is over it
+    post(stack, chat(MINI, region="eu-west")).error(502, "upstream_error")
+    assert len(stack.requests_to("eu-west-a")) == 6  # that was the trial
+    monkeypatch.setattr(relay, "MAX_UPSTREAM_BODY", 256 << 20)
+    h = stack.call(lambda: stack.runtime.pool.health["eu-west-a"])
+    assert h.trial is False
+    route = post(stack, chat(MINI, region="eu-west")).route()
+    assert (route["upstream"], route["attempts"]) == ("eu-west-a", 1)
+
+
+@pytest.mark.parametrize("error", [{}, None, ""])
+def test_an_embeddings_answer_with_data_and_an_empty_error_is_an_answer(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], error: Any,
+) -> None:
+    """An embeddings answer with its data and an empty `error` member beside it
+    is an answer (200), not a failed generation to fail over from."""
+    body = orjson.dumps({"object": "list", "error": error, "data": [
+        {"object": "embedding", "index": 0, "embedding": [0.125, 0.5]}],
+        "model": "text-embedding-3-small", "usage": {"prompt_tokens": 4, "total_tokens": 4}})
+    up = scripted(lambda conn, n, req: (_answer_of("200 OK", "application/json", body), True))
+    stack = make_stack(cfg(upstreams={"eu-west-a": {"base_url": up.base_url},
+                                      "eu-west-b": {"base_url": up.base_url}}))
+    a = post(stack, {"model": MINI, "input": "hello", "route": {"region": "eu-west"}},
+             path="/api/v1/embeddings")
+    assert a.status == 200, a.body
+    assert a.json()["data"][0]["embedding"] == [0.125, 0.5]
+    assert len(up.requests) == 1
+
+
+def test_a_later_choice_that_failed_fails_the_answer(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+) -> None:
+    """n=2: the first choice stopped, the second finished with "error": a failed
+    generation (a 502 with retries spent), as with one choice."""
+    body = orjson.dumps({"choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "calm"}, "finish_reason": "stop"},
+        {"index": 1, "message": {"role": "assistant", "content": "ca"}, "finish_reason": "error"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3}})
+    up = scripted(lambda conn, n, req: (_answer_of("200 OK", "application/json", body), True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    err = post(stack, chat(LLAMA, region="eu-north", n=2)).error(502, "upstream_error")
+    assert err["message"] == "the upstream answered 200 with an error object"
+
+
+def test_no_retry_with_a_sliver_of_the_total_left(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+) -> None:
+    """The first attempt fails (a 503) with ~20 ms of timeouts.total left: under
+    relay.MIN_ATTEMPT_S, so the region's other upstream is not tried (it could only
+    time out) and the answer is the first one's failure."""
+    total = 1.0
+    slow_503 = scripted(lambda conn, n, req: ([total - 0.07, _answer_of(  # (Scripted pauses
+        "503 Service Unavailable", "application/json", b"{}")], True))  # 0.05 s before a part)
+    ok = scripted(lambda conn, n, req: ([0.01, _answer_of("200 OK", "application/json", b"{}")], True))
+    stack = make_stack(cfg(server={"retries": 1}, timeouts={"first_byte": 5, "total": total},
+                           upstreams={"eu-west-a": {"base_url": slow_503.base_url},
+                                      "eu-west-b": {"base_url": slow_503.base_url},
+                                      "eu-north-a": {"base_url": ok.base_url}}))
+    post(stack, chat(MINI, region="eu-west")).error(502, "upstream_error")
+    assert len(slow_503.requests) == 1
+
+
+def test_an_upstream_that_closes_without_an_answer_is_said_in_words(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+) -> None:
+    """The upstream closes the connection without answering, retries spent: the
+    502's message says what happened, in words."""
+    up = scripted(lambda conn, n, req: None)
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    err = post(stack, chat(LLAMA, region="eu-north")).error(502, "upstream_error")
+    assert err["message"] == "upstream connection lost: the upstream closed it", err

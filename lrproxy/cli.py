@@ -406,7 +406,10 @@ def _reload(app: web.Application, path: str, notifier: Notifier, shown: str) -> 
 
 def _warn_unserved(rt: Runtime) -> None:
     """Say which model ids answer 404 because no upstream serves them, and that every
-    request answers 401 with no client key (legal, often a slip)."""
+    request answers 401 with no client key (legal, often a slip). With `server.workers`,
+    the first worker says it for all: they read one config."""
+    if os.environ.get("LRPROXY_WORKER_INDEX", "0") != "0":
+        return
     if not rt.state.config.keys:
         log.warning("no client keys are configured ([auth] keys): every request gets 401")
     for mid in unserved(rt.state.table):

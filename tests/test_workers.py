@@ -494,3 +494,21 @@ def test_two_workers_a_worker_that_cannot_start_gets_no_connections(
         proxy.stop()
         for p in _children(proxy.pid):
             os.kill(p, signal.SIGKILL)
+
+
+def test_two_workers_warn_of_the_config_once(tmp_path: Path, sim: SimThread) -> None:
+    """A warning about the config (here: lowrouter/auto has no model) is said once, by
+    the first worker, not once per worker: they read the same file."""
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, free_port(), extra_server="workers = 2\n",
+                               auto=False))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=notify.path))
+    try:
+        notify.wait_for("READY", 30)
+        assert len([ln for ln in proxy.stderr.splitlines() if "listening on" in ln]) == 2
+        said = [ln for ln in proxy.stderr.splitlines() if "lowrouter/auto" in ln]
+        assert len(said) == 1, said
+    finally:
+        _end(proxy, notify)

@@ -925,8 +925,9 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
             tail.held.append(ev)
             tail.last_held = obj
             tail.held_bytes += len(ev)
-            if tail.held_bytes > MAX_EVENT_BYTES:  # a server in a loop: never held
-                tail.failure = errors.UpstreamBadResponse(  # whole, nor relayed after
+            if tail.held_bytes > MAX_EVENT_BYTES:  # a server in a loop: the chunks
+                tail.held, tail.last_held = [], None  # are dropped, not relayed
+                tail.failure = errors.UpstreamBadResponse(
                     "the upstream sent over 16 MiB of finish chunks")
                 break
             continue

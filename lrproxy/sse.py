@@ -237,12 +237,13 @@ def _event_data(event: bytes) -> tuple[bytes | None, bool]:
     if event[:6] == b"data: " and event.find(b"\n") == n - 2 and event.find(b"\r") < 0:
         # one `data: ` line and its blank line: every stream's events
         return event[6:n - 2], False
-    if event.find(b"\r") >= 0 and event.replace(b"\r\n", b"").find(b"\r") >= 0:
-        raise BadEvent("a lone CR")
-    try:
-        event.decode()
-    except UnicodeDecodeError:
-        raise BadEvent("not UTF-8") from None
+    if event.find(b"\r") >= 0 and event.count(b"\r") != event.count(b"\r\n"):
+        raise BadEvent("a lone CR")  # (counts: no copy of the event)
+    if not event.isascii():
+        try:
+            event.decode()
+        except UnicodeDecodeError:
+            raise BadEvent("not UTF-8") from None
     parts: list[bytes] = []
     has_id = False
     for line in event.splitlines():

@@ -1101,3 +1101,19 @@ def test_error_body_never_fails_on_lone_surrogates() -> None:
     err = json.loads(error_body("bad 'x\udcff'", "invalid_request_error", "c", "p\ud800"))
     assert err["error"] == {"message": "bad 'x\\udcff'", "type": "invalid_request_error",
                             "param": "p\\ud800", "code": "c"}
+
+
+def test_upstream_accept_header_follows_the_request_kind(stack: Stack) -> None:
+    """A streamed chat asks the upstream for `text/event-stream`; a JSON chat and an
+    embeddings request ask for `application/json`."""
+    client = stack.client()
+    client.chat.completions.create(model=MINI, messages=[{"role": "user", "content": "hi"}])
+    list(client.chat.completions.create(model=MINI, stream=True,
+                                        messages=[{"role": "user", "content": "hi"}]))
+    client.embeddings.create(model=MINI, input="hi")
+    reqs = [r for up in stack.sims for r in stack.requests_to(up)]
+    seen = sorted((r.path.rsplit("/", 1)[-1], bool((r.json or {}).get("stream")),
+                   {k.lower(): v for k, v in r.headers.items()}["accept"]) for r in reqs)
+    assert seen == [("completions", False, "application/json"),
+                    ("completions", True, "text/event-stream"),
+                    ("embeddings", False, "application/json")], seen

@@ -23,7 +23,7 @@ from conftest import Stack, await_for, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrproxy import sse
+from lrproxy import relay, sse
 from lrproxy.simupstream import RecordedRequest
 from lrproxy.sse import EventSplitter, Kind, classify, event_data
 
@@ -1225,3 +1225,103 @@ def test_any_learnt_shape_fast_path_equals_parsing_every_event(
                 tail.content_events, bytes(splitter.held))
 
     assert run(True) == run(False)
+
+
+def test_lone_cr_inside_a_one_line_data_event_is_malformed() -> None:
+    """A lone CR in an event that is otherwise one `data: ` line and its blank line:
+    CR is JSON whitespace, so the proxy's parse reads one chunk, but the SDK ends a line
+    there and reads `data: {"id":"c",` alone as an event (JSONDecodeError). The quick path
+    for one-line events must not take it."""
+    for ev in (b'data: {"id":"c",\r\r"choices":[]}\n\n',
+               b'data: {"a":1,\r"b":2}\n\n'):
+        assert classify(ev) == (Kind.MALFORMED, None), ev
+
+
+async def test_lone_cr_event_valid_as_json_ends_the_stream(
+    canned: Canned, make_stack: MakeStack,
+) -> None:
+    """The same end to end: a content chunk whose JSON is valid with its CR CR, but
+    which the SDK would read as two events, is never relayed."""
+    stack = canned_stack(make_stack, canned)
+    good = chunk(content="One")
+    bad = chunk(content="x").replace(b'"choices"', b'\r\r"choices"')
+    canned.events = [good, bad, chunk(finish="stop"), b"data: [DONE]\n\n"]
+    canned.pause = 0.02
+    status, _, body = await raw_post(stack, body_of())
+    events = split_events(body)
+    assert status == 200 and events[0] == good and len(events) == 2, events
+    assert "malformed" in obj_of(events[1])["error"]["message"] and bad not in body
+
+
+def _fin() -> bytes:
+    return chunk(finish="stop")
+
+
+def test_events_after_the_finish_chunk_cap_in_the_same_read_are_not_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_EVENT_BYTES of finish chunks the stream fails there: the events after
+    the cap in the same read (a content chunk, [DONE]) are neither forwarded nor make it
+    a stream that ended well."""
+    monkeypatch.setattr(relay, "MAX_EVENT_BYTES", 4096)
+    fin = _fin()
+    n = 4096 // len(fin) + 1
+    tail = relay._Tail()
+    out = relay._take_events([*[fin] * n, chunk(content="late"), fin, b"data: [DONE]\n\n"], tail)
+    assert out == b""
+    assert tail.failure is not None and "16 MiB of finish chunks" in str(tail.failure)
+    assert tail.done is False and tail.held == [] and tail.content_events == n
+
+
+async def test_finish_chunks_past_the_cap_in_one_read_end_the_stream(
+    canned: Canned, make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A content chunk, finish chunks past the cap, another content chunk and [DONE]
+    in one upstream write: the stream ends with the error event after the events before
+    the cap (the first content chunk is relayed); nothing after the cap is."""
+    monkeypatch.setattr(relay, "MAX_EVENT_BYTES", 4096)
+    stack = canned_stack(make_stack, canned)
+    fin = _fin()
+    n = 4096 // len(fin) + 1
+    late, two = chunk(content="late"), chunk(content="Two")
+    canned.events = [chunk(content="One"),
+                     b"".join([two, *[fin] * (n + 3), late, fin, b"data: [DONE]\n\n"])]
+    canned.pause = 0.01
+    status, _, body = await raw_post(stack, body_of())
+    events = split_events(body)
+    assert status == 200 and events[0] == chunk(content="One"), events[:2]
+    assert events[1] == two, events[:3]
+    assert len(events) == 3 and late not in body and b"[DONE]" not in body, events
+    assert "16 MiB of finish chunks" in obj_of(events[-1])["error"]["message"]
+
+
+def test_finish_chunks_of_exactly_the_cap_are_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is MAX_EVENT_BYTES of finish chunks held: exactly that many bytes are
+    still held (not a failure), one byte more is."""
+    fin = _fin()
+    monkeypatch.setattr(relay, "MAX_EVENT_BYTES", 3 * len(fin))
+    tail = relay._Tail()
+    relay._take_events([fin] * 3, tail)
+    assert tail.failure is None and tail.held == [fin] * 3
+    relay._take_events([b": x\n\n", fin], tail)
+    assert tail.failure is not None and tail.held == []
+
+
+async def test_lowrouter_goes_on_the_last_finish_chunk_written_anew(
+    canned: Canned, make_stack: MakeStack,
+) -> None:
+    """n=2: two finish chunks held, the last with CRLF line ends (so `lowrouter` is
+    added by writing it anew from its JSON): the client gets each choice's own finish
+    chunk, the second carrying `lowrouter`, not the first's JSON twice."""
+    stack = canned_stack(make_stack, canned)
+    fin0 = chunk(content=None, finish="stop", index=0)
+    fin1 = chunk(content=None, finish="length", index=1).replace(b"\n", b"\r\n")
+    canned.events = [chunk(content="One"), fin0, fin1, b"data: [DONE]\n\n"]
+    canned.pause = 0.01
+    status, _, body = await raw_post(stack, body_of())
+    events = split_events(body)
+    assert status == 200 and events[-1] == b"data: [DONE]\n\n", events
+    assert events[1] == fin0, events
+    last = obj_of(events[2])
+    assert last["choices"] == [{"index": 1, "delta": {}, "finish_reason": "length"}], last
+    assert "lowrouter" in last and "lowrouter" not in obj_of(events[1])

@@ -307,3 +307,67 @@ async def test_media_type_is_aiohttps(session: aiohttp.ClientSession, wires: Wir
     await _read(resp)
     async with session.post(base + "/chat/completions", data=b"{}") as r:
         assert direct == r.content_type
+
+
+async def test_a_failed_status_with_its_body_still_coming_drops_the_connection(
+        session: aiohttp.ClientSession) -> None:
+    """A 503 whose body is still coming: send raises, and the connection is closed at
+    once (the upstream sees its end), not left open with the answer nobody reads."""
+    closed = asyncio.Event()
+    conns: list[asyncio.StreamWriter] = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)
+        head = await r.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await r.readexactly(length)
+        w.write(b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nbusy,\r\n")  # and the rest never comes
+        await w.drain()
+        if await r.read() == b"":
+            closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    target = _target(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1")
+    with pytest.raises(UpstreamError, match="upstream answered 503") as e:
+        await _send(session, target, b"{}")
+    assert target.direct
+    await asyncio.wait_for(closed.wait(), 2.0)
+    assert e.value.upstream_status == 503  # (the failure, kept till here)
+    server.close()
+    for w in conns:
+        w.close()
+    await server.wait_closed()
+
+
+async def test_a_101_answer_is_the_client_sessions(
+        session: aiohttp.ClientSession) -> None:
+    """Of the 1xx answers only those before the answer are skipped: a `101 Switching
+    Protocols` is the answer itself, as for aiohttp's own response (which stops its
+    1xx loop there), not a wait for another head that never comes."""
+    conns: list[asyncio.StreamWriter] = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)
+        head = await r.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await r.readexactly(length)
+        w.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    got = []
+    async with aiohttp.ClientSession(trust_env=True, auto_decompress=False) as plain:
+        for s in (session, plain):  # trust_env: the ClientSession's path
+            target = _target(base)
+            resp = await asyncio.wait_for(_send(s, target, b"{}"), 2.0)
+            assert bool(target.direct) is (s is session)
+            got.append(resp.status)
+            resp.close()
+    assert got == [101, 101]
+    server.close()
+    for w in conns:
+        w.close()
+    await server.wait_closed()

@@ -17,6 +17,8 @@ from lrproxy.errors import UpstreamBadResponse, UpstreamConnectionLost, Upstream
 
 Answer = Callable[[bytes], Awaitable[bytes]]  # the request's bytes -> the answer's
 Wires = Callable[..., Awaitable[tuple["Wire", str]]]
+Servers = Callable[[Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]],
+                  Awaitable[str]]
 
 
 class Wire:
@@ -80,6 +82,41 @@ async def wires() -> AsyncIterator[Callable[..., Awaitable[tuple[Wire, str]]]]:
     yield make
     for wire in made:
         await wire.stop()
+
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Callable[[Serve], Awaitable[str]]]:
+    """Starts raw TCP servers, each handling its connections with a `serve` of the
+    test's own and given as its base URL; all stop after the test, connections closed."""
+    started: list[asyncio.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(serve: Serve) -> str:
+        async def tracked(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            writers.append(w)
+            await serve(r, w)
+
+        server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+        started.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+    yield start
+    for server in started:
+        server.close()
+    for w in writers:
+        w.close()
+    for server in started:
+        await server.wait_closed()
+
+
+async def _request_of(r: asyncio.StreamReader) -> bytes:
+    """One request's head and body, as a raw server reads it."""
+    head = await r.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head + await r.readexactly(length)
 
 
 def _ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> Answer:
@@ -245,17 +282,18 @@ def test_direct_needs_no_egress_proxy_and_no_proxy_from_the_environment() -> Non
 
 
 async def test_answer_before_the_body_is_out_closes_the_connection(
-        session: aiohttp.ClientSession) -> None:
+        session: aiohttp.ClientSession, servers: Servers) -> None:
     """An upstream that answers from a request's head alone (a 413 for a big body) and
     keeps the connection: what is left of the body must not go out ahead of the next
     request. The connection closes, as aiohttp's response closes it then, and the next
     request goes on a new one."""
     got: list[tuple[int, bytes]] = []
-    conns: list[asyncio.StreamWriter] = []
+    conns = 0
 
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        conns.append(w)
-        n = len(conns)
+        nonlocal conns
+        conns += 1
+        n = conns
         try:
             while True:
                 head = await r.readuntil(b"\r\n\r\n")
@@ -275,8 +313,7 @@ async def test_answer_before_the_body_is_out_closes_the_connection(
         finally:
             w.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    target = _target(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1")
+    target = _target(await servers(serve))
     big = b'{"x":"' + b"a" * 12_000_000 + b'"}'
     resp = await _send(session, target, big)
     assert resp.status == 413
@@ -285,10 +322,6 @@ async def test_answer_before_the_body_is_out_closes_the_connection(
         resp = await _send(session, target, b'{"small":1}')
         assert resp.status == 200 and await _read(resp) == b"{}"
     assert [(n, line[:5]) for n, line in got] == [(1, b"POST "), (2, b"POST "), (2, b"POST ")]
-    server.close()
-    for w in conns:
-        w.close()
-    await server.wait_closed()
 
 
 @pytest.mark.parametrize("ctype", [None, "", "textevent-stream", "a, b", "Text/Event-Stream",
@@ -310,54 +343,39 @@ async def test_media_type_is_aiohttps(session: aiohttp.ClientSession, wires: Wir
 
 
 async def test_a_failed_status_with_its_body_still_coming_drops_the_connection(
-        session: aiohttp.ClientSession) -> None:
+        session: aiohttp.ClientSession, servers: Servers) -> None:
     """A 503 whose body is still coming: send raises, and the connection is closed at
     once (the upstream sees its end), not left open with the answer nobody reads."""
     closed = asyncio.Event()
-    conns: list[asyncio.StreamWriter] = []
 
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        conns.append(w)
-        head = await r.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        await r.readexactly(length)
+        await _request_of(r)
         w.write(b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"5\r\nbusy,\r\n")  # and the rest never comes
         await w.drain()
         if await r.read() == b"":
             closed.set()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    target = _target(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1")
+    target = _target(await servers(serve))
     with pytest.raises(UpstreamError, match="upstream answered 503") as e:
         await _send(session, target, b"{}")
     assert target.direct
     await asyncio.wait_for(closed.wait(), 2.0)
     assert e.value.upstream_status == 503  # (the failure, kept till here)
-    server.close()
-    for w in conns:
-        w.close()
-    await server.wait_closed()
 
 
 async def test_a_101_answer_is_the_client_sessions(
-        session: aiohttp.ClientSession) -> None:
+        session: aiohttp.ClientSession, servers: Servers) -> None:
     """Of the 1xx answers only those before the answer are skipped: a `101 Switching
     Protocols` is the answer itself, as for aiohttp's own response (which stops its
     1xx loop there), not a wait for another head that never comes."""
-    conns: list[asyncio.StreamWriter] = []
-
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        conns.append(w)
-        head = await r.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        await r.readexactly(length)
+        await _request_of(r)
         w.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
         await w.drain()
         await r.read()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    base = await servers(serve)
     got = []
     async with aiohttp.ClientSession(trust_env=True, auto_decompress=False) as plain:
         for s in (session, plain):  # trust_env: the ClientSession's path
@@ -367,7 +385,3 @@ async def test_a_101_answer_is_the_client_sessions(
             got.append(resp.status)
             resp.close()
     assert got == [101, 101]
-    server.close()
-    for w in conns:
-        w.close()
-    await server.wait_closed()

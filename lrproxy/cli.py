@@ -43,6 +43,7 @@ from lrproxy.workers import (
     CONFIG_SHOWN_ENV,
     LISTEN_BACKLOG,
     WORKER_FDS_ENV,
+    WORKER_INDEX_ENV,
     die_with_supervisor,
     supervise,
     worker_sockets,
@@ -226,7 +227,7 @@ async def _serve(args: argparse.Namespace) -> int:
         passed.append(f"--loop={args.loop}")
         return await supervise(config, args.config, listen, mlisten, passed)
     if worker:
-        notifier.ready_status = f"worker {os.environ.get('LRPROXY_WORKER_INDEX', '0')}"
+        notifier.ready_status = f"worker {os.environ.get(WORKER_INDEX_ENV, '0')}"
         mlisten = None  # the supervisor serves /metrics for all workers
     registry = CollectorRegistry()
     app = make_app(config, secrets_, registry=registry)
@@ -408,7 +409,7 @@ def _warn_unserved(rt: Runtime) -> None:
     """Say which model ids answer 404 because no upstream serves them, and that every
     request answers 401 with no client key (legal, often a slip). With `server.workers`,
     the first worker says it for all: they read one config."""
-    if os.environ.get("LRPROXY_WORKER_INDEX", "0") != "0":
+    if os.environ.get(WORKER_INDEX_ENV, "0") != "0":
         return
     if not rt.state.config.keys:
         log.warning("no client keys are configured ([auth] keys): every request gets 401")

@@ -402,10 +402,6 @@ async def _try_candidates(
         t_sent = time.perf_counter()
         now = time.monotonic()
         first_byte = min(tmo.first_byte, deadline - now)
-        # under nine tenths of a first attempt's time: the request's earlier attempts
-        # took it (never a first attempt: its body's making may take a few ms of a
-        # short total; nor a retry after a failure that came at once)
-        cut_short = n > 0 and first_byte < 0.9 * min(tmo.first_byte, tmo.total)
         early = (_EarlyCommit(request, rt, rec, cand, t_sent, max(0.0, beat_at - now),
                               tmo.keepalive)
                  if beat_at < now + first_byte else None)
@@ -442,6 +438,10 @@ async def _try_candidates(
             rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
             pool.release(held)
             now = time.monotonic()
+            # A wait cut short: under nine tenths of a first attempt's time, the request's
+            # earlier attempts took it (never a first attempt: its body's making may take
+            # a few ms of a short total; nor a retry after a failure that came at once).
+            cut_short = n > 0 and first_byte < 0.9 * min(tmo.first_byte, tmo.total)
             if ((cut_short and isinstance(e, errors.UpstreamTimeout)
                  and now >= deadline - 0.005) or isinstance(e, errors.UpstreamTooLarge)):
                 # timeouts.total ran out in a wait that the request's earlier attempts

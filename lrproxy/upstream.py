@@ -421,9 +421,9 @@ class _Deadline(Watch):
 class UpstreamResponse:
     """An upstream answer whose status is 2xx or a client error to pass through.
 
-    Made by `send` from aiohttp's ClientResponse, or by `_send_direct` from the parsed
-    head, the body's reader and the pooled connection themselves (`_conn`): either way
-    the connection goes back to the pool once the body is read to its end.
+    Made by `send` from aiohttp's ClientResponse, or from what `_Direct.post` read: the
+    parsed head, the body's reader and the pooled connection itself (`_conn`). Either
+    way the connection goes back to the pool once the body is read to its end.
     """
 
     __slots__ = ("_conn", "_resp", "content", "headers", "status")
@@ -670,16 +670,15 @@ class _Direct:
                 or connector is None):
             return False
         try:
+            # The connector keys its pool by what a ClientRequest says of the URL's host,
+            # port and TLS: one made once stands for every request to the target.
+            req = aiohttp.ClientRequest(
+                "POST", URL(target.chat_url), loop=asyncio.get_running_loop(),
+                session=session, ssl=target.ssl_context or True)
             heads: list[bytes] = []
-            req = None
-            for url in (target.embeddings_url, target.chat_url):
-                # The connector keys its pool by what a ClientRequest says of the URL's
-                # host, port and TLS: one made once stands for every request.
-                req = aiohttp.ClientRequest(
-                    "POST", URL(url), loop=asyncio.get_running_loop(), session=session,
-                    ssl=target.ssl_context or True)
+            for url in (target.embeddings_url, target.chat_url):  # (heads[chat * 2 + stream])
                 for headers in (target.json_headers, target.stream_headers):
-                    lines = [f"POST {req.url.raw_path_qs} HTTP/1.1",
+                    lines = [f"POST {URL(url).raw_path_qs} HTTP/1.1",
                              f"Host: {req.headers['Host']}",
                              *(f"{k}: {v}" for k, v in headers.items())]
                     if any("\r" in line or "\n" in line for line in lines):

@@ -43,6 +43,7 @@ from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 
 WORKER_FDS_ENV: Final = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
 SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
+WORKER_INDEX_ENV: Final = "LRPROXY_WORKER_INDEX"  # 0, 1, …: which worker this is
 CONFIG_SHOWN_ENV: Final = "LRPROXY_CONFIG_SHOWN"  # the operator's file, for a worker's log
 _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 # Connections the kernel queues for accept, as lrproxy.socket's Backlog= (and capped by
@@ -274,7 +275,7 @@ async def _supervise(
                     sys.executable, "-m", "lrproxy", "serve", "--config", str(accepted),
                     *worker_args,
                     env={**env, WORKER_FDS_ENV: ",".join(map(str, w.fds)),
-                         "LRPROXY_WORKER_INDEX": str(w.index), SUPERVISOR_ENV: str(os.getpid())},
+                         WORKER_INDEX_ENV: str(w.index), SUPERVISOR_ENV: str(os.getpid())},
                     pass_fds=w.fds, stdin=asyncio.subprocess.DEVNULL,
                 )
             finally:

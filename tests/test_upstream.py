@@ -5,6 +5,7 @@ byte for byte, and reads answers as aiohttp's own response does."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,88 +17,29 @@ from lrproxy.config import Upstream
 from lrproxy.errors import UpstreamBadResponse, UpstreamConnectionLost, UpstreamError
 
 Answer = Callable[[bytes], Awaitable[bytes]]  # the request's bytes -> the answer's
-Wires = Callable[..., Awaitable[tuple["Wire", str]]]
-Servers = Callable[[Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]],
-                  Awaitable[str]]
-
-
-class Wire:
-    """A raw HTTP/1.1 server on loopback: keeps each connection's requests, answers each
-    with what `answer` gives for it (after reading its whole body), and closes the
-    connection after that answer when `close` says so."""
-
-    def __init__(self, answer: Answer, close: bool = False) -> None:
-        self.answer, self.close = answer, close
-        self.requests: list[tuple[int, bytes]] = []  # (connection number, request bytes)
-        self.conns = 0
-        self.server: asyncio.Server | None = None
-        self._open: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
-
-    async def stop(self) -> None:
-        """Stop listening, close every connection and wait for their handlers."""
-        assert self.server is not None
-        self.server.close()
-        for w in self._open.values():
-            w.close()
-        await asyncio.gather(*self._open, return_exceptions=True)
-        await self.server.wait_closed()
-
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._open[task] = w
-        self.conns += 1
-        n = self.conns
-        try:
-            while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                req = head + await r.readexactly(length)
-                self.requests.append((n, req))
-                w.write(await self.answer(req))
-                await w.drain()
-                if self.close:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._open.pop(task, None)
-            w.close()
-
-
-@pytest.fixture
-async def wires() -> AsyncIterator[Callable[..., Awaitable[tuple[Wire, str]]]]:
-    """Starts `Wire`s, each given as (the wire, its base URL); all stop after the test."""
-    made: list[Wire] = []
-
-    async def make(answer: Answer, close: bool = False) -> tuple[Wire, str]:
-        wire = Wire(answer, close)
-        made.append(wire)
-        return wire, await wire.start()
-
-    yield make
-    for wire in made:
-        await wire.stop()
-
-
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Servers = Callable[[Serve], Awaitable[str]]
+Wires = Callable[..., Awaitable[tuple["Wire", str]]]
 
 
 @pytest.fixture
-async def servers() -> AsyncIterator[Callable[[Serve], Awaitable[str]]]:
+async def servers() -> AsyncIterator[Servers]:
     """Starts raw TCP servers, each handling its connections with a `serve` of the
-    test's own and given as its base URL; all stop after the test, connections closed."""
+    test's own (a connection closes when its `serve` returns) and given as its base
+    URL; after the test all stop, their connections closed and their handlers ended."""
     started: list[asyncio.Server] = []
-    writers: list[asyncio.StreamWriter] = []
+    open_: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
     async def start(serve: Serve) -> str:
         async def tracked(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            writers.append(w)
-            await serve(r, w)
+            task = asyncio.current_task()
+            assert task is not None
+            open_[task] = w
+            try:
+                await serve(r, w)
+            finally:  # a connection ends with its handler
+                open_.pop(task, None)
+                w.close()
 
         server = await asyncio.start_server(tracked, "127.0.0.1", 0)
         started.append(server)
@@ -106,8 +48,9 @@ async def servers() -> AsyncIterator[Callable[[Serve], Awaitable[str]]]:
     yield start
     for server in started:
         server.close()
-    for w in writers:
+    for w in open_.values():
         w.close()
+    await asyncio.gather(*open_, return_exceptions=True)
     for server in started:
         await server.wait_closed()
 
@@ -117,6 +60,41 @@ async def _request_of(r: asyncio.StreamReader) -> bytes:
     head = await r.readuntil(b"\r\n\r\n")
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     return head + await r.readexactly(length)
+
+
+class Wire:
+    """A raw HTTP/1.1 server's handling (`serve`, for `servers`): keeps each
+    connection's requests, answers each with what `answer` gives for it (after reading
+    its whole body), and closes the connection after that answer when `close` says so."""
+
+    def __init__(self, answer: Answer, close: bool = False) -> None:
+        self.answer, self.close = answer, close
+        self.requests: list[tuple[int, bytes]] = []  # (connection number, request bytes)
+        self.conns = 0
+
+    async def serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.conns += 1
+        n = self.conns
+        try:
+            while True:
+                req = await _request_of(r)
+                self.requests.append((n, req))
+                w.write(await self.answer(req))
+                await w.drain()
+                if self.close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+
+@pytest.fixture
+def wires(servers: Servers) -> Wires:
+    """Starts `Wire`s, each given as (the wire, its base URL)."""
+    async def make(answer: Answer, close: bool = False) -> tuple[Wire, str]:
+        wire = Wire(answer, close)
+        return wire, await servers(wire.serve)
+
+    return make
 
 
 def _ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> Answer:
@@ -249,9 +227,11 @@ async def test_direct_failures_are_the_client_sessions(
             got.append(str(e.value))
     assert got[0] == got[1]
     assert len(wire.requests) == 2
-    await wire.stop()  # nothing listening: the connect's failure
+    with socket.socket() as sock:  # a port nothing listens on: the connect's failure
+        sock.bind(("127.0.0.1", 0))
+        idle = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     with pytest.raises(UpstreamError, match="Connection refused"):
-        await _send(session, _target(base), b"{}")
+        await _send(session, _target(idle), b"{}")
 
 
 async def test_a_header_aiohttp_would_refuse_is_left_to_it(
@@ -310,8 +290,6 @@ async def test_answer_before_the_body_is_out_closes_the_connection(
                 await w.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
-        finally:
-            w.close()
 
     target = _target(await servers(serve))
     big = b'{"x":"' + b"a" * 12_000_000 + b'"}'

@@ -60,8 +60,8 @@ class Health:
     ejections: int = 0  # in a row, for the growing cool-down
     ejected_until: float = 0.0
     trial: bool = False  # the one trial request after a cool-down is out
-    # Failing, but its region's last usable upstream, so not ejected: until then it is
-    # tried after the others (Pool.last_resort)
+    # Failing, but its region's last usable upstream (for one of its models), so not
+    # ejected: until then it is tried after the others (Pool.last_resort)
     last_resort_until: float = 0.0
 
     def usable(self, now: float) -> bool:
@@ -82,6 +82,7 @@ class Pool:
         self.on_change: Callable[[], None] | None = None  # an upstream was ejected or came back
         self.health: dict[str, Health] = {}
         self.region_of: dict[str, str] = {}
+        self.models_of: dict[str, frozenset[str]] = {}  # the LowRouter ids each serves
         self.capacity: dict[str, int] = {}
 
     def configure(self, upstreams: Iterable[Upstream]) -> None:
@@ -89,6 +90,7 @@ class Pool:
         ups = list(upstreams)
         self.health = {u.name: self.health.get(u.name) or Health() for u in ups}
         self.region_of = {u.name: u.region for u in ups}
+        self.models_of = {u.name: frozenset(u.models) for u in ups}
         self.capacity = {u.name: u.max_concurrency for u in ups}
 
     # A request routes on the config it began with (SPEC §6), which may name upstreams
@@ -99,8 +101,9 @@ class Pool:
         return h is None or h.failures < EJECT_AFTER or h.usable(now)  # the usual case first
 
     def last_resort(self, name: str, now: float) -> bool:
-        """True for a failing upstream kept only as its region's last usable one: its
-        region's pinned requests still go to it, other requests to it last (SPEC §2)."""
+        """True for a failing upstream kept only as its region's last usable one (for one
+        of its models, `_last_of_region`): its region's pinned requests still go to it,
+        other requests to it last (SPEC §2)."""
         h = self.health.get(name)
         return h is not None and now < h.last_resort_until
 
@@ -169,12 +172,7 @@ class Pool:
         h.trial = False
         if h.failures < EJECT_AFTER:
             return
-        region = self.region_of[name]
-        others = [
-            n for n, r in self.region_of.items() if r == region and n != name
-            and self.health[n].usable(now)
-        ]
-        if not others:  # the last usable upstream of a region is never ejected…
+        if self._last_of_region(name, now):  # never ejected…
             h.failures = EJECT_AFTER - 1
             # … but for the cool-down an ejection would have had, requests that may go
             # elsewhere try it last: a dead region must not hold up every unpinned
@@ -192,6 +190,16 @@ class Pool:
             # happens then: the next request finds it usable)
             with contextlib.suppress(RuntimeError):  # no loop: a unit test's pool
                 asyncio.get_running_loop().call_later(cool, self._cooled)
+
+    def _last_of_region(self, name: str, now: float) -> bool:
+        """Whether `name` is its region's last usable upstream (SPEC §2), or its region's
+        last usable one for one of the models it serves: ejecting it would leave that
+        model's pinned requests in the region nowhere to go (503) while it may still
+        answer some, as Envoy's panic threshold keeps a cluster's last hosts."""
+        region, mine = self.region_of[name], self.models_of[name]
+        others = [n for n, r in self.region_of.items()
+                  if r == region and n != name and self.health[n].usable(now)]
+        return not others or not mine <= frozenset().union(*(self.models_of[n] for n in others))
 
     def _cooled(self) -> None:
         if self.on_change is not None:

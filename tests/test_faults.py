@@ -1975,6 +1975,24 @@ def test_a_failing_regions_last_upstream_is_tried_last_by_unpinned_requests(
     assert post(stack, chat(LLAMA)).route()["upstream"] == "eu-north-a"
 
 
+def test_a_models_last_upstream_in_a_region_is_never_ejected(make_stack: MakeStack) -> None:
+    """eu-west-b serves only gpt-4o-mini, so eu-west-a is eu-west's last for llama: failing,
+    it is kept (502s to eu-west's pinned llama requests, never 503), tried after eu-west-b
+    by mini requests, and serves again once healthy."""
+    stack = make_stack(cfg(server={"retries": 0},
+                           upstreams={"eu-west-b": {"models": {MINI: "gpt-4o-mini"}}}))
+    faults(stack, ["eu-west-a"], fail_status=503, fail_count=-1)
+    for _ in range(upstream.EJECT_AFTER + 2):
+        post(stack, chat(LLAMA, region="eu-west")).error(502, "upstream_error")
+    assert usable(stack, "eu-west-a") == 1
+    for _ in range(3):  # equal carbon, b the less loaded or not: a is the last resort
+        assert post(stack, chat(MINI, region="eu-west")).route()["upstream"] == "eu-west-b"
+    assert hits(stack) == {"eu-west-a": 7, "eu-west-b": 3, "eu-north-a": 0, "us-east-a": 0}
+    faults(stack, ["eu-west-a"], fail_status=None)
+    assert post(stack, chat(LLAMA, region="eu-west")).route()["upstream"] == "eu-west-a"
+    assert codes(stack) == {"502": 7, "200": 4}
+
+
 def test_after_cool_down_one_trial_request_readmits(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the cool-down exactly one trial request goes to the ejected upstream; its success readmits it."""
     monkeypatch.setattr(upstream, "COOL_DOWN_S", 0.3)

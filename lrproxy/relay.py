@@ -428,10 +428,10 @@ async def _try_candidates(
                     "the upstream answered a stream request without an event stream "
                     f"({ctype or 'no content type'})")
             else:
-                answer = _answer_now(resp)
+                answer = _answer_now(resp, chat)
                 if answer is None:  # the body comes after the headers: read it as it comes
                     answer = await _read_answer(
-                        resp, first_byte - (time.perf_counter() - t_sent), tmo.idle,
+                        resp, chat, first_byte - (time.perf_counter() - t_sent), tmo.idle,
                         deadline - time.monotonic())
                 attempt.body, attempt.doc = answer
         except errors.UpstreamFailed as e:
@@ -546,7 +546,7 @@ def _outcome(e: errors.UpstreamFailed) -> str:
 
 
 async def _read_answer(
-    resp: upstream.UpstreamResponse, first_byte: float, idle: float, total: float,
+    resp: upstream.UpstreamResponse, chat: bool, first_byte: float, idle: float, total: float,
 ) -> tuple[bytes, dict[str, Any] | None]:
     """The whole answer and, for a success, its JSON object; raises UpstreamFailed.
 
@@ -577,10 +577,12 @@ async def _read_answer(
     except BaseException:  # a failure, or the client gone: the upstream stops at once
         resp.close()
         raise
-    return _answer_doc(resp, b"".join(chunks))
+    return _answer_doc(resp, b"".join(chunks), chat)
 
 
-def _answer_now(resp: upstream.UpstreamResponse) -> tuple[bytes, dict[str, Any] | None] | None:
+def _answer_now(
+    resp: upstream.UpstreamResponse, chat: bool,
+) -> tuple[bytes, dict[str, Any] | None] | None:
     """`_read_answer` without its coroutine when the whole answer has already arrived
     (the usual case for a JSON answer), else None."""
     try:
@@ -592,11 +594,11 @@ def _answer_now(resp: upstream.UpstreamResponse) -> tuple[bytes, dict[str, Any] 
     except BaseException:
         resp.close()
         raise
-    return _answer_doc(resp, data)
+    return _answer_doc(resp, data, chat)
 
 
 def _answer_doc(
-    resp: upstream.UpstreamResponse, data: bytes
+    resp: upstream.UpstreamResponse, data: bytes, chat: bool,
 ) -> tuple[bytes, dict[str, Any] | None]:
     resp.release()
     if resp.status >= 300:
@@ -609,7 +611,8 @@ def _answer_doc(
         raise errors.UpstreamBadResponse("upstream answered with a body that is not an object")
     if (b'"error"' in data or b"\\u" in data) and (  # (one or two C searches: the usual
             # answer has neither; "\u0065rror" would hide the key from the first)
-            (sse.error_object(doc, answer=True) and not doc.get("data"))
+            # (an embeddings answer's data beside an error member: its vectors came)
+            (sse.error_object(doc, answer=True) and (chat or not doc.get("data")))
             or _failed_choice(doc.get("choices"))):
         # a failed generation some servers answer with 200 (OpenRouter), with choices
         # (`finish_reason: "error"`) or without: a failure of this attempt, as the same

@@ -1804,6 +1804,9 @@ def test_upstream_200_with_an_escaped_error_key_fails_over(
     {"error": {}},  # an empty error object alone, as a stream's chunk of it is
     {"error": {}, "choices": []},
     {"error": {}, "usage": {"prompt_tokens": 9, "completion_tokens": 0}},  # no answer
+    # `data` is an embeddings answer's, no chat answer's: no exemption here
+    {"error": {"message": "Provider returned error"}, "data": [{"x": 1}]},
+    {"error": {}, "data": [{"x": 1}]},
 ])
 def test_upstream_200_with_a_failed_choice_fails_over(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], doc: dict[str, Any]

@@ -11,6 +11,7 @@ nginx, uvloop and py-spy are used when installed):
     python bench/run.py --soak 100000   # VmRSS of each proxy every 20k of 100k requests
     options: --reps N; --loop asyncio (keep uvloop from the proxies); --only NAME,...
     (targets besides direct and minimal); --scenarios wrk,gaps,slow,memory,workers (a subset);
+    --workers-upstream nginx|sim (the workers scenario's upstream; nginx when installed);
     --prompt-kib N (N KiB of earlier turns in every request); --wait-quiet S (first
     wait up to S seconds for idle cores); --json FILE (every repetition's figures);
     with --profile: --profile-streams, --profile-spaced, --profile-target minimal, --profiler cprofile,
@@ -42,9 +43,12 @@ Scenarios, each run `--reps` times with the targets interleaved; one table of me
   `server.workers = 1` and with `= 2`, otherwise the same config, a fresh process tree
   each repetition, under 64-connection non-streaming wrk runs of 5 s (2 s with --quick):
   req/s of each, the ratio 2w/1w, and CPU per request of lrproxy (the supervisor and its
-  workers summed), the sim and the load. Here the proxy, a sim of its own, wrk and this
-  script all run on both cores (`taskset -c 0,1`): there is no third core for the load,
-  so the ratio is a lower bound on how lrproxy itself scales. About 1 minute.
+  workers summed), the upstream and the load. Here the proxy, an upstream of its own, wrk
+  and this script all run on both cores (`taskset -c 0,1`): there is no third core for
+  the load, so the ratio is a lower bound on how lrproxy itself scales. The upstream is
+  nginx answering the sim's own answers from memory (~40 µs a request here, where the
+  sim takes ~250), so that the proxy gets as much of the two cores as it can; without
+  nginx, or with `--workers-upstream sim`, the sim itself. About 1 minute.
 Latency is compared with `direct` (ms added), CPU with `minimal` (ratio); the issue's
 targets are checked at the end. Noise rows say how much CPU other processes took on the
 two cores during the wrk runs: on a shared machine, read the table with them. Loopback
@@ -431,6 +435,9 @@ class Bench:
         self.sim: subprocess.Popen[bytes] | None = None
         self.uvloop = args.loop == "auto" and _has_uvloop()
         self.scenarios = set(args.scenarios.split(","))
+        # the workers scenario's upstream: nginx with the sim's answers canned, or the sim
+        self.workers_upstream = getattr(args, "workers_upstream", None) or (
+            "nginx" if shutil.which("nginx") else "sim")
         self.served = 0  # requests answered by the process under test so far
         # bench/instr.py: a command the proxies run under (valgrind), and their start time
         self.wrap: list[str] = []
@@ -580,6 +587,76 @@ http {{
         p = self.procs.start(["taskset", "-c", PROXY_CORE, "nginx", "-p", str(d), "-c", str(conf),
                               "-e", str(d / "error.log")], log=log)
         wait_port(t.port, p, log)
+        return p
+
+    def sim_answer(self, stream: bool) -> bytes:
+        """The sim's answer to the workers scenario's request, as lrproxy would send it."""
+        obj = json.loads(body(SIM_MODEL, stream=stream, sim={"chunks": CHUNKS},
+                                history_kib=self.args.prompt_kib))
+        if stream:
+            obj["stream_options"] = {"include_usage": True}
+        req = urllib.request.Request(
+            f"http://{HOST}:{self.sim_port}/v1/chat/completions", data=json.dumps(obj).encode(),
+            method="POST", headers={"Authorization": f"Bearer {self.key}",
+                                    "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return bytes(r.read())
+
+    def start_canned(self, answers: dict[str, bytes], cores: str) -> subprocess.Popen[bytes]:
+        """nginx answering every chat completion with the same bytes from a file: a JSON
+        answer, or an event stream to `Accept: text/event-stream` (lrproxy's stream
+        requests). An upstream at ~10 µs a request, where the sim takes ~250: the workers
+        scenario's load then leaves the two cores to the proxy. (nginx's static files
+        answer a POST with 405, which error_page turns into the file, fetched anew.)"""
+        self.sim_port = port = free_port()
+        d = self.tmp / f"canned-{port}"
+        d.mkdir(exist_ok=True)
+        (d / "answer.json").write_bytes(answers["json"])
+        (d / "answer.sse").write_bytes(answers["stream"])
+        user = "user root;" if os.geteuid() == 0 else ""
+        # A JSON answer of under 4 KiB, the usual one, is nginx's `return`: half the
+        # work of the file (nginx takes a quoted parameter of up to 4 KiB)
+        text = answers["json"].decode()
+        json_answer = "rewrite ^ /answer.json last;"
+        if len(text) < 3500 and "$" not in text:
+            json_answer = "default_type application/json; return 200 \"{}\";".format(
+                text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+                .replace("\r", "\\r"))
+        (d / "nginx.conf").write_text(f"""\
+{user}
+daemon off;
+master_process on;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_requests 100000;
+  client_body_buffer_size 1m;
+  open_file_cache max=16;
+  etag off;
+  server {{
+    listen {HOST}:{port} backlog=1024;
+    root {d};
+    location = /v1/chat/completions {{
+      if ($http_accept = "text/event-stream") {{ rewrite ^ /answer.sse last; }}
+      {json_answer}
+    }}
+    location = /answer.json {{ default_type application/json; error_page 405 =200 $uri; }}
+    location = /answer.sse {{ default_type text/event-stream; error_page 405 =200 $uri; }}
+  }}
+}}
+""")
+        log = self.tmp / "canned.log"
+        p = self.procs.start(["taskset", "-c", cores, "nginx", "-p", str(d), "-c",
+                              str(d / "nginx.conf"), "-e", str(d / "error.log")], log=log)
+        wait_port(port, p, log)
         return p
 
     def targets(self) -> list[Target]:
@@ -763,6 +840,11 @@ http {{
         t0 = time.monotonic()
         old_sim, old_port = self.sim, self.sim_port
         self.start_sim(cores=BOTH_CORES)
+        if self.workers_upstream == "nginx":  # the sim's answers, canned in nginx
+            answers = {"json": self.sim_answer(False), "stream": self.sim_answer(True)}
+            assert self.sim is not None
+            self.procs.stop(self.sim)
+            self.sim = self.start_canned(answers, cores=BOTH_CORES)
         sim = self.sim
         assert sim is not None
         ns = body(MODEL_ID, stream=False, sim={"chunks": CHUNKS}, history_kib=self.args.prompt_kib)
@@ -1174,7 +1256,7 @@ WORKER_ROWS = [
     ("cpu_us", "lrproxy CPU µs/req (supervisor + workers)", True),
     ("supervisor_us", "of which the supervisor µs/req", False),
     ("top_worker_pct", "busiest worker's share of the workers' CPU %", False),
-    ("sim_us", "sim CPU µs/req", True),
+    ("sim_us", "upstream CPU µs/req", True),
     ("load_us", "wrk + this script CPU µs/req", True),
     ("busy", "both cores busy % (of 200)", False),
     ("others", "noise: other processes' use of both cores % (of 200)", False),
@@ -1212,7 +1294,7 @@ def workers_report(wres: dict[str, dict[str, list[float]]], plan: Plan) -> str:
     if all(v for v in per) and med(one, "rps"):
         ceiling = 2e6 / sum(v for v in per if v)
         lines.append(f"CPU ceiling with workers = 2: 2 cores / ({' + '.join(_fmt(v or 0) for v in per)}"
-                     f" µs per request, lrproxy + sim + load) = {ceiling:,.0f} req/s, "
+                     f" µs per request, lrproxy + upstream + load) = {ceiling:,.0f} req/s, "
                      f"×{ceiling / (med(one, 'rps') or 1):.2f} the workers = 1 req/s.")
     return "\n".join(lines)
 
@@ -1253,6 +1335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help="comma-separated subset of wrk,gaps,slow,memory,workers "
                          "(default: all)")
+    ap.add_argument("--workers-upstream", choices=("nginx", "sim"),
+                    help="the workers scenario's upstream: nginx answering the sim's "
+                         "canned answers (default when installed), or the sim itself")
     ap.add_argument("--prompt-kib", type=int, default=0, metavar="N",
                     help="add N KiB of earlier conversation turns to every request (default 0)")
     ap.add_argument("--wait-quiet", type=float, metavar="SECONDS", default=0,
@@ -1327,9 +1412,11 @@ def main(argv: list[str] | None = None) -> int:
     if bench.wresults:
         print(f"\nWorkers: lrproxy --no-access-log with server.workers = 1 and = 2, each a "
               f"fresh process tree per repetition, `taskset -c {BOTH_CORES}`; wrk -t1 -c64 "
-              f"runs of {plan.workers_s:g}s of non-streaming requests. The sim, wrk and this "
-              "script share the same 2 cores, so 2w/1w is a lower bound on how lrproxy "
-              "scales.\n")
+              f"runs of {plan.workers_s:g}s of non-streaming requests. The upstream "
+              + ("(nginx with the sim's answers canned, ~10 µs a request)"
+                 if bench.workers_upstream == "nginx" else "(the sim)")
+              + ", wrk and this script share the same 2 cores, so 2w/1w is a lower bound "
+              "on how lrproxy scales.\n")
         print(workers_report(bench.wresults, plan))
     if args.json:
         Path(args.json).write_text(json.dumps({"plan": plan.__dict__, "results": bench.results,

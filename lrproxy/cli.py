@@ -11,6 +11,8 @@ import logging
 import os
 import secrets
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -329,7 +331,8 @@ async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
     the §1.1 error event for a stream, never a cut connection.
     """
     rt.draining = True
-    for site in list(runner.sites):
+    await _take_queued(runner)
+    for site in list(runner.sites):  # (no await between the last look and the close)
         await site.stop()
     n = len(rt.tasks)
     if n:
@@ -345,6 +348,41 @@ async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
             task.cancel()
         await asyncio.wait(set(rt.tasks), timeout=2.0)
     await runner.cleanup()
+
+
+TAKE_QUEUED_S: Final = 1.0
+
+
+async def _take_queued(runner: Runner, limit_s: float = TAKE_QUEUED_S) -> None:
+    """Before the listening sockets close, let the server accept the connections queued
+    on them, up to `limit_s`. A close would reset them: their clients had connected and
+    may have written a request (a POST they cannot know was not acted on), and would get
+    no answer. Accepted here, they are served as requests in flight; a connect after the
+    sockets close is refused, which a client may safely retry elsewhere. Under socket
+    activation systemd keeps the socket and its queue for the next start, so nothing is
+    reset either way."""
+    socks = [s for site in runner.sites
+             for s in (getattr(getattr(site, "_server", None), "sockets", None) or ())]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit_s
+    # (a count in the kernel, which no event tells of: looked at every 2 ms)
+    while any(_queued(s) for s in socks) and loop.time() < end:  # noqa: ASYNC110
+        await asyncio.sleep(0.002)  # the loop accepts them meanwhile
+
+
+def _queued(sock: Any) -> int:
+    """Connections the kernel has queued on a listening socket for accept (Linux: TCP_INFO
+    of a listener has the accept queue's length as tcpi_unacked); 0 when unknown."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, AttributeError, TypeError, ValueError):
+        return 0
+    if len(info) < 28 or info[0] != _TCP_LISTEN:
+        return 0
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
+_TCP_LISTEN: Final = 10  # tcpi_state of a listening socket (<netinet/tcp.h>)
 
 
 async def _watchdog(notifier: Notifier) -> None:

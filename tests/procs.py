@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import signal
 import socket
@@ -73,6 +74,38 @@ def wait_for(pred: Callable[[], T], timeout: float, what: str, step: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(step)
+
+
+def queued_requests(port: int, n: int) -> list[socket.socket]:
+    """`n` connections to 127.0.0.1:port, each with a whole chat request written on it
+    (`Connection: close`); with the proxy stopped (SIGSTOP), the kernel queues them."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: lrproxy\r\n"
+           b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+           b"Content-Type: application/json\r\nConnection: close\r\n"
+           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=15)
+        s.sendall(req)
+        socks.append(s)
+    return socks
+
+
+def status_lines(socks: list[socket.socket]) -> list[bytes]:
+    """Each connection's answer's status line, read to its end and closed: b"reset" for a
+    connection reset, b"" for one closed without an answer."""
+    out = []
+    for s in socks:
+        with s:
+            got = b""
+            try:
+                while data := s.recv(65536):
+                    got += data
+            except ConnectionResetError:
+                got = b"reset"
+            out.append(got.split(b"\r\n", 1)[0])
+    return out
 
 
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:

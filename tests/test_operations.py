@@ -31,6 +31,8 @@ from procs import (
     free_port,
     http_get,
     port_refuses,
+    queued_requests,
+    status_lines,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -426,6 +428,31 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread) -> No
         assert "shutdown_grace_s over" not in proxy.stderr
     finally:
         kept.close()
+        proxy.stop()
+
+
+def test_sigterm_answers_the_connections_queued_before_it(tmp_path: Path, sim: SimThread) -> None:
+    """Connections the kernel had accepted when SIGTERM came, each with its request
+    written, but not yet taken by the proxy (its loop busy: SIGSTOP here): each is
+    answered. Closing the listening socket over them would reset them, and their
+    clients could not tell whether their POST was acted on."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        proxy.signal(signal.SIGSTOP)
+        try:
+            socks = queued_requests(port, 8)
+            proxy.signal(signal.SIGTERM)
+            time.sleep(0.2)
+        finally:
+            proxy.signal(signal.SIGCONT)
+        assert status_lines(socks) == [b"HTTP/1.1 200 OK"] * 8
+        assert proxy.wait(10) == 0
+        assert port_refuses(port)
+    finally:
         proxy.stop()
 
 

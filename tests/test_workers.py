@@ -28,7 +28,9 @@ from procs import (
     http_get,
     listen_backlogs,
     port_refuses,
+    queued_requests,
     somaxconn,
+    status_lines,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -279,6 +281,36 @@ def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim
         t.join(10)
         assert result.get("text"), "the request in flight did not finish"
         assert result["ended"] > refused_at  # refused while it was still in flight
+        assert proxy.wait(20) == 0
+    finally:
+        _end(proxy, notify)
+
+
+def test_two_workers_answer_the_connections_queued_before_sigterm(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """With 2 workers, connections queued on the workers' sockets when SIGTERM came (both
+    workers stopped: SIGSTOP) are each answered, not reset as the sockets close."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        assert notify.wait_for("READY", 30)["READY"] == "1"
+        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
+                           "two workers")
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        try:
+            socks = queued_requests(port, 12)  # SO_REUSEPORT spreads them over both
+            proxy.signal(signal.SIGTERM)  # the supervisor closes its copies of the sockets
+            time.sleep(0.3)
+        finally:
+            for w in workers:
+                os.kill(w, signal.SIGCONT)
+        assert status_lines(socks) == [b"HTTP/1.1 200 OK"] * 12
         assert proxy.wait(20) == 0
     finally:
         _end(proxy, notify)

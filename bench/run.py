@@ -46,7 +46,7 @@ Scenarios, each run `--reps` times with the targets interleaved; one table of me
   workers summed), the upstream and the load. Here the proxy, an upstream of its own, wrk
   and this script all run on both cores (`taskset -c 0,1`): there is no third core for
   the load, so the ratio is a lower bound on how lrproxy itself scales. The upstream is
-  nginx answering the sim's own answers from memory (~40 µs a request here, where the
+  nginx answering with the sim's own answers (~45 µs a request here, where the
   sim takes ~250), so that the proxy gets as much of the two cores as it can; without
   nginx, or with `--workers-upstream sim`, the sim itself. About 1 minute.
 Latency is compared with `direct` (ms added), CPU with `minimal` (ratio); the issue's
@@ -603,11 +603,12 @@ http {{
             return bytes(r.read())
 
     def start_canned(self, answers: dict[str, bytes], cores: str) -> subprocess.Popen[bytes]:
-        """nginx answering every chat completion with the same bytes from a file: a JSON
-        answer, or an event stream to `Accept: text/event-stream` (lrproxy's stream
-        requests). An upstream at ~10 µs a request, where the sim takes ~250: the workers
-        scenario's load then leaves the two cores to the proxy. (nginx's static files
-        answer a POST with 405, which error_page turns into the file, fetched anew.)"""
+        """nginx answering every chat completion with the same bytes: a JSON answer (its
+        `return 200`), or an event stream to `Accept: text/event-stream` (lrproxy's stream
+        requests; from a file: nginx's static files answer a POST with 405, which
+        error_page turns into the file, fetched anew). An upstream at ~45 µs a request
+        here, where the sim takes ~250: the workers scenario's load then leaves more of
+        the two cores to the proxy."""
         self.sim_port = port = free_port()
         d = self.tmp / f"canned-{port}"
         d.mkdir(exist_ok=True)
@@ -1413,7 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWorkers: lrproxy --no-access-log with server.workers = 1 and = 2, each a "
               f"fresh process tree per repetition, `taskset -c {BOTH_CORES}`; wrk -t1 -c64 "
               f"runs of {plan.workers_s:g}s of non-streaming requests. The upstream "
-              + ("(nginx with the sim's answers canned, ~10 µs a request)"
+              + ("(nginx with the sim's answers canned)"
                  if bench.workers_upstream == "nginx" else "(the sim)")
               + ", wrk and this script share the same 2 cores, so 2w/1w is a lower bound "
               "on how lrproxy scales.\n")

@@ -547,8 +547,10 @@ max_concurrency = 4096
                 time.sleep(0.05)
         return p
 
-    def start_nginx(self, t: Target) -> subprocess.Popen[bytes]:
-        d = self.tmp / f"nginx-{t.port}"
+    def run_nginx(self, name: str, port: int, http: str, cores: str) -> subprocess.Popen[bytes]:
+        """nginx in the foreground, one worker process, with `http` inside its http block
+        (its own files under the bench's directory), listening on `port`."""
+        d = self.tmp / f"{name}-{port}"
         d.mkdir(exist_ok=True)
         conf = d / "nginx.conf"
         user = "user root;" if os.geteuid() == 0 else ""
@@ -569,6 +571,17 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   keepalive_requests 100000;
+{http}
+}}
+""")
+        log = self.tmp / f"{name}.log"
+        p = self.procs.start(["taskset", "-c", cores, "nginx", "-p", str(d), "-c", str(conf),
+                              "-e", str(d / "error.log")], log=log)
+        wait_port(port, p, log)
+        return p
+
+    def start_nginx(self, t: Target) -> subprocess.Popen[bytes]:
+        return self.run_nginx(t.name, t.port, f"""\
   upstream sim {{ server {HOST}:{self.sim_port}; keepalive 256; keepalive_requests 100000; }}
   server {{
     listen {HOST}:{t.port} backlog=1024;
@@ -580,14 +593,7 @@ http {{
       proxy_request_buffering off;
       proxy_read_timeout 600s;
     }}
-  }}
-}}
-""")
-        log = self.tmp / f"{t.name}.log"
-        p = self.procs.start(["taskset", "-c", PROXY_CORE, "nginx", "-p", str(d), "-c", str(conf),
-                              "-e", str(d / "error.log")], log=log)
-        wait_port(t.port, p, log)
-        return p
+  }}""", PROXY_CORE)
 
     def sim_answer(self, stream: bool) -> bytes:
         """The sim's answer to the workers scenario's request, as lrproxy would send it."""
@@ -610,11 +616,9 @@ http {{
         here, where the sim takes ~250: the workers scenario's load then leaves more of
         the two cores to the proxy."""
         self.sim_port = port = free_port()
-        d = self.tmp / f"canned-{port}"
-        d.mkdir(exist_ok=True)
-        (d / "answer.json").write_bytes(answers["json"])
-        (d / "answer.sse").write_bytes(answers["stream"])
-        user = "user root;" if os.geteuid() == 0 else ""
+        answer = {"json": "answer.json", "stream": "answer.sse"}
+        for kind, file in answer.items():
+            (self.tmp / file).write_bytes(answers[kind])
         # A JSON answer of under 4 KiB, the usual one, is nginx's `return`: half the
         # work of the file (nginx takes a quoted parameter of up to 4 KiB)
         text = answers["json"].decode()
@@ -623,42 +627,20 @@ http {{
             json_answer = "default_type application/json; return 200 \"{}\";".format(
                 text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
                 .replace("\r", "\\r"))
-        (d / "nginx.conf").write_text(f"""\
-{user}
-daemon off;
-master_process on;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  keepalive_requests 100000;
+        return self.run_nginx("canned", port, f"""\
   client_body_buffer_size 1m;
   open_file_cache max=16;
   etag off;
   server {{
     listen {HOST}:{port} backlog=1024;
-    root {d};
+    root {self.tmp};
     location = /v1/chat/completions {{
       if ($http_accept = "text/event-stream") {{ rewrite ^ /answer.sse last; }}
       {json_answer}
     }}
     location = /answer.json {{ default_type application/json; error_page 405 =200 $uri; }}
     location = /answer.sse {{ default_type text/event-stream; error_page 405 =200 $uri; }}
-  }}
-}}
-""")
-        log = self.tmp / "canned.log"
-        p = self.procs.start(["taskset", "-c", cores, "nginx", "-p", str(d), "-c",
-                              str(d / "nginx.conf"), "-e", str(d / "error.log")], log=log)
-        wait_port(port, p, log)
-        return p
+  }}""", cores)
 
     def targets(self) -> list[Target]:
         ts = [

@@ -50,6 +50,18 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _two_workers(proxy: Proxy) -> set[int]:
+    """The supervisor's two worker processes, once both are there."""
+    return wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
+                    "two workers")
+
+
+def _ready(proxy: Proxy, notify: Notify) -> set[int]:
+    """The two workers, once the supervisor has told systemd READY=1."""
+    assert notify.wait_for("READY", 30)["READY"] == "1"
+    return _two_workers(proxy)
+
+
 def _end(proxy: Proxy, notify: Notify) -> None:
     """Stop the supervisor, then any worker it left (by PID), and the notify socket."""
     proxy.stop()
@@ -80,9 +92,7 @@ def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, 
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--loop=asyncio"],
                   tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
     try:
-        assert notify.wait_for("READY", 30)["READY"] == "1"
-        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
-                           "two workers")
+        workers = _ready(proxy, notify)
         started = [ln for ln in proxy.stderr.splitlines() if "listening on" in ln]
         assert len(started) == 2 and all("(asyncio)" in ln for ln in started)  # its --loop
         # each worker's socket keeps the backlog one process has (aiohttp's default: 128)
@@ -148,9 +158,7 @@ def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) ->
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
                   env=child_env(NOTIFY_SOCKET=notify.path), port=port)
     try:
-        assert notify.wait_for("READY", 30)["READY"] == "1"
-        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
-                           "two workers")
+        workers = _ready(proxy, notify)
         assert _series(mport, "lrproxy_grid_intensity_g_per_kwh") == {"r1": 300}
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
@@ -298,9 +306,7 @@ def test_two_workers_answer_the_connections_queued_before_sigterm(
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
                   env=child_env(NOTIFY_SOCKET=notify.path), port=port)
     try:
-        assert notify.wait_for("READY", 30)["READY"] == "1"
-        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
-                           "two workers")
+        workers = _ready(proxy, notify)
         for w in workers:
             os.kill(w, signal.SIGSTOP)
         try:
@@ -454,9 +460,7 @@ def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
                   tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
     try:
-        assert notify.wait_for("READY", 30)["READY"] == "1"
-        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
-                           "two workers")
+        workers = _ready(proxy, notify)
         cfg.write_text(good.replace("connect = 2\n", 'connect = "soon"\n'))
         proxy.signal(signal.SIGHUP)
         assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
@@ -504,8 +508,7 @@ def test_two_workers_a_worker_that_cannot_start_gets_no_connections(
                    f"--loop={loop}"], tmp_path, port=port)
     try:
         proxy.wait_healthy(30)
-        workers = wait_for(lambda: c if len(c := _children(proxy.pid)) == 2 else None, 10,
-                           "two workers")
+        workers = _two_workers(proxy)
         wait_for(lambda: "2 workers serving" in proxy.stderr, 15, "both workers ready")
         key.unlink()
         os.kill(sorted(workers)[0], signal.SIGKILL)

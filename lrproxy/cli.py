@@ -331,16 +331,27 @@ async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
     the §1.1 error event for a stream, never a cut connection.
     """
     rt.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
     await _take_queued(runner)
     for site in list(runner.sites):  # (no await between the last look and the close)
         await site.stop()
-    n = len(rt.tasks)
+    # The connections just taken have their requests' bytes waiting to be read (asyncio
+    # takes the whole queue in the turn that sees the signal, before _take_queued looks):
+    # a few turns of the loop read them, and they are in flight, or arriving, below.
+    await asyncio.sleep(SETTLE_S)
+    n = len(rt.tasks) + runner.arriving()
     if n:
         log.info("draining %d request(s) for up to %ss", n, grace)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
-    while rt.tasks and (left := deadline - loop.time()) > 0:
-        await asyncio.wait(set(rt.tasks), timeout=left)
+    # Requests in flight, and those whose bytes have come but whose handler has not yet
+    # begun (or whose headers are still coming): closing their connections would cut them.
+    while (left := deadline - loop.time()) > 0:
+        if runner.arriving():
+            await asyncio.sleep(min(left, 0.01))
+        elif rt.tasks:
+            await asyncio.wait(set(rt.tasks), timeout=left)
+        else:
+            break
     if rt.tasks:
         log.warning("shutdown_grace_s over: ending %d request(s) early", len(rt.tasks))
         rt.drain_expired = True
@@ -351,6 +362,7 @@ async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
 
 
 TAKE_QUEUED_S: Final = 1.0
+SETTLE_S: Final = 0.02
 
 
 async def _take_queued(runner: Runner, limit_s: float = TAKE_QUEUED_S) -> None:

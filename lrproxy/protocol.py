@@ -342,6 +342,17 @@ class Runner(web.AppRunner):
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self._handler: type[LimitsHandler] | None = None
+
+    def arriving(self) -> int:
+        """Connections with a request's bytes come and that request not yet handled (its
+        headers still coming, or whole and waiting for its handler to start): the drain
+        waits for these as for requests in flight."""
+        if self._handler is None:
+            return 0
+        return sum(1 for h in self._handler.connections
+                   if h._lr_seen and not h.lr_busy and h.transport is not None
+                   and not h.transport.is_closing())
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -359,6 +370,7 @@ class Runner(web.AppRunner):
                 return Handler(self, loop=self._loop, **self._kwargs)
 
         server.__class__ = Server  # aiohttp builds the Server; we only pick its handler
+        self._handler = Handler
         if routes := self.app.get(ROUTES):
             server.request_handler = direct(routes, server.request_handler,
                                             self.app.get(UNROUTED))

@@ -76,14 +76,19 @@ def wait_for(pred: Callable[[], T], timeout: float, what: str, step: float = 0.0
         time.sleep(step)
 
 
+def chat_request_bytes() -> bytes:
+    """A whole chat request, as on the wire, with `Connection: close`."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    return (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: lrproxy\r\n"
+            b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
 def queued_requests(port: int, n: int) -> list[socket.socket]:
     """`n` connections to 127.0.0.1:port, each with a whole chat request written on it
     (`Connection: close`); with the proxy stopped (SIGSTOP), the kernel queues them."""
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    req = (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: lrproxy\r\n"
-           b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
-           b"Content-Type: application/json\r\nConnection: close\r\n"
-           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    req = chat_request_bytes()
     socks = []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=15)

@@ -26,6 +26,7 @@ from procs import (
     Proxy,
     SimThread,
     broken_toml,
+    chat_request_bytes,
     child_env,
     config_toml,
     free_port,
@@ -431,15 +432,21 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread) -> No
         proxy.stop()
 
 
-def test_sigterm_answers_the_connections_queued_before_it(tmp_path: Path, sim: SimThread) -> None:
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_sigterm_answers_the_connections_queued_before_it(
+    tmp_path: Path, sim: SimThread, loop: str
+) -> None:
     """Connections the kernel had accepted when SIGTERM came, each with its request
     written, but not yet taken by the proxy (its loop busy: SIGSTOP here): each is
     answered. Closing the listening socket over them would reset them, and their
-    clients could not tell whether their POST was acted on."""
+    clients could not tell whether their POST was acted on. (asyncio's loop takes them
+    all in the turn that sees the signal, before their bytes are read: they are waited
+    for as requests in flight.)"""
     port = free_port()
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, port))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", f"--loop={loop}"],
+                  tmp_path, port=port)
     try:
         proxy.wait_healthy()
         proxy.signal(signal.SIGSTOP)
@@ -452,6 +459,31 @@ def test_sigterm_answers_the_connections_queued_before_it(tmp_path: Path, sim: S
         assert status_lines(socks) == [b"HTTP/1.1 200 OK"] * 8
         assert proxy.wait(10) == 0
         assert port_refuses(port)
+    finally:
+        proxy.stop()
+
+
+def test_sigterm_waits_for_a_request_whose_headers_are_coming(tmp_path: Path, sim: SimThread) -> None:
+    """A request half sent when SIGTERM comes (its headers still coming, as from a slow
+    link) is in flight too: its connection stays open within shutdown_grace_s, and the
+    request, once whole, is answered before the exit."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        raw = chat_request_bytes()
+        sock.sendall(raw[:40])
+        time.sleep(0.2)  # its first bytes read: a request arriving
+        proxy.signal(signal.SIGTERM)
+        wait_for(lambda: port_refuses(port), 2, "the listener to close")
+        time.sleep(0.3)
+        assert proxy.proc.poll() is None  # waiting for it
+        sock.sendall(raw[40:])
+        assert status_lines([sock]) == [b"HTTP/1.1 200 OK"]
+        assert proxy.wait(10) == 0
     finally:
         proxy.stop()
 

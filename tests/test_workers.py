@@ -294,8 +294,9 @@ def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim
         _end(proxy, notify)
 
 
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
 def test_two_workers_answer_the_connections_queued_before_sigterm(
-    tmp_path: Path, sim: SimThread
+    tmp_path: Path, sim: SimThread, loop: str
 ) -> None:
     """With 2 workers, connections queued on the workers' sockets when SIGTERM came (both
     workers stopped: SIGSTOP) are each answered, not reset as the sockets close."""
@@ -303,8 +304,8 @@ def test_two_workers_answer_the_connections_queued_before_sigterm(
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
     notify = Notify(tmp_path)
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", f"--loop={loop}"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
     try:
         workers = _ready(proxy, notify)
         for w in workers:

@@ -60,12 +60,13 @@ class Health:
     ejections: int = 0  # in a row, for the growing cool-down
     ejected_until: float = 0.0
     trial: bool = False  # the one trial request after a cool-down is out
-    # Failing, but its region's last usable upstream (for one of its models), so not
-    # ejected: until then it is tried after the others (Pool.last_resort)
-    last_resort_until: float = 0.0
+    # Failing, but its region's last usable upstream (for one of its models), so kept:
+    # its cool-down and trial run as an ejection's, but it stays usable, tried after
+    # the others until a success of its own (Pool.last_resort)
+    kept: bool = False
 
     def usable(self, now: float) -> bool:
-        if self.failures < EJECT_AFTER:
+        if self.failures < EJECT_AFTER or self.kept:
             return True
         if now < self.ejected_until:
             return False
@@ -92,6 +93,10 @@ class Pool:
         self.region_of = {u.name: u.region for u in ups}
         self.models_of = {u.name: frozenset(u.models) for u in ups}
         self.capacity = {u.name: u.max_concurrency for u in ups}
+        # (An ejected upstream that the new config leaves its region's last stays
+        # ejected for the rest of its cool-down: its region's pinned requests get 503
+        # no_upstream_available with the time left, as SPEC §1 has it for a region
+        # whose upstreams all cool down.)
 
     # A request routes on the config it began with (SPEC §6), which may name upstreams
     # that a reload has removed since: those are tried as they were, untracked.
@@ -102,10 +107,11 @@ class Pool:
 
     def last_resort(self, name: str, now: float) -> bool:
         """True for a failing upstream kept only as its region's last usable one (for one
-        of its models, `_last_of_region`): its region's pinned requests still go to it,
+        of its models, `_last_of_region`), for the cool-down an ejection would have had
+        and while its trial after it is out: its region's pinned requests still go to it,
         other requests to it last (SPEC §2)."""
         h = self.health.get(name)
-        return h is not None and now < h.last_resort_until
+        return h is not None and h.kept and (now < h.ejected_until or h.trial)
 
     def load(self, name: str) -> int:
         h = self.health.get(name)
@@ -146,12 +152,12 @@ class Pool:
     def succeeded(self, name: str, trial: bool = False, held: Health | None = None) -> None:
         h = self._judged(name, held)
         if h is not None and h.failures:
-            if h.failures >= EJECT_AFTER and not trial:
+            if h.failures >= EJECT_AFTER and not trial and not h.kept:
                 return  # ejected: only the trial lets it back (SPEC §2)
             was_ejected = h.ejections > 0
             h.failures = h.ejections = 0
-            h.ejected_until = h.last_resort_until = 0.0
-            h.trial = False
+            h.ejected_until = 0.0
+            h.trial = h.kept = False
             if was_ejected and self.on_change is not None:
                 self.on_change()
 
@@ -172,24 +178,22 @@ class Pool:
         h.trial = False
         if h.failures < EJECT_AFTER:
             return
-        if self._last_of_region(name, now):  # never ejected…
-            h.failures = EJECT_AFTER - 1
-            # … but for the cool-down an ejection would have had, requests that may go
-            # elsewhere try it last: a dead region must not hold up every unpinned
-            # request (or, with retries spent on it, fail them)
-            h.last_resort_until = now + min(COOL_DOWN_S * (h.ejections + 1), COOL_DOWN_CAP_S)
-            return
         h.ejections += 1
         cool = min(COOL_DOWN_S * h.ejections, COOL_DOWN_CAP_S)
         if retry_after is not None:
             cool = max(cool, min(retry_after, COOL_DOWN_CAP_S))
         h.ejected_until = now + cool
+        # The last usable upstream of a region (for one of its models) is never ejected,
+        # but kept: for the cool-down, and while the trial after it is out, requests that
+        # may go elsewhere try it last: a dead region must not hold up every unpinned
+        # request (or, with retries spent on it, fail them)
+        h.kept = self._last_of_region(name, now)
         if self.on_change is not None:
             self.on_change()
-            # and again when the cool-down ends, for the usable gauge (nothing else
-            # happens then: the next request finds it usable)
-            with contextlib.suppress(RuntimeError):  # no loop: a unit test's pool
-                asyncio.get_running_loop().call_later(cool, self._cooled)
+            if not h.kept:  # and again when the cool-down ends, for the usable gauge
+                # (nothing else happens then: the next request finds it usable)
+                with contextlib.suppress(RuntimeError):  # no loop: a unit test's pool
+                    asyncio.get_running_loop().call_later(cool, self._cooled)
 
     def _last_of_region(self, name: str, now: float) -> bool:
         """Whether `name` is its region's last usable upstream (SPEC §2), or its region's

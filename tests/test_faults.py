@@ -2274,6 +2274,32 @@ def test_streams_cut_mid_way_eject_their_upstream(stack: Stack) -> None:
     assert outcomes(stack)[("eu-west-a", "stream_connection_lost")] == upstream.EJECT_AFTER
 
 
+def test_a_kept_upstream_cools_down_and_is_tried_as_an_ejected_one() -> None:
+    """a, eu-west's only upstream for m2, failing: kept (usable, tried last) for the
+    cool-down an ejection would have had, then one trial; a failed trial keeps it for
+    longer, honouring Retry-After, and a success of its own (a pinned request) lets it
+    back."""
+    pool = upstream.Pool()
+    pool.configure([Upstream("a", "r", "http://a/v1", {"m1": "x", "m2": "y"}),
+                    Upstream("b", "r", "http://b/v1", {"m1": "x"})])
+    for _ in range(upstream.EJECT_AFTER):
+        pool.failed("a", 0.0)
+    h = pool.health["a"]
+    assert pool.usable("a", 1.0) and pool.last_resort("a", 1.0)
+    later = upstream.COOL_DOWN_S + 1
+    assert not pool.last_resort("a", later)  # cooled down: in its place again, for one
+    held, trial = pool.acquire("a", later)
+    assert trial is True
+    assert pool.usable("a", later) and pool.last_resort("a", later)  # the rest: last
+    pool.failed("a", later, retry_after=120, trial=True, held=held)
+    assert (h.ejections, h.ejected_until) == (2, later + 120)  # over 2 × 30 s
+    assert pool.last_resort("a", later + 119) and pool.usable("a", later + 119)
+    pool.failed("a", later + 1)  # a pinned request's failure meanwhile: no change
+    assert (h.ejections, h.ejected_until) == (2, later + 120)
+    pool.succeeded("a")  # a pinned request served
+    assert not pool.last_resort("a", later + 2) and (h.failures, h.ejections) == (0, 0)
+
+
 def test_a_trial_whose_client_leaves_lets_another_trial_go() -> None:
     """The one trial request after a cool-down ends with no verdict (its client left): the
     upstream is not stuck unusable, the next request is the trial."""

@@ -95,7 +95,8 @@ class Runtime:
     readings: dict[str, eco.Reading] = attrs.Factory(dict)
     # Each feed file's (mtime, size) when last read (feeds.py): not read again until
     # that changes.
-    feed_stamps: dict[str, tuple[int, int]] = attrs.Factory(dict)
+    # each feed file's (mtime, size) when read; None: unreadable, and said so (feeds)
+    feed_stamps: dict[str, tuple[int, int] | None] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer
     # The app's loop, from its start: asyncio.current_task(loop) with the loop given

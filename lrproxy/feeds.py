@@ -42,7 +42,10 @@ def poll_feeds(rt: Runtime) -> None:
             with open(path, "rb") as f:
                 reading = eco.parse_reading(f.read(65536))
         except OSError as e:
-            if seen.pop(path, None) is not None or path not in rt.readings:
+            # Said once until it is readable again: a file that is not there yet (its
+            # timer has not run) must not fill the journal every POLL_S
+            if seen.get(path, ()) is not None:
+                seen[path] = None
                 log.warning("intensity feed of region %s unreadable: %s", region.name,
                             e.strerror)
             continue

@@ -104,6 +104,35 @@ def test_bad_feed_keeps_the_last_good_reading(make_stack: Any, tmp_path: Path) -
     assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70
 
 
+def test_a_missing_feed_is_said_once_until_it_comes_and_goes(
+    make_stack: Any, tmp_path: Path, caplog: Any
+) -> None:
+    """A feed file that is not there (its timer has not run yet) is logged once, not at
+    every poll; once it has been read and goes again, once more."""
+    feed = tmp_path / "eu-west.json"
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-west"]["intensity_feed"] = str(feed)
+
+    stack = make_stack(mutate)
+
+    def unreadable() -> int:
+        return sum("unreadable" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level("WARNING", logger="lrproxy"):
+        for _ in range(3):
+            stack.call(lambda: poll_feeds(stack.runtime))
+        assert unreadable() == 1
+        _write_feed(feed, 70)
+        stack.call(lambda: poll_feeds(stack.runtime))
+        assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70
+        feed.unlink()
+        for _ in range(3):
+            stack.call(lambda: poll_feeds(stack.runtime))
+        assert unreadable() == 2
+    assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70  # kept
+
+
 def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Path) -> None:
     """A reload that removes a region's feed puts it back on its static figure at once;
     one that puts the same, unchanged file back reads it again; one that names another

@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and exit",
                        description="Validate a config file: print every problem, one line "
                        "each, and exit 78; exit 0 when it is valid. Environment variables "
-                       "holding keys are not checked (they exist only under the service).")
+                       "holding keys, and key files relative to $CREDENTIALS_DIRECTORY "
+                       "while it is unset, are not checked (they exist only under the "
+                       "service).")
     c.add_argument("file", metavar="FILE")
 
     sub.add_parser("hash-key", help="print the SHA-256 of a key read on stdin",

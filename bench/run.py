@@ -3,8 +3,8 @@
 Usage (from the repository root, with lrproxy installed and `wrk` and `taskset` on PATH;
 nginx, uvloop and py-spy are used when installed):
 
-    python bench/run.py                 # full run: 3 repetitions, about 8 minutes
-    python bench/run.py --quick         # shorter runs, fewer streams: about 2.5 minutes
+    python bench/run.py                 # full run: 3 repetitions, about 13 minutes
+    python bench/run.py --quick         # shorter runs, fewer streams: about 3 minutes
     python bench/run.py --scenarios workers   # only lrproxy with 1 against 2 workers: ~1 min
     python bench/run.py --profile [S]   # py-spy (else cProfile) summary of lrproxy under
                                         # S seconds (10) of 64-connection non-streaming load
@@ -1310,7 +1310,7 @@ def machine(uvloop: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="lrproxy benchmark (see the module docstring)")
-    ap.add_argument("--quick", action="store_true", help="shorter runs (~2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="shorter runs (~3 minutes)")
     ap.add_argument("--reps", type=int, help="repetitions of each scenario (default 3)")
     ap.add_argument("--loop", choices=("auto", "asyncio"), default="auto",
                     help="auto: proxies use uvloop when installed (as `lrproxy serve` does)")

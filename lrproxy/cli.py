@@ -342,18 +342,17 @@ async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
     # takes the whole queue in the turn that sees the signal, before _take_queued looks):
     # a few turns of the loop read them, and they are in flight, or arriving, below.
     await asyncio.sleep(SETTLE_S)
-    n = len(rt.tasks) + runner.arriving()
+    n = max(len(rt.tasks), runner.unfinished())
     if n:
         log.info("draining %d request(s) for up to %ss", n, grace)
-    # Requests in flight, and those whose bytes have come but whose handler has not yet
-    # begun (or whose headers are still coming): closing their connections would cut them.
-    while (left := deadline - loop.time()) > 0:
-        if runner.arriving():
-            await asyncio.sleep(min(left, 0.01))
-        elif rt.tasks:
-            await asyncio.wait(set(rt.tasks), timeout=left)
+    # Requests in flight: handled, or their bytes come and their handler not yet begun
+    # (their headers still coming), or their answer still being written. Closing their
+    # connections would cut them.
+    while (left := deadline - loop.time()) > 0 and (rt.tasks or runner.unfinished()):
+        if rt.tasks:
+            await asyncio.wait(set(rt.tasks), timeout=min(left, 0.05))
         else:
-            break
+            await asyncio.sleep(min(left, 0.01))
     if rt.tasks:
         log.warning("shutdown_grace_s over: ending %d request(s) early", len(rt.tasks))
         rt.drain_expired = True

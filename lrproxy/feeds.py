@@ -38,17 +38,20 @@ def poll_feeds(rt: Runtime) -> None:
             stamp = (st.st_mtime_ns, st.st_size)
             if seen.get(path) == stamp:
                 continue
-            seen[path] = stamp
             with open(path, "rb") as f:
-                reading = eco.parse_reading(f.read(65536))
+                data = f.read(65536)
         except OSError as e:
-            # Said once until it is readable again: a file that is not there yet (its
-            # timer has not run) must not fill the journal every POLL_S
+            # Said once until it is read again: a file that is not there yet (its timer
+            # has not run), or that lrproxy's user may not read, must not fill the
+            # journal every POLL_S
             if seen.get(path, ()) is not None:
                 seen[path] = None
                 log.warning("intensity feed of region %s unreadable: %s", region.name,
                             e.strerror)
             continue
+        seen[path] = stamp  # (read: refused or not, it is looked at again once it changes)
+        try:
+            reading = eco.parse_reading(data)
         except ValueError as e:
             log.warning("intensity feed of region %s refused: %s", region.name, e)
             continue

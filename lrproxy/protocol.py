@@ -344,15 +344,16 @@ class Runner(web.AppRunner):
         self.max_connections = max_connections
         self._handler: type[LimitsHandler] | None = None
 
-    def arriving(self) -> int:
-        """Connections with a request's bytes come and that request not yet handled (its
-        headers still coming, or whole and waiting for its handler to start): the drain
-        waits for these as for requests in flight."""
+    def unfinished(self) -> int:
+        """Connections with a request not yet answered in full: its bytes come and its
+        handler not yet begun (its headers still coming, or whole and waiting), its
+        handler running, or its answer still being written (a JSON answer is written
+        after the handler returns). The drain waits for these."""
         if self._handler is None:
             return 0
         return sum(1 for h in self._handler.connections
-                   if h._lr_seen and not h.lr_busy and h.transport is not None
-                   and not h.transport.is_closing())
+                   if ((h._lr_seen and not h.lr_busy) or getattr(h, "_request_in_progress", False))
+                   and h.transport is not None and not h.transport.is_closing())
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

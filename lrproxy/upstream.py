@@ -125,7 +125,8 @@ class Pool:
         if h is None:
             return None, False
         h.outstanding += 1
-        if h.failures >= EJECT_AFTER and now >= h.ejected_until:
+        # (only one: a kept upstream, usable while its trial is out, takes other requests)
+        if h.failures >= EJECT_AFTER and now >= h.ejected_until and not h.trial:
             h.trial = True
             return h, True
         return h, False

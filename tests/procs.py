@@ -76,9 +76,11 @@ def wait_for(pred: Callable[[], T], timeout: float, what: str, step: float = 0.0
         time.sleep(step)
 
 
-def chat_request_bytes() -> bytes:
-    """A whole chat request, as on the wire, with `Connection: close`."""
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+def chat_request_bytes(body: bytes | None = None) -> bytes:
+    """A whole chat request (`body`, else a short one), as on the wire, with
+    `Connection: close`."""
+    if body is None:
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
     return (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: lrproxy\r\n"
             b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
             b"Content-Type: application/json\r\nConnection: close\r\n"

@@ -2296,8 +2296,20 @@ def test_a_kept_upstream_cools_down_and_is_tried_as_an_ejected_one() -> None:
     assert pool.last_resort("a", later + 119) and pool.usable("a", later + 119)
     pool.failed("a", later + 1)  # a pinned request's failure meanwhile: no change
     assert (h.ejections, h.ejected_until) == (2, later + 120)
+    # after this cool-down too, one trial: other requests (pinned ones, which only it
+    # serves) are no trial, and their failures lengthen nothing
+    again = later + 121
+    held, trial = pool.acquire("a", again)
+    assert trial is True
+    for _ in range(3):
+        other, trial = pool.acquire("a", again)
+        assert trial is False
+        pool.failed("a", again, held=other)
+    assert h.ejections == 2
+    pool.failed("a", again, trial=True, held=held)
+    assert (h.ejections, h.ejected_until) == (3, again + 3 * upstream.COOL_DOWN_S)
     pool.succeeded("a")  # a pinned request served
-    assert not pool.last_resort("a", later + 2) and (h.failures, h.ejections) == (0, 0)
+    assert not pool.last_resort("a", again + 1) and (h.failures, h.ejections) == (0, 0)
 
 
 def test_a_trial_whose_client_leaves_lets_another_trial_go() -> None:

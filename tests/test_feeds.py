@@ -133,6 +133,24 @@ def test_a_missing_feed_is_said_once_until_it_comes_and_goes(
     assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70  # kept
 
 
+def test_a_feed_that_cannot_be_opened_is_said_once(
+    make_stack: Any, tmp_path: Path, caplog: Any
+) -> None:
+    """A feed path that is there but cannot be read (a directory here; a file root's
+    timer wrote 0600 in life) is logged once too, not at every poll."""
+    feed = tmp_path / "eu-west.json"
+    feed.mkdir()
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-west"]["intensity_feed"] = str(feed)
+
+    stack = make_stack(mutate)
+    with caplog.at_level("WARNING", logger="lrproxy"):
+        for _ in range(3):
+            stack.call(lambda: poll_feeds(stack.runtime))
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Path) -> None:
     """A reload that removes a region's feed puts it back on its static figure at once;
     one that puts the same, unchanged file back reads it again; one that names another

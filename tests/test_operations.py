@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -425,7 +426,8 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread) -> No
             assert headers.get("Connection") == "close"
             assert late.ended > stream.ended
         assert proxy.wait(10) == 0
-        assert "draining 2 request(s)" in proxy.stderr
+        # the two, and the late one when it came within the drain's first 20 ms
+        assert re.search(r"draining [23] request\(s\)", proxy.stderr)
         assert "shutdown_grace_s over" not in proxy.stderr
     finally:
         kept.close()
@@ -459,6 +461,40 @@ def test_sigterm_answers_the_connections_queued_before_it(
         assert status_lines(socks) == [b"HTTP/1.1 200 OK"] * 8
         assert proxy.wait(10) == 0
         assert port_refuses(port)
+    finally:
+        proxy.stop()
+
+
+def test_sigterm_lets_a_json_answer_being_written_finish(tmp_path: Path, sim: SimThread) -> None:
+    """A JSON answer of ~6 MB (more than the kernel's buffers hold) that a slow client
+    is still reading when SIGTERM comes (its handler has returned; aiohttp writes it
+    after) arrives whole, within shutdown_grace_s, not cut when the server shuts its
+    connections a second later."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+        body = json.dumps({"model": MODEL, "messages": MESSAGES,
+                           "sim": {"chunks": 1_000_000}}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", port))
+        sock.settimeout(30)
+        with sock:
+            sock.sendall(chat_request_bytes(body))
+            got = sock.recv(16384)
+            proxy.signal(signal.SIGTERM)  # the answer is being written
+            while data := sock.recv(16384):
+                got += data
+                time.sleep(0.01)  # ~1.6 MB/s: past the server's 1 s shutdown
+        head, _, rest = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        assert length is not None and len(rest) == int(length[1]) > 5_000_000
+        assert json.loads(rest)["choices"][0]["finish_reason"] == "stop"
+        assert proxy.wait(10) == 0
     finally:
         proxy.stop()
 

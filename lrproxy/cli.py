@@ -20,7 +20,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from lrproxy import __version__
+from lrproxy import TERM_EARLY, __version__
 from lrproxy.app import RUNTIME, Runtime, make_app
 from lrproxy.config import (
     AUTO_MODEL,
@@ -270,6 +270,8 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if TERM_EARLY:  # a worker told to stop as it started: it drains what has queued
+        stop.set()
     if not args.demo:
         # a worker reads its supervisor's copy of the file, but names the original
         shown = os.environ.get(CONFIG_SHOWN_ENV, args.config) if worker else args.config

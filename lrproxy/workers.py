@@ -416,9 +416,11 @@ async def _supervise(
         # A worker that had already exited (waiting for its restart) was logged then;
         # the exit status says whether those running now stopped cleanly.
         running = [w for w in workers if w.proc is not None and w.proc.returncode is None]
-        for w in running:
-            assert w.proc is not None
-            w.proc.send_signal(signal.SIGTERM)
+        # A worker still starting is told once it serves: until its event loop's handler
+        # is there, a SIGTERM may end it at once (before `python -m lrproxy` has noted
+        # it), and the connections queued on its socket would be reset; serving, it
+        # drains them.
+        await asyncio.gather(*(_term_once_serving(w) for w in running))
         if not inherited:
             # Our copies of the listening sockets: held open, they would go on queueing
             # new connections after the workers stop accepting, to reset them at exit.
@@ -429,6 +431,21 @@ async def _supervise(
     for t in (*watchers, *reloads, *([watchdog] if watchdog else [])):
         t.cancel()
     return 0 if all(proc.returncode == 0 for proc in procs) else 1
+
+
+START_WAIT_S: Final = 30.0  # as long as the supervisor waits for its workers' READY
+
+
+async def _term_once_serving(w: _Worker) -> None:
+    proc = w.proc
+    assert proc is not None
+    if not w.serving:  # its READY (on_datagram sets w.ready), or its end, or the time
+        waits = [asyncio.ensure_future(w.ready.wait()), asyncio.ensure_future(proc.wait())]
+        await asyncio.wait(waits, timeout=START_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        for t in waits:
+            t.cancel()
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
 
 
 def _close_all(socks: list[socket.socket]) -> None:

@@ -323,6 +323,27 @@ def test_two_workers_answer_the_connections_queued_before_sigterm(
         _end(proxy, notify)
 
 
+def test_sigterm_while_the_workers_start_answers_what_queued(tmp_path: Path, sim: SimThread) -> None:
+    """SIGTERM as soon as the port listens, the workers still starting: the supervisor
+    tells each once it serves (a worker ended before its handler is there would take
+    its socket's queued connections with it, reset), so each queued request is answered
+    and the exit is 0."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        wait_for(lambda: not port_refuses(port), 15, "the supervisor's sockets")
+        socks = queued_requests(port, 12)
+        proxy.signal(signal.SIGTERM)
+        assert status_lines(socks) == [b"HTTP/1.1 200 OK"] * 12
+        assert proxy.wait(30) == 0
+    finally:
+        proxy.stop()
+        for p in _children(proxy.pid):
+            os.kill(p, signal.SIGKILL)
+
+
 def _running_with(arg: str) -> list[int]:
     """PIDs of live processes with `arg` in their command line (orphans included)."""
     out = []

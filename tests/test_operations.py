@@ -434,6 +434,20 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread) -> No
         proxy.stop()
 
 
+def _healthy(tmp_path: Path, sim: SimThread, *args: str) -> Proxy:
+    """`lrproxy serve --no-access-log ARGS` on a free port in front of `sim`, healthy."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", *args], tmp_path, port=port)
+    try:
+        proxy.wait_healthy()
+    except BaseException:
+        proxy.stop()
+        raise
+    return proxy
+
+
 @pytest.mark.parametrize("loop", ["auto", "asyncio"])
 def test_sigterm_answers_the_connections_queued_before_it(
     tmp_path: Path, sim: SimThread, loop: str
@@ -444,13 +458,10 @@ def test_sigterm_answers_the_connections_queued_before_it(
     clients could not tell whether their POST was acted on. (asyncio's loop takes them
     all in the turn that sees the signal, before their bytes are read: they are waited
     for as requests in flight.)"""
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", f"--loop={loop}"],
-                  tmp_path, port=port)
+    proxy = _healthy(tmp_path, sim, f"--loop={loop}")
+    port = proxy.port
+    assert port is not None
     try:
-        proxy.wait_healthy()
         proxy.signal(signal.SIGSTOP)
         try:
             socks = queued_requests(port, 8)
@@ -470,12 +481,10 @@ def test_sigterm_lets_a_json_answer_being_written_finish(tmp_path: Path, sim: Si
     is still reading when SIGTERM comes (its handler has returned; aiohttp writes it
     after) arrives whole, within shutdown_grace_s, not cut when the server shuts its
     connections a second later."""
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    proxy = _healthy(tmp_path, sim)
+    port = proxy.port
+    assert port is not None
     try:
-        proxy.wait_healthy()
         body = json.dumps({"model": MODEL, "messages": MESSAGES,
                            "sim": {"chunks": 1_000_000}}).encode()
         sock = socket.socket()
@@ -503,12 +512,10 @@ def test_sigterm_waits_for_a_request_whose_headers_are_coming(tmp_path: Path, si
     """A request half sent when SIGTERM comes (its headers still coming, as from a slow
     link) is in flight too: its connection stays open within shutdown_grace_s, and the
     request, once whole, is answered before the exit."""
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    proxy = _healthy(tmp_path, sim)
+    port = proxy.port
+    assert port is not None
     try:
-        proxy.wait_healthy()
         sock = socket.create_connection(("127.0.0.1", port), timeout=15)
         raw = chat_request_bytes()
         sock.sendall(raw[:40])

@@ -271,6 +271,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if TERM_EARLY:  # a worker told to stop as it started: it drains what has queued
+        signal.alarm(0)  # (__main__'s deadline for reaching this point)
         stop.set()
     if not args.demo:
         # a worker reads its supervisor's copy of the file, but names the original

@@ -416,36 +416,49 @@ async def _supervise(
         # A worker that had already exited (waiting for its restart) was logged then;
         # the exit status says whether those running now stopped cleanly.
         running = [w for w in workers if w.proc is not None and w.proc.returncode is None]
-        # A worker still starting is told once it serves: until its event loop's handler
-        # is there, a SIGTERM may end it at once (before `python -m lrproxy` has noted
-        # it), and the connections queued on its socket would be reset; serving, it
-        # drains them.
-        await asyncio.gather(*(_term_once_serving(w) for w in running))
-        if not inherited:
-            # Our copies of the listening sockets: held open, they would go on queueing
-            # new connections after the workers stop accepting, to reset them at exit.
-            # Closed, each socket goes when its worker closes it: connects are refused.
+        budget = loop.time() + config.server.shutdown_grace_s + 5  # for all of the stop
+        # Our copies of the listening sockets: held open, they would go on queueing new
+        # connections after a worker stops accepting, to reset them at exit. Each is
+        # closed once its worker has been told (its socket then goes when the worker
+        # closes it: connects are refused); a down worker's at once.
+        own = not inherited
+        if own:
+            for w in workers:
+                if w not in running:
+                    _close_all(w.socks)
+        # A worker still starting is told once it serves, or after START_WAIT_S: until
+        # `python -m lrproxy` has set its handler, a SIGTERM would end it at once, and
+        # the connections queued on its socket would be reset; serving, it drains them.
+        await asyncio.gather(*(_term_once_serving(w, own) for w in running))
+        if own:
             _close_all(socks)
     procs = [w.proc for w in running if w.proc is not None]
-    await _wait_or_kill(procs, config.server.shutdown_grace_s + 5)
+    await _wait_or_kill(procs, max(1.0, budget - loop.time()))
     for t in (*watchers, *reloads, *([watchdog] if watchdog else [])):
         t.cancel()
     return 0 if all(proc.returncode == 0 for proc in procs) else 1
 
 
-START_WAIT_S: Final = 30.0  # as long as the supervisor waits for its workers' READY
+# How long a stop waits for a starting worker's READY before it sends SIGTERM anyway
+# (its handler is set within milliseconds of its start: __main__). The worker then ends
+# itself if it does not serve within TERM_START_S (cli: SIGALRM).
+START_WAIT_S: Final = 3.0
+TERM_START_S: Final = 10
 
 
-async def _term_once_serving(w: _Worker) -> None:
+async def _term_once_serving(w: _Worker, close: bool) -> None:
     proc = w.proc
     assert proc is not None
     if not w.serving:  # its READY (on_datagram sets w.ready), or its end, or the time
+        log.info("worker %d still starting: told to stop once it serves", w.index)
         waits = [asyncio.ensure_future(w.ready.wait()), asyncio.ensure_future(proc.wait())]
         await asyncio.wait(waits, timeout=START_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
         for t in waits:
             t.cancel()
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
+    if close:
+        _close_all(w.socks)
 
 
 def _close_all(socks: list[socket.socket]) -> None:

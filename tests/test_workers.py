@@ -344,6 +344,34 @@ def test_sigterm_while_the_workers_start_answers_what_queued(tmp_path: Path, sim
             os.kill(p, signal.SIGKILL)
 
 
+def test_sigterm_with_a_worker_stuck_in_its_start_ends_within_the_grace(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """Workers that hang as they start (their intensity feed a FIFO no one writes, as a
+    hung mount would): a stop waits a few seconds for their READY, tells them anyway,
+    and kills what has not ended by shutdown_grace_s + 5 s from the SIGTERM. (It used to
+    wait 30 s for the READY first, and the workers only noted the SIGTERM.)"""
+    fifo = tmp_path / "feed.json"
+    os.mkfifo(fifo)
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=1, extra_server="workers = 2\n")
+                   .replace("pue = 1.0", f'pue = 1.0\nintensity_feed = "{fifo}"'))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        wait_for(lambda: len(_children(proxy.pid)) == 2, 15, "two workers")
+        time.sleep(1.0)  # stuck on the FIFO by now
+        t0 = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(1 + 5 + 5) == 1  # not READY, then killed: not a clean stop
+        assert time.monotonic() - t0 < 1 + 5 + 5
+        assert "still starting" in proxy.stderr
+    finally:
+        proxy.stop()
+        for p in _children(proxy.pid):
+            os.kill(p, signal.SIGKILL)
+
+
 def _running_with(arg: str) -> list[int]:
     """PIDs of live processes with `arg` in their command line (orphans included)."""
     out = []

@@ -2,5 +2,6 @@
 
 __version__ = "0.1.0"
 
-# A SIGTERM a worker got while it started (__main__), for cli._serve to drain at once
-TERM_EARLY: list[int] = []
+# When a worker got SIGTERM as it started (__main__: time.monotonic()), for cli._serve
+# to drain at once, within shutdown_grace_s from then
+TERM_EARLY: list[float] = []

@@ -1,6 +1,7 @@
 import os
 import signal
 import sys
+import time
 
 import lrproxy
 
@@ -15,7 +16,7 @@ import lrproxy
 if os.environ.get("LRPROXY_WORKER_FDS") is not None:  # (workers.WORKER_FDS_ENV)
 
     def _term_early(signum: int, frame: object) -> None:
-        lrproxy.TERM_EARLY.append(signum)
+        lrproxy.TERM_EARLY.append(time.monotonic())
         signal.alarm(10)  # (workers.TERM_START_S)
 
     signal.signal(signal.SIGTERM, _term_early)

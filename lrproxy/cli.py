@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -283,7 +284,10 @@ async def _serve(args: argparse.Namespace) -> int:
     await stop.wait()
     ignore_hangups(loop)
     notifier.stopping()
-    await _drain(runner, rt, rt.state.config.server.shutdown_grace_s)
+    grace = rt.state.config.server.shutdown_grace_s
+    if TERM_EARLY:  # the grace counts from the SIGTERM, as the supervisor's limit does
+        grace = max(0.0, grace - (time.monotonic() - TERM_EARLY[0]))
+    await _drain(runner, rt, grace)
     if watchdog is not None:
         watchdog.cancel()
     if mrunner is not None:

@@ -169,6 +169,8 @@ async def _wait_or_kill(procs: list[asyncio.subprocess.Process], grace: float) -
     except TimeoutError:
         for proc in procs:
             if proc.returncode is None:
+                log.error("worker (pid %d) still running at the stop's time limit "
+                          "(shutdown_grace_s + 5 s): killed", proc.pid)
                 proc.kill()
         await asyncio.gather(*(proc.wait() for proc in procs))
 
@@ -450,11 +452,17 @@ async def _term_once_serving(w: _Worker, close: bool) -> None:
     proc = w.proc
     assert proc is not None
     if not w.serving:  # its READY (on_datagram sets w.ready), or its end, or the time
-        log.info("worker %d still starting: told to stop once it serves", w.index)
+        log.info("worker %d still starting: told to stop once it serves, or in %.0f s",
+                 w.index, START_WAIT_S)
         waits = [asyncio.ensure_future(w.ready.wait()), asyncio.ensure_future(proc.wait())]
-        await asyncio.wait(waits, timeout=START_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waits, timeout=START_WAIT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
         for t in waits:
             t.cancel()
+        if not done:
+            log.warning("worker %d not serving after %.0f s: told to stop as it starts "
+                        "(it ends itself %d s later if it still does not serve)",
+                        w.index, START_WAIT_S, TERM_START_S)
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
     if close:

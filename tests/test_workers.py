@@ -63,13 +63,19 @@ def _ready(proxy: Proxy, notify: Notify) -> set[int]:
     return _two_workers(proxy)
 
 
-def _end(proxy: Proxy, notify: Notify) -> None:
-    """Stop the supervisor, then any worker it left (by PID), and the notify socket."""
-    kids = _children(proxy.pid)  # (before the stop: then they are init's)
+def _stop_all(proxy: Proxy) -> None:
+    """Stop the supervisor, then kill any worker it left, by PID (taken before the stop:
+    after it, they are init's children)."""
+    kids = _children(proxy.pid)
     proxy.stop()
     for p in kids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+
+
+def _end(proxy: Proxy, notify: Notify) -> None:
+    """Stop the supervisor, then any worker it left (by PID), and the notify socket."""
+    _stop_all(proxy)
     notify.close()
 
 
@@ -342,11 +348,7 @@ def test_sigterm_while_the_workers_start_answers_what_queued(tmp_path: Path, sim
         assert status_lines(socks) == [b"HTTP/1.1 200 OK"] * 12
         assert proxy.wait(30) == 0
     finally:
-        kids = _children(proxy.pid)  # (before the stop: then they are init's)
-        proxy.stop()
-        for p in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+        _stop_all(proxy)
 
 
 def test_sigterm_with_a_worker_stuck_in_its_start_ends_within_the_grace(
@@ -372,11 +374,7 @@ def test_sigterm_with_a_worker_stuck_in_its_start_ends_within_the_grace(
         assert time.monotonic() - t0 < 1 + 5 + 5
         assert "still starting" in proxy.stderr
     finally:
-        kids = _children(proxy.pid)  # (before the stop: then they are init's)
-        proxy.stop()
-        for p in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+        _stop_all(proxy)
 
 
 def _running_with(arg: str) -> list[int]:
@@ -583,11 +581,7 @@ def test_two_workers_a_worker_that_cannot_start_gets_no_connections(
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(40) == 0
     finally:
-        kids = _children(proxy.pid)  # (before the stop: then they are init's)
-        proxy.stop()
-        for p in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+        _stop_all(proxy)
 
 
 def test_workers_warn_of_the_config_once(tmp_path: Path, sim: SimThread) -> None:

@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+# Here, not in workers.py, for __main__, which reads them before its (slow) imports.
+WORKER_FDS_ENV = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
+# A worker told to stop as it starts ends itself this long after, unless it serves
+TERM_START_S = 10
 # When a worker got SIGTERM as it started (__main__: time.monotonic()), for cli._serve
 # to drain at once, within shutdown_grace_s from then
 TERM_EARLY: list[float] = []

@@ -13,11 +13,11 @@ import lrproxy
 # A worker stuck in its start (a hung mount) must not outlive the stop, nor its
 # supervisor (PR_SET_PDEATHSIG) with the port: SIGALRM, at its default, ends it
 # TERM_START_S after the SIGTERM unless cli._serve, serving, has cancelled the alarm.
-if os.environ.get("LRPROXY_WORKER_FDS") is not None:  # (workers.WORKER_FDS_ENV)
+if os.environ.get(lrproxy.WORKER_FDS_ENV) is not None:
 
     def _term_early(signum: int, frame: object) -> None:
         lrproxy.TERM_EARLY.append(time.monotonic())
-        signal.alarm(10)  # (workers.TERM_START_S)
+        signal.alarm(lrproxy.TERM_START_S)
 
     signal.signal(signal.SIGTERM, _term_early)
 

@@ -94,8 +94,7 @@ class Runtime:
     # so that a request keeps the feed of the config it began with (SPEC §6).
     readings: dict[str, eco.Reading] = attrs.Factory(dict)
     # Each feed file's (mtime, size) when last read (feeds.py): not read again until
-    # that changes.
-    # each feed file's (mtime, size) when read; None: unreadable, and said so (feeds)
+    # that changes; None while it is unreadable, which has been logged once.
     feed_stamps: dict[str, tuple[int, int] | None] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer

@@ -21,7 +21,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from lrproxy import TERM_EARLY, __version__
+from lrproxy import TERM_EARLY, WORKER_FDS_ENV, __version__
 from lrproxy.app import RUNTIME, Runtime, make_app
 from lrproxy.config import (
     AUTO_MODEL,
@@ -45,7 +45,6 @@ from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 from lrproxy.workers import (
     CONFIG_SHOWN_ENV,
     LISTEN_BACKLOG,
-    WORKER_FDS_ENV,
     WORKER_INDEX_ENV,
     die_with_supervisor,
     supervise,

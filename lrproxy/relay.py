@@ -162,13 +162,12 @@ def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tupl
         elif not isinstance(so, dict):
             raise errors.InvalidRequest("'stream_options' must be an object.",
                                         param="stream_options")
-        client_usage = so.get("include_usage", False)
-        if client_usage is None:  # (as absent, which `"stream"` takes too)
-            client_usage = False
-        elif not isinstance(client_usage, bool):  # the upstream would have said so, but
-            # it is sent `true`: the client would get no usage chunk, and no word why
+        asked = so.get("include_usage")  # null as absent, as for `stream`
+        if asked is not None and not isinstance(asked, bool):  # the upstream, sent `true`,
+            # cannot say so: the client would get no usage chunk, and no word why
             raise errors.InvalidRequest("'stream_options.include_usage' must be a boolean.",
                                         param="stream_options.include_usage")
+        client_usage = asked is True
         obj["stream_options"] = {**so, "include_usage": True}  # we always count (SPEC §1.1)
     return obj, model, region, stream, client_usage
 

@@ -35,13 +35,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
 from prometheus_client.metrics_core import Metric
 
+from lrproxy import TERM_START_S, WORKER_FDS_ENV
 from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBuckets
 from lrproxy.config import Config, ConfigError, Listen, read_config, resolve_secrets
 from lrproxy.log import MAIN
 from lrproxy.metrics import serve_metrics
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 
-WORKER_FDS_ENV: Final = "LRPROXY_WORKER_FDS"  # listening fds a worker inherits
 SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
 WORKER_INDEX_ENV: Final = "LRPROXY_WORKER_INDEX"  # 0, 1, …: which worker this is
 CONFIG_SHOWN_ENV: Final = "LRPROXY_CONFIG_SHOWN"  # the operator's file, for a worker's log
@@ -443,9 +443,8 @@ async def _supervise(
 
 # How long a stop waits for a starting worker's READY before it sends SIGTERM anyway
 # (its handler is set within milliseconds of its start: __main__). The worker then ends
-# itself if it does not serve within TERM_START_S (cli: SIGALRM).
+# itself if it does not serve within TERM_START_S (__main__: SIGALRM).
 START_WAIT_S: Final = 3.0
-TERM_START_S: Final = 10
 
 
 async def _term_once_serving(w: _Worker, close: bool) -> None:

@@ -267,7 +267,9 @@ class Proxy:
     """`python -m lrproxy ARGS` as a child process; stdout and stderr go to files."""
 
     def __init__(self, args: Sequence[str], workdir: Path, *, env: dict[str, str] | None = None,
-                 listen_sock: socket.socket | None = None, port: int | None = None) -> None:
+                 listen_sock: socket.socket | None = None, port: int | None = None,
+                 wrap: Sequence[str] = ()) -> None:
+        """`wrap`: a command that runs the proxy's command line (tests/sandbox.py)."""
         self.port = port
         self.out_path = workdir / "proxy.stdout"
         self.err_path = workdir / "proxy.stderr"
@@ -280,7 +282,7 @@ class Proxy:
             cmd = [sys.executable, "-m", "lrproxy", *args]
             pass_fds = ()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            self.proc = subprocess.Popen([*wrap, *cmd], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                          env=env, pass_fds=pass_fds, cwd=workdir)
         self.pid = self.proc.pid
 

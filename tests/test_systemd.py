@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -279,6 +280,93 @@ def test_notifier_datagrams_in_process(tmp_path: Path) -> None:
             assert rx.recv(4096) == b"STOPPING=1"
         finally:
             n.close()
+
+
+# ---------------------------------------------------------------------------------------
+# the unit's seccomp filters (tests/sandbox.py): MemoryDenyWriteExecute=,
+# SystemCallFilter=, RestrictAddressFamilies= as systemd 252 loads them
+
+SANDBOX = [sys.executable, str(ROOT / "tests" / "sandbox.py"), str(UNITS / "lrproxy.service"),
+           "--"]
+
+_PROBE = """
+import errno, mmap, os, socket
+def refused(call):
+    try:
+        call()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    return "allowed"
+print(refused(lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC)),
+      refused(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close()),
+      refused(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()),
+      refused(lambda: os.sched_setaffinity(0, os.sched_getaffinity(0))),
+      refused(lambda: socket.sethostname(os.uname().nodename)),
+      refused(lambda: socket.socket(socket.AF_INET6).close()),
+      refused(lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC).close()))
+"""
+
+
+def test_sandbox_refuses_what_the_unit_forbids(systemd_analyze: str) -> None:
+    """The sandbox is in force, in the command it runs: a writable and executable mapping
+    (MemoryDenyWriteExecute=), a packet or netlink socket (RestrictAddressFamilies=),
+    sched_setaffinity (~@resources) and sethostname (outside @system-service) are
+    refused with the unit's errors; an IPv6 socket and an executable read-only mapping
+    are not. Without it, the same probe's first answer differs (it cannot pass vacuously)."""
+    boxed = subprocess.run([*SANDBOX, sys.executable, "-c", _PROBE], capture_output=True,
+                           text=True, timeout=60, check=True).stdout.split()
+    assert boxed == ["EPERM", "EAFNOSUPPORT", "EAFNOSUPPORT", "EPERM", "EPERM",
+                     "allowed", "allowed"]
+    bare = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                          timeout=60, check=True).stdout.split()
+    assert bare[0] == "allowed" and bare[3] == "allowed"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serves_under_the_units_seccomp_filters(
+    tmp_path: Path, sim: SimThread, systemd_analyze: str, workers: int,
+) -> None:
+    """lrproxy, under the unit's system call filter, W^X memory and address families
+    (the event loop, orjson, aiohttp's parsers, a rate bucket, the workers' supervisor
+    and their prctl): a JSON and a streamed answer through the OpenAI SDK, /metrics,
+    a reload and a clean stop, with nothing logged above info."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    extra = f'workers = {workers}\nmetrics_listen = "127.0.0.1:{mport}"\n'
+    cfg.write_text(config_toml(sim.base_url, port, intensity=100, extra_server=extra))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=str(notify.path)), port=port, wrap=SANDBOX)
+    sent = sim.chat_requests()
+    try:
+        assert notify.wait_for("READY", 30)["READY"] == "1"
+        assert _intensity(port) == 100
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
+                           max_retries=0, timeout=10) as client:
+            chunks = list(client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True))
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        eco = chunks[-1].model_extra["lowrouter"]["eco"]  # type: ignore[index]
+        assert eco["grid_intensity_g_per_kwh"] == 100 and eco["tokens"]["completion"] > 0
+        status, body = http_get(mport, "/metrics")
+        assert status == 200 and b"lrproxy_tokens_total{" in body
+
+        cfg.write_text(config_toml(sim.base_url, port, intensity=250, extra_server=extra))
+        proxy.signal(signal.SIGHUP)
+        notify.wait_for("RELOADING", 10)
+        assert notify.wait_for("READY", 20)["READY"] == "1"
+        assert _intensity(port) == 250
+
+        proxy.signal(signal.SIGTERM)
+        assert notify.wait_for("STOPPING", 10)["STOPPING"] == "1"
+        assert proxy.wait(20) == 0
+        assert sim.chat_requests() - sent == 3
+        for level in ("warning", "error", "critical"):
+            assert f'"level":"{level}"' not in proxy.stderr, proxy.stderr
+        assert "Traceback" not in proxy.stderr and "Operation not permitted" not in proxy.stderr
+    finally:
+        proxy.stop()
+        notify.close()
 
 
 # ---------------------------------------------------------------------------------------

@@ -319,9 +319,9 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
         rec.region = region
     cands = st.table.by_model.get(model_id) if region is None else None
     if not cands:  # a pinned region, or an error to raise: pick_candidates says which
-        from_header = region is not None and region == request.headers.get("X-LowRouter-Region")
+        from_header = region is not None and region == request.headers.get(REGION_HEADER)
         cands = pick_candidates(st.table, model_id, region,
-                                None if from_header else "route.region")
+                                REGION_HEADER if from_header else "route.region")
     try:
         attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream,
                                         client_usage)
@@ -852,6 +852,7 @@ class _Tail:
     failure: errors.UpstreamFailed | None = None  # raised once the events before it are out
     ids: bool = False  # an event has had an `id:` field (KEEPALIVE_LINE)
     said: dict[str, Any] | None = None  # the upstream's error object that is the failure
+    meta: dict[str, Any] | None = None  # the first parsed chunk's id, created, model, ...
 
     def began(self) -> bool:
         """True once a data event has come: comments (`: OPENROUTER PROCESSING`) before
@@ -908,6 +909,8 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
                     continue  # (SPEC §1.1)
             else:
                 tail.content_events += 1
+                if tail.meta is None:
+                    tail.meta = _chunk_meta(obj)
                 shape.learn(ev, tail.content_events)
             out.append(ev)
             continue
@@ -921,15 +924,14 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
                 tail.usage_chunk = (ev, obj)
                 continue
             tail.content_events += 1
-            if isinstance(choices, list):
-                for c in choices:  # a loop, not any() of a generator: no frame of its own
-                    if isinstance(c, dict) and c.get("finish_reason"):
-                        break
-                else:
-                    # Usage on a content chunk (vLLM's continuous_usage_stats): counted,
-                    # not held, as only finish and usage-only chunks wait (SPEC §1.1).
-                    out.append(ev)
-                    continue
+            if tail.meta is None:
+                tail.meta = _chunk_meta(obj)
+            if isinstance(choices, list) and not _ends(choices, bool(tail.held)):
+                # Usage on a content chunk (vLLM's continuous_usage_stats), or a finish
+                # beside another choice's text: passed on, as only the end waits (SPEC
+                # §1.1), and that text must not fall behind the choice's next chunk.
+                out.append(ev)
+                continue
             tail.held.append(ev)
             tail.last_held = obj
             tail.held_bytes += len(ev)
@@ -948,6 +950,38 @@ def _take_events(events: list[bytes], tail: _Tail) -> bytes:
             tail.failure = errors.UpstreamBadResponse("the upstream sent a malformed event")
         break
     return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _ends(choices: list[Any], after_end: bool) -> bool:
+    """Whether a chunk with a finish or usage is one of the stream's end, to hold: each
+    of its choices finishes or carries nothing, and one finishes, or (`after_end`, a
+    finish chunk already held) none needs to (a usage chunk with an empty choice)."""
+    finished = after_end
+    for c in choices:  # a loop, not any() of a generator: no frame of its own
+        if not isinstance(c, dict):
+            return False
+        if c.get("finish_reason"):
+            finished = True
+        elif c.get("logprobs") or not _empty_delta(c.get("delta")):
+            return False
+    return finished
+
+
+def _empty_delta(delta: Any) -> bool:
+    if delta is None:
+        return True
+    if not isinstance(delta, dict):
+        return False
+    return all(not v or k == "role" for k, v in delta.items())
+
+
+_META: Final = ("id", "object", "created", "model", "system_fingerprint")
+
+
+def _chunk_meta(obj: dict[str, Any]) -> dict[str, Any]:
+    """A chunk's own fields, for a chunk the proxy makes (`_finish`) to look like the
+    upstream's: the OpenAI schema requires id, created and model."""
+    return {k: obj[k] for k in _META if k in obj}
 
 
 _INNER_ERROR: Final = "the upstream reported an error inside the stream"
@@ -980,7 +1014,7 @@ def _finish(
         out.append(sse.add_member(tail.held[-1], tail.last_held, "lowrouter", lr))
     else:  # no finish chunk came: carry lowrouter on an empty delta, never on choices: []
         out.append(sse.make_event({
-            "object": "chat.completion.chunk",
+            **(tail.meta or {}), "object": "chat.completion.chunk",
             "choices": [{"index": 0, "delta": {}, "finish_reason": None}], "lowrouter": lr,
         }))
     out.append(tail.done_event)

@@ -61,7 +61,8 @@ def pick_candidates(
 ) -> tuple[Candidate, ...]:
     """The candidates for a model, within the pinned region if any; raises the §1 errors.
 
-    `region_param` names where the pin came from in errors (None for the header).
+    `region_param` names where the pin came from in errors (the header's name for
+    the header).
     """
     cands = table.by_model.get(model_id)
     if cands is None:

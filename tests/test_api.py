@@ -432,6 +432,7 @@ def test_unknown_region_lists_the_configured_ones(stack: Stack, via: str) -> Non
     err = check_error(ei.value, 400, "unknown_region")
     for region in stack.data["regions"]:
         assert region in err["message"]
+    assert err["param"] == ("route.region" if via == "body" else "X-LowRouter-Region")
     assert sum(hits(stack).values()) == 0
 
 

@@ -841,6 +841,84 @@ async def test_two_choices_hold_every_finish_chunk(
     assert canned.requests[0]["stream_options"] == {"include_usage": True}
 
 
+async def test_a_finish_beside_another_choices_text_is_not_held(
+    canned: Canned, make_stack: MakeStack,
+) -> None:
+    """A chunk that ends choice 0 and carries choice 1's text (an upstream that packs
+    choices together) goes out at once: held, its text would come after choice 1's next
+    piece. Only the chunk that ends choice 1 waits, and carries lowrouter."""
+    stack = canned_stack(make_stack, canned)
+    both = chunk([{"index": 0, "delta": {"content": "A1"}, "finish_reason": None},
+                  {"index": 1, "delta": {"content": "B1 "}, "finish_reason": None}])
+    mixed = chunk([{"index": 0, "delta": {}, "finish_reason": "stop"},
+                   {"index": 1, "delta": {"content": "B2 "}, "finish_reason": None}])
+    fin1 = chunk(finish="length", index=1)
+    canned.events = [both, mixed, chunk(content="B3", index=1), fin1,
+                     chunk([], {"prompt_tokens": 4, "completion_tokens": 5}), b"data: [DONE]\n\n"]
+    status, _, data = await raw_post(stack, body_of())
+    events = split_events(data)
+    assert status == 200 and events[-1] == b"data: [DONE]\n\n", events
+    assert events[:3] == [both, mixed, chunk(content="B3", index=1)]
+    text = "".join(c["delta"].get("content", "") for ev in events[:-1]
+                   for c in obj_of(ev)["choices"] if c["index"] == 1)
+    assert text == "B1 B2 B3"
+    last = obj_of(events[3])
+    assert last.pop("lowrouter")["eco"]["tokens"] == {"prompt": 4, "completion": 5}
+    assert last == obj_of(fin1) and len(events) == 5
+
+
+@pytest.mark.parametrize("usage", [False, True])
+async def test_a_usage_chunk_with_an_empty_choice_stays_behind_the_finish(
+    canned: Canned, make_stack: MakeStack, usage: bool,
+) -> None:
+    """Usage on a chunk whose one choice has an empty delta, after the finish chunk: held
+    with it, in the upstream's order, so the SDK still reads usage off the last chunk.
+    The same shape before any finish (a role chunk with usage) goes out at once."""
+    stack = canned_stack(make_stack, canned)
+    empty = [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]
+    role = chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                   "finish_reason": None}], {"prompt_tokens": 4, "completion_tokens": 0})
+    fin = chunk(finish="stop")
+    tally = chunk(empty, {"prompt_tokens": 4, "completion_tokens": 1})
+    canned.events = [role, chunk(content="x"), None, fin, tally, b"data: [DONE]\n\n"]
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{stack.base_url}/chat/completions", data=body_of(usage=usage), headers=auth(stack),
+        timeout=aiohttp.ClientTimeout(total=15),
+    ) as r:
+        async with asyncio.timeout(3):  # a held chunk would not come before `go`
+            got = [await r.content.readuntil(b"\n\n") for _ in range(2)]
+        assert got == [role, chunk(content="x")]
+        canned.go.set()
+        rest = split_events(await r.read())
+    assert rest[0] == fin and rest[-1] == b"data: [DONE]\n\n" and len(rest) == 3, rest
+    last = obj_of(rest[1])
+    assert last.pop("lowrouter")["eco"]["tokens"] == {"prompt": 4, "completion": 1}
+    assert last == obj_of(tally)
+
+
+async def test_the_chunk_made_for_lowrouter_is_shaped_as_the_upstreams(
+    canned: Canned, make_stack: MakeStack,
+) -> None:
+    """No finish chunk came (the stream ended at [DONE] after its text): the chunk the
+    proxy makes to carry lowrouter has the upstream chunks' id, created, model and
+    system_fingerprint, which the OpenAI chunk schema requires."""
+    stack = canned_stack(make_stack, canned)
+    first = orjson.loads(chunk(content="hello")[6:])
+    first["system_fingerprint"] = "fp_1"
+    canned.events = [b"data: " + orjson.dumps(first) + b"\n\n",
+                     chunk([], {"prompt_tokens": 4, "completion_tokens": 1}),
+                     b"data: [DONE]\n\n"]
+    status, _, data = await raw_post(stack, body_of())
+    events = split_events(data)
+    assert status == 200 and len(events) == 3, events
+    made = obj_of(events[1])
+    assert made.pop("lowrouter")["eco"]["tokens"] == {"prompt": 4, "completion": 1}
+    assert made == {"id": first["id"], "object": "chat.completion.chunk",
+                    "created": first["created"], "model": first["model"],
+                    "system_fingerprint": "fp_1",
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": None}]}
+
+
 # ---------------------------------------------------------------------------------------
 # keep-alive
 

@@ -768,8 +768,32 @@ def _out_of_files(name: str) -> NoUpstreamAvailable:
     return NoUpstreamAvailable("The proxy is out of open files; retry later.", retry_after=1)
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, but a pooled connection that got bytes while it was idle is
+    closed, not used: the upstream's answer nobody asked for (a second answer, a 408
+    before it closes) would be read as the next request's, and every answer on it
+    after that one request late (nginx closes such a connection too)."""
+
+    async def connect(self, req: aiohttp.ClientRequest, traces: list[Any],
+                      timeout: aiohttp.ClientTimeout) -> Any:
+        for _ in range(_STALE_TRIES):
+            conn = await super().connect(req, traces, timeout)
+            proto = conn.protocol
+            # (should_close: a parsed answer waiting, bytes past one, an error, or an
+            # answer that asked to close; a connection in the pool had none of them)
+            if proto is None or not proto.should_close:
+                return conn
+            log.debug("upstream connection to %s:%s got bytes while idle: closed",
+                      req.host, req.port)
+            conn.close()
+        return await super().connect(req, traces, timeout)
+
+
+_STALE_TRIES: Final = 64  # (each try takes the pool's next connection, or a new one)
+
+
 def make_session(config: Config) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
+    connector = _Connector(
         limit=0, ttl_dns_cache=300, enable_cleanup_closed=False, keepalive_timeout=30
     )
     return aiohttp.ClientSession(

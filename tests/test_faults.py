@@ -1907,6 +1907,45 @@ def test_stale_pooled_connection_closed_on_reuse(
     assert codes(stack) == {"200": 2}
 
 
+@pytest.mark.parametrize("stray", ["answer", "408"])
+@pytest.mark.parametrize(("stream", "session"), [(False, False), (True, False), (False, True)])
+def test_a_pooled_connection_that_got_bytes_while_idle_is_not_used(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], stray: str, stream: bool,
+    session: bool,
+) -> None:
+    """The upstream writes on a kept-alive connection while it idles in the pool: a
+    second answer nobody asked for, or a 408 that announces its close. The next request
+    goes on a new connection and gets its own answer, not that one (nor does every
+    answer on the connection after it come one request late). Also through the
+    ClientSession (`trust_env`, as with an egress proxy)."""
+    extra = (_answer_of("200 OK", "application/json", b'{"stray": true}') if stray == "answer"
+             else _answer_of("408 Request Timeout", "text/plain", b"idle", "Connection: close"))
+
+    def answer(conn: int, n: int, body: bytes) -> tuple[bytes | list[bytes | float], bool]:
+        if orjson.loads(body).get("stream"):
+            return sse_answer([chunk(f"c{conn}n{n}"), b"data: [DONE]\n\n"]), False
+        own = json_answer().replace(b'"calm"', f'"c{conn}n{n}"'.encode())  # (as long)
+        return ([own, 0.2, extra] if (conn, n) == (0, 0) else own), True
+
+    up = scripted(answer)
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           server={"trust_env": session}))
+    first = post(stack, chat(LLAMA, region="eu-north"))
+    assert first.json()["choices"][0]["message"]["content"] == "c0n0"
+    time.sleep(0.6)  # the stray bytes have come
+    second = post(stack, chat(LLAMA, region="eu-north", stream=stream))
+    assert second.status == 200
+    if stream:
+        events = [obj_of(ev) for ev in data_events(second.events()) if b"[DONE]" not in ev]
+        assert events[0]["choices"][0]["delta"] == {"content": "c1n0"}
+        assert events[-1]["lowrouter"]["route"]["attempts"] == 1
+    else:
+        assert second.json()["choices"][0]["message"]["content"] == "c1n0"
+        assert second.route()["attempts"] == 1
+    assert [(r.conn, r.n) for r in up.requests] == [(0, 0), (1, 0)]
+    wait_for(lambda: codes(stack) == {"200": 2})  # (a stream's, once its end is out)
+
+
 # =======================================================================================
 # passive health
 

@@ -346,7 +346,7 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
             return rec.out
         if attempt.splitter is not None:
             return await _relay_stream(request, rt, st, rec, prompt_chars, attempt, region)
-        return _answer(rt, rec, prompt_chars, attempt, region)
+        return _answer(rt, rec, prompt_chars, attempt, region, chat)
     finally:
         rt.pool.release(attempt.held)
 
@@ -708,6 +708,7 @@ def _lowrouter(
 
 def _answer(
     rt: Runtime, rec: Rec, prompt_chars: int, attempt: _Attempt, region: str | None,
+    chat: bool,
 ) -> web.Response:
     """A whole JSON answer: eco spliced into a success, a client error passed through."""
     resp, data = attempt.resp, attempt.body
@@ -730,7 +731,7 @@ def _answer(
         return web.Response(status=resp.status, body=data, headers=headers)
     doc = attempt.doc
     assert doc is not None  # _read_answer parsed every success
-    usage = sse.usage_of(doc)
+    usage = sse.usage_of(doc, chat)
     if usage is not None:
         lr = _lowrouter(rt, rec, attempt.cand, region, *usage, measured=True)
     else:

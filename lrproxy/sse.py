@@ -366,13 +366,19 @@ def add_member(event: bytes, obj: dict[str, Any], name: str, value: Any) -> byte
 MAX_USAGE_TOKENS: Final = 100_000_000
 
 
-def usage_of(obj: dict[str, Any]) -> tuple[int, int] | None:
+def usage_of(obj: dict[str, Any], chat: bool = True) -> tuple[int, int] | None:
     """(prompt, completion) tokens from an OpenAI `usage` object, if it has plausible
-    ones: integers from 0 to MAX_USAGE_TOKENS."""
+    ones: integers from 0 to MAX_USAGE_TOKENS. An embedding's has no completion_tokens
+    (0); a chat answer's without them has them as total_tokens - prompt_tokens, and
+    without both is no count of its completion (estimated, not a measured 0)."""
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", None if chat else 0)
+    if c is None and "completion_tokens" not in usage:
+        total = usage.get("total_tokens")
+        if isinstance(total, int) and isinstance(p, int) and total >= p:
+            c = total - p
     if (isinstance(p, int) and isinstance(c, int) and not isinstance(p, bool)
             and not isinstance(c, bool) and 0 <= p <= MAX_USAGE_TOKENS
             and 0 <= c <= MAX_USAGE_TOKENS):

@@ -388,6 +388,23 @@ def test_usage_of(obj: dict[str, Any], want: tuple[int, int] | None) -> None:
     assert usage_of(obj) == want
 
 
+@pytest.mark.parametrize(("usage", "chat", "want"), [
+    ({"prompt_tokens": 11, "total_tokens": 16}, True, (11, 5)),  # completion = total - prompt
+    ({"prompt_tokens": 11}, True, None),  # no count of the completion: estimated
+    ({"prompt_tokens": 11, "total_tokens": 3}, True, None),
+    ({"prompt_tokens": 11, "total_tokens": "16"}, True, None),
+    ({"prompt_tokens": 11, "completion_tokens": None, "total_tokens": 16}, True, None),
+    ({"prompt_tokens": 11}, False, (11, 0)),  # an embedding's has no completion
+    ({"prompt_tokens": 11, "total_tokens": 11}, False, (11, 0)),
+])
+def test_usage_without_completion_tokens(
+    usage: dict[str, Any], chat: bool, want: tuple[int, int] | None,
+) -> None:
+    """A chat answer's usage without completion_tokens is no measured 0: the upstream's
+    total less its prompt, or no usage at all (the tokens are then estimated)."""
+    assert usage_of({"usage": usage}, chat) == want
+
+
 @pytest.mark.parametrize(("event", "want"), [
     (b"data: x\n\n", b"x"),
     (b"data:x\n\n", b"x"),

@@ -530,14 +530,18 @@ async def test_usage_on_content_chunks_is_not_held(canned: Canned, make_stack: M
     assert last == obj_of(finish)
 
 
+@pytest.mark.parametrize("bad", [{"prompt_tokens": 2**64 - 6, "completion_tokens": 2},
+                                 {"prompt_tokens": 2**64 - 6, "total_tokens": 2**64 - 4},
+                                 {"prompt_tokens": 11, "total_tokens": "16"},
+                                 {"prompt_tokens": 11}])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_implausible_upstream_usage_is_estimated(
-    canned: Canned, make_stack: MakeStack, stream: bool,
+    canned: Canned, make_stack: MakeStack, stream: bool, bad: dict[str, Any],
 ) -> None:
     """A usage count past sse.MAX_USAGE_TOKENS (2**64 - 6: an upstream's unsigned
-    underflow) is no usage: the tokens are estimated, and the counters stay usable."""
+    underflow), or a chat answer's usage with no count of its completion, is no usage:
+    the tokens are estimated (not a measured 0), and the counters stay usable."""
     stack = canned_stack(make_stack, canned)
-    bad = {"prompt_tokens": 2**64 - 6, "completion_tokens": 2}
     if stream:
         canned.events = [chunk(content="x"), chunk(finish="stop"), chunk([], bad),
                          b"data: [DONE]\n\n"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from typing import Final
 
 from aiohttp import web
 
-from lrproxy import eco
+from lrproxy import FEED_CACHE_ENV, eco
 from lrproxy.app import RUNTIME, Runtime, publish_usable
 from lrproxy.log import MAIN
 
@@ -25,9 +26,14 @@ POLL_S: Final = 5.0
 log = logging.getLogger(MAIN)
 
 
-def poll_feeds(rt: Runtime) -> None:
+def poll_feeds(rt: Runtime, cache: str | None = None) -> None:
     """One pass: read changed feed files, then rebuild the table if any region's figure
-    is not the one it was built with: a new reading, or one that has aged out."""
+    is not the one it was built with: a new reading, or one that has aged out.
+
+    `cache` (server.workers: a directory all workers share) keeps each file's last good
+    reading, so that a worker started while the file is missing or broken keeps it as
+    the others do (README: the last good reading stays), not the static figure.
+    """
     seen = rt.feed_stamps
     for region in rt.state.config.regions.values():
         path = region.intensity_feed
@@ -48,27 +54,62 @@ def poll_feeds(rt: Runtime) -> None:
                 seen[path] = None
                 log.warning("intensity feed of region %s unreadable: %s", region.name,
                             e.strerror)
+            if cache is not None and path not in rt.readings:
+                _restore(rt, cache, path, region.name)
             continue
         seen[path] = stamp  # (read: refused or not, it is looked at again once it changes)
         try:
             reading = eco.parse_reading(data)
         except ValueError as e:
             log.warning("intensity feed of region %s refused: %s", region.name, e)
+            if cache is not None and path not in rt.readings:
+                _restore(rt, cache, path, region.name)
             continue
+        if cache is not None and rt.readings.get(path) != reading:
+            _keep(cache, path, data)
         rt.readings[path] = reading
     if rt.intensities() != rt.state.intensities:
         rt.refresh_table()
 
 
+def _cached(cache: str, path: str) -> str:
+    return os.path.join(cache, hashlib.sha256(os.fsencode(path)).hexdigest()[:32])
+
+
+def _keep(cache: str, path: str, data: bytes) -> None:
+    """A good reading's bytes, for the workers started later (written whole, renamed)."""
+    dest = _cached(cache, path)
+    part = f"{dest}.{os.getpid()}"
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+        os.replace(part, dest)
+    except OSError as e:
+        log.debug("cannot keep the intensity feed's reading in %s: %s", cache, e)
+
+
+def _restore(rt: Runtime, cache: str, path: str, region: str) -> None:
+    """The last good reading another worker kept, if any (it ages out as any does)."""
+    try:
+        with open(_cached(cache, path), "rb") as f:
+            reading = eco.parse_reading(f.read(65536))
+    except (OSError, ValueError):
+        return
+    rt.readings[path] = reading
+    log.info("intensity feed of region %s: the last good reading the workers read stays",
+             region)
+
+
 async def feeds_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: poll the feeds while the app runs."""
     rt = app[RUNTIME]
-    poll_feeds(rt)
+    cache = os.environ.get(FEED_CACHE_ENV) or None
+    poll_feeds(rt, cache)
 
     async def run() -> None:
         while True:
             await asyncio.sleep(rt.feed_poll_s)
-            poll_feeds(rt)
+            poll_feeds(rt, cache)
             publish_usable(rt)  # cool-downs end with time, not with an event
 
     task = asyncio.create_task(run())

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
 from prometheus_client.metrics_core import Metric
 
-from lrproxy import TERM_START_S, WORKER_FDS_ENV
+from lrproxy import FEED_CACHE_ENV, TERM_START_S, WORKER_FDS_ENV
 from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBuckets
 from lrproxy.config import Config, ConfigError, Listen, read_config, resolve_secrets
 from lrproxy.log import MAIN
@@ -243,6 +243,10 @@ async def _supervise(
     buckets = os.path.join(prom_dir, "buckets")
     SharedBuckets.create(buckets).close()
     env[SHARED_BUCKETS_ENV] = buckets
+    # Each feed's last good reading, for a worker started after the file broke
+    feed_cache = os.path.join(prom_dir, "feeds")
+    os.mkdir(feed_cache, 0o700)
+    env[FEED_CACHE_ENV] = feed_cache
     env[CONFIG_SHOWN_ENV] = config_path
     env["NOTIFY_SOCKET"] = inbox_path
 

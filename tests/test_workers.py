@@ -539,6 +539,56 @@ def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
         _end(proxy, notify)
 
 
+def _eco_on_a_new_connection(port: int) -> tuple[float, str]:
+    """One chat completion on a connection of its own: its grid intensity and accuracy."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("POST", "/api/v1/chat/completions",
+                     json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+                     {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"})
+        eco = json.loads(conn.getresponse().read())["lowrouter"]["eco"]
+        return eco["grid_intensity_g_per_kwh"], eco["accuracy"]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("broken", ["invalid", "missing"])
+def test_two_workers_a_restarted_worker_keeps_the_last_good_feed_reading(
+    tmp_path: Path, sim: SimThread, broken: str,
+) -> None:
+    """The feed file breaks (bad JSON, or gone), then a worker dies: its successor keeps
+    the last good reading the workers read, as the other worker and one process do
+    (README), not the static figure: every request is charged 160, measured."""
+    port = free_port()
+    feed = tmp_path / "r1.json"
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    feed.write_text(json.dumps({"zone": "FR", "carbonIntensity": 160, "datetime": now,
+                                "updatedAt": now}))
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, intensity=290, extra_server="workers = 2\n")
+                   .replace("pue = 1.0\n", f'pue = 1.0\nintensity_feed = "{feed}"\n'
+                            "intensity_max_age_s = 3600\n"))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        workers = _ready(proxy, notify)
+        assert {_eco_on_a_new_connection(port) for _ in range(6)} == {(160, "measured")}
+        if broken == "invalid":
+            feed.write_text("{not json")
+        else:
+            feed.unlink()
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(c := _children(proxy.pid)) == 2 and victim not in c, 15,
+                 "a replacement worker")
+        wait_for(lambda: proxy.stderr.count("listening on") >= 3, 15, "the replacement listening")
+        assert {_eco_on_a_new_connection(port) for _ in range(12)} == {(160, "measured")}
+        assert "the last good reading the workers read stays" in proxy.stderr
+    finally:
+        _end(proxy, notify)
+
+
 def _listeners(port: int) -> int:
     """How many sockets listen on 127.0.0.1:port (the kernel's table, /proc/net/tcp)."""
     local = f"0100007F:{port:04X}"

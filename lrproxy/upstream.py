@@ -748,6 +748,8 @@ _WHY: Final[tuple[tuple[type[BaseException], str], ...]] = (
 def _why(e: BaseException) -> str:
     """A failure of an upstream connection in plain words: the system's for an OS error
     ("Connection refused"), else what the kind of failure means."""
+    if isinstance(e, _ClosedWhileConnecting):
+        return str(e)
     for kind, words in _WHY:
         if isinstance(e, kind):
             return words
@@ -777,7 +779,14 @@ class _Connector(aiohttp.TCPConnector):
     async def connect(self, req: aiohttp.ClientRequest, traces: list[Any],
                       timeout: aiohttp.ClientTimeout) -> Any:
         for _ in range(_STALE_TRIES):
-            conn = await super().connect(req, traces, timeout)
+            try:
+                conn = await super().connect(req, traces, timeout)
+            except aiohttp.ServerDisconnectedError as e:
+                # closed before the connection was made: before the answer to CONNECT
+                # (an egress proxy's doing), not the upstream's cut after a request
+                raise _ClosedWhileConnecting(
+                    "the egress proxy closed it" if req.proxy is not None
+                    else "the upstream closed it while connecting") from e
             proto = conn.protocol
             # (should_close: a parsed answer waiting, bytes past one, an error, or an
             # answer that asked to close; a connection in the pool had none of them)
@@ -787,6 +796,10 @@ class _Connector(aiohttp.TCPConnector):
                       req.host, req.port)
             conn.close()
         return await super().connect(req, traces, timeout)
+
+
+class _ClosedWhileConnecting(aiohttp.ClientConnectionError):
+    """A connection closed before it was made (a connect failure, `_why` says whose)."""
 
 
 _STALE_TRIES: Final = 64  # (each try takes the pool's next connection, or a new one)

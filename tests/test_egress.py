@@ -197,10 +197,14 @@ def test_trust_env_honours_https_proxy(make_stack: Any, tls: Any, tinyproxy: Any
     assert len(_connects(log)) == 1
 
 
-def test_egress_proxy_refusing_connect_is_a_connect_error(make_stack: Any, tls: Any) -> None:
-    """An egress proxy that refuses the CONNECT (403: a port it does not allow) is a
-    connect failure, as a refused connection is: 502, outcome `connect_error` (not the
-    `bad_response` of an upstream that answers no HTTP)."""
+@pytest.mark.parametrize("how", ["403", "close"])
+def test_egress_proxy_refusing_connect_is_a_connect_error(
+    make_stack: Any, tls: Any, how: str,
+) -> None:
+    """An egress proxy that refuses the CONNECT (403: a port it does not allow), or
+    closes without an answer, is a connect failure, as a refused connection is: 502,
+    outcome `connect_error` (not the `bad_response` of an upstream that answers no HTTP,
+    nor the `connection_lost` of an upstream that cut a request), said of the proxy."""
     sim, ca = tls
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
@@ -211,7 +215,8 @@ def test_egress_proxy_refusing_connect_is_a_connect_error(make_stack: Any, tls: 
                 conn, _ = srv.accept()
                 with conn:
                     conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                    if how == "403":
+                        conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
 
     threading.Thread(target=refuse, daemon=True).start()
     try:
@@ -220,10 +225,12 @@ def test_egress_proxy_refusing_connect_is_a_connect_error(make_stack: Any, tls: 
         with pytest.raises(openai.APIStatusError) as e:
             _ask(stack)
         assert e.value.status_code == 502
+        assert "egress proxy" in e.value.message, e.value.message
         assert stack.metric("lrproxy_upstream_attempts_total", upstream="eu-west-a",
                             outcome="connect_error") >= 1
-        assert stack.metric("lrproxy_upstream_attempts_total", upstream="eu-west-a",
-                            outcome="bad_response") == 0
+        for wrong in ("bad_response", "connection_lost"):
+            assert stack.metric("lrproxy_upstream_attempts_total", upstream="eu-west-a",
+                                outcome=wrong) == 0
         assert not sim.sim.requests
     finally:
         srv.close()

@@ -32,6 +32,7 @@ from procs import (
     port_refuses,
     somaxconn,
 )
+from sandbox import unit_settings
 
 from lrproxy.sdnotify import Notifier, activated_sockets
 
@@ -63,14 +64,7 @@ def units(tmp_path: Path) -> Path:
 
 def _service() -> dict[str, list[str]]:
     """The service file as key -> every value given (systemd keys may repeat)."""
-    out: dict[str, list[str]] = {}
-    for raw in (UNITS / "lrproxy.service").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";", "[")):
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(key.strip(), []).append(value.strip())
-    return out
+    return unit_settings(UNITS / "lrproxy.service")
 
 
 def _monotonic_usec() -> int:

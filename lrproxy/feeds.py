@@ -26,14 +26,16 @@ POLL_S: Final = 5.0
 log = logging.getLogger(MAIN)
 
 
-def poll_feeds(rt: Runtime, cache: str | None = None) -> None:
+def poll_feeds(rt: Runtime) -> None:
     """One pass: read changed feed files, then rebuild the table if any region's figure
     is not the one it was built with: a new reading, or one that has aged out.
 
-    `cache` (server.workers: a directory all workers share) keeps each file's last good
-    reading, so that a worker started while the file is missing or broken keeps it as
-    the others do (README: the last good reading stays), not the static figure.
+    With server.workers, a directory all workers share (FEED_CACHE_ENV) keeps each
+    file's last good reading, so that a worker started while the file is missing or
+    broken keeps it as the others do (README: the last good reading stays), not the
+    static figure. Every pass uses it, a reload's too.
     """
+    cache = os.environ.get(FEED_CACHE_ENV) or None
     seen = rt.feed_stamps
     for region in rt.state.config.regions.values():
         path = region.intensity_feed
@@ -96,20 +98,19 @@ def _restore(rt: Runtime, cache: str, path: str, region: str) -> None:
     except (OSError, ValueError):
         return
     rt.readings[path] = reading
-    log.info("intensity feed of region %s: the last good reading the workers read stays",
-             region)
+    log.info("intensity feed of region %s: the last good reading the workers read stays "
+             "(until it ages out)", region)
 
 
 async def feeds_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: poll the feeds while the app runs."""
     rt = app[RUNTIME]
-    cache = os.environ.get(FEED_CACHE_ENV) or None
-    poll_feeds(rt, cache)
+    poll_feeds(rt)
 
     async def run() -> None:
         while True:
             await asyncio.sleep(rt.feed_poll_s)
-            poll_feeds(rt, cache)
+            poll_feeds(rt)
             publish_usable(rt)  # cool-downs end with time, not with an event
 
     task = asyncio.create_task(run())

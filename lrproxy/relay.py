@@ -237,6 +237,37 @@ class _Committed(Exception):
         self.error, self.cand = error, cand
 
 
+class _Refused(Exception):
+    """An error event with a client error's code (400, 404, 413, 422, ...) before a
+    stream's first event: the upstream refused the request itself (vLLM's invalid
+    guided-decoding schema, a context too long), which no other upstream would take
+    either. Answered as its 4xx answer would be (SPEC §1: passed through): that status
+    and its error object, counted `passed_4xx`, no failover, not the upstream's failure."""
+
+    def __init__(self, status: int, said: Any, secret: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        body = orjson.dumps({"error": said["error"]})  # (decoded: an escaped quote shows)
+        if secret and secret in body:
+            body = errors.error_body(
+                "The upstream's error message was withheld: it quoted the proxy's credentials.",
+                "invalid_request_error", "upstream_error")
+        self.body = body
+
+
+def _refusal_status(said: Any) -> int | None:
+    """The 4xx an in-stream error object gives as its `code` (vLLM and OpenRouter send
+    the HTTP status there), but 401, 403 and 429, which are the upstream's own state."""
+    err = said.get("error") if isinstance(said, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    if isinstance(code, str) and len(code) == 3 and code.isdigit():
+        code = int(code)
+    if (isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 500
+            and code not in (401, 403, 429)):
+        return code
+    return None
+
+
 class _EarlyCommit:
     """A stream whose upstream is slow to send even its headers: once the client has
     heard nothing for `keepalive` seconds, it gets its 200 and a `: keep-alive` comment
@@ -325,6 +356,10 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
     try:
         attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream,
                                         client_usage)
+    except _Refused as r:  # as an upstream's 4xx answer (`_answer`)
+        rec.error = "upstream_4xx"
+        return web.Response(status=r.status, body=r.body,
+                            headers=_answer_headers(rt, rec, stream=False))
     except _Committed as c:  # the client has its 200 and keep-alives: the error event
         assert rec.out is not None
         await _stream_error(rt, rec, _prompt_chars(obj, chat), c.cand, region, _Tail(),
@@ -439,6 +474,16 @@ async def _try_candidates(
                         resp, chat, first_byte - (time.perf_counter() - t_sent), tmo.idle,
                         deadline - time.monotonic())
                 attempt.body, attempt.doc = answer
+        except _Refused as r:
+            rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
+            pool.succeeded(name, trial, held)  # it answered: the request was the fault
+            pool.release(held)
+            committed = early is not None and early.stop()
+            rt.metrics.attempt(name, ("stream_" if committed else "") + "passed_4xx")
+            if committed:  # the client has its 200: the error event says what came
+                raise _Committed(errors.UpstreamBadResponse(_upstream_said(
+                    _INNER_ERROR, orjson.loads(r.body), b"")), cand) from None
+            raise
         except errors.UpstreamFailed as e:
             rec.upstream_s = (rec.upstream_s or 0.0) + time.perf_counter() - t_sent
             pool.release(held)
@@ -655,6 +700,9 @@ async def _first_events(
                     raise errors.UpstreamBadResponse("upstream ended the stream before any event")
                 out, events = _take(data, splitter, tail)
                 if tail.failure is not None:  # nothing has reached the client: fail over
+                    status = _refusal_status(tail.said)
+                    if status is not None:  # … unless the request was the fault
+                        raise _Refused(status, tail.said, attempt.secret)
                     raise tail.failure
                 if out and len(attempt.first) > MAX_EVENT_BYTES:  # comments, comments…
                     raise errors.UpstreamBadResponse(
@@ -963,17 +1011,19 @@ def _ends(choices: list[Any], after_end: bool) -> bool:
             return False
         if c.get("finish_reason"):
             finished = True
-        elif c.get("logprobs") or not _empty_delta(c.get("delta")):
+        elif not _empty(c.get("logprobs")) or not _empty(c.get("delta"), "role"):
             return False
     return finished
 
 
-def _empty_delta(delta: Any) -> bool:
-    if delta is None:
+def _empty(member: Any, but: str = "") -> bool:
+    """A delta or logprobs that carries nothing: null, or an object whose values (but
+    `but`'s, a delta's role) are all empty (`{"content": [], "refusal": null}`)."""
+    if not member:
         return True
-    if not isinstance(delta, dict):
+    if not isinstance(member, dict):
         return False
-    return all(not v or k == "role" for k, v in delta.items())
+    return all(not v or k == but for k, v in member.items())
 
 
 _META: Final = ("id", "object", "created", "model", "system_fingerprint")

@@ -2541,6 +2541,64 @@ def test_an_unframed_stream_that_ends_early_is_a_cut(
     wait_for(lambda: outcomes(stack) == want)
 
 
+@pytest.mark.parametrize("code", [400, "422"])
+def test_an_error_event_with_a_client_errors_code_before_the_first_event_is_that_4xx(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], code: int | str,
+) -> None:
+    """vLLM refuses a request it has begun to stream (an invalid guided-decoding schema)
+    with an error event whose code is 400, before any chunk: the client gets that 400
+    and the upstream's error object, as for a 4xx answer (SPEC §1), counted
+    `passed_4xx`; not a 502 that the SDK retries, nor the upstream's failure (six such
+    requests do not eject it)."""
+    err = {"object": "error", "message": "Invalid JSON schema for guided decoding",
+           "type": "BadRequestError", "param": None, "code": code}
+    refusal = sse_answer([b"data: " + orjson.dumps({"error": err}) + b"\n\n",
+                          b"data: [DONE]\n\n"])
+    up = scripted(lambda conn, n, body: (refusal, False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    for _ in range(6):
+        a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+        assert a.status == int(code) and a.json() == {"error": err}
+        assert a.header("x-lowrouter-upstream") == "eu-north-a"
+    assert len(up.requests) == 6  # one attempt each: no failover, no retry
+    assert outcomes(stack) == {("eu-north-a", "passed_4xx"): 6}
+    assert usable(stack, "eu-north-a") == 1
+    with stack.client() as client, pytest.raises(openai.APIStatusError) as e:
+        list(client.chat.completions.create(model=LLAMA, messages=MSGS, stream=True))
+    assert e.value.status_code == int(code) and e.value.body == err  # type: ignore[comparison-overlap]
+
+
+@pytest.mark.parametrize("code", [500, 429, 401, "busy"])
+def test_an_error_event_with_another_code_before_the_first_event_fails_over(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], code: int | str,
+) -> None:
+    """The same event with a server error's code, a rate limit's, an auth failure's or no
+    status at all is the upstream's failure, as before: 502, retried, counted."""
+    err = {"message": "overloaded", "type": "server_error", "code": code}
+    refusal = sse_answer([b"data: " + orjson.dumps({"error": err}) + b"\n\n"])
+    up = scripted(lambda conn, n, body: (refusal, False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+    a.error(502, "upstream_error")
+    assert len(up.requests) == 3  # and its retries
+    assert outcomes(stack) == {("eu-north-a", "bad_response"): 3}
+
+
+def test_an_in_stream_refusal_quoting_our_key_is_withheld(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+) -> None:
+    """The 4xx made of an error event keeps our key out of the client's sight, as a 4xx
+    answer does (issue 5)."""
+    key = UPSTREAM_KEYS["eu-north-a"]
+    err = {"message": f"Key {key} may not use guided decoding", "code": 400}
+    refusal = sse_answer([b"data: " + orjson.dumps({"error": err}) + b"\n\n"])
+    up = scripted(lambda conn, n, body: (refusal, False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+    a.error(400, "upstream_error")
+    assert key.encode() not in a.body
+
+
 @pytest.mark.parametrize("first", [False, True])
 def test_broken_chunked_framing_is_a_lost_connection_at_the_keepalive(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], first: bool,

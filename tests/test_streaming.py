@@ -871,15 +871,18 @@ async def test_a_finish_beside_another_choices_text_is_not_held(
     assert last == obj_of(fin1) and len(events) == 5
 
 
+@pytest.mark.parametrize("logprobs", [None, {"content": [], "refusal": None}])
 @pytest.mark.parametrize("usage", [False, True])
 async def test_a_usage_chunk_with_an_empty_choice_stays_behind_the_finish(
-    canned: Canned, make_stack: MakeStack, usage: bool,
+    canned: Canned, make_stack: MakeStack, usage: bool, logprobs: Any,
 ) -> None:
-    """Usage on a chunk whose one choice has an empty delta, after the finish chunk: held
-    with it, in the upstream's order, so the SDK still reads usage off the last chunk.
-    The same shape before any finish (a role chunk with usage) goes out at once."""
+    """Usage on a chunk whose one choice has an empty delta (and no logprobs, or empty
+    ones), after the finish chunk: held with it, in the upstream's order, so the SDK
+    still reads usage off the last chunk. The same shape before any finish (a role chunk
+    with usage) goes out at once."""
     stack = canned_stack(make_stack, canned)
-    empty = [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]
+    empty = [{"index": 0, "delta": {"content": ""}, "logprobs": logprobs,
+              "finish_reason": None}]
     role = chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                    "finish_reason": None}], {"prompt_tokens": 4, "completion_tokens": 0})
     fin = chunk(finish="stop")

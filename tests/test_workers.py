@@ -552,38 +552,54 @@ def _eco_on_a_new_connection(port: int) -> tuple[float, str]:
         conn.close()
 
 
-@pytest.mark.parametrize("broken", ["invalid", "missing"])
+@pytest.mark.parametrize("broken", ["invalid", "missing", "named by a reload"])
 def test_two_workers_a_restarted_worker_keeps_the_last_good_feed_reading(
     tmp_path: Path, sim: SimThread, broken: str,
 ) -> None:
-    """The feed file breaks (bad JSON, or gone), then a worker dies: its successor keeps
-    the last good reading the workers read, as the other worker and one process do
-    (README), not the static figure: every request is charged 160, measured."""
+    """The feed file breaks (bad JSON, or gone; or a file a reload named, first read by
+    the reload itself, then bad JSON), then a worker dies: its successor keeps the last
+    good reading the workers read, as the other worker and one process do (README), not
+    the static figure: every request is charged it, measured."""
     port = free_port()
-    feed = tmp_path / "r1.json"
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    feed.write_text(json.dumps({"zone": "FR", "carbonIntensity": 160, "datetime": now,
-                                "updatedAt": now}))
+
+    def feed(name: str, value: int) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"zone": "FR", "carbonIntensity": value, "datetime": now,
+                                    "updatedAt": now}))
+        return path
+
+    def config(path: Path) -> str:
+        return (config_toml(sim.base_url, port, intensity=290, extra_server="workers = 2\n")
+                .replace("pue = 1.0\n", f'pue = 1.0\nintensity_feed = "{path}"\n'
+                         "intensity_max_age_s = 3600\n"))
+
+    live, value = feed("r1.json", 160), 160
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, intensity=290, extra_server="workers = 2\n")
-                   .replace("pue = 1.0\n", f'pue = 1.0\nintensity_feed = "{feed}"\n'
-                            "intensity_max_age_s = 3600\n"))
+    cfg.write_text(config(live))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
                   tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
     try:
         workers = _ready(proxy, notify)
         assert {_eco_on_a_new_connection(port) for _ in range(6)} == {(160, "measured")}
-        if broken == "invalid":
-            feed.write_text("{not json")
+        if broken == "named by a reload":
+            live, value = feed("other.json", 200), 200
+            cfg.write_text(config(live))
+            proxy.signal(signal.SIGHUP)
+            assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
+            assert notify.wait_for("READY", 15)["READY"] == "1"
+            assert {_eco_on_a_new_connection(port) for _ in range(6)} == {(200, "measured")}
+        if broken == "missing":
+            live.unlink()
         else:
-            feed.unlink()
+            live.write_text("{not json")
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: len(c := _children(proxy.pid)) == 2 and victim not in c, 15,
                  "a replacement worker")
         wait_for(lambda: proxy.stderr.count("listening on") >= 3, 15, "the replacement listening")
-        assert {_eco_on_a_new_connection(port) for _ in range(12)} == {(160, "measured")}
+        assert {_eco_on_a_new_connection(port) for _ in range(12)} == {(value, "measured")}
         assert "the last good reading the workers read stays" in proxy.stderr
     finally:
         _end(proxy, notify)

@@ -706,7 +706,13 @@ class _Direct:
     async def post(self, chat: bool, stream: bool, body: bytes, request_id: str,
                    timeout: aiohttp.ClientTimeout,
                    ) -> tuple[int, CIMultiDictProxy[str], aiohttp.StreamReader, Any]:
-        conn = await self.connector.connect(self.req, traces=_NO_TRACES, timeout=timeout)
+        try:  # (the base class's connect, not _Connector's: one coroutine less a request)
+            conn = await _BASE_CONNECT(self.connector, self.req, _NO_TRACES, timeout)
+        except aiohttp.ServerDisconnectedError as e:
+            raise _ClosedWhileConnecting("the upstream closed it while connecting") from e
+        if conn.protocol is not None and conn.protocol.should_close:  # _Connector's case
+            conn.close()
+            conn = await self.connector.connect(self.req, traces=_NO_TRACES, timeout=timeout)
         try:
             proto = conn.protocol
             transport = conn.transport
@@ -803,6 +809,7 @@ class _ClosedWhileConnecting(aiohttp.ClientConnectionError):
 
 
 _STALE_TRIES: Final = 64  # (each try takes the pool's next connection, or a new one)
+_BASE_CONNECT: Final = aiohttp.TCPConnector.connect
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:

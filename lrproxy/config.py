@@ -125,6 +125,9 @@ class Upstream:
     max_concurrency: int = 512
     proxy: str | None = None
     ca_file: str | None = None
+    # Streams ask it for usage (stream_options.include_usage, SPEC §1.1); false for an
+    # upstream that refuses the field (Mistral's API: 422) and sends usage unasked
+    stream_usage: bool = True
 
 
 @attrs.frozen
@@ -506,6 +509,7 @@ _UPSTREAM: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "max_concurrency": (_conv_int, 512),
     "proxy": (_conv_proxy, None),
     "ca_file": (_conv_str, None),
+    "stream_usage": (_conv_bool, True),
 }
 _TOP: Final = ("server", "timeouts", "auth", "regions", "models", "upstreams", "auto")
 

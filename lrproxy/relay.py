@@ -418,6 +418,8 @@ async def _try_candidates(
     tried: list[str] = []
     last: errors.UpstreamFailed | None = None
     soonest: float | None = None  # the earliest Retry-After of the upstreams' 429s
+    # A stream's stream_options, usage asked for by the proxy (None: the client asked)
+    asked = obj.get("stream_options") if stream and not client_usage else None
     for n in range(st.config.server.retries + 1):
         if n and not limits.retry_allowed(rt.retries_in_progress, len(rt.tasks)):
             break  # the retry budget is spent: answer with the last failure
@@ -427,6 +429,15 @@ async def _try_candidates(
         if cand is None:
             break
         obj["model"] = cand.upstream_model
+        if asked is not None:  # (an upstream that refuses the field: the client's own)
+            unasked = None if cand.upstream.stream_usage else {
+                k: v for k, v in asked.items() if k != "include_usage"}
+            if unasked is None:
+                obj["stream_options"] = asked
+            elif unasked:
+                obj["stream_options"] = unasked
+            else:
+                obj.pop("stream_options", None)
         try:
             payload = orjson.dumps(obj)
         except orjson.JSONEncodeError:  # orjson reads JSON 1024 levels deep, writes 254

@@ -209,6 +209,15 @@ def test_unknown_key_in_a_list_item(tmp_path: Path) -> None:
     assert problems(path) == ["lrproxy.toml: upstreams[0].max_conns: unknown key"]
 
 
+def test_upstream_stream_usage(tmp_path: Path) -> None:
+    """`stream_usage` (true unless set) is a boolean of each upstream."""
+    assert problems(write(tmp_path, base_toml('stream_usage = "no"'))) == [
+        "lrproxy.toml: upstreams[0].stream_usage: expected true or false (got 'no')"]
+    cfg = read_config(write(tmp_path, base_toml("stream_usage = false")))
+    assert cfg.upstreams[0].stream_usage is False
+    assert read_config(write(tmp_path, base_toml())).upstreams[0].stream_usage is True
+
+
 def test_unknown_section(tmp_path: Path) -> None:
     """A top-level table the schema does not have is an unknown section."""
     path = write(tmp_path, base_toml(tail='[logging]\nlevel = "debug"'))

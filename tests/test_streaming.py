@@ -926,6 +926,42 @@ async def test_the_chunk_made_for_lowrouter_is_shaped_as_the_upstreams(
                     "choices": [{"index": 0, "delta": {}, "finish_reason": None}]}
 
 
+@pytest.mark.parametrize(("sent", "ask", "want"), [
+    (None, True, {"include_usage": True}),
+    ({"include_usage": False, "continuous_usage_stats": True}, True,
+     {"include_usage": True, "continuous_usage_stats": True}),  # (SPEC §2: the rest as sent)
+    (None, False, None),
+    ({}, False, None),
+    ({"include_usage": False, "continuous_usage_stats": True}, False,
+     {"continuous_usage_stats": True}),
+    ({"include_usage": True}, False, {"include_usage": True}),  # the client's own ask
+])
+async def test_stream_options_sent_upstream(
+    canned: Canned, make_stack: MakeStack, sent: dict[str, Any] | None, ask: bool,
+    want: dict[str, Any] | None,
+) -> None:
+    """A stream asks the upstream for usage, the client's other stream_options kept;
+    with `stream_usage = false` (Mistral's API refuses the field with a 422) the upstream
+    gets the client's own stream_options, less an include_usage it did not set true.
+    Mistral's usage on its finish chunk is then counted, measured."""
+    def mutate(d: dict[str, Any]) -> None:
+        d["upstreams"][2]["base_url"] = canned.url
+        d["upstreams"][2]["stream_usage"] = ask
+
+    stack = make_stack(mutate)
+    canned.events = [chunk(content="hi"),
+                     chunk(finish="stop", usage={"prompt_tokens": 7, "completion_tokens": 2}),
+                     b"data: [DONE]\n\n"]
+    body = orjson.loads(body_of())
+    if sent is not None:
+        body["stream_options"] = sent
+    status, _, data = await raw_post(stack, orjson.dumps(body))
+    assert status == 200
+    assert canned.requests[0].get("stream_options") == want
+    eco = obj_of(split_events(data)[-2])["lowrouter"]["eco"]
+    assert eco["tokens"] == {"prompt": 7, "completion": 2}
+
+
 # ---------------------------------------------------------------------------------------
 # keep-alive
 

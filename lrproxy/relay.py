@@ -1160,10 +1160,13 @@ async def _relay_stream(
                 now = loop.time()
                 if now >= limit - 0.001:
                     over_total = now >= deadline - 0.001
-                    what = "in total" if over_total else (
-                        "before its first event" if not got_event else
-                        "inside an event" if splitter.held else "between events")
-                    raise errors.UpstreamTimeout(f"the upstream went silent {what}") from None
+                    raise errors.UpstreamTimeout(
+                        "the stream reached timeouts.total" if over_total else
+                        # (its comments may have come: they are no event, SPEC §4)
+                        "the upstream sent no event within timeouts.first_byte"
+                        if not got_event else "the upstream went silent inside an event"
+                        if splitter.held else "the upstream went silent between events"
+                    ) from None
                 if resp.gone():  # its framing broke (upstream.gone): no more is coming
                     raise errors.UpstreamConnectionLost("upstream connection lost") from None
                 await _send(out.write(KEEPALIVE_LINE if tail.ids else KEEPALIVE_EVENT),

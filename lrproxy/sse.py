@@ -373,7 +373,10 @@ def usage_of(obj: dict[str, Any], chat: bool = True) -> tuple[int, int] | None:
     without both is no count of its completion (estimated, not a measured 0)."""
     usage = obj.get("usage")
     if not isinstance(usage, dict):
-        return None
+        groq = obj.get("x_groq")  # Groq's finish chunk carries its usage there
+        usage = groq.get("usage") if isinstance(groq, dict) else None
+        if not isinstance(usage, dict):
+            return None
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", None if chat else 0)
     if c is None and "completion_tokens" not in usage:
         total = usage.get("total_tokens")

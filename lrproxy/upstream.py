@@ -707,7 +707,8 @@ class _Direct:
                    timeout: aiohttp.ClientTimeout,
                    ) -> tuple[int, CIMultiDictProxy[str], aiohttp.StreamReader, Any]:
         try:  # (the base class's connect, not _Connector's: one coroutine less a request)
-            conn = await _BASE_CONNECT(self.connector, self.req, _NO_TRACES, timeout)
+            conn = await aiohttp.TCPConnector.connect(self.connector, self.req, _NO_TRACES,
+                                                      timeout)
         except aiohttp.ServerDisconnectedError as e:
             raise _ClosedWhileConnecting("the upstream closed it while connecting") from e
         if conn.protocol is not None and conn.protocol.should_close:  # _Connector's case
@@ -809,7 +810,6 @@ class _ClosedWhileConnecting(aiohttp.ClientConnectionError):
 
 
 _STALE_TRIES: Final = 64  # (each try takes the pool's next connection, or a new one)
-_BASE_CONNECT: Final = aiohttp.TCPConnector.connect
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:

@@ -382,6 +382,9 @@ def test_error_beside_choices(data: bytes, kind: int) -> None:
     ({"usage": {"prompt_tokens": MAX_USAGE_TOKENS + 1, "completion_tokens": 2}}, None),
     ({"usage": {"prompt_tokens": 3, "completion_tokens": MAX_USAGE_TOKENS + 1}}, None),
     ({"usage": {"prompt_tokens": 2**64 - 6, "completion_tokens": 2}}, None),  # u64 underflow
+    ({"x_groq": {"usage": {"prompt_tokens": 11, "completion_tokens": 5}}}, (11, 5)),  # Groq
+    ({"x_groq": {"id": "req_1"}}, None),
+    ({"x_groq": "usage"}, None),
 ])
 def test_usage_of(obj: dict[str, Any], want: tuple[int, int] | None) -> None:
     """Only integer counts from 0 to MAX_USAGE_TOKENS are trusted; anything else is no usage."""

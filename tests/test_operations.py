@@ -495,6 +495,10 @@ def test_sigterm_lets_a_json_answer_being_written_finish(tmp_path: Path, sim: Si
             sock.sendall(chat_request_bytes(body))
             got = sock.recv(16384)
             proxy.signal(signal.SIGTERM)  # the answer is being written
+            # Not read for a while: the kernel's buffers (up to ~4 MB) must not hold what
+            # is left when the server's 1 s shutdown comes (a mutation audit found the
+            # test passing without the wait for answers being written, among others)
+            time.sleep(1.5)
             while data := sock.recv(16384):
                 got += data
                 time.sleep(0.01)  # ~1.6 MB/s: past the server's 1 s shutdown

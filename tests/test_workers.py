@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -371,10 +372,82 @@ def test_sigterm_with_a_worker_stuck_in_its_start_ends_within_the_grace(
         t0 = time.monotonic()
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(1 + 5 + 5) == 1  # not READY, then killed: not a clean stop
-        assert time.monotonic() - t0 < 1 + 5 + 5
+        assert time.monotonic() - t0 < 1 + 5 + 1.5  # shutdown_grace_s + 5 s, and a margin
         assert "still starting" in proxy.stderr
+        assert proxy.stderr.count("killed") == 2, proxy.stderr  # each worker, logged
     finally:
         _stop_all(proxy)
+
+
+def _feed_json() -> str:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    return json.dumps({"zone": "FR", "carbonIntensity": 150, "datetime": now, "updatedAt": now})
+
+
+def test_workers_told_to_stop_as_they_start_serve_what_queued_then_end(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """SIGTERM while both workers hang in their start (a FIFO feed): the supervisor tells
+    them after its wait for READY; each notes it before its imports are done, and once
+    it comes free serves what queued on its socket and drains at once (not the full
+    grace, nor until it is killed): every queued request is answered, the exit is 0,
+    nothing is killed."""
+    fifo = tmp_path / "feed.json"
+    os.mkfifo(fifo)
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=20, extra_server="workers = 2\n")
+                   .replace("pue = 1.0", f'pue = 1.0\nintensity_feed = "{fifo}"'))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        wait_for(lambda: len(_children(proxy.pid)) == 2, 15, "two workers")
+        time.sleep(1.0)  # stuck on the FIFO by now
+        socks = queued_requests(port, 8)
+        t0 = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        time.sleep(4.0)  # past the supervisor's wait for READY: both are told
+        with open(fifo, "w") as f:  # (one writer frees every reader blocked in open)
+            f.write(_feed_json())
+        assert status_lines(socks) == [b"HTTP/1.1 200 OK"] * 8
+        assert proxy.wait(15) == 0, proxy.stderr
+        assert time.monotonic() - t0 < 15  # drained at once: not the 20 s grace
+        assert "killed" not in proxy.stderr
+    finally:
+        _stop_all(proxy)
+
+
+def test_sigterm_while_a_worker_restarts_resets_no_new_connection(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """One worker dies; while its successor starts, SIGTERM: the serving worker drains,
+    and the supervisor closes its copy of that worker's socket as it tells it, so new
+    connections go to the successor's socket (answered) or are refused, never queued on
+    a socket no one will accept from (reset at the end)."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        workers = _ready(proxy, notify)
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(c := _children(proxy.pid)) == 2 and victim not in c, 15,
+                 "a replacement worker")
+        proxy.signal(signal.SIGTERM)  # the replacement is still starting
+
+        def late(i: int) -> int | str:
+            time.sleep(0.2 + i * 0.03)  # after the serving worker has closed its listener
+            return _chat_on_a_new_connection(port, timeout=10)
+
+        with ThreadPoolExecutor(16) as ex:  # at once: while the successor still starts
+            got = list(ex.map(late, range(16)))
+        assert set(got) <= {200, "ConnectionRefusedError"}, got
+        assert 200 in got
+        assert proxy.wait(30) == 0
+    finally:
+        _end(proxy, notify)
 
 
 def _running_with(arg: str) -> list[int]:

@@ -42,12 +42,19 @@ Wants=lrproxy.socket lrproxy.service
 """
 
 
+# This Python, its packages and this checkout: the container and the service must see
+# them (nspawn gives the container a /tmp of its own, the unit a private /tmp and an
+# empty /root)
+PATHS: list[str] = sorted({os.path.realpath(p) for p in (
+    sys.base_prefix, sys.prefix, ROOT, os.path.dirname(os.path.realpath(sys.executable)))})
+
+
 def _dropin() -> str:
     """The README's change for an install outside /usr/local: ExecStart= of this
     interpreter, and (this Python and checkout may live under /root, which
-    ProtectHome=yes hides) ProtectHome=tmpfs with them bound in read-only."""
+    ProtectHome=yes hides, or /tmp) ProtectHome=tmpfs with them bound in read-only."""
     run = f"{sys.executable} -m lrproxy"
-    paths = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, ROOT)})
+    paths = PATHS
     return (f"[Service]\nExecStartPre=\nExecStartPre={run} check-config /etc/lrproxy/lrproxy.toml\n"
             f"ExecStart=\nExecStart={run} serve --config /etc/lrproxy/lrproxy.toml --log-format plain\n"
             f"ProtectHome=tmpfs\nBindReadOnlyPaths={' '.join(paths)}\n")
@@ -81,8 +88,8 @@ class Container:
         self.log = (d / "boot.log").open("wb")
         self.proc = subprocess.Popen(
             [NSPAWN or "systemd-nspawn", "-D", str(self.root), "--register=no", "--keep-unit",
-             "--console=read-only", f"--machine=lrtest{os.getpid()}", "-b", "--",
-             "--unit=lrtest.target"],
+             "--console=read-only", f"--machine=lrtest{os.getpid()}",
+             *(f"--bind-ro={p}" for p in PATHS), "-b", "--", "--unit=lrtest.target"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.leader: int | None = None

@@ -418,8 +418,8 @@ async def _try_candidates(
     tried: list[str] = []
     last: errors.UpstreamFailed | None = None
     soonest: float | None = None  # the earliest Retry-After of the upstreams' 429s
-    # A stream's stream_options, usage asked for by the proxy (None: the client asked)
-    asked = obj.get("stream_options") if stream and not client_usage else None
+    # A stream's stream_options, usage asked for (by the proxy, or the client)
+    asked = obj.get("stream_options") if stream else None
     for n in range(st.config.server.retries + 1):
         if n and not limits.retry_allowed(rt.retries_in_progress, len(rt.tasks)):
             break  # the retry budget is spent: answer with the last failure
@@ -429,7 +429,8 @@ async def _try_candidates(
         if cand is None:
             break
         obj["model"] = cand.upstream_model
-        if asked is not None:  # (an upstream that refuses the field: the client's own)
+        if asked is not None:  # (an upstream that refuses the field: the client's other
+            # members only; the usage it sends unasked makes the client's usage chunk)
             unasked = None if cand.upstream.stream_usage else {
                 k: v for k, v in asked.items() if k != "include_usage"}
             if unasked is None:
@@ -490,7 +491,7 @@ async def _try_candidates(
             pool.succeeded(name, trial, held)  # it answered: the request was the fault
             pool.release(held)
             committed = early is not None and early.stop()
-            rt.metrics.attempt(name, ("stream_" if committed else "") + "passed_4xx")
+            rt.metrics.attempt(name, "passed_4xx")  # (committed or not: a success)
             if committed:  # the client has its 200: the error event says what came
                 raise _Committed(errors.UpstreamBadResponse(_upstream_said(
                     _INNER_ERROR, orjson.loads(r.body), b"")), cand) from None
@@ -711,10 +712,10 @@ async def _first_events(
                     raise errors.UpstreamBadResponse("upstream ended the stream before any event")
                 out, events = _take(data, splitter, tail)
                 if tail.failure is not None:  # nothing has reached the client: fail over
-                    status = _refusal_status(tail.said)
-                    if status is not None:  # … unless the request was the fault
-                        raise _Refused(status, tail.said, attempt.secret)
-                    raise tail.failure
+                    status = None if tail.began() else _refusal_status(tail.said)
+                    if status is not None:  # … unless the request was the fault (its first
+                        raise _Refused(status, tail.said, attempt.secret)  # event: not
+                    raise tail.failure  # a failure after tokens, which vLLM codes 400 too)
                 if out and len(attempt.first) > MAX_EVENT_BYTES:  # comments, comments…
                     raise errors.UpstreamBadResponse(
                         "the upstream sent over 16 MiB of comments before its first event")
@@ -1050,14 +1051,24 @@ _INNER_ERROR: Final = "the upstream reported an error inside the stream"
 _DONE_LINES: Final = frozenset((b"data: [DONE]", b"data:[DONE]"))
 
 
-def _failure(tail: _Tail, secret: bytes) -> errors.UpstreamFailed:
+def _failure(tail: _Tail, secret: bytes, first: bool = False) -> errors.UpstreamFailed:
     """`tail.failure` for the client of a started stream: an error object's message is
     quoted, unless it quotes `secret`, the upstream key sent (before the stream starts,
-    it is a failure to fail over, said as after a 5xx)."""
+    it is a failure to fail over, said as after a 5xx). With `first`, no data event
+    came before it: an error object with a client error's code is then a refusal of
+    the request (`_Refused`), said the same way, and not the upstream's failure."""
     assert tail.failure is not None
     if tail.said is None:
         return tail.failure
-    return errors.UpstreamBadResponse(_upstream_said(_INNER_ERROR, tail.said, secret))
+    said = _upstream_said(_INNER_ERROR, tail.said, secret)
+    if first and _refusal_status(tail.said) is not None:
+        return _LateRefusal(said)
+    return errors.UpstreamBadResponse(said)
+
+
+class _LateRefusal(errors.UpstreamBadResponse):
+    """`_Refused` after the keep-alive commit: the client has its 200, so it gets the
+    error event, but the attempt is the upstream's success (`passed_4xx`)."""
 
 
 def _finish(
@@ -1071,6 +1082,17 @@ def _finish(
         if tail.held:
             out.append(tail.held[-1])
         out.append(sse.add_member(*tail.usage_chunk, "lowrouter", lr))
+    elif tail.client_usage and tail.usage is not None and not cand.upstream.stream_usage:
+        # Not asked for usage (it refuses stream_options), the upstream sent it on a chunk
+        # of its own (Mistral: the finish chunk): the usage chunk the client asked for
+        if tail.held:
+            out.append(tail.held[-1])
+        prompt, completion = tail.usage
+        out.append(sse.make_event({
+            **(tail.meta or {}), "object": "chat.completion.chunk", "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion}, "lowrouter": lr,
+        }))
     elif tail.held:
         assert tail.last_held is not None
         out.append(sse.add_member(tail.held[-1], tail.last_held, "lowrouter", lr))
@@ -1134,7 +1156,7 @@ async def _relay_stream(
         if data and not tail.done:
             await _send(out.write(data), watch, deadline)
         if tail.failure is not None:
-            raise _failure(tail, attempt.secret)
+            raise _failure(tail, attempt.secret, not got_event)
         fast = _ChunkWriter.of(request)
         read, feed, fits = resp.read_some, splitter.feed, tail.shape.fits
         while not tail.done:
@@ -1201,7 +1223,7 @@ async def _relay_stream(
                 elif fast.write(data):
                     await _send(fast.drain(), watch, deadline)
                 if tail.failure is not None:
-                    raise _failure(tail, attempt.secret)
+                    raise _failure(tail, attempt.secret, not got_event)
             elif len(splitter.held) > MAX_EVENT_BYTES:
                 raise errors.UpstreamBadResponse("the upstream sent an event over 16 MiB")
         if not tail.done:
@@ -1226,10 +1248,15 @@ async def _relay_stream(
         # timeouts.total is the proxy's own cap on a request, not the upstream's failure:
         # five long generations must not eject a healthy upstream
         judged = not over_total
-        if judged:
-            rt.pool.failed(cand.upstream.name, time.monotonic(), trial=attempt.trial,
-                           held=attempt.held)
-        outcome = "stream_" + _outcome(e)
+        if isinstance(e, _LateRefusal):  # the request was the fault, not the upstream
+            judged = True
+            rt.pool.succeeded(cand.upstream.name, attempt.trial, attempt.held)
+            outcome = "passed_4xx"
+        else:
+            if judged:
+                rt.pool.failed(cand.upstream.name, time.monotonic(), trial=attempt.trial,
+                               held=attempt.held)
+            outcome = "stream_" + _outcome(e)
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):
         if finished:  # in the last write: its end is out, no error event may follow

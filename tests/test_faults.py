@@ -2568,6 +2568,45 @@ def test_an_error_event_with_a_client_errors_code_before_the_first_event_is_that
     assert e.value.status_code == int(code) and e.value.body == err  # type: ignore[comparison-overlap]
 
 
+def test_an_in_stream_refusal_after_the_keepalive_commit_is_no_failure_of_the_upstream(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+) -> None:
+    """The same refusal, after the upstream's headers and a silence past
+    timeouts.keepalive (a queued vLLM request): the client has its 200 and keep-alives,
+    so it gets the error event with the upstream's message; the attempt is the
+    upstream's success (`passed_4xx`), and six of them do not eject it."""
+    err = {"message": "Invalid JSON schema for guided decoding", "code": 400}
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+    up = scripted(lambda conn, n, body: (
+        [head, 0.5, b"data: " + orjson.dumps({"error": err}) + b"\n\n"], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           timeouts={"keepalive": 0.2}))
+    for _ in range(6):
+        a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+        assert a.status == 200
+        _, last = stream_error(a, "upstream_error")
+        assert "Invalid JSON schema for guided decoding" in last["error"]["message"]
+    assert len(up.requests) == 6
+    wait_for(lambda: outcomes(stack) == {("eu-north-a", "passed_4xx"): 6})
+    assert usable(stack, "eu-north-a") == 1
+
+
+def test_tokens_then_an_error_coded_400_in_one_read_fail_over(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+) -> None:
+    """vLLM codes any failure in its stream 400 (an out-of-memory after a few tokens
+    too): after a data event, even one in the same read, it is the upstream's failure,
+    and nothing having reached the client, the request fails over, not a 400."""
+    err = {"message": "CUDA out of memory", "type": "BadRequestError", "code": 400}
+    broken = sse_answer([chunk("a"), b"data: " + orjson.dumps({"error": err}) + b"\n\n"])
+    up = scripted(lambda conn, n, body: (broken, False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+    a.error(502, "upstream_error")
+    assert len(up.requests) == 3  # and its retries
+    assert outcomes(stack) == {("eu-north-a", "bad_response"): 3}
+
+
 @pytest.mark.parametrize("code", [500, 429, 401, "busy"])
 def test_an_error_event_with_another_code_before_the_first_event_fails_over(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], code: int | str,

@@ -934,7 +934,7 @@ async def test_the_chunk_made_for_lowrouter_is_shaped_as_the_upstreams(
     ({}, False, None),
     ({"include_usage": False, "continuous_usage_stats": True}, False,
      {"continuous_usage_stats": True}),
-    ({"include_usage": True}, False, {"include_usage": True}),  # the client's own ask
+    ({"include_usage": True}, False, None),  # the client's ask, answered by the proxy
 ])
 async def test_stream_options_sent_upstream(
     canned: Canned, make_stack: MakeStack, sent: dict[str, Any] | None, ask: bool,
@@ -942,8 +942,9 @@ async def test_stream_options_sent_upstream(
 ) -> None:
     """A stream asks the upstream for usage, the client's other stream_options kept;
     with `stream_usage = false` (Mistral's API refuses the field with a 422) the upstream
-    gets the client's own stream_options, less an include_usage it did not set true.
-    Mistral's usage on its finish chunk is then counted, measured."""
+    gets the client's other stream_options only, even when the client asked for usage.
+    Mistral's usage on its finish chunk is then counted, and a client that asked for
+    usage gets its usage chunk, made of it."""
     def mutate(d: dict[str, Any]) -> None:
         d["upstreams"][2]["base_url"] = canned.url
         d["upstreams"][2]["stream_usage"] = ask
@@ -958,8 +959,16 @@ async def test_stream_options_sent_upstream(
     status, _, data = await raw_post(stack, orjson.dumps(body))
     assert status == 200
     assert canned.requests[0].get("stream_options") == want
-    eco = obj_of(split_events(data)[-2])["lowrouter"]["eco"]
-    assert eco["tokens"] == {"prompt": 7, "completion": 2}
+    events = split_events(data)
+    last = obj_of(events[-2])
+    assert last["lowrouter"]["eco"]["tokens"] == {"prompt": 7, "completion": 2}
+    if (sent or {}).get("include_usage") is True and not ask:  # made by the proxy
+        assert last["choices"] == [] and last["usage"] == {
+            "prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+        assert last["id"] == "chatcmpl-c" and last["model"] == "llama-3.1-8b"
+        assert obj_of(events[-3])["choices"][0]["finish_reason"] == "stop"
+    else:
+        assert last["choices"][0]["finish_reason"] == "stop"
 
 
 # ---------------------------------------------------------------------------------------

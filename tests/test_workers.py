@@ -352,6 +352,25 @@ def test_sigterm_while_the_workers_start_answers_what_queued(tmp_path: Path, sim
         _stop_all(proxy)
 
 
+def _stuck_workers(tmp_path: Path, sim: SimThread, grace: float) -> tuple[Proxy, Path]:
+    """Two workers that hang as they start, their intensity feed a FIFO no one writes
+    (as a hung mount would): the supervisor and the FIFO, once they are stuck on it."""
+    fifo = tmp_path / "feed.json"
+    os.mkfifo(fifo)
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, grace=grace, extra_server="workers = 2\n")
+                   .replace("pue = 1.0", f'pue = 1.0\nintensity_feed = "{fifo}"'))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    try:
+        wait_for(lambda: len(_children(proxy.pid)) == 2, 15, "two workers")
+    except BaseException:
+        _stop_all(proxy)
+        raise
+    time.sleep(1.0)  # stuck on the FIFO by now
+    return proxy, fifo
+
+
 def test_sigterm_with_a_worker_stuck_in_its_start_ends_within_the_grace(
     tmp_path: Path, sim: SimThread
 ) -> None:
@@ -359,16 +378,8 @@ def test_sigterm_with_a_worker_stuck_in_its_start_ends_within_the_grace(
     hung mount would): a stop waits a few seconds for their READY, tells them anyway,
     and kills what has not ended by shutdown_grace_s + 5 s from the SIGTERM. (It used to
     wait 30 s for the READY first, and the workers only noted the SIGTERM.)"""
-    fifo = tmp_path / "feed.json"
-    os.mkfifo(fifo)
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=1, extra_server="workers = 2\n")
-                   .replace("pue = 1.0", f'pue = 1.0\nintensity_feed = "{fifo}"'))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    proxy, _ = _stuck_workers(tmp_path, sim, grace=1)
     try:
-        wait_for(lambda: len(_children(proxy.pid)) == 2, 15, "two workers")
-        time.sleep(1.0)  # stuck on the FIFO by now
         t0 = time.monotonic()
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(1 + 5 + 5) == 1  # not READY, then killed: not a clean stop
@@ -392,17 +403,10 @@ def test_workers_told_to_stop_as_they_start_serve_what_queued_then_end(
     it comes free serves what queued on its socket and drains at once (not the full
     grace, nor until it is killed): every queued request is answered, the exit is 0,
     nothing is killed."""
-    fifo = tmp_path / "feed.json"
-    os.mkfifo(fifo)
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=20, extra_server="workers = 2\n")
-                   .replace("pue = 1.0", f'pue = 1.0\nintensity_feed = "{fifo}"'))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    proxy, fifo = _stuck_workers(tmp_path, sim, grace=20)
+    assert proxy.port is not None
     try:
-        wait_for(lambda: len(_children(proxy.pid)) == 2, 15, "two workers")
-        time.sleep(1.0)  # stuck on the FIFO by now
-        socks = queued_requests(port, 8)
+        socks = queued_requests(proxy.port, 8)
         t0 = time.monotonic()
         proxy.signal(signal.SIGTERM)
         time.sleep(4.0)  # past the supervisor's wait for READY: both are told

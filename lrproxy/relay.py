@@ -430,7 +430,8 @@ async def _try_candidates(
             break
         obj["model"] = cand.upstream_model
         if asked is not None:  # (an upstream that refuses the field: the client's other
-            # members only; the usage it sends unasked makes the client's usage chunk)
+            # members only; a client that asked reads the usage it sends unasked, as from
+            # it directly: Mistral's on its finish chunk)
             unasked = None if cand.upstream.stream_usage else {
                 k: v for k, v in asked.items() if k != "include_usage"}
             if unasked is None:
@@ -1082,17 +1083,6 @@ def _finish(
         if tail.held:
             out.append(tail.held[-1])
         out.append(sse.add_member(*tail.usage_chunk, "lowrouter", lr))
-    elif tail.client_usage and tail.usage is not None and not cand.upstream.stream_usage:
-        # Not asked for usage (it refuses stream_options), the upstream sent it on a chunk
-        # of its own (Mistral: the finish chunk): the usage chunk the client asked for
-        if tail.held:
-            out.append(tail.held[-1])
-        prompt, completion = tail.usage
-        out.append(sse.make_event({
-            **(tail.meta or {}), "object": "chat.completion.chunk", "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion}, "lowrouter": lr,
-        }))
     elif tail.held:
         assert tail.last_held is not None
         out.append(sse.add_member(tail.held[-1], tail.last_held, "lowrouter", lr))

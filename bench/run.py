@@ -3,7 +3,7 @@
 Usage (from the repository root, with lrproxy installed and `wrk` and `taskset` on PATH;
 nginx, uvloop and py-spy are used when installed):
 
-    python bench/run.py                 # full run: 3 repetitions, about 13 minutes
+    python bench/run.py                 # full run: 3 repetitions, about 8 minutes
     python bench/run.py --quick         # shorter runs, fewer streams: about 3 minutes
     python bench/run.py --scenarios workers   # only lrproxy with 1 against 2 workers: ~1 min
     python bench/run.py --profile [S]   # py-spy (else cProfile) summary of lrproxy under

@@ -83,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-access-log", action="store_true",
                    help="do not write the per-request JSON line on stdout")
     s.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
-                   help="event loop: uvloop (installed with lrproxy except on Windows; 10-25%% "
-                   "less CPU per request), asyncio's own, or auto: uvloop when it can be "
+                   help="event loop: uvloop (installed with lrproxy on CPython, not on "
+                   "Windows; 10-25%% less CPU per request), asyncio's own, or auto: uvloop when it can be "
                    "imported (default: auto)")
     s.add_argument("--access-log-flush-ms", type=_non_negative_int, default=ACCESS_FLUSH_MS,
                    metavar="MS",
@@ -277,6 +277,9 @@ async def _serve(args: argparse.Namespace) -> int:
         # a worker reads its supervisor's copy of the file, but names the original
         shown = os.environ.get(CONFIG_SHOWN_ENV, args.config) if worker else args.config
         loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config, notifier, shown)
+    else:  # (SIGHUP's default would end it without a word)
+        loop.add_signal_handler(signal.SIGHUP, log.warning,
+                                "--demo reads no config file: SIGHUP has nothing to reload")
     watchdog = asyncio.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
     _tune_gc()
     notifier.ready(f"serving on {bound}")

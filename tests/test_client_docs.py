@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -174,6 +176,16 @@ def output_of(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, result.stderr
     assert MARK in result.stdout, result.stdout
     return result.stdout.split(MARK + "\n", 1)[1]
+
+
+def test_demo_survives_sighup(demo: Demo) -> None:
+    """SIGHUP to the demo (an operator's habit, `systemctl reload`) is refused with a
+    warning, not the signal's default, which ended it without a word."""
+    os.kill(demo.proc.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    assert demo.proc.poll() is None
+    with urllib.request.urlopen(f"http://127.0.0.1:{demo.port}/healthz", timeout=5) as r:
+        assert r.status == 200
 
 
 def test_demo_prints_where_it_listens(demo: Demo) -> None:

@@ -103,9 +103,10 @@ async def _read_body(request: web.Request, st: State) -> bytes:
 
 
 def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tuple[
-    dict[str, Any], str, str | None, bool, bool
+    dict[str, Any], str, str | None, bool, bool, str
 ]:
-    """(body object, model id, region pin, stream, client asked for usage); raises 400s."""
+    """(body object, model id, region pin, stream, client asked for usage, where the pin
+    came from: `route.region` or the header, for errors' `param`); raises 400s."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -150,10 +151,12 @@ def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tupl
                     raise errors.InvalidRequest("'route.region' must be a non-empty string.",
                                                 param="route.region")
                 region = r  # the body wins over the header (SPEC §2)
+    pin = "route.region"
     if region is None:
         region = headers.get(REGION_HEADER)
         if region is not None:
             _check_region_header(region, headers)
+            pin = REGION_HEADER
     client_usage = False
     if stream:
         so = obj.get("stream_options")
@@ -169,7 +172,7 @@ def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tupl
                                         param="stream_options.include_usage")
         client_usage = asked is True
         obj["stream_options"] = {**so, "include_usage": True}  # we always count (SPEC §1.1)
-    return obj, model, region, stream, client_usage
+    return obj, model, region, stream, client_usage, pin
 
 
 REGION_HEADER: Final = "X-LowRouter-Region"
@@ -342,7 +345,7 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
     body = _body_now(request, st)
     if body is None:
         body = await _read_body(request, st)
-    obj, model_id, region, stream, client_usage = _parse_body(body, chat, request.headers)
+    obj, model_id, region, stream, client_usage, pin = _parse_body(body, chat, request.headers)
     rec.stream = stream
     if model_id in st.table.by_model:
         rec.model = model_id
@@ -350,9 +353,7 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
         rec.region = region
     cands = st.table.by_model.get(model_id) if region is None else None
     if not cands:  # a pinned region, or an error to raise: pick_candidates says which
-        from_header = region is not None and region == request.headers.get(REGION_HEADER)
-        cands = pick_candidates(st.table, model_id, region,
-                                REGION_HEADER if from_header else "route.region")
+        cands = pick_candidates(st.table, model_id, region, pin)
     try:
         attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream,
                                         client_usage)

@@ -422,17 +422,22 @@ def test_unknown_model_is_404(stack: Stack) -> None:
     assert sum(hits(stack).values()) == 0
 
 
-@pytest.mark.parametrize("via", ["body", "header"])
+@pytest.mark.parametrize("via", ["body", "header", "both"])
 def test_unknown_region_lists_the_configured_ones(stack: Stack, via: str) -> None:
-    """An unknown region (body or header) is 400 unknown_region naming every region."""
-    kw: dict[str, Any] = ({"extra_body": {"route": {"region": "mars-1"}}} if via == "body"
-                          else {"extra_headers": {"X-LowRouter-Region": "mars-1"}})
+    """An unknown region (body or header) is 400 unknown_region naming every region,
+    its param where the pin came from: the body wins over the header (SPEC §2), also
+    when both name the same region."""
+    kw: dict[str, Any] = {}
+    if via != "header":
+        kw["extra_body"] = {"route": {"region": "mars-1"}}
+    if via != "body":
+        kw["extra_headers"] = {"X-LowRouter-Region": "mars-1"}
     with stack.client() as client, pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model=MINI, messages=MSGS, **kw)
     err = check_error(ei.value, 400, "unknown_region")
     for region in stack.data["regions"]:
         assert region in err["message"]
-    assert err["param"] == ("route.region" if via == "body" else "X-LowRouter-Region")
+    assert err["param"] == ("X-LowRouter-Region" if via == "header" else "route.region")
     assert sum(hits(stack).values()) == 0
 
 

@@ -277,9 +277,13 @@ async def _serve(args: argparse.Namespace) -> int:
         # a worker reads its supervisor's copy of the file, but names the original
         shown = os.environ.get(CONFIG_SHOWN_ENV, args.config) if worker else args.config
         loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config, notifier, shown)
-    else:  # (SIGHUP's default would end it without a word)
-        loop.add_signal_handler(signal.SIGHUP, log.warning,
-                                "--demo reads no config file: SIGHUP has nothing to reload")
+    else:  # a terminal's hangup (the demo runs in one): ends it as SIGTERM does, and
+        # says so (SIGHUP's default ended it without a word, mid-request)
+        def hangup() -> None:
+            log.info("SIGHUP: --demo reads no config file to reload; stopping")
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
     watchdog = asyncio.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
     _tune_gc()
     notifier.ready(f"serving on {bound}")

@@ -84,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not write the per-request JSON line on stdout")
     s.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
                    help="event loop: uvloop (installed with lrproxy on CPython, not on "
-                   "Windows; 10-25%% less CPU per request), asyncio's own, or auto: uvloop when it can be "
-                   "imported (default: auto)")
+                   "Windows; 10-25%% less CPU per request), asyncio's own, or auto: uvloop "
+                   "when it can be imported (default: auto)")
     s.add_argument("--access-log-flush-ms", type=_non_negative_int, default=ACCESS_FLUSH_MS,
                    metavar="MS",
                    help="gather access lines for up to MS ms and write them together "

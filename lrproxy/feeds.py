@@ -41,6 +41,7 @@ def poll_feeds(rt: Runtime) -> None:
         path = region.intensity_feed
         if path is None:
             continue
+        reading = None
         try:
             st = os.stat(path)
             stamp = (st.st_mtime_ns, st.st_size)
@@ -56,14 +57,13 @@ def poll_feeds(rt: Runtime) -> None:
                 seen[path] = None
                 log.warning("intensity feed of region %s unreadable: %s", region.name,
                             e.strerror)
-            if cache is not None and path not in rt.readings:
-                _restore(rt, cache, path, region.name)
-            continue
-        seen[path] = stamp  # (read: refused or not, it is looked at again once it changes)
-        try:
-            reading = eco.parse_reading(data)
-        except ValueError as e:
-            log.warning("intensity feed of region %s refused: %s", region.name, e)
+        else:
+            seen[path] = stamp  # (read: refused or not, looked at again once it changes)
+            try:
+                reading = eco.parse_reading(data)
+            except ValueError as e:
+                log.warning("intensity feed of region %s refused: %s", region.name, e)
+        if reading is None:
             if cache is not None and path not in rt.readings:
                 _restore(rt, cache, path, region.name)
             continue

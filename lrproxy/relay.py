@@ -430,15 +430,14 @@ async def _try_candidates(
         if cand is None:
             break
         obj["model"] = cand.upstream_model
-        if asked is not None:  # (an upstream that refuses the field: the client's other
-            # members only; a client that asked reads the usage it sends unasked, as from
-            # it directly: Mistral's on its finish chunk)
-            unasked = None if cand.upstream.stream_usage else {
-                k: v for k, v in asked.items() if k != "include_usage"}
-            if unasked is None:
+        if asked is not None:
+            if cand.upstream.stream_usage:
                 obj["stream_options"] = asked
-            elif unasked:
-                obj["stream_options"] = unasked
+            # An upstream that refuses the field gets the client's other members only (a
+            # client that asked reads the usage it sends unasked, as from it directly:
+            # Mistral's on its finish chunk)
+            elif rest := {k: v for k, v in asked.items() if k != "include_usage"}:
+                obj["stream_options"] = rest
             else:
                 obj.pop("stream_options", None)
         try:

@@ -706,14 +706,7 @@ class _Direct:
     async def post(self, chat: bool, stream: bool, body: bytes, request_id: str,
                    timeout: aiohttp.ClientTimeout,
                    ) -> tuple[int, CIMultiDictProxy[str], aiohttp.StreamReader, Any]:
-        try:  # (the base class's connect, not _Connector's: one coroutine less a request)
-            conn = await aiohttp.TCPConnector.connect(self.connector, self.req, _NO_TRACES,
-                                                      timeout)
-        except aiohttp.ServerDisconnectedError as e:
-            raise _ClosedWhileConnecting("the upstream closed it while connecting") from e
-        if conn.protocol is not None and conn.protocol.should_close:  # _Connector's case
-            conn.close()
-            conn = await self.connector.connect(self.req, traces=_NO_TRACES, timeout=timeout)
+        conn = await self.connector.connect(self.req, traces=_NO_TRACES, timeout=timeout)
         try:
             proto = conn.protocol
             transport = conn.transport
@@ -785,31 +778,32 @@ class _Connector(aiohttp.TCPConnector):
 
     async def connect(self, req: aiohttp.ClientRequest, traces: list[Any],
                       timeout: aiohttp.ClientTimeout) -> Any:
-        for _ in range(_STALE_TRIES):
-            try:
-                conn = await super().connect(req, traces, timeout)
-            except aiohttp.ServerDisconnectedError as e:
-                # closed before the connection was made: before the answer to CONNECT
-                # (an egress proxy's doing), not the upstream's cut after a request
-                raise _ClosedWhileConnecting(
-                    "the egress proxy closed it" if req.proxy is not None
-                    else "the upstream closed it while connecting") from e
-            proto = conn.protocol
+        try:
+            conn = await super().connect(req, traces, timeout)
             # (should_close: a parsed answer waiting, bytes past one, an error, or an
-            # answer that asked to close; a connection in the pool had none of them)
-            if proto is None or not proto.should_close:
-                return conn
-            log.debug("upstream connection to %s:%s got bytes while idle: closed",
-                      req.host, req.port)
-            conn.close()
-        return await super().connect(req, traces, timeout)
+            # answer that asked to close; a connection in the pool had none of them.
+            # Each try takes the pool's next connection, or a new one.)
+            for _ in range(_STALE_TRIES):
+                if conn.protocol is None or not conn.protocol.should_close:
+                    break
+                log.debug("upstream connection to %s:%s got bytes while idle: closed",
+                          req.host, req.port)
+                conn.close()
+                conn = await super().connect(req, traces, timeout)
+            return conn
+        except aiohttp.ServerDisconnectedError as e:
+            # closed before the connection was made: before the answer to CONNECT (an
+            # egress proxy's doing), not the upstream's cut after a request
+            raise _ClosedWhileConnecting(
+                "the egress proxy closed it" if req.proxy is not None
+                else "the upstream closed it while connecting") from e
 
 
 class _ClosedWhileConnecting(aiohttp.ClientConnectionError):
     """A connection closed before it was made (a connect failure, `_why` says whose)."""
 
 
-_STALE_TRIES: Final = 64  # (each try takes the pool's next connection, or a new one)
+_STALE_TRIES: Final = 64
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:

@@ -436,8 +436,6 @@ async def _supervise(
         # `python -m lrproxy` has set its handler, a SIGTERM would end it at once, and
         # the connections queued on its socket would be reset; serving, it drains them.
         await asyncio.gather(*(_term_once_serving(w, own) for w in running))
-        if own:
-            _close_all(socks)
     procs = [w.proc for w in running if w.proc is not None]
     await _wait_or_kill(procs, max(1.0, budget - loop.time()))
     for t in (*watchers, *reloads, *([watchdog] if watchdog else [])):

@@ -560,21 +560,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _chat_on_a_new_connection(port: int, timeout: float = 3.0) -> int | str:
+def _chat_answer(port: int, timeout: float) -> tuple[int, bytes]:
     """One chat completion on a connection of its own (the kernel picks a worker's socket
-    per connection); its status, or the name of the error (a timeout: nobody accepted)."""
+    per connection): its status and body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("POST", "/api/v1/chat/completions",
                      json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
                      {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"})
         resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    except OSError as e:
-        return type(e).__name__
+        return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def _chat_on_a_new_connection(port: int, timeout: float = 3.0) -> int | str:
+    """`_chat_answer`'s status, or the name of the error (a timeout: nobody accepted)."""
+    try:
+        return _chat_answer(port, timeout)[0]
+    except OSError as e:
+        return type(e).__name__
 
 
 def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
@@ -617,16 +622,9 @@ def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
 
 
 def _eco_on_a_new_connection(port: int) -> tuple[float, str]:
-    """One chat completion on a connection of its own: its grid intensity and accuracy."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("POST", "/api/v1/chat/completions",
-                     json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
-                     {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"})
-        eco = json.loads(conn.getresponse().read())["lowrouter"]["eco"]
-        return eco["grid_intensity_g_per_kwh"], eco["accuracy"]
-    finally:
-        conn.close()
+    """`_chat_answer`'s grid intensity and accuracy."""
+    eco = json.loads(_chat_answer(port, 5)[1])["lowrouter"]["eco"]
+    return eco["grid_intensity_g_per_kwh"], eco["accuracy"]
 
 
 @pytest.mark.parametrize("broken", ["invalid", "missing", "named by a reload"])

@@ -254,12 +254,6 @@ async def _supervise(
 
     async def spawn(w: _Worker) -> bool:
         """Start a worker on the accepted config; False when its socket cannot be bound."""
-        w.ready.clear()
-        w.serving = False
-        # uvloop's spawn passes every inheritable descriptor, whatever pass_fds says: a
-        # worker holding another's socket would keep it open (queueing connections that
-        # nobody accepts) while it drains. So a worker's own sockets are inheritable only
-        # while it is spawned, one spawn at a time.
         async with spawning:
             if stopping:  # a restart that lost the race with SIGTERM
                 return True
@@ -273,25 +267,35 @@ async def _supervise(
                               e.strerror or e)
                     return False
                 socks.extend(w.socks)
-            for fd in w.fds:
-                os.set_inheritable(fd, True)
-            w.generation = generation  # it reads the accepted copy after this
-            try:
-                w.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "lrproxy", "serve", "--config", str(accepted),
-                    *worker_args,
-                    env={**env, WORKER_FDS_ENV: ",".join(map(str, w.fds)),
-                         WORKER_INDEX_ENV: str(w.index), SUPERVISOR_ENV: str(os.getpid())},
-                    pass_fds=w.fds, stdin=asyncio.subprocess.DEVNULL,
-                )
-            finally:
-                if not inherited:  # systemd's sockets go to every worker
-                    for fd in w.fds:
-                        os.set_inheritable(fd, False)
+            await start(w)
+        return True
+
+    async def start(w: _Worker) -> None:
+        """Start w's process on its sockets (under `spawning`)."""
+        w.ready.clear()
+        w.serving = False
+        # uvloop's spawn passes every inheritable descriptor, whatever pass_fds says: a
+        # worker holding another's socket would keep it open (queueing connections that
+        # nobody accepts) while it drains. So a worker's own sockets are inheritable only
+        # while it is spawned, one spawn at a time.
+        for fd in w.fds:
+            os.set_inheritable(fd, True)
+        w.generation = generation  # it reads the accepted copy after this
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lrproxy", "serve", "--config", str(accepted),
+                *worker_args,
+                env={**env, WORKER_FDS_ENV: ",".join(map(str, w.fds)),
+                     WORKER_INDEX_ENV: str(w.index), SUPERVISOR_ENV: str(os.getpid())},
+                pass_fds=w.fds, stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            if not inherited:  # systemd's sockets go to every worker
+                for fd in w.fds:
+                    os.set_inheritable(fd, False)
         w.started = time.monotonic()
         by_pid[w.proc.pid] = w
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
-        return True
 
     async def watch(w: _Worker) -> None:
         while True:
@@ -423,11 +427,24 @@ async def _supervise(
         # the exit status says whether those running now stopped cleanly.
         running = [w for w in workers if w.proc is not None and w.proc.returncode is None]
         budget = loop.time() + config.server.shutdown_grace_s + 5  # for all of the stop
+        own = not inherited
+        for w in workers if own else ():
+            if w not in running and any(s.fileno() != -1 for s in w.socks):
+                # It served, died, and waits for its restart; its socket, held open, has
+                # queued what the kernel sent it meanwhile. Its successor, started now and
+                # told to stop once it serves, answers those before it drains.
+                log.warning("worker %d was down at the stop: started again to answer the "
+                            "connections queued on its socket", w.index)
+                try:
+                    await start(w)
+                except OSError as e:
+                    log.error("worker %d: cannot start: %s", w.index, e.strerror or e)
+                else:
+                    running.append(w)
         # Our copies of the listening sockets: held open, they would go on queueing new
         # connections after a worker stops accepting, to reset them at exit. Each is
         # closed once its worker has been told (its socket then goes when the worker
         # closes it: connects are refused); a down worker's at once.
-        own = not inherited
         if own:
             for w in workers:
                 if w not in running:

@@ -454,6 +454,33 @@ def test_sigterm_while_a_worker_restarts_resets_no_new_connection(
         _end(proxy, notify)
 
 
+def test_sigterm_while_a_worker_waits_for_its_restart_answers_its_queue(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """A serving worker dies; during its restart backoff (0.5 s) its socket, held open,
+    queues the connections the kernel hashes to it. SIGTERM then: the supervisor starts
+    its successor at once to serve that queue and drain, rather than closing the socket
+    on them (they used to be reset)."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        victim = sorted(_ready(proxy, notify))[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: f"(pid {victim}) exited with -9; restarting in 0.5s" in proxy.stderr,
+                 5, "the supervisor to note the death", step=0.005)
+        socks = queued_requests(port, 16)  # SO_REUSEPORT hashes some to the dead one's
+        proxy.signal(signal.SIGTERM)
+        assert status_lines(socks) == [b"HTTP/1.1 200 OK"] * 16
+        assert "was down at the stop" in proxy.stderr
+        assert proxy.wait(20) == 0, proxy.stderr
+    finally:
+        _end(proxy, notify)
+
+
 def _running_with(arg: str) -> list[int]:
     """PIDs of live processes with `arg` in their command line (orphans included)."""
     out = []

@@ -346,6 +346,13 @@ def _conv_str(v: Any, ini: bool) -> str:
     return v
 
 
+def _conv_path(v: Any, ini: bool) -> str:
+    s = _conv_str(v, ini)
+    if "\0" in s:  # no file can be named so: every open() of it raises ValueError
+        raise ValueError("a path cannot hold a NUL character")
+    return s
+
+
 def _conv_listen(v: Any, ini: bool) -> Listen:
     if not isinstance(v, str):
         raise TypeError("expected \"HOST:PORT\"")
@@ -485,13 +492,13 @@ _KEY: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "name": (_conv_str, None),
     "sha256": (_conv_str, None),
     "key_env": (_conv_env_name, None),
-    "key_file": (_conv_str, None),
+    "key_file": (_conv_path, None),
     "rate_per_s": (_conv_float, None),
 }
 _REGION: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "grid_intensity_g_per_kwh": (_conv_float, 0.0),
     "pue": (_conv_float, 1.0),
-    "intensity_feed": (_conv_str, None),
+    "intensity_feed": (_conv_path, None),
     "intensity_max_age_s": (_conv_float, 3600.0),
 }
 _MODEL: Final[Mapping[str, tuple[_Conv, Any]]] = {
@@ -505,10 +512,10 @@ _UPSTREAM: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "base_url": (_conv_url, None),
     "models": (lambda v, ini: v, {}),
     "api_key_env": (_conv_env_name, None),
-    "api_key_file": (_conv_str, None),
+    "api_key_file": (_conv_path, None),
     "max_concurrency": (_conv_int, 512),
     "proxy": (_conv_proxy, None),
-    "ca_file": (_conv_str, None),
+    "ca_file": (_conv_path, None),
     "stream_usage": (_conv_bool, True),
 }
 _TOP: Final = ("server", "timeouts", "auth", "regions", "models", "upstreams", "auto")

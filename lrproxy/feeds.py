@@ -20,10 +20,11 @@ from aiohttp import web
 
 from lrproxy import FEED_CACHE_ENV, eco
 from lrproxy.app import RUNTIME, Runtime, publish_usable
-from lrproxy.log import MAIN
+from lrproxy.log import MAIN, Seldom
 
 POLL_S: Final = 5.0
 log = logging.getLogger(MAIN)
+_failed: Final = Seldom(60.0)
 
 
 def poll_feeds(rt: Runtime) -> None:
@@ -110,8 +111,12 @@ async def feeds_ctx(app: web.Application) -> AsyncIterator[None]:
     async def run() -> None:
         while True:
             await asyncio.sleep(rt.feed_poll_s)
-            poll_feeds(rt)
-            publish_usable(rt)  # cool-downs end with time, not with an event
+            try:
+                poll_feeds(rt)
+                publish_usable(rt)  # cool-downs end with time, not with an event
+            except Exception as e:  # a bug of ours: the next pass tries again
+                if _failed.due():
+                    log.error("intensity feed poll failed: %s: %s", type(e).__name__, e)
 
     task = asyncio.create_task(run())
     yield

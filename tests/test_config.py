@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import pytest
@@ -691,13 +691,24 @@ def test_upstream_key_a_header_cannot_carry_is_refused(tmp_path: Path, key: str)
     assert resolve_secrets(cfg, {}).upstream_keys == {"eu-west-a": "sk-fine with spaces"}
 
 
-def test_ca_file_path_with_a_nul_is_a_problem_line(tmp_path: Path) -> None:
-    """A CA path Python cannot even open (a NUL in it) is one problem line, not a crash."""
-    cfg = read_config(write(tmp_path, base_toml('ca_file = "/etc/ca\\u0000.pem"')))
-    with pytest.raises(ConfigError) as info:
-        resolve_secrets(cfg, {"UP": "k"}, check_env=False)
-    [line] = info.value.problems
-    assert line.startswith("lrproxy.toml: upstreams[0].ca_file: cannot load"), line
+_NUL_PATHS: Final = {  # where: the config with a NUL in that path
+    "upstreams[0].ca_file": base_toml('ca_file = "/etc/ca\\u0000.pem"'),
+    "upstreams[0].api_key_file": base_toml('api_key_file = "/etc/k\\u0000"'),
+    "auth.keys[0].key_file": base_toml(
+        tail='[auth]\nkeys = [{ name = "ci", key_file = "/etc/k\\u0000" }]'),
+    "regions.eu-west.intensity_feed": base_toml().replace(
+        "pue = 1.2", 'pue = 1.2\nintensity_feed = "/run/f\\u0000.json"'),
+}
+
+
+@pytest.mark.parametrize("where", sorted(_NUL_PATHS))
+def test_a_path_with_a_nul_is_a_problem_line(tmp_path: Path, where: str) -> None:
+    """A path no file can have (a NUL in it: every open() raises ValueError) is one
+    problem line for check-config, at start and at reload: not a crash there, nor a
+    feed poller that dies later."""
+    [line] = problems(write(tmp_path, _NUL_PATHS[where]))
+    assert line.startswith(f"lrproxy.toml: {where}: a path cannot hold a NUL character (got '/"), line
+    assert line.endswith("\\x00.json')" if "feed" in where else "')"), line
 
 
 def test_a_copy_read_for_its_original_names_the_original(tmp_path: Path) -> None:

@@ -254,3 +254,40 @@ def test_a_stream_in_flight_keeps_the_feeds_of_its_config(make_stack: Any, tmp_p
         model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
         extra_body={"route": {"region": "eu-west"}})
     assert r.model_extra["lowrouter"]["eco"]["grid_intensity_g_per_kwh"] == 290  # type: ignore[index]
+
+
+def test_the_poller_outlives_a_pass_that_fails(monkeypatch: Any, caplog: Any) -> None:
+    """A pass that raises (a bug of ours, as a NUL in a feed's path was) is logged and
+    the next pass runs: the task that polls the feeds, and ends cool-downs, must not die
+    for the rest of the process's life."""
+    import asyncio
+    import contextlib
+    import types
+
+    from lrproxy import feeds
+
+    passes: list[int] = []
+
+    def poll(rt: Any) -> None:
+        passes.append(1)
+        if len(passes) in (2, 3):
+            raise ValueError("embedded null byte")
+
+    monkeypatch.setattr(feeds, "poll_feeds", poll)
+    monkeypatch.setattr(feeds, "publish_usable", lambda rt: None)
+
+    async def run() -> None:
+        ctx = feeds.feeds_ctx({feeds.RUNTIME: types.SimpleNamespace(feed_poll_s=0.001)})
+        await ctx.__anext__()  # the first pass, then the poller's task
+        for _ in range(2000):
+            if len(passes) >= 5:
+                break
+            await asyncio.sleep(0.001)
+        with contextlib.suppress(StopAsyncIteration):
+            await ctx.__anext__()  # the app's cleanup: the task is cancelled
+
+    with caplog.at_level("ERROR", logger="lrproxy"):
+        asyncio.run(run())
+    assert len(passes) >= 5
+    assert [r.getMessage() for r in caplog.records] == [
+        "intensity feed poll failed: ValueError: embedded null byte"]  # once: Seldom(60)

@@ -11,3 +11,6 @@ TERM_START_S = 10
 # When a worker got SIGTERM as it started (__main__: time.monotonic()), for cli._serve
 # to drain at once, within shutdown_grace_s from then
 TERM_EARLY: list[float] = []
+# When `serve` got SIGHUP as it started (__main__), for cli._serve and the supervisor to
+# reload once they serve (or, for --demo, to stop)
+HUP_EARLY: list[float] = []

@@ -21,7 +21,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from lrproxy import TERM_EARLY, WORKER_FDS_ENV, __version__
+from lrproxy import HUP_EARLY, TERM_EARLY, WORKER_FDS_ENV, __version__
 from lrproxy.app import RUNTIME, Runtime, make_app
 from lrproxy.config import (
     AUTO_MODEL,
@@ -277,6 +277,9 @@ async def _serve(args: argparse.Namespace) -> int:
         # a worker reads its supervisor's copy of the file, but names the original
         shown = os.environ.get(CONFIG_SHOWN_ENV, args.config) if worker else args.config
         loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config, notifier, shown)
+        if HUP_EARLY:  # noted by __main__ as it started: the file may have changed since
+            log.info("SIGHUP came while starting: reloading now that it serves")
+            loop.call_soon(_reload, app, args.config, notifier, shown)  # (after READY=1)
     else:  # a terminal's hangup (the demo runs in one): ends it as SIGTERM does, and
         # says so (SIGHUP's default ended it without a word, mid-request)
         def hangup() -> None:
@@ -284,6 +287,8 @@ async def _serve(args: argparse.Namespace) -> int:
             stop.set()
 
         loop.add_signal_handler(signal.SIGHUP, hangup)
+        if HUP_EARLY:
+            hangup()
     watchdog = asyncio.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
     _tune_gc()
     notifier.ready(f"serving on {bound}")

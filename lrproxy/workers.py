@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
 from prometheus_client.metrics_core import Metric
 
-from lrproxy import FEED_CACHE_ENV, TERM_START_S, WORKER_FDS_ENV
+from lrproxy import FEED_CACHE_ENV, HUP_EARLY, TERM_START_S, WORKER_FDS_ENV
 from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBuckets
 from lrproxy.config import Config, ConfigError, Listen, read_config, resolve_secrets
 from lrproxy.log import MAIN
@@ -389,7 +389,15 @@ async def _supervise(
     reloads: list[asyncio.Task[None]] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(asyncio.create_task(reload())))
+
+    def hangup() -> None:
+        if started:
+            reloads.append(asyncio.create_task(reload()))
+        else:  # RELOADING=1 and READY=1 now would tell systemd it is up: after READY
+            HUP_EARLY.append(time.monotonic())
+
+    started = False
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     for w in workers:
         await spawn(w)
     watchers = [asyncio.create_task(watch(w)) for w in workers]
@@ -410,6 +418,10 @@ async def _supervise(
             await ready
         if not stop.is_set():
             log.error("not every worker became ready within 30 s")
+    started = True
+    if HUP_EARLY and not stop.is_set():  # noted as it started (__main__, hangup)
+        log.info("SIGHUP came while starting: reloading now that the workers serve")
+        reloads.append(asyncio.create_task(reload()))
 
     watchdog = None
     if notifier.watchdog_s:

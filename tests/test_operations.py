@@ -592,6 +592,77 @@ def test_sighup_while_stopping_changes_no_exit_status(
         proxy.stop()
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_while_starting_is_a_reload_once_it_serves(
+    tmp_path: Path, sim: SimThread, workers: int
+) -> None:
+    """A SIGHUP while `serve` starts (a config tool's `kill -HUP`, a logrotate hook; not
+    `systemctl reload`, which waits for READY=1) used to end it with 129, without a word:
+    it is now noted and done once it serves, after its READY=1, so the file as it is
+    then is in force."""
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    extra = f'metrics_listen = "127.0.0.1:{mport}"\n' + (
+        f"workers = {workers}\n" if workers > 1 else "")
+    cfg.write_text(config_toml(sim.base_url, port, intensity=100, extra_server=extra))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
+                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    try:
+        wait_for(lambda: proxy.proc.poll() is not None or _catches(proxy.pid, signal.SIGHUP),
+                 15, "a SIGHUP handler", step=0.002)
+        assert port_refuses(port) and not proxy.stderr, "no longer in its start"
+        proxy.signal(signal.SIGHUP)
+        assert [notify.wait_for(k, 30)[k] for k in ("READY", "RELOADING", "READY")] == ["1"] * 3
+        assert wait_for(lambda: _reloads(mport), 5, "/metrics") == {"ok": workers, "error": 0}
+        assert "SIGHUP came while starting" in proxy.stderr
+        cfg.write_text(config_toml(sim.base_url, port, intensity=200, extra_server=extra))
+        proxy.signal(signal.SIGHUP)  # and the next ones are reloads as ever
+        assert [notify.wait_for(k, 30)[k] for k in ("RELOADING", "READY")] == ["1"] * 2
+        wait_for(lambda: _reloads(mport) == {"ok": 2 * workers, "error": 0}, 10, "reloads")
+        assert _plain(_client(port), {}) == 200
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0, proxy.stderr
+    finally:
+        proxy.stop()
+        notify.close()
+
+
+def test_sighup_while_the_demo_starts_stops_it(tmp_path: Path) -> None:
+    """--demo takes SIGHUP as its terminal's hangup, also while it starts: it stops,
+    says so and exits 0 (it used to die with 129, without a word)."""
+    port = free_port()
+    proxy = Proxy(["serve", "--demo", "--listen", f"127.0.0.1:{port}"], tmp_path, port=port)
+    try:
+        wait_for(lambda: proxy.proc.poll() is not None or _catches(proxy.pid, signal.SIGHUP),
+                 15, "a SIGHUP handler", step=0.002)
+        assert port_refuses(port), "no longer in its start"
+        proxy.signal(signal.SIGHUP)
+        assert proxy.wait(20) == 0, proxy.stderr
+        assert "SIGHUP: --demo reads no config file to reload; stopping" in proxy.stderr
+    finally:
+        proxy.stop()
+
+
+def test_the_lrproxy_command_catches_signals_before_its_imports() -> None:
+    """The installed `lrproxy` command (what the unit runs) enters through __main__,
+    whose handlers come before the slow imports, as `python -m lrproxy` does."""
+    import importlib.metadata
+
+    import lrproxy.__main__
+
+    [ep] = importlib.metadata.entry_points(group="console_scripts", name="lrproxy")
+    assert ep.load() is lrproxy.__main__.main
+
+
 def test_drain_deadline_answers_waiting_requests_with_503(tmp_path: Path, sim: SimThread) -> None:
     """Past shutdown_grace_s a request whose upstream has not answered yet, JSON or a
     stream before its first event, gets 503 shutting_down with Retry-After, never a cut

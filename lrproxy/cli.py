@@ -15,9 +15,10 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -30,6 +31,8 @@ from lrproxy.config import (
     Listen,
     Secrets,
     hash_key,
+    keep,
+    kept_until_restart,
     listens_clash,
     parse_config,
     parse_listen,
@@ -44,6 +47,7 @@ from lrproxy.routing import unserved
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 from lrproxy.workers import (
     CONFIG_SHOWN_ENV,
+    KEPT_ENV,
     LISTEN_BACKLOG,
     WORKER_INDEX_ENV,
     die_with_supervisor,
@@ -209,6 +213,8 @@ async def _serve(args: argparse.Namespace) -> int:
         config, secrets_, key, sims = await _demo_config(args.listen or "127.0.0.1:8080")
     else:
         config, secrets_ = _load(args.config)
+        if (kept := os.environ.get(KEPT_ENV)) is not None:  # a worker: as the service started
+            config = keep(config, orjson.loads(kept))
     try:
         listen = parse_listen(args.listen) if args.listen else config.server.listen
         mlisten = parse_listen(args.metrics_listen) if args.metrics_listen else (
@@ -276,10 +282,11 @@ async def _serve(args: argparse.Namespace) -> int:
     if not args.demo:
         # a worker reads its supervisor's copy of the file, but names the original
         shown = os.environ.get(CONFIG_SHOWN_ENV, args.config) if worker else args.config
-        loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config, notifier, shown)
+        loop.add_signal_handler(signal.SIGHUP, _reload, app, args.config, notifier, shown,
+                                config)
         if HUP_EARLY:  # noted by __main__ as it started: the file may have changed since
             log.info("SIGHUP came while starting: reloading now that it serves")
-            loop.call_soon(_reload, app, args.config, notifier, shown)  # (after READY=1)
+            loop.call_soon(_reload, app, args.config, notifier, shown, config)  # (after READY=1)
     else:  # a terminal's hangup (the demo runs in one): ends it as SIGTERM does, and
         # says so (SIGHUP's default ended it without a word, mid-request)
         def hangup() -> None:
@@ -432,23 +439,21 @@ def _bound(runner: web.AppRunner, listen: Listen) -> Listen:
     return listen
 
 
-# What a reload cannot change in a running process: its sockets, its worker count, the
-# upstream session's proxy settings and the connection handlers' header timer and cap.
-_AT_RESTART: Final[tuple[tuple[str, Callable[[Config], object]], ...]] = (
-    ("server.listen", lambda c: c.server.listen),
-    ("server.metrics_listen", lambda c: c.server.metrics_listen),
-    ("server.workers", lambda c: c.server.workers),
-    ("server.trust_env", lambda c: c.server.trust_env),
-    ("timeouts.client_header", lambda c: c.timeouts.client_header),
-    ("server.max_connections", lambda c: c.server.max_connections),
-)
-
-
-def _reload(app: web.Application, path: str, notifier: Notifier, shown: str) -> None:
+def _reload(app: web.Application, path: str, notifier: Notifier, shown: str,
+            started: Config) -> None:
     """SIGHUP: validate, then swap atomically; a bad config leaves the old one serving.
-    `shown` is the file the log names (a worker reads the supervisor's copy, `path`)."""
-    rt = app[RUNTIME]
+    `shown` is the file the log names (a worker reads the supervisor's copy, `path`);
+    `started`, the config the process started with (for what waits for a restart)."""
     notifier.reloading()
+    try:
+        _reload_now(app[RUNTIME], path, shown, started)
+    finally:
+        # always after RELOADING=1, or `systemctl reload` hangs; and after the new config
+        # is in force and counted, which a supervisor's READY=1 then vouches for
+        notifier.ready()
+
+
+def _reload_now(rt: Runtime, path: str, shown: str, started: Config) -> None:
     try:
         config, secrets_ = _load(path)
     except ConfigError as e:
@@ -456,9 +461,6 @@ def _reload(app: web.Application, path: str, notifier: Notifier, shown: str) -> 
         for line in e.problems:
             log.error("reload refused, the old config stays: %s", line)
         return
-    finally:
-        notifier.ready()  # always after RELOADING=1, or `systemctl reload` hangs
-    old = rt.state.config
     try:
         rt.install(config, secrets_)
     except Exception as e:  # a bug of ours: install() builds all before it changes anything
@@ -466,8 +468,8 @@ def _reload(app: web.Application, path: str, notifier: Notifier, shown: str) -> 
         log.exception("reload refused, the old config stays: %s: %s", shown, type(e).__name__)
         return
     poll_feeds(rt)  # a feed the reload names counts from now, not from the next poll
-    later = [name for name, get in _AT_RESTART if get(config) != get(old)]
-    if later:
+    later = kept_until_restart(config, started)
+    if later and os.environ.get(WORKER_FDS_ENV) is None:  # (a supervisor says it once)
         log.warning("changed, but kept until a restart: %s", ", ".join(later))
     rt.metrics.reloads.labels("ok").inc()
     log.info("config reloaded from %s", shown)

@@ -145,6 +145,36 @@ class Config:
     ini_names: Mapping[str, str] | None = attrs.field(default=None, eq=False)
 
 
+# What a reload cannot change in a running process: its sockets, its worker count, the
+# upstream session's proxy settings and the connection handlers' header timer and cap.
+AT_RESTART: Final = ("server.listen", "server.metrics_listen", "server.workers",
+                     "server.trust_env", "timeouts.client_header", "server.max_connections")
+# Of those, what a worker's own process uses (the supervisor has the others)
+WORKER_KEPT: Final = ("server.trust_env", "timeouts.client_header", "server.max_connections")
+
+
+def setting(config: Config, name: str) -> Any:
+    """The value of `section.key` (of AT_RESTART) in `config`."""
+    section, key = name.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def kept_until_restart(new: Config, running: Config) -> list[str]:
+    """The settings of AT_RESTART a reload to `new` changes, which stay as `running` has them."""
+    return [name for name in AT_RESTART if setting(new, name) != setting(running, name)]
+
+
+def keep(config: Config, values: Mapping[str, Any]) -> Config:
+    """`config` with the settings `values` names (`section.key`) as they are there: a
+    worker started after a reload runs with the values the service started with, as
+    the other workers do."""
+    for name, value in values.items():
+        section, key = name.split(".")
+        config = attrs.evolve(config, **{
+            section: attrs.evolve(getattr(config, section), **{key: value})})
+    return config
+
+
 def energy_from_size(active_params_b: float) -> tuple[float, float]:
     """(e_prompt, e_completion) for a model known only by its active parameters (SPEC §3)."""
     for limit, e_completion in SIZE_CLASSES:

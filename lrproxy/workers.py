@@ -31,13 +31,23 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
 from prometheus_client.metrics_core import Metric
 
 from lrproxy import FEED_CACHE_ENV, HUP_EARLY, TERM_START_S, WORKER_FDS_ENV
 from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBuckets
-from lrproxy.config import Config, ConfigError, Listen, read_config, resolve_secrets
+from lrproxy.config import (
+    WORKER_KEPT,
+    Config,
+    ConfigError,
+    Listen,
+    kept_until_restart,
+    read_config,
+    resolve_secrets,
+    setting,
+)
 from lrproxy.log import MAIN
 from lrproxy.metrics import serve_metrics
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
@@ -45,6 +55,9 @@ from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
 WORKER_INDEX_ENV: Final = "LRPROXY_WORKER_INDEX"  # 0, 1, …: which worker this is
 CONFIG_SHOWN_ENV: Final = "LRPROXY_CONFIG_SHOWN"  # the operator's file, for a worker's log
+# JSON: config.WORKER_KEPT's settings as the service started, which a worker started
+# after a reload keeps (a reload does not change them in the running workers)
+KEPT_ENV: Final = "LRPROXY_KEPT"
 _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 # Connections the kernel queues for accept, as lrproxy.socket's Backlog= (and capped by
 # net.core.somaxconn): on every socket, a worker's and an activated one too (cli).
@@ -193,6 +206,7 @@ async def _supervise(
     (Path(prom_dir) / "config").mkdir(mode=0o700)
     accepted = Path(prom_dir) / "config" / Path(config_path).name
     config = _accept(config_path, accepted)  # the bytes workers start from, checked again
+    at_start = config  # what a reload cannot change stays as it is here
     generation = 0  # of the accepted config: one more at each accepted reload
     refused = 0  # reloads refused here, added to the workers' error count in /metrics
     inherited = activated_sockets(os.environ)
@@ -248,6 +262,7 @@ async def _supervise(
     os.mkdir(feed_cache, 0o700)
     env[FEED_CACHE_ENV] = feed_cache
     env[CONFIG_SHOWN_ENV] = config_path
+    env[KEPT_ENV] = orjson.dumps({k: setting(at_start, k) for k in WORKER_KEPT}).decode()
     env["NOTIFY_SOCKET"] = inbox_path
 
     spawning = asyncio.Lock()
@@ -372,6 +387,8 @@ async def _supervise(
             return
         generation += 1
         log.info("config accepted from %s; workers reload it", config_path)
+        if later := kept_until_restart(config, at_start):
+            log.warning("changed, but kept until a restart: %s", ", ".join(later))
         # A worker still starting has no SIGHUP handler yet (the signal would end it): it
         # is sent one when it is ready, see on_datagram.
         told = [w for w in workers

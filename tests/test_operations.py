@@ -309,6 +309,11 @@ def test_reload_names_what_waits_for_a_restart(tmp_path: Path, sim: SimThread) -
         assert len(kept) == 1, proxy.stderr
         assert kept[0].endswith("server.trust_env, timeouts.client_header"), kept[0]
         assert _upstream_of_a_request(port) == "sim"
+        # Back to what runs: nothing to wait for (compared with the start, not the last)
+        cfg.write_text(good)
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: proxy.stderr.count("config reloaded") == 2, 5, "the second reload")
+        assert proxy.stderr.count("kept until a restart") == 1, proxy.stderr
     finally:
         proxy.stop()
 

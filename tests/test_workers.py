@@ -609,6 +609,48 @@ def _chat_on_a_new_connection(port: int, timeout: float = 3.0) -> int | str:
         return type(e).__name__
 
 
+def test_two_workers_keep_what_waits_for_a_restart_across_a_workers_restart(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """A reload that changes what a running process cannot (timeouts.client_header here)
+    is said once, by the supervisor, and a worker restarted after it (a crash) keeps the
+    value the service started with, as the other does: one setting service-wide until
+    the service restarts. (Each worker said it, and the successor took the new value.)"""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    start = config_toml(sim.base_url, port, extra_server="workers = 2\n").replace(
+        "[timeouts]\n", "[timeouts]\nclient_header = 8\n")
+    cfg.write_text(start)
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    socks: list[socket.socket] = []
+    try:
+        victim = sorted(_ready(proxy, notify))[0]
+        cfg.write_text(start.replace("client_header = 8", "client_header = 1"))
+        proxy.signal(signal.SIGHUP)
+        assert [notify.wait_for(k, 10)[k] for k in ("RELOADING", "READY")] == ["1", "1"]
+        kept = [ln for ln in proxy.stderr.splitlines() if "kept until a restart" in ln]
+        assert len(kept) == 1 and kept[0].endswith(": timeouts.client_header"), proxy.stderr
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: proxy.stderr.count("listening on") >= 3, 15, "the replacement listening")
+        for _ in range(12):  # headers begun, never ended: both workers' header timer
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            socks.append(s)
+        time.sleep(3)  # past the reloaded 1 s, well before the 8 s the service runs with
+        for s in socks:
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):  # nothing sent back (no 408), not closed
+                s.recv(1024)
+        assert len(kept) == len([ln for ln in proxy.stderr.splitlines()
+                                 if "kept until a restart" in ln])
+    finally:
+        for s in socks:
+            s.close()
+        _end(proxy, notify)
+
+
 def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
     tmp_path: Path, sim: SimThread
 ) -> None:

@@ -322,10 +322,8 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         resp = await _answer_error(rec, e)
         _close_if_body_unsent(request, resp)
     except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
-        err = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
-            f"{request.method} {request.raw_path.partition('?')[0][:200]} is not part of this API"
-            if e.status in (404, 405) else e.reason
-        )
+        err = errors.not_routed(e.status, e.reason, request.method, request.raw_path,
+                                "this API")
         rec.status, rec.error = e.status, err.code
         resp = web.Response(status=e.status, body=errors.error_body(
             err.message, err.type, err.code), content_type="application/json")

@@ -21,7 +21,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
-from lrproxy import protocol
+from lrproxy import errors, protocol
 from lrproxy.config import NONE as NONE  # the words come from config, which reserves them
 from lrproxy.config import UNKNOWN as UNKNOWN
 from lrproxy.config import Listen
@@ -263,13 +263,21 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
         """Each request (a 404 or 405 too) marked as the API's edge does, so that a
         kept-alive scraper's next request has its own header deadline."""
         proto = request.protocol
-        if not isinstance(proto, protocol.LimitsHandler):
-            return await handler(request)  # type: ignore[no-any-return]
-        proto.lr_busy = True
+        if isinstance(proto, protocol.LimitsHandler):
+            proto.lr_busy = True
         try:
             return await handler(request)  # type: ignore[no-any-return]
+        except web.HTTPException as e:  # the router's 404 and 405: said as the API says them
+            err = errors.not_routed(e.status, e.reason, request.method, request.raw_path,
+                                    "the metrics listener (GET /metrics)")
+            resp = web.Response(status=e.status, body=err.body(), headers={
+                "Content-Type": "application/json", "Server": "lrproxy"})
+            if "Allow" in e.headers:
+                resp.headers["Allow"] = e.headers["Allow"]
+            return resp
         finally:
-            proto.lr_end()
+            if isinstance(proto, protocol.LimitsHandler):
+                proto.lr_end()
 
     app = web.Application(middlewares=[limits])
     app.router.add_get("/metrics", metrics)

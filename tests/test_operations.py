@@ -200,6 +200,8 @@ def test_stream_in_flight_finishes_on_its_config(tmp_path: Path, sim: SimThread)
             cfg.write_text(config_toml(sim.base_url, port, intensity=200).replace("r1", "r2"))
             proxy.signal(signal.SIGHUP)
             wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
+            upstream = [r for r in list(sim.sim.requests) if r.path.endswith("/chat/completions")]
+            assert upstream[-1].finished_at is None  # the reload came while it streamed
             rest = list(chunks)
         assert first.choices[0].delta.role == "assistant"
         last = rest[-1]
@@ -395,8 +397,11 @@ def test_auto_without_auto_models_is_404_and_logged(tmp_path: Path, sim: SimThre
 # drain on SIGTERM
 
 
-def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread) -> None:
-    """SIGTERM: new connections refused, requests in flight (kept-alive too) finish, then exit 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread,
+                                           sig: signal.Signals) -> None:
+    """SIGTERM, or SIGINT (SPEC §6: the same): new connections refused, requests in
+    flight (kept-alive too) finish, then exit 0."""
     port = free_port()
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, port))
@@ -414,7 +419,7 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread) -> No
             plain.start()
             wait_for(lambda: sim.chat_requests() >= before + 2, 5, "both requests upstream")
             t_sig = time.monotonic()
-            proxy.signal(signal.SIGTERM)
+            proxy.signal(sig)
             wait_for(lambda: port_refuses(port), 2, "the listener to close")
             assert proxy.proc.poll() is None  # still draining
             assert not stream.ended and not plain.ended
@@ -837,6 +842,24 @@ def test_serve_on_either_event_loop(tmp_path: Path, sim: SimThread, loop: str) -
         proxy.stop()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_listen_option_overrides_the_configs(tmp_path: Path, sim: SimThread, workers: int) -> None:
+    """`serve --config FILE --listen HOST:PORT` (SPEC §6) serves on the option's address,
+    not the file's `server.listen`, with one process and with workers."""
+    port, other = free_port(), free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server=(
+        f"workers = {workers}\n" if workers > 1 else "")))
+    proxy = Proxy(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{other}"], tmp_path,
+                  port=other)
+    try:
+        proxy.wait_healthy()
+        assert _plain(_client(other), {}) == 100
+        assert port_refuses(port)
+    finally:
+        proxy.stop()
+
+
 def test_loop_uvloop_without_uvloop_is_a_usage_error(tmp_path: Path) -> None:
     """`--loop uvloop` where uvloop cannot be imported: exit 64 (EX_USAGE) saying so."""
     hide = tmp_path / "hide"
@@ -973,7 +996,15 @@ def test_metrics_listener_has_the_header_deadline(
             body = scrape.read()
             assert scrape.status == status, (path, body[:200])
             assert status != 200 or b"lrproxy_inflight_requests" in body
+            # what it does not serve is said in the OpenAI shape, no versions named
+            assert scrape.getheader("Server") == "lrproxy"
+            assert status != 404 or json.loads(body)["error"]["code"] == "not_found"
             time.sleep(1.0)
+        conn.request("POST", "/metrics", b"")
+        refused = conn.getresponse()
+        assert refused.status == 405 and refused.getheader("Server") == "lrproxy"
+        assert json.loads(refused.read())["error"]["code"] == "method_not_allowed"
+        assert refused.getheader("Allow") == "GET,HEAD"
         conn.close()
         with socket.create_connection(("127.0.0.1", mport), timeout=5) as s:
             t0 = time.monotonic()

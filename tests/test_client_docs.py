@@ -27,6 +27,8 @@ from typing import IO
 import attrs
 import pytest
 
+from lrproxy.simupstream import _VOCAB
+
 DOCS = Path(__file__).resolve().parent / "data" / "CLIENT-DOCS.md"
 HOSTED_BASE_URL = "https://lowrouter.ai/api/v1"
 MARK = "=== snippet output ==="
@@ -237,10 +239,17 @@ def outputs(demo: Demo) -> dict[str, subprocess.CompletedProcess[str]]:
     return demo.run_all({n: program(block_with(n), EXTRA.get(n, "")) for n in NEEDLES})
 
 
+def _is_the_demos_answer(out: str) -> None:
+    """`out` is what print() makes of the demo upstreams' answer: eight words of the
+    simulator's vocabulary, each followed by a space (not None, nor an empty line)."""
+    words = out.split()
+    assert len(words) == 8 and set(words) <= set(_VOCAB), out
+    assert out == "".join(w + " " for w in words) + "\n", out
+
+
 def test_non_streaming_snippet(outputs: dict[str, subprocess.CompletedProcess[str]]) -> None:
     """The first snippet prints the completion's text."""
-    out = output_of(outputs["client = OpenAI("])
-    assert out.strip(), out
+    _is_the_demos_answer(output_of(outputs["client = OpenAI("]))
 
 
 def test_streaming_snippet(outputs: dict[str, subprocess.CompletedProcess[str]]) -> None:
@@ -271,5 +280,4 @@ def test_make_client_snippet(outputs: dict[str, subprocess.CompletedProcess[str]
 
 def test_async_snippet(outputs: dict[str, subprocess.CompletedProcess[str]]) -> None:
     """The AsyncOpenAI snippet prints the completion's text."""
-    out = output_of(outputs["AsyncOpenAI"])
-    assert out.strip(), out
+    _is_the_demos_answer(output_of(outputs["AsyncOpenAI"]))

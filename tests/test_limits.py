@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lrproxy.limits import RETRY_BUDGET_MIN, TokenBucket, bucket_for, retry_allowed
+from lrproxy.limits import TokenBucket, bucket_for, retry_allowed
 
 
 def test_bucket_allows_a_burst_then_paces() -> None:
@@ -33,7 +33,7 @@ def test_slow_rates_have_a_burst_of_one() -> None:
 
 
 @pytest.mark.parametrize(("retries", "inflight", "allowed"), [
-    (0, 0, True), (RETRY_BUDGET_MIN - 1, 1, True), (RETRY_BUDGET_MIN, 1, False),
+    (0, 0, True), (2, 1, True), (3, 1, False),  # the README's floor of 3
     (19, 100, True), (20, 100, False), (20, 101, True),
 ])
 def test_retry_budget(retries: int, inflight: int, allowed: bool) -> None:

@@ -268,8 +268,12 @@ def test_two_workers_on_port_0_share_one_port(tmp_path: Path, sim: SimThread) ->
         _end(proxy, notify)
 
 
-def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim: SimThread) -> None:
-    """SIGTERM with 2 workers: new connections are refused at once, as with one process,
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_two_workers_refuse_new_connections_while_they_drain(
+    tmp_path: Path, sim: SimThread, sig: signal.Signals
+) -> None:
+    """SIGTERM (or SIGINT, the same: SPEC §6) with 2 workers: new connections are
+    refused at once, as with one process,
     while a request in flight finishes (the supervisor's copies of the listening sockets
     would otherwise queue them until every worker has exited, then reset them)."""
     port = free_port()
@@ -293,7 +297,7 @@ def test_two_workers_refuse_new_connections_while_they_drain(tmp_path: Path, sim
         t = threading.Thread(target=slow, daemon=True)
         t.start()
         wait_for(lambda: sim.chat_requests() > before, 5, "the slow request upstream")
-        proxy.signal(signal.SIGTERM)
+        proxy.signal(sig)
         wait_for(lambda: port_refuses(port), 2, "new connections to be refused")
         refused_at = time.monotonic()
         t.join(10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import time
@@ -100,6 +101,42 @@ async def _read_body(request: web.Request, st: State) -> bytes:
     except TimeoutError as e:
         raise errors.RequestTimeout("The request body did not arrive in time.") from e
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _as_sent(payload: bytes, obj: dict[str, Any], body: bytes) -> bytes:
+    """`payload`, or where the client wrote an integer beyond 64 bits (which orjson
+    reads as a float, and writes as one: `1.2345678901234568e+29`), the body with each
+    number as the client wrote it (SPEC §2: forwarded as sent) and what the relay sets
+    (`_parse_body`, `model`) set, by the standard library's json, exact but slower."""
+    at = payload.find(b"e+")
+    while at >= 0 and not payload[at - 1:at].isdigit():  # "e+" in text
+        at = payload.find(b"e+", at + 2)
+    if at < 0:
+        return payload
+    try:
+        sent = json.loads(body)  # (checked by orjson: strict JSON)
+        if not _big_int(sent):
+            return payload  # a float of the client's own
+        sent.pop("route", None)
+        for k in ("model", "stream_options"):
+            if k in obj:
+                sent[k] = obj[k]
+            else:
+                sent.pop(k, None)
+        return json.dumps(sent, ensure_ascii=False, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):
+        return payload
+
+
+def _big_int(value: Any) -> bool:
+    """Whether `value` holds an integer beyond what orjson reads as one."""
+    if isinstance(value, int):
+        return not -(1 << 63) <= value < 1 << 64
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return False
+    return any(_big_int(v) for v in value)
 
 
 def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tuple[
@@ -355,7 +392,7 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
     if not cands:  # a pinned region, or an error to raise: pick_candidates says which
         cands = pick_candidates(st.table, model_id, region, pin)
     try:
-        attempt = await _try_candidates(request, rt, st, rec, obj, cands, chat, stream,
+        attempt = await _try_candidates(request, rt, st, rec, obj, body, cands, chat, stream,
                                         client_usage)
     except _Refused as r:  # as an upstream's 4xx answer (`_answer`)
         rec.error = "upstream_4xx"
@@ -396,7 +433,7 @@ embeddings: Final = functools.partial(_relay, chat=False)
 
 async def _try_candidates(
     request: web.Request, rt: Runtime, st: State, rec: Rec, obj: dict[str, Any],
-    cands: tuple[Candidate, ...], chat: bool, stream: bool, client_usage: bool,
+    body: bytes, cands: tuple[Candidate, ...], chat: bool, stream: bool, client_usage: bool,
 ) -> _Attempt:
     """Send to candidates in order until one answers (SPEC §2); raise the last failure."""
     pool = rt.pool
@@ -445,6 +482,8 @@ async def _try_candidates(
         except orjson.JSONEncodeError:  # orjson reads JSON 1024 levels deep, writes 254
             raise errors.InvalidRequest(
                 "The request body is nested too deeply to forward (over 254 levels).") from None
+        if payload.find(b"e+") >= 0:  # (a float of 1e16 or more, or text: rare)
+            payload = _as_sent(payload, obj, body)
         name = cand.upstream.name
         tried.append(name)
         rec.attempts += 1

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 import yarl
 from conftest import CI_KEY, UPSTREAM_KEYS, Stack, wait_for
@@ -752,6 +753,46 @@ def test_region_pinning_reaches_only_that_region(
     assert all(stack.key not in v for v in rec.headers.values())
     assert stack.key.encode() not in rec.body
     assert lowrouter(r)["route"]["pinned"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_integers_beyond_64_bits_are_forwarded_as_sent(stack: Stack, stream: bool) -> None:
+    """SPEC §2: every field but `route` is forwarded as the client sent it; orjson reads
+    an integer beyond 64 bits as a float, which went upstream as 1.2345678901234568e+29.
+    A float of the client's own, and "e+" in text, are forwarded as they were."""
+    fields: dict[str, Any] = {
+        "model": MINI, "messages": [{"role": "user", "content": "x = 2e+30 + 1e+5"}],
+        "seed": 123456789012345678901234567890,
+        "metadata": {"low": -(2**63) - 1, "high": 2**64, "fits": 2**64 - 1, "f": 1e20},
+    }
+    with stack.client() as client:
+        r = client.chat.completions.create(
+            **fields, stream=stream, extra_body={"route": {"region": "eu-west"}})
+        if stream:
+            r = list(r)[-1]
+    rec = only_hit(stack)
+    up_model = next(u for u in stack.data["upstreams"]
+                    if u["name"] == lowrouter(r)["route"]["upstream"])["models"][MINI]
+    want = {**fields, "model": up_model, "stream": stream}
+    if stream:
+        want["stream_options"] = {"include_usage": True}
+    assert json.loads(rec.body) == want  # (the standard library's: integers exact)
+    assert b'"seed":123456789012345678901234567890' in rec.body
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"m","messages":[{"role":"user","content":"size+1, 2e+30"}]}',  # text
+    b'{"model":"m","messages":[],"f":1e20,"g":-3.5e+300}',  # the client's own floats
+    b'{"model":"m","messages":[],"i":9223372036854775807,"u":18446744073709551615}',
+])
+def test_bodies_without_integers_beyond_64_bits_keep_orjsons_payload(body: bytes) -> None:
+    """The exact (slower) path is taken only for an integer orjson cannot hold: any
+    other body's payload is orjson's own, the same object."""
+    from lrproxy import relay
+
+    obj = orjson.loads(body)
+    payload = orjson.dumps(obj)
+    assert relay._as_sent(payload, obj, body) is payload
 
 
 @pytest.mark.parametrize("model", [MINI, LLAMA, "acme/unrated", AUTO])

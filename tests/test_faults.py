@@ -1139,11 +1139,11 @@ def test_content_parts_with_text_of_another_type_are_answered(stack: Stack, text
 
 
 def test_huge_integer_is_forwarded_as_a_number(stack: Stack) -> None:
-    """A 40-digit integer (beyond 64 bits) does not break the proxy: forwarded as a JSON number."""
+    """A 40-digit integer (beyond 64 bits) does not break the proxy: forwarded as sent."""
     a = post(stack, BODY[:-1] + b',"seed":' + b"9" * 40 + b"}")
     assert a.route()["upstream"] == "eu-north-a"
     _, rec = only_hit(stack)
-    assert rec.json["seed"] == pytest.approx(1e40)
+    assert b'"seed":' + b"9" * 40 + b"}" in rec.body
     assert codes(stack) == {"200": 1}
     assert outcomes(stack) == {("eu-north-a", "ok"): 1}
 

@@ -95,7 +95,11 @@ class Stack:
         self.registry = CollectorRegistry()
         self.key = TEAM_A_KEY
         self._clients: list[openai.OpenAI] = []  # closed with the stack: no socket left to GC
-        self.run(self._start())
+        try:
+            self.run(self._start())
+        except BaseException:  # what started is stopped, the loop's thread ended
+            self.close()
+            raise
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -167,7 +171,8 @@ class Stack:
             client.close()
 
         async def stop() -> None:
-            await self.runner.cleanup()
+            if hasattr(self, "runner"):  # (not when its start failed before it)
+                await self.runner.cleanup()
             for sim in self.sims.values():
                 await sim.stop()
 

@@ -229,10 +229,12 @@ def test_the_units_under_systemd(container: tuple[Container, int], sim: SimThrea
         restart = subprocess.Popen(["nsenter", "-t", str(c.leader), "-a",
                                     "systemctl", "restart", "lrproxy"])
         answers = []
-        end = time.monotonic() + 4
-        while time.monotonic() < end:
-            answers.append(_chat(port).choices[0].finish_reason)
-        assert restart.wait(60) == 0
+        try:
+            end = time.monotonic() + 4
+            while time.monotonic() < end:
+                answers.append(_chat(port).choices[0].finish_reason)
+        finally:  # (waited for, whatever the requests did)
+            assert restart.wait(60) == 0
         slow.join(30)
         assert len(streamed) >= 12 and streamed[-1].choices[0].finish_reason == "stop"  # type: ignore[attr-defined]
         assert answers and set(answers) == {"stop"}

@@ -301,6 +301,8 @@ def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
     except BadEvent:
         return Kind.MALFORMED, None, False
     if data is None:
+        if event.startswith(b"error:"):
+            return _error_field(event, has_id)
         return Kind.PASS, None, has_id
     if data == DONE:
         return Kind.DONE, None, has_id
@@ -320,6 +322,22 @@ def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
     if obj.get("usage"):
         return Kind.FINAL, obj, has_id
     return Kind.PASS, obj, has_id
+
+
+def _error_field(event: bytes, has_id: bool) -> tuple[int, dict[str, Any] | None, bool]:
+    """An event of an `error:` field alone, llama.cpp's server's way (before 2025) to
+    fail a stream: `error: {"code": 500, "message": ..., "type": ...}`, then its end.
+    The SDK, as the SSE standard, ignores the field; an error object in it is the
+    upstream's error (Kind.ERROR, quoted to the client) rather than a stream cut short
+    without a word. Anything else in it passes as any unknown field does."""
+    line = event.split(b"\n", 1)[0].rstrip(b"\r")[6:]
+    try:
+        err = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return Kind.PASS, None, has_id
+    if not isinstance(err, dict) or not err:
+        return Kind.PASS, None, has_id
+    return Kind.ERROR, {"error": err}, has_id
 
 
 def make_event(obj: dict[str, Any]) -> bytes:

@@ -2262,6 +2262,42 @@ def test_upstream_error_object_mid_stream_is_quoted(
                                         "overloaded inside")
 
 
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_llama_cpps_error_field_mid_stream_is_quoted(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], eol: bytes
+) -> None:
+    """llama.cpp's server (before 2025) failed a stream with an `error:` field, not
+    `data:`, then ended it: the error event quotes its message, where it used to say
+    only that the stream ended early; the field itself never reaches the client."""
+    field = (b'error: {"code":500,"message":"failed to decode the batch",'
+             b'"type":"server_error"}' + eol + eol)
+    up = scripted(lambda conn, n, body: ([sse_answer([chunk("calm ")]), field], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, stream=True))
+    assert b"error: {" not in a.body and b"[DONE]" not in a.body
+    _, last = stream_error(a, "upstream_error")
+    assert last["error"]["message"] == ("the upstream reported an error inside the stream: "
+                                        "failed to decode the batch")
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert outcomes(stack) == {("eu-north-a", "stream_bad_response"): 1}
+
+
+def test_an_error_field_that_is_no_error_object_passes(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted]
+) -> None:
+    """An `error:` field that holds no error object (text, an empty object) is an
+    unknown field as any other: passed on, the stream goes on to its end."""
+    events = [chunk("calm "), b"error: just a word\n\n", b"error: {}\n\n", chunk("seas"),
+              chunk("").replace(b'"finish_reason":null', b'"finish_reason":"stop"'),
+              b"data: [DONE]\n\n"]
+    up = scripted(lambda conn, n, body: ([sse_answer(events)], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, stream=True))
+    assert a.status == 200 and b"error: just a word\n\nerror: {}\n\n" in a.body
+    assert b'"content":"seas"' in a.body and a.body.endswith(b"data: [DONE]\n\n")
+    wait_for(lambda: codes(stack) == {"200": 1})
+
+
 ERROR_EVENT = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
 
 

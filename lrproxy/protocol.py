@@ -13,7 +13,11 @@ the OpenAI error shape with 431 for header limits (SPEC §1, issue 5).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import sys
+import termios
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final
 
@@ -73,6 +77,21 @@ def direct(routes: dict[str, dict[str, _Handle]], app_handle: _Handle,
     return handle
 
 
+def unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to `transport` that its peer has not yet taken: the transport's
+    buffer and the socket's send queue (SIOCOUTQ). Both shrink as a client reads, however
+    slowly; the buffer alone may not for minutes (the kernel says a socket is writable
+    only once a third of its send buffer is free), and a slow reader would be taken for
+    one that reads nothing (SEND_TIMEOUT_S)."""
+    size: int = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):  # (not TCP, or closed)
+            size += int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)),
+                                   sys.byteorder, signed=True)
+    return size
+
+
 class LimitsHandler(RequestHandler):
     """aiohttp's protocol, plus the header deadline, the connection cap and JSON error pages."""
 
@@ -86,6 +105,10 @@ class LimitsHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # aiohttp's force_close() drops its `transport` as it closes it, gracefully: an
+        # answer the client does not take would then hold the connection for ever
+        # (_lr_check looks at this one until connection_lost).
+        self.lr_transport: asyncio.Transport | None = self.transport
         self.lr_busy = False  # set by the app's edge while it handles a request
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
         self._lr_body: StreamReader | None = None  # an answered request's body still coming
@@ -227,26 +250,26 @@ class LimitsHandler(RequestHandler):
 
     def _lr_check(self) -> None:
         self._lr_timer = None
-        transport = self.transport
+        transport = self.lr_transport
         if transport is None:
             return
         now = self._loop.time()
-        unsent = transport.get_write_buffer_size()
-        if transport.is_closing() and not unsent:
+        buffered = transport.get_write_buffer_size()
+        if transport.is_closing() and not buffered:
             return
-        if unsent and not self.lr_busy:
+        if buffered and not self.lr_busy:
             # An answer the client does not take: cut once none of it has gone for
             # SEND_TIMEOUT_S (nginx's send_timeout); close() would wait on it for ever.
             size, since = self._lr_stuck
-            if unsent != size:
-                self._lr_stuck = (unsent, now)
+            if (left := unsent(transport)) != size:
+                self._lr_stuck = (left, now)
             elif now - since >= SEND_TIMEOUT_S:
                 transport.abort()
                 return
             if transport.is_closing():  # (an answer with Connection: close) look again
                 self._lr_timer = self._loop.call_at(now + self.header_timeout, self._lr_check)
                 return
-        if self.lr_busy or self._messages or unsent:
+        if self.lr_busy or self._messages or buffered:
             # a request is being handled, or parsed and waiting for the last answer to
             # be written out (a pipelining client's, which the edge has not begun)
             self._lr_timer = self._loop.call_at(now + self.header_timeout, self._lr_check)
@@ -291,6 +314,7 @@ class LimitsHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lr_disarm()
+        self.lr_transport = None
         self.connections.pop(self, None)
         super().connection_lost(exc)
 

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
@@ -1183,7 +1183,7 @@ async def _relay_stream(
         # What comes with [DONE] goes out with the stream's end, in one write.
         last = data if tail.done else b""
         if data and not tail.done:
-            await _send(out.write(data), watch, deadline)
+            await _send(out.write(data), watch, deadline, request)
         if tail.failure is not None:
             raise _failure(tail, attempt.secret, not got_event)
         fast = _ChunkWriter.of(request)
@@ -1221,7 +1221,7 @@ async def _relay_stream(
                 if resp.gone():  # its framing broke (upstream.gone): no more is coming
                     raise errors.UpstreamConnectionLost("upstream connection lost") from None
                 await _send(out.write(KEEPALIVE_LINE if tail.ids else KEEPALIVE_EVENT),
-                            watch, deadline)
+                            watch, deadline, request)
                 continue
             finally:  # never armed outside the read: not while writing to the client
                 watch.armed = False
@@ -1248,9 +1248,9 @@ async def _relay_stream(
                 elif not data:
                     pass
                 elif fast is None:
-                    await _send(out.write(data), watch, deadline)
+                    await _send(out.write(data), watch, deadline, request)
                 elif fast.write(data):
-                    await _send(fast.drain(), watch, deadline)
+                    await _send(fast.drain(), watch, deadline, request)
                 if tail.failure is not None:
                     raise _failure(tail, attempt.secret, not got_event)
             elif len(splitter.held) > MAX_EVENT_BYTES:
@@ -1272,7 +1272,7 @@ async def _relay_stream(
         # for the client: nothing may follow it, see below.)
         finished = judged = True
         rt.pool.succeeded(cand.upstream.name, attempt.trial, attempt.held)
-        await _send(out.write_eof(last + end if last else end), watch, deadline)
+        await _send(out.write_eof(last + end if last else end), watch, deadline, request)
     except errors.UpstreamFailed as e:
         # timeouts.total is the proxy's own cap on a request, not the upstream's failure:
         # five long generations must not eject a healthy upstream
@@ -1349,21 +1349,46 @@ async def _relay_stream(
 
 
 def _cut(request: web.BaseRequest) -> None:
-    """Drop the client's connection, and what its buffer still holds."""
-    if request.transport is not None:
-        request.transport.abort()
+    """Drop the client's connection, and what its buffer still holds (closed already,
+    gracefully, it waits for the client to take that: protocol.lr_transport)."""
+    transport = request.transport or getattr(request.protocol, "lr_transport", None)
+    if transport is not None:
+        transport.abort()
 
 
-async def _send(write: Awaitable[None], watch: upstream.Watch, deadline: float) -> None:
+async def _send(write: Awaitable[None], watch: upstream.Watch, deadline: float,
+                request: web.BaseRequest) -> None:
     """A write to a stream's client that may wait for it to read: under the request's
-    total (`deadline`, on the stream's `watch`) and protocol.SEND_TIMEOUT_S (nginx's
-    send_timeout, as for a JSON answer), so that a client that stops reading does not
-    hold its upstream, and their places, for long."""
-    watch.arm(min(deadline, asyncio.get_running_loop().time() + protocol.SEND_TIMEOUT_S))
+    total (`deadline`, on the stream's `watch`) and protocol.SEND_TIMEOUT_S with none of
+    it taken (nginx's send_timeout, between two reads of the client's, as for a JSON
+    answer), so that a client that stops reading does not hold its upstream, and their
+    places, for long, while one that reads slowly is served."""
+    when = min(deadline, asyncio.get_running_loop().time() + protocol.SEND_TIMEOUT_S)
+    if getattr(request.protocol, "_paused", False):  # the client is behind: it may read
+        # slowly (the usual write, to a client that keeps up, looks at nothing)
+        watch.arm_progress(when, _taking(request), protocol.SEND_TIMEOUT_S, deadline)
+    else:
+        watch.arm(when)
     try:
         await write
     finally:
         watch.armed = False
+        watch.taken = None
+
+
+def _taking(request: web.BaseRequest) -> Callable[[], bool]:
+    """Whether the client has taken some of what is written to it since last asked."""
+    transport = request.transport
+    if transport is None:
+        return lambda: False
+    left = protocol.unsent(transport)
+
+    def taken() -> bool:
+        nonlocal left
+        before, left = left, protocol.unsent(transport)
+        return left < before
+
+    return taken
 
 
 class _ChunkWriter:
@@ -1463,3 +1488,11 @@ async def _stream_error(
         rec.status = "client_closed"
     except TimeoutError:
         _cut(request)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # (a real cancel: the client gone, or the drain's deadline)
+        # aiohttp's drain waiter, cancelled with an earlier write to a client that
+        # stopped reading, fails every later drain at once: the event is in the buffer,
+        # for the client to take, or dropped with the connection when none of it has
+        # gone for protocol.SEND_TIMEOUT_S (LimitsHandler._lr_check)

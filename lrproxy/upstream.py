@@ -364,9 +364,17 @@ class Deadlines:
             if not w.armed or w.fired:
                 continue
             if w.when <= now:
-                w.fired = True
-                w.task.cancel()
-            elif w.when < nxt:
+                if w.taken is not None and now < w.until and w.taken():
+                    # a write's client that took some of it: its send timeout, as
+                    # nginx's send_timeout, runs from then
+                    w.when = now + w.again
+                    if w.when > w.until:
+                        w.when = w.until
+                else:
+                    w.fired = True
+                    w.task.cancel()
+                    continue
+            if w.when < nxt:
                 nxt = w.when
         if nxt < math.inf:
             self._schedule(nxt)
@@ -380,12 +388,23 @@ class Deadlines:
 class Watch:
     """One task's deadline on a `Deadlines` timer (see `Deadlines.watch`)."""
 
-    __slots__ = ("_owner", "armed", "base", "fired", "task", "when")
+    __slots__ = ("_owner", "again", "armed", "base", "fired", "taken", "task", "until", "when")
 
     def __init__(self, owner: Deadlines, task: asyncio.Task[Any], when: float) -> None:
         self._owner, self.task, self.when = owner, task, when
         self.armed = self.fired = False
         self.base = task.cancelling()  # cancels that are not ours
+        # Progress: when due, if `taken()` says the wait made some, the deadline moves
+        # `again` seconds on (up to `until`) instead of firing (`arm_progress`)
+        self.taken: Callable[[], bool] | None = None
+        self.again = self.until = math.inf
+
+    def arm_progress(self, when: float, taken: Callable[[], bool], again: float,
+                     until: float) -> None:
+        """`arm(when)`, moved `again` seconds on (up to `until`) each time it comes due
+        while `taken()` says the wait has made progress since it last looked."""
+        self.taken, self.again, self.until = taken, again, until
+        self.arm(when)
 
     def arm(self, when: float) -> None:
         self.when = when
@@ -397,6 +416,7 @@ class Watch:
         """Disarm. True when this deadline passed while armed and its cancel was the
         task's only one: the caller then turns its CancelledError into a timeout."""
         self.armed = False
+        self.taken = None
         if not self.fired:
             return False
         self.fired = False

@@ -972,6 +972,9 @@ def test_a_stuck_answer_is_aborted_closing_or_not(closing: bool) -> None:
         def abort(self) -> None:
             self.aborted = True
 
+        def get_extra_info(self, name: str) -> Any:
+            return None  # (no socket: its send queue is not looked at)
+
     class Loop:
         now = 100.0
 
@@ -984,6 +987,10 @@ def test_a_stuck_answer_is_aborted_closing_or_not(closing: bool) -> None:
     h = object.__new__(protocol.LimitsHandler)
     t, loop = Transport(), Loop()
     h.transport, h._loop = t, loop  # type: ignore[assignment]
+    # (aiohttp drops `transport` as it closes it gracefully: the check looks at its own)
+    h.lr_transport = None if closing else t  # type: ignore[assignment]
+    if closing:
+        h.transport, h.lr_transport = None, t  # type: ignore[assignment]
     h.lr_busy, h._lr_seen, h._messages = False, False, collections.deque()
     h._lr_stuck, h._lr_deadline, h._lr_timer = (0, 0.0), 1e9, None
     for _ in range(20):  # bytes going: never cut
@@ -2942,6 +2949,59 @@ def test_client_that_stops_reading_is_cut_off_at_total(
         why = (b"reached timeouts.total" if by == "total"
                else b"None of the stream was taken for 1 s")
         assert why + b" while the client was not reading it." in tail
+
+
+def test_client_that_reads_slowly_is_served_until_it_stops(
+    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch, seen: Seen,
+) -> None:
+    """The send timeout (nginx's send_timeout, protocol.SEND_TIMEOUT_S: 1 s here) runs
+    while none of the stream is taken, not while one write waits for a client that reads,
+    slowly, steadily: that one used to be cut as if it read nothing (a drain only ends
+    once the client has taken ~48 KiB: at 700 B/s, past 60 s). Once it stops, it is."""
+    monkeypatch.setattr(protocol, "SEND_TIMEOUT_S", 1.0)
+    stack = make_stack(cfg(timeouts={"total": 600}))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        sock.connect(("127.0.0.1", stack.port))
+        sock.sendall(request(orjson.dumps(chat(LLAMA, stream=True, sim={"chunks": 200_000}))))
+        got = sock.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        taken, end = len(got), time.monotonic() + 4.0
+        while time.monotonic() < end:  # ~13 KB/s: the proxy's buffers stay full
+            time.sleep(0.3)
+            taken += len(sock.recv(4096))
+        assert codes(stack) == {}, "cut while it was reading"
+        wait_for(lambda: codes(stack) == {"stream_error": 1}, timeout=10)  # stopped: cut
+        access = [orjson.loads(line) for line in seen.logs if '"duration_ms"' in line]
+        assert [a["error"] for a in access] == ["request_timeout"]
+        assert taken > 40_000
+        assert_idle(stack)
+
+
+def test_client_that_stops_reading_loses_its_connection_after_its_stream_ends(
+    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream of a client that stopped reading ended at timeouts.total, its error
+    event left in the buffer for it: when none of that is taken for
+    protocol.SEND_TIMEOUT_S (nginx's send_timeout; 1 s here) the connection is dropped.
+    It was closed gracefully, which waits for the client to read it all: one that never
+    did held its socket, its max_connections place and ~2.8 MB of buffers for as long
+    as it liked."""
+    monkeypatch.setattr(protocol, "SEND_TIMEOUT_S", 1.0)
+    stack = make_stack(cfg(timeouts={"total": 2, "client_header": 1}))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        sock.connect(("127.0.0.1", stack.port))
+        sock.sendall(request(orjson.dumps(chat(LLAMA, stream=True, sim={"chunks": 200_000}))))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        wait_for(lambda: codes(stack) == {"stream_error": 1}, timeout=10)  # nothing read
+        assert stack.runner._handler is not None
+        conns = stack.runner._handler.connections
+        wait_for(lambda: not stack.call(lambda: len(conns)), timeout=5)  # still not reading
+        sock.settimeout(3.0)  # what the kernel took before the drop, then the end
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(1 << 16):
+                pass
 
 
 def test_client_that_stops_reading_the_streams_end_is_cut_off_after_it(

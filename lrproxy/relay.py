@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Final
 
 import attrs
@@ -1303,11 +1303,12 @@ async def _relay_stream(
         outcome = "cancelled"  # ended on the proxy's side: not the upstream's doing
         if watch.expired():  # a write outlived the total or protocol.SEND_TIMEOUT_S: the
             resp.close()  # client stopped reading
-            why = ("The stream reached timeouts.total"
+            why = ("The stream reached timeouts.total before the client had taken it."
                    if asyncio.get_running_loop().time() >= deadline
-                   else f"None of the stream was taken for {protocol.SEND_TIMEOUT_S:g} s")
-            await _stream_error(rt, rec, prompt_chars, cand, region, tail, errors.RequestTimeout(
-                why + " while the client was not reading it."), out, request)
+                   else f"None of the stream was taken for {protocol.SEND_TIMEOUT_S:g} s: "
+                   "the client was not reading it.")
+            await _stream_error(rt, rec, prompt_chars, cand, region, tail,
+                                errors.RequestTimeout(why), out, request)
             return out
         if rt.ended_by_drain(task):  # the drain's deadline, not the client: the error event
             resp.close()
@@ -1360,35 +1361,20 @@ async def _send(write: Awaitable[None], watch: upstream.Watch, deadline: float,
                 request: web.BaseRequest) -> None:
     """A write to a stream's client that may wait for it to read: under the request's
     total (`deadline`, on the stream's `watch`) and protocol.SEND_TIMEOUT_S with none of
-    it taken (nginx's send_timeout, between two reads of the client's, as for a JSON
-    answer), so that a client that stops reading does not hold its upstream, and their
-    places, for long, while one that reads slowly is served."""
-    when = min(deadline, asyncio.get_running_loop().time() + protocol.SEND_TIMEOUT_S)
-    if getattr(request.protocol, "_paused", False):  # the client is behind: it may read
-        # slowly (the usual write, to a client that keeps up, looks at nothing)
-        watch.arm_progress(when, _taking(request), protocol.SEND_TIMEOUT_S, deadline)
+    it taken (nginx's send_timeout, from the client's last read, as for a JSON answer),
+    so that a client that stops reading does not hold its upstream, and their places,
+    for long, while one that reads slowly is served."""
+    now = asyncio.get_running_loop().time()
+    transport = request.transport
+    if transport is None:
+        watch.arm(min(deadline, now + protocol.SEND_TIMEOUT_S))
     else:
-        watch.arm(when)
+        watch.arm_send(now, transport, protocol.SEND_TIMEOUT_S, deadline)
     try:
         await write
     finally:
         watch.armed = False
-        watch.taken = None
-
-
-def _taking(request: web.BaseRequest) -> Callable[[], bool]:
-    """Whether the client has taken some of what is written to it since last asked."""
-    transport = request.transport
-    if transport is None:
-        return lambda: False
-    left = protocol.unsent(transport)
-
-    def taken() -> bool:
-        nonlocal left
-        before, left = left, protocol.unsent(transport)
-        return left < before
-
-    return taken
+        watch.client = None
 
 
 class _ChunkWriter:

@@ -42,11 +42,15 @@ from lrproxy.errors import (
     UpstreamTimeout,
 )
 from lrproxy.log import MAIN, Seldom
+from lrproxy.protocol import unsent
 
 log = logging.getLogger(MAIN)
 EJECT_AFTER: Final = 5  # consecutive failures
 COOL_DOWN_S: Final = 30.0  # × the number of ejections in a row
 COOL_DOWN_CAP_S: Final = 300.0
+# A write waiting for its client looks at what it has taken this many times per send
+# timeout (Watch.arm_send): cut at most a twelfth of it late
+SEND_LOOKS: Final = 12
 USER_AGENT: Final = "lrproxy"
 _LARGE_BODY: Final = 1 << 20
 
@@ -363,17 +367,11 @@ class Deadlines:
         for w in self._due:
             if not w.armed or w.fired:
                 continue
-            if w.when <= now:
-                if w.taken is not None and now < w.until and w.taken():
-                    # a write's client that took some of it: its send timeout, as
-                    # nginx's send_timeout, runs from then
-                    w.when = now + w.again
-                    if w.when > w.until:
-                        w.when = w.until
-                else:
-                    w.fired = True
-                    w.task.cancel()
-                    continue
+            # (a write's client still taking it moves its deadline on: Watch.took)
+            if w.when <= now and (w.client is None or now >= w.until or not w.took(now)):
+                w.fired = True
+                w.task.cancel()
+                continue
             if w.when < nxt:
                 nxt = w.when
         if nxt < math.inf:
@@ -388,23 +386,37 @@ class Deadlines:
 class Watch:
     """One task's deadline on a `Deadlines` timer (see `Deadlines.watch`)."""
 
-    __slots__ = ("_owner", "again", "armed", "base", "fired", "taken", "task", "until", "when")
+    __slots__ = ("_owner", "armed", "base", "client", "fired", "idle_s", "left", "moved",
+                 "task", "until", "when")
 
     def __init__(self, owner: Deadlines, task: asyncio.Task[Any], when: float) -> None:
         self._owner, self.task, self.when = owner, task, when
         self.armed = self.fired = False
         self.base = task.cancelling()  # cancels that are not ours
-        # Progress: when due, if `taken()` says the wait made some, the deadline moves
-        # `again` seconds on (up to `until`) instead of firing (`arm_progress`)
-        self.taken: Callable[[], bool] | None = None
-        self.again = self.until = math.inf
+        self.client: asyncio.BaseTransport | None = None  # a write's (arm_send)
+        self.left, self.moved, self.idle_s, self.until = -1, 0.0, math.inf, math.inf
 
-    def arm_progress(self, when: float, taken: Callable[[], bool], again: float,
-                     until: float) -> None:
-        """`arm(when)`, moved `again` seconds on (up to `until`) each time it comes due
-        while `taken()` says the wait has made progress since it last looked."""
-        self.taken, self.again, self.until = taken, again, until
-        self.arm(when)
+    def arm_send(self, now: float, client: asyncio.BaseTransport, idle_s: float,
+                 until: float) -> None:
+        """For a write to `client` that waits for it to read: due once none of what it
+        has been sent is taken for `idle_s` (nginx's send_timeout, which runs from the
+        peer's last read), or at `until`. Looked at every SEND_LOOKS-th of `idle_s`."""
+        self.client, self.left, self.moved, self.idle_s, self.until = (
+            client, -1, now, idle_s, until)
+        self.arm(min(until, now + idle_s / SEND_LOOKS))
+
+    def took(self, now: float) -> bool:
+        """(Due, armed by arm_send.) Whether to wait on: the client has taken some of
+        it within `idle_s`; the deadline is then moved to the next look."""
+        assert self.client is not None
+        left = unsent(self.client)
+        if 0 <= left < self.left:
+            self.moved = now
+        self.left = left
+        if now - self.moved >= self.idle_s:
+            return False
+        self.when = min(self.until, now + self.idle_s / SEND_LOOKS, self.moved + self.idle_s)
+        return True
 
     def arm(self, when: float) -> None:
         self.when = when
@@ -416,7 +428,7 @@ class Watch:
         """Disarm. True when this deadline passed while armed and its cancel was the
         task's only one: the caller then turns its CancelledError into a timeout."""
         self.armed = False
-        self.taken = None
+        self.client = None
         if not self.fired:
             return False
         self.fired = False

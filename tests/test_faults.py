@@ -2946,26 +2946,31 @@ def test_client_that_stops_reading_is_cut_off_at_total(
             while data := sock.recv(1 << 16):
                 tail = (tail + data)[-4096:]
         # the error event names the bound that ended it
-        why = (b"reached timeouts.total" if by == "total"
-               else b"None of the stream was taken for 1 s")
-        assert why + b" while the client was not reading it." in tail
+        why = (b"The stream reached timeouts.total before the client had taken it."
+               if by == "total" else
+               b"None of the stream was taken for 1 s: the client was not reading it.")
+        assert why in tail
 
 
+@pytest.mark.parametrize("http", ["1.1", "1.0"])
 def test_client_that_reads_slowly_is_served_until_it_stops(
-    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch, seen: Seen,
+    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch, seen: Seen, http: str,
 ) -> None:
     """The send timeout (nginx's send_timeout, protocol.SEND_TIMEOUT_S: 1 s here) runs
     while none of the stream is taken, not while one write waits for a client that reads,
     slowly, steadily: that one used to be cut as if it read nothing (a drain only ends
-    once the client has taken ~48 KiB: at 700 B/s, past 60 s). Once it stops, it is."""
+    once the client has taken ~48 KiB: at 700 B/s, past 60 s); an HTTP/1.0 client's
+    stream (each write through aiohttp's own) was, after the first fix too. Once it
+    stops, it is."""
     monkeypatch.setattr(protocol, "SEND_TIMEOUT_S", 1.0)
     stack = make_stack(cfg(timeouts={"total": 600}))
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
         sock.connect(("127.0.0.1", stack.port))
-        sock.sendall(request(orjson.dumps(chat(LLAMA, stream=True, sim={"chunks": 200_000}))))
+        sock.sendall(request(orjson.dumps(chat(LLAMA, stream=True, sim={"chunks": 200_000})))
+                     .replace(b" HTTP/1.1\r\n", f" HTTP/{http}\r\n".encode(), 1))
         got = sock.recv(4096)
-        assert got.startswith(b"HTTP/1.1 200 ")
+        assert re.match(rb"HTTP/1\.[01] 200 ", got), got[:100]
         taken, end = len(got), time.monotonic() + 4.0
         while time.monotonic() < end:  # ~13 KB/s: the proxy's buffers stay full
             time.sleep(0.3)

@@ -118,14 +118,47 @@ def _as_sent(payload: bytes, obj: dict[str, Any], body: bytes) -> bytes:
         if not _big_int(sent):
             return payload  # a float of the client's own
         sent.pop("route", None)
-        for k in ("model", "stream_options"):
-            if k in obj:
-                sent[k] = obj[k]
-            else:
-                sent.pop(k, None)
-        return json.dumps(sent, ensure_ascii=False, separators=(",", ":")).encode()
+        sent["model"] = obj["model"]
+        if "stream_options" in obj:  # the client's members as it wrote them, but ours
+            exact = sent.get("stream_options") or {}
+            sent["stream_options"] = {k: exact[k] if k in exact and k != "include_usage"
+                                      else v for k, v in obj["stream_options"].items()}
+        else:
+            sent.pop("stream_options", None)
+        return _exact_dumps(sent)
     except (ValueError, RecursionError):
         return payload
+
+
+def _exact_loads(body: bytes) -> dict[str, Any] | None:
+    """A body orjson refused, read by the standard library's json if it is strict JSON
+    that orjson cannot hold (an integer over 309 digits, which it reads as an infinite
+    float); None for anything else: NaN, Infinity, 1e999 stay refused."""
+    def refuse(word: str) -> None:
+        raise ValueError(word)
+
+    try:
+        obj = json.loads(body, parse_constant=refuse)
+        if isinstance(obj, dict) and _big_int(obj) and _finite(obj):
+            _exact_dumps(obj)  # (a lone surrogate, which orjson refuses, cannot be written)
+            return obj
+    except (ValueError, RecursionError):
+        pass
+    return None
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return True
+    return all(_finite(v) for v in value)
+
+
+def _exact_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _big_int(value: Any) -> bool:
@@ -147,7 +180,9 @@ def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tupl
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise errors.InvalidRequest("The request body is not valid JSON.") from e
+        obj = _exact_loads(body)  # an integer orjson cannot read (over 309 digits)
+        if obj is None:
+            raise errors.InvalidRequest("The request body is not valid JSON.") from e
     if not isinstance(obj, dict):
         raise errors.InvalidRequest("The request body must be a JSON object.")
     model = obj.get("model")
@@ -480,8 +515,14 @@ async def _try_candidates(
         try:
             payload = orjson.dumps(obj)
         except orjson.JSONEncodeError:  # orjson reads JSON 1024 levels deep, writes 254
-            raise errors.InvalidRequest(
-                "The request body is nested too deeply to forward (over 254 levels).") from None
+            try:  # (or one of _exact_loads' integers)
+                payload = _exact_dumps(obj) if _big_int(obj) else b""
+            except (ValueError, RecursionError):
+                payload = b""
+            if not payload:
+                raise errors.InvalidRequest(
+                    "The request body is nested too deeply to forward (over 254 levels).") \
+                    from None
         if payload.find(b"e+") >= 0:  # (a float of 1e16 or more, or text: rare)
             payload = _as_sent(payload, obj, body)
         name = cand.upstream.name

@@ -765,9 +765,11 @@ def test_integers_beyond_64_bits_are_forwarded_as_sent(stack: Stack, stream: boo
         "seed": 123456789012345678901234567890,
         "metadata": {"low": -(2**63) - 1, "high": 2**64, "fits": 2**64 - 1, "f": 1e20},
     }
+    extra: dict[str, Any] = {"route": {"region": "eu-west"}}
+    if stream:
+        extra["stream_options"] = {"tag": 2**100 + 1}
     with stack.client() as client:
-        r = client.chat.completions.create(
-            **fields, stream=stream, extra_body={"route": {"region": "eu-west"}})
+        r = client.chat.completions.create(**fields, stream=stream, extra_body=extra)
         if stream:
             r = list(r)[-1]
     rec = only_hit(stack)
@@ -775,7 +777,7 @@ def test_integers_beyond_64_bits_are_forwarded_as_sent(stack: Stack, stream: boo
                     if u["name"] == lowrouter(r)["route"]["upstream"])["models"][MINI]
     want = {**fields, "model": up_model, "stream": stream}
     if stream:
-        want["stream_options"] = {"include_usage": True}
+        want["stream_options"] = {"tag": 2**100 + 1, "include_usage": True}
     assert json.loads(rec.body) == want  # (the standard library's: integers exact)
     assert b'"seed":123456789012345678901234567890' in rec.body
 

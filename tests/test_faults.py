@@ -1155,6 +1155,23 @@ def test_huge_integer_is_forwarded_as_a_number(stack: Stack) -> None:
     assert outcomes(stack) == {("eu-north-a", "ok"): 1}
 
 
+@pytest.mark.parametrize("digits", [310, 1000])
+def test_an_integer_orjson_cannot_read_is_forwarded_as_sent(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], digits: int
+) -> None:
+    """An integer over 309 digits, which orjson reads as an infinite float and refuses,
+    is strict JSON: forwarded as the client wrote it (it was a 400 "not valid JSON"),
+    with `route` removed and the model rewritten. 1e999, NaN stay refused (above)."""
+    up = scripted(lambda conn, n, body: ([json_answer()], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    big = b"9" * digits
+    a = post(stack, BODY[:-1] + b',"route":{"region":"eu-north"},"seed":' + big + b"}")
+    assert a.status == 200, a.body[:300]
+    (rec,) = up.requests
+    assert b'"seed":' + big in rec.body and b"route" not in rec.body
+    assert b'"model":"llama-3.1-8b"' in rec.body
+
+
 # =======================================================================================
 # auth
 

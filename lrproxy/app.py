@@ -11,11 +11,9 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import itertools
 import logging
 import math
 import os
-import re
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -32,11 +30,15 @@ from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBucket, SharedBuckets
 from lrproxy.config import AUTO_MODEL, Config, Region, Secrets
 from lrproxy.log import ACCESS, MAIN, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
+from lrproxy.protocol import ID_MASK as _ID_MASK
+from lrproxy.protocol import ID_PREFIX as _ID_PREFIX
+from lrproxy.protocol import REQUEST_ID_RE as _REQUEST_ID_RE
+from lrproxy.protocol import ids as _ids
+from lrproxy.protocol import request_id_of
 from lrproxy.routing import Candidate, RoutingTable, build_table, pick_candidates
 from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets, task_of
 
 log = logging.getLogger(MAIN)
-_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 SERVER_HEADER: Final = "lrproxy"
 
 
@@ -254,21 +256,10 @@ class Rec:
 Handler = Callable[[web.Request, "Runtime", Rec], Awaitable[web.StreamResponse]]
 
 
-# Request ids: 16 random hex digits per process, then a counter; unique across workers
-# and restarts like uuid4().hex, without a getrandom() call per request.
-_ID_PREFIX: Final = os.urandom(8).hex()
-_ids: Final = itertools.count(int.from_bytes(os.urandom(4), "big"))
-_ID_MASK: Final = 0xFFFFFFFFFFFFFFFF
 
 
 _PROBES: Final = frozenset({"/healthz", "/readyz"})
 _GET_HEAD: Final = frozenset({"GET", "HEAD"})  # a probe's methods; /models/{id}'s
-
-
-def _request_id(value: str | None) -> str:
-    if value is not None and _REQUEST_ID_RE.fullmatch(value):
-        return value
-    return _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK)  # %: faster than an f-string
 
 
 # Every answer's share of time upstream and in the proxy, in ms (W3C Server-Timing).
@@ -298,7 +289,7 @@ def edged(handler: Handler, rt: Runtime) -> Callable[[web.Request], Awaitable[we
 
 
 async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.StreamResponse:
-    value = request.headers.get("X-Request-Id")  # _request_id(value), inline
+    value = request.headers.get("X-Request-Id")  # request_id_of(value), inline
     rec = Rec(value if value is not None and _REQUEST_ID_RE.fullmatch(value) else
               _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK), time.perf_counter())
     # Every request gets its access line and count (SPEC §6), /models and unknown paths
@@ -443,7 +434,7 @@ def _refused(rt: Runtime, status: int, code: str, request_id: str | None = None)
     """An answer given before a request could be parsed (protocol.REFUSED), or before
     its route (a refused `Expect:`, with the client's X-Request-Id): counted and logged
     like any other, with no key, model or region; returns its request id."""
-    rec = Rec(_request_id(request_id), time.perf_counter(), api=True, status=status,
+    rec = Rec(request_id_of(request_id), time.perf_counter(), api=True, status=status,
               error=code)
     _account(rt.metrics, rec)
     return rec.request_id

@@ -265,8 +265,9 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
         proto = request.protocol
         if isinstance(proto, protocol.LimitsHandler):
             proto.lr_busy = True
+        rid = protocol.request_id_of(request.headers.get("X-Request-Id"))  # (SPEC §1)
         try:
-            return await handler(request)  # type: ignore[no-any-return]
+            resp: web.StreamResponse = await handler(request)
         except web.HTTPException as e:  # the router's 404 and 405: said as the API says them
             err = errors.not_routed(e.status, e.reason, request.method, request.raw_path,
                                     "the metrics listener (GET /metrics)")
@@ -274,10 +275,11 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
                 "Content-Type": "application/json", "Server": "lrproxy"})
             if "Allow" in e.headers:
                 resp.headers["Allow"] = e.headers["Allow"]
-            return resp
         finally:
             if isinstance(proto, protocol.LimitsHandler):
                 proto.lr_end()
+        resp.headers["X-Request-Id"] = rid
+        return resp
 
     app = web.Application(middlewares=[limits])
     app.router.add_get("/metrics", metrics)

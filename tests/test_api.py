@@ -893,9 +893,9 @@ async def test_every_answer_has_server_timing(stack: Stack, http: aiohttp.Client
 
 def test_generated_request_ids_are_unique_hex_of_uuid_length() -> None:
     """Generated ids: 32 hex digits, all different, with a per-process random part."""
-    from lrproxy.app import _request_id
+    from lrproxy.protocol import request_id_of
 
-    ids = [_request_id(None) for _ in range(20_000)]
+    ids = [request_id_of(None) for _ in range(20_000)]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert len({i[:16] for i in ids}) == 1

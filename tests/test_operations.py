@@ -998,10 +998,12 @@ def test_metrics_listener_has_the_header_deadline(
             assert status != 200 or b"lrproxy_inflight_requests" in body
             # what it does not serve is said in the OpenAI shape, no versions named
             assert scrape.getheader("Server") == "lrproxy"
+            assert re.fullmatch(r"[0-9a-f]{32}", scrape.getheader("X-Request-Id") or "")
             assert status != 404 or json.loads(body)["error"]["code"] == "not_found"
             time.sleep(1.0)
-        conn.request("POST", "/metrics", b"")
+        conn.request("POST", "/metrics", b"", {"X-Request-Id": "scrape-7"})
         refused = conn.getresponse()
+        assert refused.getheader("X-Request-Id") == "scrape-7"  # a sane one, echoed
         assert refused.status == 405 and refused.getheader("Server") == "lrproxy"
         assert json.loads(refused.read())["error"]["code"] == "method_not_allowed"
         assert refused.getheader("Allow") == "GET,HEAD"

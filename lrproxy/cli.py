@@ -115,12 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "hash-key":
-        key = sys.stdin.readline().strip()
-        if not key:
-            print("lrproxy hash-key: no key on stdin", file=sys.stderr)
-            return EX_USAGE
-        print(hashlib.sha256(key.encode()).hexdigest())
-        return 0
+        return _hash_key()
     setup_logging(args.log_level, args.log_format, access=not args.no_access_log,
                   access_flush_ms=args.access_log_flush_ms)
     try:
@@ -129,6 +124,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         close_access()
+
+
+def _hash_key() -> int:
+    """`lrproxy hash-key`: the SHA-256 of the key on stdin's first line, as the proxy
+    hashes an Authorization header's key (its UTF-8 bytes)."""
+    line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
+    try:
+        key = line.decode().strip()
+    except UnicodeDecodeError:
+        print("lrproxy hash-key: the key on stdin is not UTF-8 text", file=sys.stderr)
+        return EX_USAGE
+    if not key:
+        print("lrproxy hash-key: no key on stdin", file=sys.stderr)
+        return EX_USAGE
+    print(hashlib.sha256(key.encode()).hexdigest())
+    return 0
 
 
 def _non_negative_int(text: str) -> int:

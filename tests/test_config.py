@@ -932,7 +932,7 @@ def test_hash_key_prints_the_sha256_of_stdin(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`lrproxy hash-key` reads one key on stdin (newline stripped) and prints its SHA-256 hex."""
-    monkeypatch.setattr(sys, "stdin", io.StringIO("sk-team-a\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"sk-team-a\n")))
     assert cli.main(["hash-key"]) == 0
     out, err = capsys.readouterr()
     assert out == hashlib.sha256(b"sk-team-a").hexdigest() + "\n"
@@ -944,7 +944,7 @@ def test_hash_key_output_is_accepted_as_sha256(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What hash-key prints is a valid auth.keys[].sha256 value."""
-    monkeypatch.setattr(sys, "stdin", io.StringIO("sk-x"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"sk-x")))
     cli.main(["hash-key"])
     digest = capsys.readouterr().out.strip()
     tail = f'[auth]\nkeys = [{{ name = "x", sha256 = "{digest}" }}]'
@@ -956,10 +956,28 @@ def test_hash_key_without_a_key_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An empty stdin prints nothing on stdout and exits 64 (EX_USAGE)."""
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     assert cli.main(["hash-key"]) == 64
     out, err = capsys.readouterr()
     assert out == "" and "no key" in err
+
+
+@pytest.mark.parametrize(("stdin", "err"), [
+    (b"\xff\xfe\n", "lrproxy hash-key: the key on stdin is not UTF-8 text\n"),
+    (None, "lrproxy hash-key: no key on stdin\n"),  # closed: Python's sys.stdin is None
+])
+def test_hash_key_on_odd_stdin_is_one_line_not_a_traceback(stdin: bytes | None, err: str) -> None:
+    """Bytes that are not UTF-8, or a closed stdin, are a usage error (64) in one line;
+    each was a Python traceback."""
+    if stdin is None:
+        proc = subprocess.run([sys.executable, "-m", "lrproxy", "hash-key"], stdin=None,
+                              capture_output=True, text=True, timeout=30,
+                              preexec_fn=lambda: os.close(0))
+    else:
+        proc = subprocess.run([sys.executable, "-m", "lrproxy", "hash-key"], input=stdin,
+                              capture_output=True, timeout=30)
+        proc.stderr = proc.stderr.decode()
+    assert (proc.returncode, proc.stderr) == (64, err)
 
 
 # ---------------------------------------------------------------------------------------

@@ -301,7 +301,7 @@ def classify_event(event: bytes) -> tuple[int, dict[str, Any] | None, bool]:
     except BadEvent:
         return Kind.MALFORMED, None, False
     if data is None:
-        if event.startswith(b"error:"):
+        if b"error:" in event:
             return _error_field(event, has_id)
         return Kind.PASS, None, has_id
     if data == DONE:
@@ -330,9 +330,13 @@ def _error_field(event: bytes, has_id: bool) -> tuple[int, dict[str, Any] | None
     The SDK, as the SSE standard, ignores the field; an error object in it is the
     upstream's error (Kind.ERROR, quoted to the client) rather than a stream cut short
     without a word. Anything else in it passes as any unknown field does."""
-    line = event.split(b"\n", 1)[0].rstrip(b"\r")[6:]
+    for line in event.splitlines():  # (beside an `id:` or `event: error` line, say)
+        if line.startswith(b"error:"):
+            break
+    else:
+        return Kind.PASS, None, has_id
     try:
-        err = orjson.loads(line)
+        err = orjson.loads(line[6:])
     except orjson.JSONDecodeError:
         return Kind.PASS, None, has_id
     if not isinstance(err, dict) or not err:

@@ -2286,14 +2286,15 @@ def test_upstream_error_object_mid_stream_is_quoted(
                                         "overloaded inside")
 
 
-@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+@pytest.mark.parametrize(("eol", "before"), [(b"\n", b""), (b"\r\n", b""),
+                                           (b"\n", b"event: error\n"), (b"\r\n", b"id: 7\r\n")])
 def test_llama_cpps_error_field_mid_stream_is_quoted(
-    make_stack: MakeStack, scripted: Callable[[Script], Scripted], eol: bytes
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], eol: bytes, before: bytes
 ) -> None:
     """llama.cpp's server (before 2025) failed a stream with an `error:` field, not
     `data:`, then ended it: the error event quotes its message, where it used to say
     only that the stream ended early; the field itself never reaches the client."""
-    field = (b'error: {"code":500,"message":"failed to decode the batch",'
+    field = (before + b'error: {"code":500,"message":"failed to decode the batch",'
              b'"type":"server_error"}' + eol + eol)
     up = scripted(lambda conn, n, body: ([sse_answer([chunk("calm ")]), field], False))
     stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))

@@ -424,6 +424,18 @@ def test_workers_told_to_stop_as_they_start_serve_what_queued_then_end(
         _stop_all(proxy)
 
 
+def _two_workers_logging_plain(tmp_path: Path, sim: SimThread) -> tuple[Proxy, Notify, int]:
+    """A supervisor of 2 workers in front of `sim`, logging plain lines, started (not
+    yet ready), with its notify socket and port."""
+    port = free_port()
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    return proxy, notify, port
+
+
 def test_sigterm_while_a_worker_restarts_resets_no_new_connection(
     tmp_path: Path, sim: SimThread
 ) -> None:
@@ -431,12 +443,7 @@ def test_sigterm_while_a_worker_restarts_resets_no_new_connection(
     and the supervisor closes its copy of that worker's socket as it tells it, so new
     connections go to the successor's socket (answered) or are refused, never queued on
     a socket no one will accept from (reset at the end)."""
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
-    notify = Notify(tmp_path)
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    proxy, notify, port = _two_workers_logging_plain(tmp_path, sim)
     try:
         workers = _ready(proxy, notify)
         victim = sorted(workers)[0]
@@ -465,12 +472,7 @@ def test_sigterm_while_a_worker_waits_for_its_restart_answers_its_queue(
     queues the connections the kernel hashes to it. SIGTERM then: the supervisor starts
     its successor at once to serve that queue and drain, rather than closing the socket
     on them (they used to be reset)."""
-    port = free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
-    notify = Notify(tmp_path)
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+    proxy, notify, port = _two_workers_logging_plain(tmp_path, sim)
     try:
         victim = sorted(_ready(proxy, notify))[0]
         os.kill(victim, signal.SIGKILL)

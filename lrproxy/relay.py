@@ -523,7 +523,7 @@ async def _try_candidates(
                 raise errors.InvalidRequest(
                     "The request body is nested too deeply to forward (over 254 levels).") \
                     from None
-        if payload.find(b"e+") >= 0:  # (a float of 1e16 or more, or text: rare)
+        if payload.find(b"+") >= 0:  # (a float of 1e16 or more, or text: rare; a memchr)
             payload = _as_sent(payload, obj, body)
         name = cand.upstream.name
         tried.append(name)

@@ -119,12 +119,16 @@ def _as_sent(payload: bytes, obj: dict[str, Any], body: bytes) -> bytes:
             return payload  # a float of the client's own
         sent.pop("route", None)
         sent["model"] = obj["model"]
-        if "stream_options" in obj:  # the client's members as it wrote them, but ours
-            exact = sent.get("stream_options") or {}
-            sent["stream_options"] = {k: exact[k] if k in exact and k != "include_usage"
-                                      else v for k, v in obj["stream_options"].items()}
-        else:
+        so = obj.get("stream_options")
+        if "stream_options" not in obj:  # (taken out for an upstream that refuses it)
             sent.pop("stream_options", None)
+        elif isinstance(so, dict):  # a stream's: the client's members as written, but ours
+            exact = sent.get("stream_options")
+            if not isinstance(exact, dict):
+                exact = {}
+            sent["stream_options"] = {k: exact[k] if k in exact and k != "include_usage"
+                                      else v for k, v in so.items()}
+        # (else a request that does not stream: the client's value, untouched)
         return _exact_dumps(sent)
     except (ValueError, RecursionError):
         return payload
@@ -138,7 +142,7 @@ def _exact_loads(body: bytes) -> dict[str, Any] | None:
         raise ValueError(word)
 
     try:
-        obj = json.loads(body, parse_constant=refuse)
+        obj = json.loads(body.decode(), parse_constant=refuse)  # (UTF-8 only, no BOM)
         if isinstance(obj, dict) and _big_int(obj) and _finite(obj):
             _exact_dumps(obj)  # (a lone surrogate, which orjson refuses, cannot be written)
             return obj
@@ -1346,8 +1350,7 @@ async def _relay_stream(
             resp.close()  # client stopped reading
             why = ("The stream reached timeouts.total before the client had taken it."
                    if asyncio.get_running_loop().time() >= deadline
-                   else f"None of the stream was taken for {protocol.SEND_TIMEOUT_S:g} s: "
-                   "the client was not reading it.")
+                   else f"The client took none of the stream for {protocol.SEND_TIMEOUT_S:g} s.")
             await _stream_error(rt, rec, prompt_chars, cand, region, tail,
                                 errors.RequestTimeout(why), out, request)
             return out

@@ -282,6 +282,8 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
         return resp
 
     app = web.Application(middlewares=[limits])
+    # a request refused before it is parsed (a 400, 414, 408) has its id too (SPEC §1)
+    app[protocol.REFUSED] = lambda status, code: protocol.request_id_of(None)
     app.router.add_get("/metrics", metrics)
     runner = protocol.Runner(app, header_timeout=header_timeout, access_log=None)
     await runner.setup()

@@ -1017,6 +1017,7 @@ def test_metrics_listener_has_the_header_deadline(
             took = time.monotonic() - t0
         assert got.startswith(b"HTTP/1.1 408 "), got[:200]
         assert b'"code":"request_timeout"' in got
+        assert re.search(rb"\r\nX-Request-Id: [0-9a-f]{32}\r\n", got), got[:300]
         assert 0.4 < took < 3.0
     finally:
         proxy.stop()

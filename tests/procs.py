@@ -56,11 +56,12 @@ def somaxconn() -> int:
 
 
 def port_refuses(port: int) -> bool:
-    """True when a TCP connect to 127.0.0.1:port is refused."""
+    """True when a TCP connect to 127.0.0.1:port is refused (or reset as it is made: a
+    probe that reached the queue of a listener closing under it; nothing was sent)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
 
 

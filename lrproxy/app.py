@@ -313,13 +313,8 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         resp = await _answer_error(rec, e)
         _close_if_body_unsent(request, resp)
     except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method
-        err = errors.not_routed(e.status, e.reason, request.method, request.raw_path,
-                                "this API")
+        err, resp = protocol.not_routed(request, e, "this API")
         rec.status, rec.error = e.status, err.code
-        resp = web.Response(status=e.status, body=errors.error_body(
-            err.message, err.type, err.code), content_type="application/json")
-        if e.status == 405 and "Allow" in e.headers:
-            resp.headers["Allow"] = e.headers["Allow"]
         _close_if_body_unsent(request, resp)
     except asyncio.CancelledError:
         if not rt.ended_by_drain(task):

@@ -88,15 +88,6 @@ class MethodNotAllowed(ProxyError):
     type = "invalid_request_error"
 
 
-def not_routed(status: int, reason: str, method: str, raw_path: str, where: str) -> ProxyError:
-    """aiohttp's router's refusal (404: no such path, 405: not that method) as ours, in
-    the OpenAI shape; `where` names what the listener serves."""
-    if status not in (404, 405):
-        return NotFound(reason)
-    return (MethodNotAllowed if status == 405 else NotFound)(
-        f"{method} {raw_path.partition('?')[0][:200]} is not part of {where}")
-
-
 class ModelNotFound(ProxyError):
     status = 404
     code = "model_not_found"

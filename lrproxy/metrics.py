@@ -21,7 +21,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
-from lrproxy import errors, protocol
+from lrproxy import protocol
 from lrproxy.config import NONE as NONE  # the words come from config, which reserves them
 from lrproxy.config import UNKNOWN as UNKNOWN
 from lrproxy.config import Listen
@@ -269,12 +269,8 @@ async def serve_metrics(registry: Callable[[], CollectorRegistry], listen: Liste
         try:
             resp: web.StreamResponse = await handler(request)
         except web.HTTPException as e:  # the router's 404 and 405: said as the API says them
-            err = errors.not_routed(e.status, e.reason, request.method, request.raw_path,
-                                    "the metrics listener (GET /metrics)")
-            resp = web.Response(status=e.status, body=err.body(), headers={
-                "Content-Type": "application/json", "Server": "lrproxy"})
-            if "Allow" in e.headers:
-                resp.headers["Allow"] = e.headers["Allow"]
+            resp = protocol.not_routed(request, e, "the metrics listener (GET /metrics)")[1]
+            resp.headers["Server"] = "lrproxy"
         finally:
             if isinstance(proto, protocol.LimitsHandler):
                 proto.lr_end()

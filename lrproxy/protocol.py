@@ -96,6 +96,21 @@ def request_id_of(value: str | None) -> str:
     return ID_PREFIX + "%016x" % (next(ids) & ID_MASK)  # %: faster than an f-string
 
 
+def not_routed(request: web.BaseRequest, e: web.HTTPException,
+               where: str) -> tuple[errors.ProxyError, web.Response]:
+    """aiohttp's router's refusal (404: no such path, 405: not that method, with its
+    Allow) as ours, in the OpenAI shape; `where` names what the listener serves."""
+    if e.status in (404, 405):
+        err: errors.ProxyError = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
+            f"{request.method} {request.raw_path.partition('?')[0][:200]} is not part of {where}")
+    else:
+        err = errors.NotFound(e.reason)
+    resp = web.Response(status=e.status, body=err.body(), content_type="application/json")
+    if "Allow" in e.headers:
+        resp.headers["Allow"] = e.headers["Allow"]
+    return err, resp
+
+
 def unsent(transport: asyncio.BaseTransport) -> int:
     """Bytes written to `transport` that its peer has not yet taken: the transport's
     buffer and the socket's send queue (SIOCOUTQ). Both shrink as a client reads, however

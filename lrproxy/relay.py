@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
@@ -111,39 +111,36 @@ def _as_sent(payload: bytes, obj: dict[str, Any], body: bytes) -> bytes:
     at = payload.find(b"e+")
     while at >= 0 and not payload[at - 1:at].isdigit():  # "e+" in text
         at = payload.find(b"e+", at + 2)
-    if at < 0:
-        return payload
-    try:
-        sent = json.loads(body)  # (checked by orjson: strict JSON)
-        if not _big_int(sent):
-            return payload  # a float of the client's own
-        sent.pop("route", None)
-        sent["model"] = obj["model"]
-        so = obj.get("stream_options")
-        if "stream_options" not in obj:  # (taken out for an upstream that refuses it)
-            sent.pop("stream_options", None)
-        elif isinstance(so, dict):  # a stream's: the client's members as written, but ours
-            exact = sent.get("stream_options")
-            if not isinstance(exact, dict):
-                exact = {}
-            sent["stream_options"] = {k: exact[k] if k in exact and k != "include_usage"
-                                      else v for k, v in so.items()}
-        # (else a request that does not stream: the client's value, untouched)
-        return _exact_dumps(sent)
-    except (ValueError, RecursionError):
-        return payload
+    sent = _exact_loads(body) if at >= 0 else None
+    if sent is None:
+        return payload  # (no "e+" after a digit, or a float of the client's own)
+    sent.pop("route", None)
+    sent["model"] = obj["model"]
+    so = obj.get("stream_options")
+    if "stream_options" not in obj:  # (taken out for an upstream that refuses it)
+        sent.pop("stream_options", None)
+    elif isinstance(so, dict):  # a stream's: the client's members as written, but ours
+        exact = sent.get("stream_options")
+        if not isinstance(exact, dict):
+            exact = {}
+        sent["stream_options"] = {k: exact[k] if k in exact and k != "include_usage"
+                                  else v for k, v in so.items()}
+    # (else a request that does not stream: the client's value, untouched)
+    return _exact_dumps(sent)
 
 
 def _exact_loads(body: bytes) -> dict[str, Any] | None:
-    """A body orjson refused, read by the standard library's json if it is strict JSON
-    that orjson cannot hold (an integer over 309 digits, which it reads as an infinite
-    float); None for anything else: NaN, Infinity, 1e999 stay refused."""
+    """The body read by the standard library's json, when it is strict JSON holding an
+    integer orjson cannot (beyond 64 bits: orjson makes a float of it; over 309 digits:
+    an infinite float, refused); None for anything else: NaN, Infinity, 1e999 stay
+    refused, and a body without such an integer is orjson's to read."""
     def refuse(word: str) -> None:
         raise ValueError(word)
 
     try:
         obj = json.loads(body.decode(), parse_constant=refuse)  # (UTF-8 only, no BOM)
-        if isinstance(obj, dict) and _big_int(obj) and _finite(obj):
+        if (isinstance(obj, dict) and _holds(obj, _beyond_64_bits)
+                and not _holds(obj, _infinite)):
             _exact_dumps(obj)  # (a lone surrogate, which orjson refuses, cannot be written)
             return obj
     except (ValueError, RecursionError):
@@ -151,29 +148,37 @@ def _exact_loads(body: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        value = value.values()
-    elif not isinstance(value, list):
-        return True
-    return all(_finite(v) for v in value)
+def _exact_payload(obj: dict[str, Any]) -> bytes:
+    """What orjson could not write: `obj` holding one of _exact_loads' integers, by the
+    standard library's json; else, nested over 254 levels, a 400."""
+    try:
+        if _holds(obj, _beyond_64_bits):
+            return _exact_dumps(obj)
+    except (ValueError, RecursionError):
+        pass
+    raise errors.InvalidRequest(
+        "The request body is nested too deeply to forward (over 254 levels).")
 
 
 def _exact_dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _big_int(value: Any) -> bool:
-    """Whether `value` holds an integer beyond what orjson reads as one."""
-    if isinstance(value, int):
-        return not -(1 << 63) <= value < 1 << 64
+def _beyond_64_bits(value: Any) -> bool:
+    return type(value) is int and not -(1 << 63) <= value < 1 << 64
+
+
+def _infinite(value: Any) -> bool:
+    return type(value) is float and not math.isfinite(value)
+
+
+def _holds(value: Any, pred: Callable[[Any], bool]) -> bool:
+    """Whether `value` or any value inside it (its objects' and arrays') is `pred`'s."""
     if isinstance(value, dict):
-        value = value.values()
-    elif not isinstance(value, list):
-        return False
-    return any(_big_int(v) for v in value)
+        return any(_holds(v, pred) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds(v, pred) for v in value)
+    return pred(value)
 
 
 def _parse_body(body: bytes, chat: bool, headers: CIMultiDictProxy[str]) -> tuple[
@@ -519,14 +524,7 @@ async def _try_candidates(
         try:
             payload = orjson.dumps(obj)
         except orjson.JSONEncodeError:  # orjson reads JSON 1024 levels deep, writes 254
-            try:  # (or one of _exact_loads' integers)
-                payload = _exact_dumps(obj) if _big_int(obj) else b""
-            except (ValueError, RecursionError):
-                payload = b""
-            if not payload:
-                raise errors.InvalidRequest(
-                    "The request body is nested too deeply to forward (over 254 levels).") \
-                    from None
+            payload = _exact_payload(obj)
         if payload.find(b"+") >= 0:  # (a float of 1e16 or more, or text: rare; a memchr)
             payload = _as_sent(payload, obj, body)
         name = cand.upstream.name
@@ -1216,6 +1214,7 @@ async def _relay_stream(
     # Moved before each read below, and before each write that waits for the client:
     # one that stops reading is held no longer than the request's total (SPEC §4).
     watch = rt.deadlines.watch(task)
+    client = request.transport  # (for the writes that wait for it: _send)
     idle, keepalive = tmo.idle, tmo.keepalive
     try:
         # (comments that came before a silence long enough to commit go as they came)
@@ -1228,7 +1227,7 @@ async def _relay_stream(
         # What comes with [DONE] goes out with the stream's end, in one write.
         last = data if tail.done else b""
         if data and not tail.done:
-            await _send(out.write(data), watch, deadline, request)
+            await _send(out.write(data), watch, deadline, client)
         if tail.failure is not None:
             raise _failure(tail, attempt.secret, not got_event)
         fast = _ChunkWriter.of(request)
@@ -1266,7 +1265,7 @@ async def _relay_stream(
                 if resp.gone():  # its framing broke (upstream.gone): no more is coming
                     raise errors.UpstreamConnectionLost("upstream connection lost") from None
                 await _send(out.write(KEEPALIVE_LINE if tail.ids else KEEPALIVE_EVENT),
-                            watch, deadline, request)
+                            watch, deadline, client)
                 continue
             finally:  # never armed outside the read: not while writing to the client
                 watch.armed = False
@@ -1293,9 +1292,9 @@ async def _relay_stream(
                 elif not data:
                     pass
                 elif fast is None:
-                    await _send(out.write(data), watch, deadline, request)
+                    await _send(out.write(data), watch, deadline, client)
                 elif fast.write(data):
-                    await _send(fast.drain(), watch, deadline, request)
+                    await _send(fast.drain(), watch, deadline, client)
                 if tail.failure is not None:
                     raise _failure(tail, attempt.secret, not got_event)
             elif len(splitter.held) > MAX_EVENT_BYTES:
@@ -1317,7 +1316,7 @@ async def _relay_stream(
         # for the client: nothing may follow it, see below.)
         finished = judged = True
         rt.pool.succeeded(cand.upstream.name, attempt.trial, attempt.held)
-        await _send(out.write_eof(last + end if last else end), watch, deadline, request)
+        await _send(out.write_eof(last + end if last else end), watch, deadline, client)
     except errors.UpstreamFailed as e:
         # timeouts.total is the proxy's own cap on a request, not the upstream's failure:
         # five long generations must not eject a healthy upstream
@@ -1402,18 +1401,17 @@ def _cut(request: web.BaseRequest) -> None:
 
 
 async def _send(write: Awaitable[None], watch: upstream.Watch, deadline: float,
-                request: web.BaseRequest) -> None:
+                client: asyncio.BaseTransport | None) -> None:
     """A write to a stream's client that may wait for it to read: under the request's
     total (`deadline`, on the stream's `watch`) and protocol.SEND_TIMEOUT_S with none of
     it taken (nginx's send_timeout, from the client's last read, as for a JSON answer),
     so that a client that stops reading does not hold its upstream, and their places,
     for long, while one that reads slowly is served."""
     now = asyncio.get_running_loop().time()
-    transport = request.transport
-    if transport is None:
+    if client is None:
         watch.arm(min(deadline, now + protocol.SEND_TIMEOUT_S))
     else:
-        watch.arm_send(now, transport, protocol.SEND_TIMEOUT_S, deadline)
+        watch.arm_send(now, client, protocol.SEND_TIMEOUT_S, deadline)
     try:
         await write
     finally:

@@ -456,9 +456,16 @@ async def _supervise(
         # the exit status says whether those running now stopped cleanly.
         running = [w for w in workers if w.proc is not None and w.proc.returncode is None]
         budget = loop.time() + config.server.shutdown_grace_s + 5  # for all of the stop
+        # Our copies of the listening sockets: held open, they would go on queueing new
+        # connections after a worker stops accepting, to reset them at exit. Each is
+        # closed once its worker has been told (its socket then goes when the worker
+        # closes it: connects are refused); a down worker's at once, unless it has a
+        # queue to answer.
         own = not inherited
         for w in workers if own else ():
-            if w not in running and any(s.fileno() != -1 for s in w.socks):
+            if w in running:
+                continue
+            if any(s.fileno() != -1 for s in w.socks):
                 # It served, died, and waits for its restart; its socket, held open, has
                 # queued what the kernel sent it meanwhile. Its successor, started now and
                 # told to stop once it serves, answers those before it drains.
@@ -470,14 +477,8 @@ async def _supervise(
                     log.error("worker %d: cannot start: %s", w.index, e.strerror or e)
                 else:
                     running.append(w)
-        # Our copies of the listening sockets: held open, they would go on queueing new
-        # connections after a worker stops accepting, to reset them at exit. Each is
-        # closed once its worker has been told (its socket then goes when the worker
-        # closes it: connects are refused); a down worker's at once.
-        if own:
-            for w in workers:
-                if w not in running:
-                    _close_all(w.socks)
+                    continue
+            _close_all(w.socks)
         # A worker still starting is told once it serves, or after START_WAIT_S: until
         # `python -m lrproxy` has set its handler, a SIGTERM would end it at once, and
         # the connections queued on its socket would be reset; serving, it drains them.

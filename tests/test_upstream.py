@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lrproxy import upstream
 from lrproxy.config import Upstream
@@ -363,3 +365,93 @@ async def test_a_101_answer_is_the_client_sessions(
             got.append(resp.status)
             resp.close()
     assert got == [101, 101]
+
+
+class _Proto:
+    """The part of aiohttp's protocol a StreamReader uses: pause and resume."""
+
+    def __init__(self) -> None:
+        self._reading_paused = False
+        self.connected = True
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+
+
+def _state(r: aiohttp.StreamReader) -> tuple[Any, ...]:
+    return (r._size, r._cursor, list(r._http_chunk_splits or ()), list(r._buffer),
+            r._buffer_offset)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=90), st.booleans()), max_size=30),
+       st.sampled_from([16, 64, 2 ** 16]))
+def test_a_buffered_read_is_readanys(chunks: list[tuple[bytes, bool]], limit: int) -> None:
+    """`_take_buffered` takes what aiohttp's `readany` takes, and leaves the reader as
+    it does (size, cursor, chunk ends), for any HTTP chunks, read after any of them;
+    it leaves a reader whose protocol has paused to readany, which resumes it."""
+    assert upstream._TAKE_BUFFERED  # (on this aiohttp, reads of _Direct take this way)
+    loop = asyncio.new_event_loop()
+    try:
+        ours, theirs = (aiohttp.StreamReader(_Proto(), limit, loop=loop),  # type: ignore[arg-type]
+                        aiohttp.StreamReader(_Proto(), limit, loop=loop))  # type: ignore[arg-type]
+        for r in (ours, theirs):
+            r.begin_http_chunk_receiving()
+        taken, read = b"", b""
+        for data, read_now in [*chunks, (b"", True)]:
+            for r in (ours, theirs):
+                if data:
+                    r.feed_data(data)
+                    r.end_http_chunk_receiving()
+            if not read_now:
+                continue
+            if not ours._buffer:  # (readany would wait for more)
+                assert upstream._take_buffered(ours) == b""
+                continue
+            paused = ours._protocol._reading_paused
+            before = _state(ours)
+            got = upstream._take_buffered(ours)
+            if paused:
+                assert got == b"" and _state(ours) == before
+                got = loop.run_until_complete(ours.readany())
+            taken += got
+            read += loop.run_until_complete(theirs.readany())
+            assert taken == read and _state(ours) == _state(theirs)
+        assert taken == b"".join(d for d, _ in chunks)
+    finally:
+        loop.close()
+
+
+async def test_a_stream_that_outruns_its_reader_comes_whole(
+        session: aiohttp.ClientSession, servers: Servers) -> None:
+    """An upstream that sends faster than the proxy reads fills aiohttp's buffer, which
+    pauses the connection; the body still comes whole and in order (the read that
+    resumes it is aiohttp's own)."""
+    events = [b"data: {\"n\": %d, \"pad\": \"%s\"}\n\n" % (i, b"x" * 900) for i in range(600)]
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request_of(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        for ev in events:
+            w.write(b"%x\r\n%b\r\n" % (len(ev), ev))
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    target = _target(await servers(serve))
+    resp = await _send(session, target, b"{}", stream=True)
+    assert target.direct
+    out, paused = b"", 0
+    await asyncio.sleep(0.2)  # (the upstream's ~550 KB are out by now)
+    while True:
+        paused += resp.content._protocol._reading_paused
+        if not (data := await asyncio.wait_for(resp.read_some(), 5.0)):
+            break
+        out += data
+    resp.release()
+    assert out == b"".join(events)
+    assert paused  # (the case this is about: the buffer's high water was reached)

@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,10 +38,23 @@ _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now: racy (anything may take
+    it before the server binds it), so only for a port that must be known before the
+    start. Otherwise listen on port 0 and read the port off the log (`bound_ports`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# The API's address as bound, in lrproxy's start line (cli._serve: one process, or each
+# worker) and in the workers' supervisor's once all are ready (workers._supervise).
+_BOUND_RE = re.compile(r"(?:listening|workers serving) on http://(?:\[[^\]]+\]|[^/:\s]+):(\d+)/api/v1")
+
+
+def bound_ports(log: str) -> list[int]:
+    """The API ports named by the start lines in lrproxy's stderr `log`, in order (with
+    port 0 in its config, the one the kernel picked)."""
+    return [int(m[1]) for m in _BOUND_RE.finditer(log)]
 
 
 def listen_backlogs(port: int) -> list[int]:
@@ -305,8 +319,26 @@ class Proxy:
             raise AssertionError(f"lrproxy did not exit within {timeout}s; stderr:\n"
                                  f"{self.stderr}") from None
 
+    def wait_port(self, timeout: float = 15.0) -> int:
+        """The API port lrproxy's start line names (its config may say port 0), once it is
+        logged; kept as `port`. Every start line (each worker's) names the same one."""
+
+        def logged() -> list[int]:
+            if ports := bound_ports(self.stderr):
+                return ports
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lrproxy exited with {self.proc.returncode}:\n{self.stderr}")
+            return []
+
+        ports = set(wait_for(logged, timeout, "lrproxy's start line", step=0.02))
+        assert len(ports) == 1 and 0 not in ports, (ports, self.stderr)
+        self.port = ports.pop()
+        return self.port
+
     def wait_healthy(self, timeout: float = 15.0) -> None:
-        assert self.port is not None
+        """/healthz answers 200 on `port`; without one, on the port the start line names."""
+        if self.port is None:
+            self.wait_port(timeout)
 
         def healthy() -> bool:
             if self.proc.poll() is not None:

@@ -100,12 +100,11 @@ class _Runner(threading.Thread):
 
 def test_reload_under_load_loses_nothing(tmp_path: Path, sim: SimThread) -> None:
     """SDK streams and plain requests across a good and a bad SIGHUP all end in full."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, intensity=100))
+    cfg.write_text(config_toml(sim.base_url, 0, intensity=100))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=str(notify.path)), port=port)
+                  env=child_env(NOTIFY_SOCKET=str(notify.path)))
     results: list[tuple[str, float, float, float]] = []  # kind, intensity, began, ended
     failures: list[BaseException] = []
     stop = threading.Event()
@@ -134,6 +133,7 @@ def test_reload_under_load_loses_nothing(tmp_path: Path, sim: SimThread) -> None
     threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
     try:
         notify.wait_for("READY", 20)
+        port = proxy.wait_port()  # (for `load` too: its threads start below)
         for t in threads:
             t.start()
         # One long stream that begins before the reload and ends after it.
@@ -142,7 +142,7 @@ def test_reload_under_load_loses_nothing(tmp_path: Path, sim: SimThread) -> None
             long.start()
             wait_for(lambda: len(results) >= 8 or failures, 10, "load to run")
 
-            cfg.write_text(config_toml(sim.base_url, port, intensity=200))
+            cfg.write_text(config_toml(sim.base_url, 0, intensity=200))
             t_hup = time.monotonic()
             proxy.signal(signal.SIGHUP)
             notify.wait_for("RELOADING", 5)
@@ -151,7 +151,7 @@ def test_reload_under_load_loses_nothing(tmp_path: Path, sim: SimThread) -> None
             n_good = len(results)
             wait_for(lambda: len(results) >= n_good + 8 or failures, 10, "load after the reload")
 
-            cfg.write_text(broken_toml(sim.base_url, port))
+            cfg.write_text(broken_toml(sim.base_url, 0))
             proxy.signal(signal.SIGHUP)
             notify.wait_for("RELOADING", 5)
             notify.wait_for("READY", 5)
@@ -186,18 +186,18 @@ def test_reload_under_load_loses_nothing(tmp_path: Path, sim: SimThread) -> None
 
 def test_stream_in_flight_finishes_on_its_config(tmp_path: Path, sim: SimThread) -> None:
     """A stream in flight across a reload that renames its region ends in full, on its old config."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, intensity=100))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    cfg.write_text(config_toml(sim.base_url, 0, intensity=100))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         with _client(port) as client:
             chunks = iter(client.chat.completions.create(
                 model=MODEL, messages=MESSAGES, stream=True,  # type: ignore[arg-type]
                 extra_body={"sim": {"chunks": 5, "chunk_delay_s": 0.15}}))
             first = next(chunks)
-            cfg.write_text(config_toml(sim.base_url, port, intensity=200).replace("r1", "r2"))
+            cfg.write_text(config_toml(sim.base_url, 0, intensity=200).replace("r1", "r2"))
             proxy.signal(signal.SIGHUP)
             wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
             upstream = [r for r in list(sim.sim.requests) if r.path.endswith("/chat/completions")]
@@ -218,11 +218,11 @@ def test_request_in_flight_across_a_reload_that_renames_its_upstream(
 ) -> None:
     """A request whose body is still arriving when a reload renames its only upstream is
     answered on the config it began with (SPEC §6), not with a 500."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    cfg.write_text(config_toml(sim.base_url, 0))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         body = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
@@ -232,7 +232,7 @@ def test_request_in_flight_across_a_reload_that_renames_its_upstream(
             conn.putheader(k, v)
         conn.endheaders(body[:10])  # the headers and a first piece of the body
         time.sleep(0.2)
-        cfg.write_text(config_toml(sim.base_url, port).replace('name = "sim"', 'name = "sim2"'))
+        cfg.write_text(config_toml(sim.base_url, 0).replace('name = "sim"', 'name = "sim2"'))
         proxy.signal(signal.SIGHUP)
         wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
         conn.send(body[10:])
@@ -263,10 +263,9 @@ def _with_ca_file(toml: str, ca: Path) -> str:
 def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim: SimThread) -> None:
     """A ca_file that cannot be loaded: check-config and serve exit 78 with one line naming
     the key; a reload to it is refused and the old config keeps serving (SPEC §4, §6)."""
-    port = free_port()
     bad_pem = tmp_path / "not-a-ca.pem"
     bad_pem.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
-    good = config_toml(sim.base_url, port)
+    good = config_toml(sim.base_url, 0)
     for ca, why in ((tmp_path / "missing.pem", "No such file or directory"), (bad_pem, "")):
         bad = tmp_path / "bad.toml"
         bad.write_text(_with_ca_file(good, ca))
@@ -278,8 +277,9 @@ def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim
             assert "bad.toml: upstreams[0].ca_file: cannot load" in lines[0] and why in lines[0]
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(good)
-    proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain"], tmp_path, port=port)
+    proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain"], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         cfg.write_text(_with_ca_file(good.replace('name = "sim"', 'name = "sim2"'),
                                      tmp_path / "missing.pem"))
@@ -296,12 +296,12 @@ def test_bad_ca_file_is_a_config_problem_at_start_and_reload(tmp_path: Path, sim
 def test_reload_names_what_waits_for_a_restart(tmp_path: Path, sim: SimThread) -> None:
     """A reload that changes settings a running process cannot change (its sockets, the
     upstream session's proxy settings, the header timer) says which, and keeps them."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    good = config_toml(sim.base_url, port)
+    good = config_toml(sim.base_url, 0)
     cfg.write_text(good)
-    proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain"], tmp_path, port=port)
+    proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain"], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         cfg.write_text(good.replace("[server]\n", "[server]\ntrust_env = true\n").replace(
             "[timeouts]\n", "[timeouts]\nclient_header = 3\n"))
@@ -334,15 +334,15 @@ def _reloads(mport: int) -> dict[str, float] | None:
 def test_good_reload_is_counted_ok(tmp_path: Path, sim: SimThread) -> None:
     """A good SIGHUP reload adds one to lrproxy_config_reloads_total{result="ok"} and
     leaves result="error" at 0 (SPEC §5, §6): a reload alert must not see it as failed."""
-    port, mport = free_port(), free_port()
+    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
     extra = f'metrics_listen = "127.0.0.1:{mport}"\n'
-    cfg.write_text(config_toml(sim.base_url, port, intensity=100, extra_server=extra))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    cfg.write_text(config_toml(sim.base_url, 0, intensity=100, extra_server=extra))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
     try:
         proxy.wait_healthy()
         assert wait_for(lambda: _reloads(mport), 5, "/metrics") == {"ok": 0.0, "error": 0.0}
-        cfg.write_text(config_toml(sim.base_url, port, intensity=200, extra_server=extra))
+        cfg.write_text(config_toml(sim.base_url, 0, intensity=200, extra_server=extra))
         proxy.signal(signal.SIGHUP)
         wait_for(lambda: "config reloaded" in proxy.stderr, 5, "the reload")
         assert _reloads(mport) == {"ok": 1.0, "error": 0.0}
@@ -355,15 +355,15 @@ def test_reload_reads_the_feeds_it_names_at_once(tmp_path: Path, sim: SimThread)
     without waiting for the poller's next pass (5 s)."""
     import datetime as dt
 
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    good = config_toml(sim.base_url, port, intensity=100)
+    good = config_toml(sim.base_url, 0, intensity=100)
     cfg.write_text(good)
     feed = tmp_path / "r1.json"
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     feed.write_text(json.dumps({"zone": "FR", "carbonIntensity": 42, "datetime": now}))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         with _client(port) as client:
             assert _plain(client, {}) == 100
@@ -378,11 +378,11 @@ def test_reload_reads_the_feeds_it_names_at_once(tmp_path: Path, sim: SimThread)
 def test_auto_without_auto_models_is_404_and_logged(tmp_path: Path, sim: SimThread) -> None:
     """No [auto] section: lowrouter/auto is a 404 the SDK raises as NotFoundError (not a 503
     to retry for ever), and the start says so."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, auto=False))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    cfg.write_text(config_toml(sim.base_url, 0, auto=False))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         with _client(port) as client, pytest.raises(openai.NotFoundError) as info:
             client.chat.completions.create(model="lowrouter/auto", messages=MESSAGES)  # type: ignore[arg-type]
@@ -402,12 +402,12 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread,
                                            sig: signal.Signals) -> None:
     """SIGTERM, or SIGINT (SPEC §6: the same): new connections refused, requests in
     flight (kept-alive too) finish, then exit 0."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
-    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    cfg.write_text(config_toml(sim.base_url, 0))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
+    kept = http.client.HTTPConnection("127.0.0.1", 0, timeout=15)  # its port once known
     try:
+        kept.port = port = proxy.wait_port()
         proxy.wait_healthy()
         status, headers, _ = _raw_post(kept, {})
         assert status == 200 and headers.get("Connection") != "close"  # kept alive
@@ -445,11 +445,11 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread,
 
 
 def _healthy(tmp_path: Path, sim: SimThread, *args: str) -> Proxy:
-    """`lrproxy serve --no-access-log ARGS` on a free port in front of `sim`, healthy."""
-    port = free_port()
+    """`lrproxy serve --no-access-log ARGS` on port 0 in front of `sim`, healthy (its
+    `port`, the one it bound)."""
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", *args], tmp_path, port=port)
+    cfg.write_text(config_toml(sim.base_url, 0))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", *args], tmp_path)
     try:
         proxy.wait_healthy()
     except BaseException:
@@ -569,13 +569,12 @@ def _raw_stream(port: int, sim: dict[str, Any]) -> bytes:
 
 
 def _serving(tmp_path: Path, sim: SimThread, args: Sequence[str] = (),
-             **toml: Any) -> tuple[Proxy, int]:
-    """`lrproxy serve` (not yet healthy) in front of `sim` on a free port, with
-    `config_toml(..., **toml)` and the extra `args`; its port."""
-    port = free_port()
+             **toml: Any) -> Proxy:
+    """`lrproxy serve` (not yet healthy) in front of `sim` on port 0, with
+    `config_toml(..., **toml)` and the extra `args` (`wait_healthy` learns its port)."""
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, **toml))
-    return Proxy(["serve", "--config", str(cfg), *args], tmp_path, port=port), port
+    cfg.write_text(config_toml(sim.base_url, 0, **toml))
+    return Proxy(["serve", "--config", str(cfg), *args], tmp_path)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -584,8 +583,8 @@ def test_sighup_while_stopping_changes_no_exit_status(
 ) -> None:
     """A SIGHUP that comes as the proxy stops (a reload script, `systemctl reload` racing
     a stop) reloads nothing and does not end it with 129: SIGTERM still exits 0."""
-    proxy, _ = _serving(tmp_path, sim, ["--no-access-log"], grace=1,
-                        extra_server=f"workers = {workers}\n" if workers > 1 else "")
+    proxy = _serving(tmp_path, sim, ["--no-access-log"], grace=1,
+                     extra_server=f"workers = {workers}\n" if workers > 1 else "")
     try:
         proxy.wait_healthy()
         if workers > 1:
@@ -618,6 +617,8 @@ def test_sighup_while_starting_is_a_reload_once_it_serves(
     `systemctl reload`, which waits for READY=1) used to end it with 129, without a word:
     it is now noted and done once it serves, after its READY=1, so the file as it is
     then is in force."""
+    # Fixed ports: the API's is checked to be refused while it starts (before any start
+    # line), and lrproxy does not log the port it binds for /metrics.
     port, mport = free_port(), free_port()
     cfg = tmp_path / "lrproxy.toml"
     extra = f'metrics_listen = "127.0.0.1:{mport}"\n' + (
@@ -649,7 +650,7 @@ def test_sighup_while_starting_is_a_reload_once_it_serves(
 def test_sighup_while_the_demo_starts_stops_it(tmp_path: Path) -> None:
     """--demo takes SIGHUP as its terminal's hangup, also while it starts: it stops,
     says so and exits 0 (it used to die with 129, without a word)."""
-    port = free_port()
+    port = free_port()  # fixed: checked to be refused while it starts, before its start line
     proxy = Proxy(["serve", "--demo", "--listen", f"127.0.0.1:{port}"], tmp_path, port=port)
     try:
         wait_for(lambda: proxy.proc.poll() is not None or _catches(proxy.pid, signal.SIGHUP),
@@ -677,8 +678,9 @@ def test_drain_deadline_answers_waiting_requests_with_503(tmp_path: Path, sim: S
     """Past shutdown_grace_s a request whose upstream has not answered yet, JSON or a
     stream before its first event, gets 503 shutting_down with Retry-After, never a cut
     connection, and is counted so (SPEC §6)."""
-    proxy, port = _serving(tmp_path, sim, grace=0.5)
+    proxy = _serving(tmp_path, sim, grace=0.5)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         late = {"headers_delay_s": 5}
         with _client(port) as client:
@@ -705,11 +707,11 @@ def test_drain_deadline_answers_waiting_requests_with_503(tmp_path: Path, sim: S
 
 def test_drain_deadline_ends_streams_with_error_event(tmp_path: Path, sim: SimThread) -> None:
     """Past shutdown_grace_s an open stream gets the §1.1 error event (SDK APIError), no cut."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=0.5))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    cfg.write_text(config_toml(sim.base_url, 0, grace=0.5))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         slow = {"chunks": 10, "chunk_delay_s": 0.5}  # ~5 s
         with _client(port) as client:
@@ -748,12 +750,12 @@ def test_drain_deadline_ends_streams_with_error_event(tmp_path: Path, sim: SimTh
 def test_drain_deadline_during_a_keepalive_commit(tmp_path: Path, sim: SimThread) -> None:
     """A stream committed with keep-alives while its upstream still holds its headers: past
     shutdown_grace_s it gets the shutting_down error event too, never a second status line."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=0.6).replace(
+    cfg.write_text(config_toml(sim.base_url, 0, grace=0.6).replace(
         "idle = 20", "idle = 20\nkeepalive = 0.2"))
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, port=port)
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         before = sim.chat_requests()
         raw = _Runner(_raw_stream, port, {"headers_delay_s": 10})
@@ -780,14 +782,14 @@ def test_access_lines_are_gathered_and_written_by_the_flush_and_at_exit(
 ) -> None:
     """Access lines wait for --access-log-flush-ms and go out whole; those still waiting
     at SIGTERM are written before the exit, one valid JSON line per request."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
+    cfg.write_text(config_toml(sim.base_url, 0))
     (tmp_path / "slow").mkdir()
     (tmp_path / "fast").mkdir()
     slow = Proxy(["serve", "--config", str(cfg), "--access-log-flush-ms=600000"],
-                 tmp_path / "slow", port=port)
+                 tmp_path / "slow")
     try:
+        port = slow.wait_port()
         slow.wait_healthy()
         with _client(port) as client:
             for _ in range(5):
@@ -800,11 +802,11 @@ def test_access_lines_are_gathered_and_written_by_the_flush_and_at_exit(
         assert [a["model"] for a in lines if a["status"] == 200] == [MODEL] * 5
     finally:
         slow.stop()
-    port = free_port()
-    cfg.write_text(config_toml(sim.base_url, port))
+    cfg.write_text(config_toml(sim.base_url, 0))
     fast = Proxy(["serve", "--config", str(cfg), "--access-log-flush-ms=50"],
-                 tmp_path / "fast", port=port)
+                 tmp_path / "fast")
     try:
+        port = fast.wait_port()
         fast.wait_healthy()
         with _client(port) as client:
             for _ in range(40):  # ~14 KiB of lines: written in pieces of whole lines
@@ -826,11 +828,11 @@ def test_serve_on_either_event_loop(tmp_path: Path, sim: SimThread, loop: str) -
     answers, and the start line names the loop."""
     import importlib.util
 
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
-    proxy = Proxy(["serve", "--config", str(cfg), f"--loop={loop}"], tmp_path, port=port)
+    cfg.write_text(config_toml(sim.base_url, 0))
+    proxy = Proxy(["serve", "--config", str(cfg), f"--loop={loop}"], tmp_path)
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         with _client(port) as client:
             _plain(client, {})
@@ -846,13 +848,13 @@ def test_serve_on_either_event_loop(tmp_path: Path, sim: SimThread, loop: str) -
 def test_listen_option_overrides_the_configs(tmp_path: Path, sim: SimThread, workers: int) -> None:
     """`serve --config FILE --listen HOST:PORT` (SPEC §6) serves on the option's address,
     not the file's `server.listen`, with one process and with workers."""
-    port, other = free_port(), free_port()
+    port = free_port()  # the file's: fixed, as it must be found refused
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, port, extra_server=(
         f"workers = {workers}\n" if workers > 1 else "")))
-    proxy = Proxy(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{other}"], tmp_path,
-                  port=other)
+    proxy = Proxy(["serve", "--config", str(cfg), "--listen", "127.0.0.1:0"], tmp_path)
     try:
+        other = proxy.wait_port()
         proxy.wait_healthy()
         assert _plain(_client(other), {}) == 100
         assert port_refuses(port)
@@ -866,7 +868,7 @@ def test_loop_uvloop_without_uvloop_is_a_usage_error(tmp_path: Path) -> None:
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['uvloop'] = None\n")
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml("http://127.0.0.1:9/v1", free_port()))
+    cfg.write_text(config_toml("http://127.0.0.1:9/v1", 0))
     r = subprocess.run([*LRPROXY, "serve", "--config", str(cfg), "--loop", "uvloop"],
                        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
                        env=child_env(PYTHONPATH=str(hide)))
@@ -883,14 +885,14 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path, taken: str) -> None:
     """The API or the /metrics address already in use: one `cannot listen on` line naming
     it, exit 1, no traceback and no unclosed session, whichever of the two it is."""
-    port, mport = free_port(), free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml("http://127.0.0.1:9/v1", port,
-                               extra_server=f'metrics_listen = "127.0.0.1:{mport}"\n'))
-    busy = port if taken == "listen" else mport
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", busy))
+    with socket.socket() as holder:  # the taken port: the holder's, on port 0; the other, 0
+        holder.bind(("127.0.0.1", 0))
         holder.listen()
+        busy = holder.getsockname()[1]
+        port, mport = (busy, 0) if taken == "listen" else (0, busy)
+        cfg = tmp_path / "lrproxy.toml"
+        cfg.write_text(config_toml("http://127.0.0.1:9/v1", port,
+                                   extra_server=f'metrics_listen = "127.0.0.1:{mport}"\n'))
         r = _run("serve", "--config", str(cfg), "--log-format", "plain", "--no-access-log")
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{busy}"), r.stderr
@@ -899,7 +901,7 @@ def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path, taken: str) -> None
 
 def test_listen_and_metrics_listen_on_one_address_is_refused(tmp_path: Path) -> None:
     """--metrics-listen equal to the API address is a usage error (64), not a crash."""
-    port = free_port()
+    port = free_port()  # a real one, as port 0 twice is two ports; nothing binds it
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml("http://127.0.0.1:9/v1", port))
     r = _run("serve", "--config", str(cfg), "--metrics-listen", f"127.0.0.1:{port}")
@@ -979,13 +981,13 @@ def test_metrics_listener_has_the_header_deadline(
     a scrape is served as before, and a kept-alive scraper's next one too (the first
     version sent it an unasked 408 client_header after the connection opened, which
     real Prometheus took for its answer). One process or the workers' supervisor alike."""
-    port, mport = free_port(), free_port()
+    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
     extra = f'metrics_listen = "127.0.0.1:{mport}"\n' + (
         f"workers = {workers}\n" if workers > 1 else "")
-    cfg.write_text(config_toml(sim.base_url, port, extra_server=extra).replace(
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server=extra).replace(
         "[timeouts]\n", "[timeouts]\nclient_header = 0.5\n"))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path)
     try:
         proxy.wait_healthy()
         conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=5)

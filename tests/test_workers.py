@@ -94,15 +94,16 @@ def _metric(port: int, name: str) -> float:
 def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, sim: SimThread) -> None:
     """Two workers share the port; /metrics sums both; SIGHUP reaches both; a killed worker is
     replaced; SIGTERM stops all with exit 0, READY=1 only once every worker is ready."""
-    port, mport = free_port(), free_port()
+    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server=(
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server=(
         f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--loop=asyncio"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         workers = _ready(proxy, notify)
+        port = proxy.wait_port()
         started = [ln for ln in proxy.stderr.splitlines() if "listening on" in ln]
         assert len(started) == 2 and all("(asyncio)" in ln for ln in started)  # its --loop
         # each worker's socket keeps the backlog one process has (aiohttp's default: 128)
@@ -154,11 +155,11 @@ def _series(port: int, name: str) -> dict[str, float]:
 def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) -> None:
     """With workers, /metrics shows the gauges of the accepted config only: not a dead
     worker's old figure, nor an upstream or region a reload removed (SPEC §5)."""
-    port, mport = free_port(), free_port()
+    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
 
     def write(intensity: float, upstream: str, region: str) -> None:
-        cfg.write_text(config_toml(sim.base_url, port, intensity=intensity, extra_server=(
+        cfg.write_text(config_toml(sim.base_url, 0, intensity=intensity, extra_server=(
             f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')).replace(
             'name = "sim"', f'name = "{upstream}"').replace('"r1"', f'"{region}"').replace(
             "[regions.r1]", f"[regions.{region}]"))
@@ -166,7 +167,7 @@ def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) ->
     write(300, "sim", "r1")
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+                  env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         workers = _ready(proxy, notify)
         assert _series(mport, "lrproxy_grid_intensity_g_per_kwh") == {"r1": 300}
@@ -201,16 +202,16 @@ def test_supervisor_reload_that_fails_unexpectedly_still_ends_ready(
     """A reload the supervisor cannot even attempt (here its private copy's directory
     is in the way) is refused and logged, and systemd still gets READY=1 after
     RELOADING=1 (SPEC §6), or `systemctl reload` would hang."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 2\n"))
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain", "--no-access-log"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path, TMPDIR=str(tmp)), port=port)
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path, TMPDIR=str(tmp)))
     try:
         assert notify.wait_for("READY", 30)["READY"] == "1"
+        port = proxy.wait_port()
         [run] = list(tmp.iterdir())
         blocker = run / "candidate"
         if blocker.exists():
@@ -230,15 +231,15 @@ def test_two_workers_hold_a_keys_rate_together(tmp_path: Path, sim: SimThread) -
     """A key's rate_per_s holds for the service, not per worker (buckets.SharedBuckets):
     at 0.5 a second (a burst of 1), requests on 12 new connections, which the kernel
     spreads over both workers, get one 200 and 429s, not one 200 per worker."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n").replace(
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 2\n").replace(
         '{ name = "ops", sha256', '{ name = "ops", rate_per_s = 0.5, sha256'))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+                  env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         assert notify.wait_for("READY", 30)["READY"] == "1"
+        port = proxy.wait_port()
         t0 = time.monotonic()
         got = [_chat_on_a_new_connection(port) for _ in range(12)]
         elapsed = time.monotonic() - t0
@@ -276,12 +277,11 @@ def test_two_workers_refuse_new_connections_while_they_drain(
     refused at once, as with one process,
     while a request in flight finishes (the supervisor's copies of the listening sockets
     would otherwise queue them until every worker has exited, then reset them)."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 2\n"))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+                  env=child_env(NOTIFY_SOCKET=notify.path))
     result: dict[str, Any] = {}
 
     def slow() -> None:
@@ -293,6 +293,7 @@ def test_two_workers_refuse_new_connections_while_they_drain(
 
     try:
         assert notify.wait_for("READY", 30)["READY"] == "1"
+        port = proxy.wait_port()  # (for `slow` too)
         before = sim.chat_requests()
         t = threading.Thread(target=slow, daemon=True)
         t.start()
@@ -314,14 +315,14 @@ def test_two_workers_answer_the_connections_queued_before_sigterm(
 ) -> None:
     """With 2 workers, connections queued on the workers' sockets when SIGTERM came (both
     workers stopped: SIGSTOP) are each answered, not reset as the sockets close."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 2\n"))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", f"--loop={loop}"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         workers = _ready(proxy, notify)
+        port = proxy.wait_port()
         for w in workers:
             os.kill(w, signal.SIGSTOP)
         try:
@@ -342,6 +343,7 @@ def test_sigterm_while_the_workers_start_answers_what_queued(tmp_path: Path, sim
     tells each once it serves (a worker ended before its handler is there would take
     its socket's queued connections with it, reset), so each queued request is answered
     and the exit is 0."""
+    # fixed: connected to as soon as it listens, before any worker (or line) says which
     port = free_port()
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
@@ -361,6 +363,7 @@ def _stuck_workers(tmp_path: Path, sim: SimThread, grace: float) -> tuple[Proxy,
     (as a hung mount would): the supervisor and the FIFO, once they are stuck on it."""
     fifo = tmp_path / "feed.json"
     os.mkfifo(fifo)
+    # fixed: the workers never start, so no line names the port the supervisor bound
     port = free_port()
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, port, grace=grace, extra_server="workers = 2\n")
@@ -424,16 +427,15 @@ def test_workers_told_to_stop_as_they_start_serve_what_queued_then_end(
         _stop_all(proxy)
 
 
-def _two_workers_logging_plain(tmp_path: Path, sim: SimThread) -> tuple[Proxy, Notify, int]:
-    """A supervisor of 2 workers in front of `sim`, logging plain lines, started (not
-    yet ready), with its notify socket and port."""
-    port = free_port()
+def _two_workers_logging_plain(tmp_path: Path, sim: SimThread) -> tuple[Proxy, Notify]:
+    """A supervisor of 2 workers in front of `sim` on port 0, logging plain lines,
+    started (not yet ready), with its notify socket."""
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 2\n"))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
-    return proxy, notify, port
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
+    return proxy, notify
 
 
 def test_sigterm_while_a_worker_restarts_resets_no_new_connection(
@@ -443,9 +445,10 @@ def test_sigterm_while_a_worker_restarts_resets_no_new_connection(
     and the supervisor closes its copy of that worker's socket as it tells it, so new
     connections go to the successor's socket (answered) or are refused, never queued on
     a socket no one will accept from (reset at the end)."""
-    proxy, notify, port = _two_workers_logging_plain(tmp_path, sim)
+    proxy, notify = _two_workers_logging_plain(tmp_path, sim)
     try:
         workers = _ready(proxy, notify)
+        port = proxy.wait_port()
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: len(c := _children(proxy.pid)) == 2 and victim not in c, 15,
@@ -472,9 +475,10 @@ def test_sigterm_while_a_worker_waits_for_its_restart_answers_its_queue(
     queues the connections the kernel hashes to it. SIGTERM then: the supervisor starts
     its successor at once to serve that queue and drain, rather than closing the socket
     on them (they used to be reset)."""
-    proxy, notify, port = _two_workers_logging_plain(tmp_path, sim)
+    proxy, notify = _two_workers_logging_plain(tmp_path, sim)
     try:
         victim = sorted(_ready(proxy, notify))[0]
+        port = proxy.wait_port()
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: f"(pid {victim}) exited with -9; restarting in 0.5s" in proxy.stderr,
                  5, "the supervisor to note the death", step=0.005)
@@ -508,18 +512,18 @@ def test_two_workers_a_taken_port_leaves_nothing_behind(tmp_path: Path, taken: s
     exit 1 as with one process, no worker left running and no temporary directory left.
     A holder with SO_REUSEPORT (another instance's workers) is no exception: joining its
     group would split the traffic between the two."""
-    port, mport = free_port(), free_port()
-    cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml("http://127.0.0.1:9/v1", port, extra_server=(
-        f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')))
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    busy = mport if taken == "metrics_listen" else port
-    with socket.socket() as holder:
+    cfg = tmp_path / "lrproxy.toml"
+    with socket.socket() as holder:  # the taken port: the holder's, on port 0; the other, 0
         if taken == "listen_reuseport":
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind(("127.0.0.1", busy))
+        holder.bind(("127.0.0.1", 0))
         holder.listen()
+        busy = holder.getsockname()[1]
+        port, mport = (0, busy) if taken == "metrics_listen" else (busy, 0)
+        cfg.write_text(config_toml("http://127.0.0.1:9/v1", port, extra_server=(
+            f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')))
         proxy = Proxy(["serve", "--config", str(cfg), "--log-format", "plain", "--no-access-log"],
                       tmp_path, env=child_env(TMPDIR=str(tmp)))
         try:
@@ -538,18 +542,18 @@ def test_two_workers_a_taken_port_leaves_nothing_behind(tmp_path: Path, taken: s
 def test_two_workers_end_with_their_supervisor(tmp_path: Path, sim: SimThread) -> None:
     """A supervisor killed by SIGKILL takes its workers with it: none goes on serving the
     old config on the port, outside any /metrics."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=2, extra_server="workers = 2\n"))
+    cfg.write_text(config_toml(sim.base_url, 0, grace=2, extra_server="workers = 2\n"))
     tmp = tmp_path / "tmp"  # where the killed supervisor leaves its directory
     tmp.mkdir()
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
-                  env=child_env(TMPDIR=str(tmp)), port=port)
+                  env=child_env(TMPDIR=str(tmp)))
     workers: set[int] = set()
     try:
         workers = wait_for(lambda: w if len(w := _children(proxy.pid)) == 2 else None, 30,
                            "two workers")
         wait_for(lambda: proxy.stderr.count("listening on") == 2, 30, "both listening")
+        port = proxy.wait_port()
         assert _chat_on_a_new_connection(port) == 200
         proxy.proc.kill()
         proxy.wait(5)
@@ -568,15 +572,15 @@ def test_two_workers_keep_their_files_in_the_runtime_directory(
     """Under systemd the supervisor's directory (metrics files, notify socket, the config
     copy) goes in $RUNTIME_DIRECTORY (/run/lrproxy), which no /tmp cleaning ages away,
     and is removed at stop."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=2, extra_server="workers = 2\n"))
+    cfg.write_text(config_toml(sim.base_url, 0, grace=2, extra_server="workers = 2\n"))
     run = tmp_path / "run"
     run.mkdir()
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,
-                  env=child_env(RUNTIME_DIRECTORY=str(run)), port=port)
+                  env=child_env(RUNTIME_DIRECTORY=str(run)))
     try:
         wait_for(lambda: proxy.stderr.count("listening on") == 2, 30, "both listening")
+        port = proxy.wait_port()
         (made,) = run.iterdir()
         assert made.name.startswith("lrproxy-metrics-") and (made / "config").is_dir()
         assert _chat_on_a_new_connection(port) == 200
@@ -622,17 +626,17 @@ def test_two_workers_keep_what_waits_for_a_restart_across_a_workers_restart(
     is said once, by the supervisor, and a worker restarted after it (a crash) keeps the
     value the service started with, as the other does: one setting service-wide until
     the service restarts. (Each worker said it, and the successor took the new value.)"""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    start = config_toml(sim.base_url, port, extra_server="workers = 2\n").replace(
+    start = config_toml(sim.base_url, 0, extra_server="workers = 2\n").replace(
         "[timeouts]\n", "[timeouts]\nclient_header = 8\n")
     cfg.write_text(start)
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
     socks: list[socket.socket] = []
     try:
         victim = sorted(_ready(proxy, notify))[0]
+        port = proxy.wait_port()
         cfg.write_text(start.replace("client_header = 8", "client_header = 1"))
         proxy.signal(signal.SIGHUP)
         assert [notify.wait_for(k, 10)[k] for k in ("RELOADING", "READY")] == ["1", "1"]
@@ -663,16 +667,17 @@ def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
     """A reload refused (the bad file stays on disk), then a worker dies: its successor
     starts from the config last accepted, every new connection is answered, the refusal is
     logged once and counted, and SIGTERM still exits 0."""
-    port, mport = free_port(), free_port()
+    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
-    good = config_toml(sim.base_url, port, extra_server=(
+    good = config_toml(sim.base_url, 0, extra_server=(
         f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n'))
     cfg.write_text(good)
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         workers = _ready(proxy, notify)
+        port = proxy.wait_port()
         cfg.write_text(good.replace("connect = 2\n", 'connect = "soon"\n'))
         proxy.signal(signal.SIGHUP)
         assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
@@ -710,7 +715,6 @@ def test_two_workers_a_restarted_worker_keeps_the_last_good_feed_reading(
     the reload itself, then bad JSON), then a worker dies: its successor keeps the last
     good reading the workers read, as the other worker and one process do (README), not
     the static figure: every request is charged it, measured."""
-    port = free_port()
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
 
     def feed(name: str, value: int) -> Path:
@@ -720,7 +724,7 @@ def test_two_workers_a_restarted_worker_keeps_the_last_good_feed_reading(
         return path
 
     def config(path: Path) -> str:
-        return (config_toml(sim.base_url, port, intensity=290, extra_server="workers = 2\n")
+        return (config_toml(sim.base_url, 0, intensity=290, extra_server="workers = 2\n")
                 .replace("pue = 1.0\n", f'pue = 1.0\nintensity_feed = "{path}"\n'
                          "intensity_max_age_s = 3600\n"))
 
@@ -729,9 +733,10 @@ def test_two_workers_a_restarted_worker_keeps_the_last_good_feed_reading(
     cfg.write_text(config(live))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
-                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path), port=port)
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         workers = _ready(proxy, notify)
+        port = proxy.wait_port()
         assert {_eco_on_a_new_connection(port) for _ in range(6)} == {(160, "measured")}
         if broken == "named by a reload":
             live, value = feed("other.json", 200), 200
@@ -769,15 +774,15 @@ def test_two_workers_a_worker_that_cannot_start_gets_no_connections(
     """A successor that cannot start (its upstream key file is gone): its socket is closed
     and it says so, new connections all go to the other worker; once the file is back the
     next retry listens on a new socket and serves; SIGTERM exits 0."""
-    port = free_port()
     key = tmp_path / "upstream.key"
     key.write_text("sk-upstream\n")
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n").replace(
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 2\n").replace(
         'models = {', f'api_key_file = "{key}"\nmodels = {{', 1))
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain",
-                   f"--loop={loop}"], tmp_path, port=port)
+                   f"--loop={loop}"], tmp_path)
     try:
+        port = proxy.wait_port(30)
         proxy.wait_healthy(30)
         workers = _two_workers(proxy)
         wait_for(lambda: "2 workers serving" in proxy.stderr, 15, "both workers ready")
@@ -805,7 +810,7 @@ def test_workers_warn_of_the_config_once(tmp_path: Path, sim: SimThread) -> None
     the first worker, not once per worker: they read the same file. (Three workers: with
     two, a check of "not the second" would pass as well.)"""
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, free_port(), extra_server="workers = 3\n",
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 3\n",
                                auto=False))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path,

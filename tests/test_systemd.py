@@ -150,19 +150,19 @@ def test_unit_settings() -> None:
 
 def test_sd_notify_ready_reload_stopping(tmp_path: Path, sim: SimThread) -> None:
     """READY=1 when serving; RELOADING=1+MONOTONIC_USEC, READY=1 on any SIGHUP; STOPPING=1 on SIGTERM."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, intensity=100))
+    cfg.write_text(config_toml(sim.base_url, 0, intensity=100))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=str(notify.path)), port=port)
+                  env=child_env(NOTIFY_SOCKET=str(notify.path)))
     try:
         ready = notify.wait_for("READY", 20)
         assert ready["READY"] == "1"
+        port = proxy.wait_port()  # logged before READY=1: no wait
         assert http_get(port, "/healthz")[0] == 200  # no retry: READY=1 means serving
         assert _intensity(port) == 100
 
-        cfg.write_text(config_toml(sim.base_url, port, intensity=250))
+        cfg.write_text(config_toml(sim.base_url, 0, intensity=250))
         before = _monotonic_usec()
         proxy.signal(signal.SIGHUP)
         reloading = notify.wait_for("RELOADING", 5)
@@ -171,7 +171,7 @@ def test_sd_notify_ready_reload_stopping(tmp_path: Path, sim: SimThread) -> None
         assert notify.wait_for("READY", 5)["READY"] == "1"
         assert _intensity(port) == 250
 
-        cfg.write_text(broken_toml(sim.base_url, port))
+        cfg.write_text(broken_toml(sim.base_url, 0))
         proxy.signal(signal.SIGHUP)
         assert notify.wait_for("RELOADING", 5)["MONOTONIC_USEC"].isdigit()
         assert notify.wait_for("READY", 5)["READY"] == "1"  # after a refused reload too
@@ -191,12 +191,11 @@ def test_sd_notify_ready_reload_stopping(tmp_path: Path, sim: SimThread) -> None
 
 def test_sd_notify_watchdog(tmp_path: Path, sim: SimThread) -> None:
     """With WATCHDOG_USEC=200000 WATCHDOG=1 arrives about every 0.1 s."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port))
+    cfg.write_text(config_toml(sim.base_url, 0))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="200000"), port=port)
+                  env=child_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="200000"))
     try:
         notify.wait_for("READY", 20)
         start = len(notify.messages)
@@ -232,15 +231,15 @@ def test_a_notify_socket_that_is_gone_is_warned_about_once_a_minute(
 
 def test_without_notify_socket_nothing_breaks(tmp_path: Path, sim: SimThread) -> None:
     """Without NOTIFY_SOCKET (WATCHDOG_USEC set all the same) serving, reload and stop work."""
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, intensity=100))
+    cfg.write_text(config_toml(sim.base_url, 0, intensity=100))
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
-                  env=child_env(WATCHDOG_USEC="200000"), port=port)
+                  env=child_env(WATCHDOG_USEC="200000"))
     try:
+        port = proxy.wait_port()
         proxy.wait_healthy()
         assert _intensity(port) == 100
-        cfg.write_text(config_toml(sim.base_url, port, intensity=300))
+        cfg.write_text(config_toml(sim.base_url, 0, intensity=300))
         proxy.signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
         while "config reloaded" not in proxy.stderr and time.monotonic() < deadline:
@@ -324,16 +323,17 @@ def test_serves_under_the_units_seccomp_filters(
     (the event loop, orjson, aiohttp's parsers, a rate bucket, the workers' supervisor
     and their prctl): a JSON and a streamed answer through the OpenAI SDK, /metrics,
     a reload and a clean stop, with nothing logged above info."""
-    port, mport = free_port(), free_port()
+    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
     extra = f'workers = {workers}\nmetrics_listen = "127.0.0.1:{mport}"\n'
-    cfg.write_text(config_toml(sim.base_url, port, intensity=100, extra_server=extra))
+    cfg.write_text(config_toml(sim.base_url, 0, intensity=100, extra_server=extra))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
-                  env=child_env(NOTIFY_SOCKET=str(notify.path)), port=port, wrap=SANDBOX)
+                  env=child_env(NOTIFY_SOCKET=str(notify.path)), wrap=SANDBOX)
     sent = sim.chat_requests()
     try:
         assert notify.wait_for("READY", 30)["READY"] == "1"
+        port = proxy.wait_port()
         assert _intensity(port) == 100
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
                            max_retries=0, timeout=10) as client:
@@ -345,7 +345,7 @@ def test_serves_under_the_units_seccomp_filters(
         status, body = http_get(mport, "/metrics")
         assert status == 200 and b"lrproxy_tokens_total{" in body
 
-        cfg.write_text(config_toml(sim.base_url, port, intensity=250, extra_server=extra))
+        cfg.write_text(config_toml(sim.base_url, 0, intensity=250, extra_server=extra))
         proxy.signal(signal.SIGHUP)
         notify.wait_for("RELOADING", 10)
         assert notify.wait_for("READY", 20)["READY"] == "1"
@@ -369,7 +369,7 @@ def test_serves_under_the_units_seccomp_filters(
 
 def test_socket_activation(tmp_path: Path, sim: SimThread) -> None:
     """With LISTEN_FDS=1 and a listening socket on fd 3 lrproxy serves on it, not on its listen."""
-    conf_port = free_port()
+    conf_port = free_port()  # fixed: the config names it, and it must be found refused
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, conf_port))
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -14,7 +14,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from typing import IO
 
 import attrs
 import pytest
+from procs import bound_ports
 
 from lrproxy.simupstream import _VOCAB
 
@@ -115,13 +115,6 @@ class Demo:
         return results
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
     """Keep reading the server's stdout (access lines) so the pipe never fills."""
     for line in stream:
@@ -131,14 +124,14 @@ def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    """`lrproxy serve --demo` on a free port; stopped with SIGTERM, which must exit 0."""
-    port = _free_port()
+    """`lrproxy serve --demo` on port 0 (`port`: the one its start line names); stopped
+    with SIGTERM, which must exit 0."""
     script = Path(sys.executable).with_name("lrproxy")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lrproxy"]
     stderr_path = tmp_path_factory.mktemp("demo") / "stderr.log"
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(
-            [*cmd, "serve", "--demo", "--listen", f"127.0.0.1:{port}"],
+            [*cmd, "serve", "--demo", "--listen", "127.0.0.1:0"],
             stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
     assert proc.stdout is not None
@@ -157,6 +150,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             name, sep, value = line.strip().partition("=")
             if sep and name in ("LOWROUTER_BASE_URL", "LOWROUTER_API_KEY"):
                 found[name] = value
+        [port] = bound_ports(stderr_path.read_text())  # (logged before those lines)
+        assert port != 0
         yield Demo(proc, found["LOWROUTER_BASE_URL"], found["LOWROUTER_API_KEY"], port)
     finally:
         if proc.poll() is None:
@@ -180,17 +175,22 @@ def output_of(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout.split(MARK + "\n", 1)[1]
 
 
-def test_demo_stops_cleanly_on_sighup() -> None:
+def test_demo_stops_cleanly_on_sighup(tmp_path: Path) -> None:
     """SIGHUP to the demo (its terminal closed) ends it as SIGTERM does, with a line
     that says why and exit 0: not the signal's default, which ended it without a word,
     nor serving on with its key shown only on the closed terminal."""
-    port = _free_port()
     script = Path(sys.executable).with_name("lrproxy")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lrproxy"]
-    proc = subprocess.Popen([*cmd, "serve", "--demo", "--listen", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:  # read for its start line while it runs
+        proc = subprocess.Popen([*cmd, "serve", "--demo", "--listen", "127.0.0.1:0"],
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
         end = time.monotonic() + START_TIMEOUT_S
+        while not (ports := bound_ports(stderr_path.read_text())):
+            assert time.monotonic() < end and proc.poll() is None, "the demo did not start"
+            time.sleep(0.05)
+        [port] = ports
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
@@ -199,7 +199,8 @@ def test_demo_stops_cleanly_on_sighup() -> None:
                 assert time.monotonic() < end and proc.poll() is None, "the demo did not start"
                 time.sleep(0.1)
         proc.send_signal(signal.SIGHUP)
-        _, err = proc.communicate(timeout=15)
+        proc.wait(15)
+        err = stderr_path.read_text()
         assert proc.returncode == 0, err
         assert "SIGHUP: --demo reads no config file to reload; stopping" in err
     finally:
@@ -209,7 +210,7 @@ def test_demo_stops_cleanly_on_sighup() -> None:
 
 
 def test_demo_prints_where_it_listens(demo: Demo) -> None:
-    """The demo prints its base URL (the --listen address, /api/v1) and a client key."""
+    """The demo prints its base URL (the address --listen bound, /api/v1) and a client key."""
     assert demo.base_url == f"http://127.0.0.1:{demo.port}/api/v1"
     assert demo.api_key and " " not in demo.api_key
 

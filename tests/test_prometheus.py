@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from typing import IO, Any
 import openai
 import pytest
 from conftest import CI_KEY, TEAM_A_KEY, UPSTREAM_KEYS
+from procs import bound_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "etc" / "prometheus"
@@ -86,6 +88,8 @@ def _tool(name: str) -> str:
 
 
 def _free_port() -> int:
+    """For metrics_listen only: lrproxy does not log the port it binds for /metrics, and
+    Prometheus must be told it before it starts."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -214,12 +218,19 @@ def test_prometheus_scrapes_what_clients_were_told(tmp_path: Path, procs: Procs)
         return None
 
     url = _wait_for("the simulated upstream", sim_url, 15)
-    port, metrics_port, prom_port = _free_port(), _free_port(), _free_port()
+    metrics_port = _free_port()
     cfg = tmp_path / "lrproxy.toml"
-    fill = {"port": port, "metrics_port": metrics_port, "sim_url": url}
+    fill = {"port": 0, "metrics_port": metrics_port, "sim_url": url}
     cfg.write_text(CONFIG.format(intensity=290, **fill))
     proxy = procs.start("lrproxy", [sys.executable, "-m", "lrproxy", "serve", "--config",
                                     str(cfg)], env=env)
+
+    def bound() -> int | None:
+        assert proxy.poll() is None, procs.output("lrproxy")
+        ports = bound_ports(procs.output("lrproxy")[1].decode())
+        return ports[0] if ports else None
+
+    port = _wait_for("lrproxy's start line", bound, 15)
 
     def healthy() -> bool:
         assert proxy.poll() is None, procs.output("lrproxy")
@@ -231,10 +242,17 @@ def test_prometheus_scrapes_what_clients_were_told(tmp_path: Path, procs: Procs)
     prom = procs.start("prometheus", [
         prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{prom_port}", "--web.enable-lifecycle",
-        "--log.level=warn",
+        "--web.listen-address=127.0.0.1:0", "--web.enable-lifecycle",
+        "--log.level=info",  # for its line naming the port it bound
     ])
-    api = f"http://127.0.0.1:{prom_port}"
+
+    def prom_bound() -> str | None:
+        assert prom.poll() is None, procs.output("prometheus")
+        m = re.search(r'msg="Listening on" address=(127\.0\.0\.1:\d+)',
+                      procs.output("prometheus")[1].decode())
+        return m[1] if m else None
+
+    api = f"http://{_wait_for('the port Prometheus bound', prom_bound, 20)}"
 
     def ready() -> bool:
         assert prom.poll() is None, procs.output("prometheus")

@@ -87,7 +87,7 @@ def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A tinyproxy on a free loopback port; yields its URL and its log file."""
     if not os.path.exists(TINYPROXY):
         pytest.fail("tinyproxy is missing; .ci/run installs Debian's package")
-    port = _free_port()
+    port = _free_port()  # fixed: tinyproxy refuses Port 0 ("You MUST set a Port")
     log = tmp_path / "tinyproxy.log"
     conf = tmp_path / "tinyproxy.conf"
     conf.write_text(

@@ -154,7 +154,7 @@ class Container:
 def container(tmp_path: Path, sim: SimThread) -> Iterator[tuple[Container, int]]:
     if NSPAWN is None:
         pytest.fail("systemd-nspawn is missing; .ci/run installs systemd-container")
-    port = free_port()
+    port = free_port()  # fixed: named in lrproxy.socket's ListenStream=, where systemd refuses 0
     c = Container(tmp_path, port, config_toml(sim.base_url, port, intensity=100))
     try:
         c.leader = wait_for(c.find_leader, 30, "the container's systemd")

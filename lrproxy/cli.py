@@ -42,7 +42,7 @@ from lrproxy.config import (
 from lrproxy.feeds import poll_feeds
 from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging
 from lrproxy.metrics import serve_metrics
-from lrproxy.protocol import Runner
+from lrproxy.protocol import Runner, bound
 from lrproxy.routing import unserved
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 from lrproxy.workers import (
@@ -273,14 +273,16 @@ async def _serve(args: argparse.Namespace) -> int:
             log.error("cannot listen on %s for /metrics: %s", mlisten, e.strerror or e)
             await _abandon(runner, sims)
             return 1
-    bound = _bound(runner, listen)
+    at = bound(runner, listen)
+    mbound = bound(mrunner, mlisten) if mrunner and mlisten else None
     loop_name = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") \
         else "asyncio"
-    log.info("lrproxy %s listening on http://%s/api/v1 (%s)", __version__, bound, loop_name,
-             extra={"fields": {"listen": str(bound), "metrics": str(mlisten) if mlisten else None,
+    log.info("lrproxy %s listening on http://%s/api/v1%s (%s)", __version__, at,
+             f", /metrics on http://{mbound}/metrics" if mbound else "", loop_name,
+             extra={"fields": {"listen": str(at), "metrics": str(mbound) if mbound else None,
                                "loop": loop_name}})
     if args.demo:
-        print(f"LOWROUTER_BASE_URL=http://{bound}/api/v1", flush=True)
+        print(f"LOWROUTER_BASE_URL=http://{at}/api/v1", flush=True)
         print(f"LOWROUTER_API_KEY={key}", flush=True)
 
     loop = asyncio.get_running_loop()
@@ -309,7 +311,7 @@ async def _serve(args: argparse.Namespace) -> int:
             hangup()
     watchdog = asyncio.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
     _tune_gc()
-    notifier.ready(f"serving on {bound}")
+    notifier.ready(f"serving on {at}")
     await stop.wait()
     ignore_hangups(loop)
     notifier.stopping()
@@ -440,14 +442,6 @@ async def _watchdog(notifier: Notifier) -> None:
     while True:
         notifier.watchdog()
         await asyncio.sleep(notifier.watchdog_s)
-
-
-def _bound(runner: web.AppRunner, listen: Listen) -> Listen:
-    """The address really bound (port 0 picks one)."""
-    for addr in runner.addresses:
-        if isinstance(addr, tuple):
-            return Listen(str(addr[0]), int(addr[1]))
-    return listen
 
 
 def _reload(app: web.Application, path: str, notifier: Notifier, shown: str,

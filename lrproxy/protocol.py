@@ -30,6 +30,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from lrproxy import errors
+from lrproxy.config import Listen
 from lrproxy.log import MAIN, Seldom
 
 log = logging.getLogger(MAIN)
@@ -434,3 +435,11 @@ class Runner(web.AppRunner):
             server.request_handler = direct(routes, server.request_handler,
                                             self.app.get(UNROUTED))
         return server
+
+
+def bound(runner: web.BaseRunner, listen: Listen) -> Listen:
+    """The address `runner` really bound for `listen` (port 0 picks one), for the log."""
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return Listen(str(addr[0]), int(addr[1]))
+    return listen

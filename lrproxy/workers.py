@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
 from prometheus_client.metrics_core import Metric
 
-from lrproxy import FEED_CACHE_ENV, HUP_EARLY, TERM_START_S, WORKER_FDS_ENV
+from lrproxy import FEED_CACHE_ENV, HUP_EARLY, TERM_START_S, WORKER_FDS_ENV, protocol
 from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBuckets
 from lrproxy.config import (
     WORKER_KEPT,
@@ -231,6 +231,7 @@ async def _supervise(
             return 1
         per_worker = [[s] for s in socks]
     # Bound before any worker starts: a failure here leaves nothing running.
+    metrics_at = ""
     if metrics_listen:
         try:
             mrunner = await serve_metrics(lambda: _summed(prom_dir, refused, config),
@@ -239,6 +240,9 @@ async def _supervise(
             log.error("cannot listen on %s for /metrics: %s", metrics_listen, e.strerror or e)
             return 1
         cleanup.push_async_callback(mrunner.cleanup)
+        metrics_at = f", /metrics on http://{protocol.bound(mrunner, metrics_listen)}/metrics"
+    # (the port bound, for a listen on port 0, before the workers are ready)
+    log.info("%d workers starting on http://%s/api/v1%s", n, listen, metrics_at)
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     cleanup.callback(inbox.close)
     inbox_path = os.path.join(prom_dir, "notify.sock")
@@ -428,7 +432,7 @@ async def _supervise(
     stopped.cancel()
     if ready.done():
         notifier.ready(f"{n} workers serving on {listen}")
-        log.info("%d workers serving on http://%s/api/v1", n, listen)
+        log.info("%d workers serving on http://%s/api/v1%s", n, listen, metrics_at)
     else:
         ready.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -48,7 +48,10 @@ def free_port() -> int:
 
 # The API's address as bound, in lrproxy's start line (cli._serve: one process, or each
 # worker) and in the workers' supervisor's once all are ready (workers._supervise).
-_BOUND_RE = re.compile(r"(?:listening|workers serving) on http://(?:\[[^\]]+\]|[^/:\s]+):(\d+)/api/v1")
+_BOUND_RE = re.compile(
+    r"(?:listening|workers starting|workers serving) on http://(?:\[[^\]]+\]|[^/:\s]+):(\d+)/api/v1")
+# /metrics' address as bound, in the same lines (one process's, the supervisor's)
+_METRICS_RE = re.compile(r"/metrics on http://(?:\[[^\]]+\]|[^/:\s]+):(\d+)/metrics")
 
 
 def bound_ports(log: str) -> list[int]:
@@ -334,6 +337,21 @@ class Proxy:
         assert len(ports) == 1 and 0 not in ports, (ports, self.stderr)
         self.port = ports.pop()
         return self.port
+
+    def metrics_port(self, timeout: float = 15.0) -> int:
+        """The /metrics port lrproxy's start line names (`metrics_listen` may say port 0),
+        once it is logged: one process's line, or the workers' supervisor's."""
+
+        def logged() -> list[int]:
+            if ports := [int(m[1]) for m in _METRICS_RE.finditer(self.stderr)]:
+                return ports
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lrproxy exited with {self.proc.returncode}:\n{self.stderr}")
+            return []
+
+        ports = set(wait_for(logged, timeout, "lrproxy's /metrics line", step=0.02))
+        assert len(ports) == 1 and 0 not in ports, (ports, self.stderr)
+        return ports.pop()
 
     def wait_healthy(self, timeout: float = 15.0) -> None:
         """/healthz answers 200 on `port`; without one, on the port the start line names."""

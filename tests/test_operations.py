@@ -334,13 +334,13 @@ def _reloads(mport: int) -> dict[str, float] | None:
 def test_good_reload_is_counted_ok(tmp_path: Path, sim: SimThread) -> None:
     """A good SIGHUP reload adds one to lrproxy_config_reloads_total{result="ok"} and
     leaves result="error" at 0 (SPEC §5, §6): a reload alert must not see it as failed."""
-    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
-    extra = f'metrics_listen = "127.0.0.1:{mport}"\n'
+    extra = 'metrics_listen = "127.0.0.1:0"\n'
     cfg.write_text(config_toml(sim.base_url, 0, intensity=100, extra_server=extra))
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
     try:
         proxy.wait_healthy()
+        mport = proxy.metrics_port()
         assert wait_for(lambda: _reloads(mport), 5, "/metrics") == {"ok": 0.0, "error": 0.0}
         cfg.write_text(config_toml(sim.base_url, 0, intensity=200, extra_server=extra))
         proxy.signal(signal.SIGHUP)
@@ -617,11 +617,10 @@ def test_sighup_while_starting_is_a_reload_once_it_serves(
     `systemctl reload`, which waits for READY=1) used to end it with 129, without a word:
     it is now noted and done once it serves, after its READY=1, so the file as it is
     then is in force."""
-    # Fixed ports: the API's is checked to be refused while it starts (before any start
-    # line), and lrproxy does not log the port it binds for /metrics.
-    port, mport = free_port(), free_port()
+    # fixed: the API's port is checked to be refused while it starts, before its start line
+    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    extra = f'metrics_listen = "127.0.0.1:{mport}"\n' + (
+    extra = 'metrics_listen = "127.0.0.1:0"\n' + (
         f"workers = {workers}\n" if workers > 1 else "")
     cfg.write_text(config_toml(sim.base_url, port, intensity=100, extra_server=extra))
     notify = Notify(tmp_path)
@@ -633,6 +632,7 @@ def test_sighup_while_starting_is_a_reload_once_it_serves(
         assert port_refuses(port) and not proxy.stderr, "no longer in its start"
         proxy.signal(signal.SIGHUP)
         assert [notify.wait_for(k, 30)[k] for k in ("READY", "RELOADING", "READY")] == ["1"] * 3
+        mport = proxy.metrics_port()
         assert wait_for(lambda: _reloads(mport), 5, "/metrics") == {"ok": workers, "error": 0}
         assert "SIGHUP came while starting" in proxy.stderr
         cfg.write_text(config_toml(sim.base_url, port, intensity=200, extra_server=extra))
@@ -981,15 +981,15 @@ def test_metrics_listener_has_the_header_deadline(
     a scrape is served as before, and a kept-alive scraper's next one too (the first
     version sent it an unasked 408 client_header after the connection opened, which
     real Prometheus took for its answer). One process or the workers' supervisor alike."""
-    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
-    extra = f'metrics_listen = "127.0.0.1:{mport}"\n' + (
+    extra = 'metrics_listen = "127.0.0.1:0"\n' + (
         f"workers = {workers}\n" if workers > 1 else "")
     cfg.write_text(config_toml(sim.base_url, 0, extra_server=extra).replace(
         "[timeouts]\n", "[timeouts]\nclient_header = 0.5\n"))
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path)
     try:
         proxy.wait_healthy()
+        mport = proxy.metrics_port()
         conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=5)
         # a kept-alive scraper's next request, past client_header idle, after a 404 too
         for path, status in (("/nope", 404), ("/metrics", 200), ("/metrics", 200)):

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -85,14 +84,6 @@ def _tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI (apt-get install prometheus)")
         pytest.skip(f"{name} is not installed")
     return path
-
-
-def _free_port() -> int:
-    """For metrics_listen only: lrproxy does not log the port it binds for /metrics, and
-    Prometheus must be told it before it starts."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(what: str, probe: Callable[[], Any], timeout: float) -> Any:
@@ -218,19 +209,19 @@ def test_prometheus_scrapes_what_clients_were_told(tmp_path: Path, procs: Procs)
         return None
 
     url = _wait_for("the simulated upstream", sim_url, 15)
-    metrics_port = _free_port()
     cfg = tmp_path / "lrproxy.toml"
-    fill = {"port": 0, "metrics_port": metrics_port, "sim_url": url}
+    fill = {"port": 0, "metrics_port": 0, "sim_url": url}
     cfg.write_text(CONFIG.format(intensity=290, **fill))
     proxy = procs.start("lrproxy", [sys.executable, "-m", "lrproxy", "serve", "--config",
                                     str(cfg)], env=env)
 
-    def bound() -> int | None:
+    def bound() -> tuple[int, int] | None:
         assert proxy.poll() is None, procs.output("lrproxy")
-        ports = bound_ports(procs.output("lrproxy")[1].decode())
-        return ports[0] if ports else None
+        err = procs.output("lrproxy")[1].decode()
+        ports, metrics = bound_ports(err), re.search(r"/metrics on http://127\.0\.0\.1:(\d+)/", err)
+        return (ports[0], int(metrics[1])) if ports and metrics else None
 
-    port = _wait_for("lrproxy's start line", bound, 15)
+    port, metrics_port = _wait_for("lrproxy's start line", bound, 15)
 
     def healthy() -> bool:
         assert proxy.poll() is None, procs.output("lrproxy")

@@ -323,9 +323,8 @@ def test_serves_under_the_units_seccomp_filters(
     (the event loop, orjson, aiohttp's parsers, a rate bucket, the workers' supervisor
     and their prctl): a JSON and a streamed answer through the OpenAI SDK, /metrics,
     a reload and a clean stop, with nothing logged above info."""
-    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
-    extra = f'workers = {workers}\nmetrics_listen = "127.0.0.1:{mport}"\n'
+    extra = f'workers = {workers}\nmetrics_listen = "127.0.0.1:0"\n'
     cfg.write_text(config_toml(sim.base_url, 0, intensity=100, extra_server=extra))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
@@ -333,7 +332,7 @@ def test_serves_under_the_units_seccomp_filters(
     sent = sim.chat_requests()
     try:
         assert notify.wait_for("READY", 30)["READY"] == "1"
-        port = proxy.wait_port()
+        port, mport = proxy.wait_port(), proxy.metrics_port()
         assert _intensity(port) == 100
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
                            max_retries=0, timeout=10) as client:

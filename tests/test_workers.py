@@ -26,7 +26,6 @@ from procs import (
     SimThread,
     child_env,
     config_toml,
-    free_port,
     http_get,
     listen_backlogs,
     port_refuses,
@@ -94,16 +93,15 @@ def _metric(port: int, name: str) -> float:
 def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, sim: SimThread) -> None:
     """Two workers share the port; /metrics sums both; SIGHUP reaches both; a killed worker is
     replaced; SIGTERM stops all with exit 0, READY=1 only once every worker is ready."""
-    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, 0, extra_server=(
-        f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')))
+        'workers = 2\nmetrics_listen = "127.0.0.1:0"\n')))
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--loop=asyncio"],
                   tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         workers = _ready(proxy, notify)
-        port = proxy.wait_port()
+        port, mport = proxy.wait_port(), proxy.metrics_port()
         started = [ln for ln in proxy.stderr.splitlines() if "listening on" in ln]
         assert len(started) == 2 and all("(asyncio)" in ln for ln in started)  # its --loop
         # each worker's socket keeps the backlog one process has (aiohttp's default: 128)
@@ -155,12 +153,11 @@ def _series(port: int, name: str) -> dict[str, float]:
 def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) -> None:
     """With workers, /metrics shows the gauges of the accepted config only: not a dead
     worker's old figure, nor an upstream or region a reload removed (SPEC §5)."""
-    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
 
     def write(intensity: float, upstream: str, region: str) -> None:
         cfg.write_text(config_toml(sim.base_url, 0, intensity=intensity, extra_server=(
-            f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n')).replace(
+            'workers = 2\nmetrics_listen = "127.0.0.1:0"\n')).replace(
             'name = "sim"', f'name = "{upstream}"').replace('"r1"', f'"{region}"').replace(
             "[regions.r1]", f"[regions.{region}]"))
 
@@ -170,6 +167,7 @@ def test_two_workers_gauges_follow_the_config(tmp_path: Path, sim: SimThread) ->
                   env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         workers = _ready(proxy, notify)
+        mport = proxy.metrics_port()
         assert _series(mport, "lrproxy_grid_intensity_g_per_kwh") == {"r1": 300}
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
@@ -343,12 +341,11 @@ def test_sigterm_while_the_workers_start_answers_what_queued(tmp_path: Path, sim
     tells each once it serves (a worker ended before its handler is there would take
     its socket's queued connections with it, reset), so each queued request is answered
     and the exit is 0."""
-    # fixed: connected to as soon as it listens, before any worker (or line) says which
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, extra_server="workers = 2\n"))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server="workers = 2\n"))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path)
     try:
+        port = proxy.wait_port()  # (the supervisor's line, as its workers start)
         wait_for(lambda: not port_refuses(port), 15, "the supervisor's sockets")
         socks = queued_requests(port, 12)
         proxy.signal(signal.SIGTERM)
@@ -363,13 +360,12 @@ def _stuck_workers(tmp_path: Path, sim: SimThread, grace: float) -> tuple[Proxy,
     (as a hung mount would): the supervisor and the FIFO, once they are stuck on it."""
     fifo = tmp_path / "feed.json"
     os.mkfifo(fifo)
-    # fixed: the workers never start, so no line names the port the supervisor bound
-    port = free_port()
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, port, grace=grace, extra_server="workers = 2\n")
+    cfg.write_text(config_toml(sim.base_url, 0, grace=grace, extra_server="workers = 2\n")
                    .replace("pue = 1.0", f'pue = 1.0\nintensity_feed = "{fifo}"'))
-    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path, port=port)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path)
     try:
+        proxy.wait_port()  # (the supervisor's line, as its workers start)
         wait_for(lambda: len(_children(proxy.pid)) == 2, 15, "two workers")
     except BaseException:
         _stop_all(proxy)
@@ -667,17 +663,16 @@ def test_two_workers_a_refused_reload_does_not_reach_a_restarted_worker(
     """A reload refused (the bad file stays on disk), then a worker dies: its successor
     starts from the config last accepted, every new connection is answered, the refusal is
     logged once and counted, and SIGTERM still exits 0."""
-    mport = free_port()  # /metrics: lrproxy does not log the port it binds for it
     cfg = tmp_path / "lrproxy.toml"
     good = config_toml(sim.base_url, 0, extra_server=(
-        f'workers = 2\nmetrics_listen = "127.0.0.1:{mport}"\n'))
+        'workers = 2\nmetrics_listen = "127.0.0.1:0"\n'))
     cfg.write_text(good)
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
                   tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
     try:
         workers = _ready(proxy, notify)
-        port = proxy.wait_port()
+        port, mport = proxy.wait_port(), proxy.metrics_port()
         cfg.write_text(good.replace("connect = 2\n", 'connect = "soon"\n'))
         proxy.signal(signal.SIGHUP)
         assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"

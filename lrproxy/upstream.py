@@ -525,6 +525,8 @@ class UpstreamResponse:
         if not content.is_eof():
             return None
         try:
+            if self._resp is None and _TAKE_BUFFERED and (data := _take_buffered(content)):
+                return data
             return content.read_nowait()
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from e

@@ -603,7 +603,7 @@ async def _try_candidates(
                 raise _Committed(e, cand) from None
             if isinstance(e, errors.UpstreamTooLarge):
                 raise  # as large from any upstream: no failover
-            last = e
+            last = e.with_traceback(None)  # (its traceback holds this frame: a cycle)
             if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
                 order = [c for c in order if c.upstream.name != name]
                 if e.retry_after is not None:
@@ -641,7 +641,10 @@ async def _try_candidates(
     if last.upstream_status == 429:  # every upstream tried is rate-limiting us: say so
         raise errors.RateLimited("The upstream providers are rate-limiting this request; "
                                  "retry later.", retry_after=1 if soonest is None else soonest)
-    raise last
+    try:
+        raise last
+    finally:  # (else the frame in its traceback holds it: a cycle of the whole attempt's
+        last = None  # state, for the cyclic GC; so in upstream.send)
 
 
 def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Pool,

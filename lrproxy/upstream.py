@@ -665,7 +665,10 @@ async def send(
         err = UpstreamError(f"upstream answered {status}")
     err.upstream_status = status
     err.retry_after = retry_after
-    raise err
+    try:
+        raise err
+    finally:
+        del err  # (see relay._try_candidates)
 
 
 def _response_params() -> dict[str, Any] | None:

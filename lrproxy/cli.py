@@ -57,6 +57,7 @@ from lrproxy.workers import (
 
 EX_CONFIG: Final = 78  # sysexits.h; systemd's RestartPreventExitStatus= understands it
 EX_USAGE: Final = 64
+EX_IOERR: Final = 74
 GC_THRESHOLDS: Final = (20_000, 20, 100)  # see _tune_gc
 log = logging.getLogger(MAIN)
 
@@ -105,8 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("file", metavar="FILE")
 
     sub.add_parser("hash-key", help="print the SHA-256 of a key read on stdin",
-                   description="Read a client key on stdin and print its SHA-256 hex, for "
-                   "auth.keys[].sha256.")
+                   description="Read a client key on stdin (its first line; a UTF-8 BOM "
+                   "and spaces around it left out) and print its SHA-256 hex, for "
+                   "auth.keys[].sha256. Exit 64 when there is no key to read, 74 when the "
+                   "hash cannot be written.")
     return p
 
 
@@ -128,17 +131,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _hash_key() -> int:
     """`lrproxy hash-key`: the SHA-256 of the key on stdin's first line, as the proxy
-    hashes an Authorization header's key (its UTF-8 bytes)."""
-    line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
+    hashes an Authorization header's key (its UTF-8 bytes; a BOM, which an editor may
+    put before it and no header carries, is not part of it)."""
     try:
-        key = line.decode().strip()
+        line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
+    except OSError as e:  # (a stdin open for writing only, say)
+        print(f"lrproxy hash-key: cannot read stdin: {e.strerror or e}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        key = line.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
         print("lrproxy hash-key: the key on stdin is not UTF-8 text", file=sys.stderr)
         return EX_USAGE
     if not key:
         print("lrproxy hash-key: no key on stdin", file=sys.stderr)
         return EX_USAGE
-    print(hashlib.sha256(key.encode()).hexdigest())
+    try:
+        sys.stdout.write(hashlib.sha256(key.encode()).hexdigest() + "\n")
+        sys.stdout.flush()
+    except OSError as e:  # a full disk, a closed pipe: said once, not at exit again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"lrproxy hash-key: cannot write the hash: {e.strerror or e}", file=sys.stderr)
+        return EX_IOERR
     return 0
 
 

@@ -952,6 +952,16 @@ def test_hash_key_output_is_accepted_as_sha256(
     assert cfg.keys[0].sha256 == digest
 
 
+def test_hash_key_leaves_out_a_bom(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key saved by an editor that puts a UTF-8 BOM first hashes as the key itself:
+    no Authorization header carries the BOM, so its hash would match no request."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfsk-team-a\n")))
+    assert cli.main(["hash-key"]) == 0
+    assert capsys.readouterr().out == config.hash_key("sk-team-a") + "\n"
+
+
 def test_hash_key_without_a_key_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1138,3 +1148,22 @@ def test_a_rate_that_is_no_number_is_refused(tmp_path: Path, value: str) -> None
                      + f'", rate_per_s = {value} }}]')
     got = problems(write(tmp_path, text))
     assert got and "rate_per_s" in got[0], got
+
+
+@pytest.mark.parametrize(("stdin", "stdout", "code", "err"), [
+    ("readable", "/dev/full", 74, "lrproxy hash-key: cannot write the hash: No space left on device\n"),
+    ("write-only", None, 64, "lrproxy hash-key: cannot read stdin: Bad file descriptor\n"),
+])
+def test_hash_key_that_cannot_read_or_write_says_so_in_one_line(
+    tmp_path: Path, stdin: str, stdout: str | None, code: int, err: str
+) -> None:
+    """A stdout that fails (a full disk) is exit 74 (EX_IOERR), a stdin it cannot read
+    (open for writing only) 64, each in one line: they were Python tracebacks, the
+    first twice (once more as Python flushed its stdout at exit)."""
+    src = open(tmp_path / "key", "w" if stdin == "write-only" else "w+")  # noqa: SIM115
+    src.write("sk-x\n")
+    src.seek(0)
+    with src, open(stdout or os.devnull, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "lrproxy", "hash-key"], stdin=src,
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (code, err)

@@ -471,12 +471,13 @@ class UpstreamResponse:
     way the connection goes back to the pool once the body is read to its end.
     """
 
-    __slots__ = ("_conn", "_resp", "content", "headers", "status")
+    __slots__ = ("_conn", "_resp", "_takes", "content", "headers", "status")
 
     def __init__(self, status: int, headers: CIMultiDictProxy[str], content: aiohttp.StreamReader,
                  resp: aiohttp.ClientResponse | None = None, conn: Any = None) -> None:
         self.status, self.headers, self.content = status, headers, content
         self._resp, self._conn = resp, conn
+        self._takes = resp is None and _TAKE_BUFFERED  # (read_some)
         if conn is not None:
             content.on_eof(self._at_eof)  # as aiohttp's own response does
 
@@ -501,17 +502,28 @@ class UpstreamResponse:
         return _MediaType(self.headers).content_type
 
     async def read_some(self) -> bytes:
-        """The next bytes of the body, b"" at its end; raises UpstreamError if cut."""
+        """The next bytes of the body, b"" at its end; raises UpstreamError if cut.
+
+        Through _Direct, buffered bytes are taken in one step (`_take_buffered`) until
+        the connection is seen paused for a full buffer: from then on aiohttp's parser
+        may keep a later read's bytes back (its pause outlives the protocol's), which
+        only `readany`, resuming it after each chunk it takes, brings in.
+        """
         content = self.content
         try:
-            if self._resp is None and _TAKE_BUFFERED:  # (read through _Direct)
-                data = _take_buffered(content)
-                if (not data and not content._buffer and not content._eof
-                        and content._exception is None):
-                    await content._wait("readany")  # (readany's own wait)
+            if self._takes:
+                paused = content._protocol._reading_paused
+                if not paused:
                     data = _take_buffered(content)
-                if data:
-                    return data
+                    if data:
+                        return data
+                    if not content._buffer and not content._eof and content._exception is None:
+                        await content._wait("readany")  # (readany's own wait)
+                        paused = content._protocol._reading_paused
+                        if not paused and (data := _take_buffered(content)):
+                            return data
+                if paused:
+                    self._takes = False
             return await content.readany()
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from e

@@ -455,3 +455,35 @@ async def test_a_stream_that_outruns_its_reader_comes_whole(
     resp.release()
     assert out == b"".join(events)
     assert paused  # (the case this is about: the buffer's high water was reached)
+
+
+@pytest.mark.parametrize("wait", [0.0, 0.2])
+async def test_a_stream_of_tiny_chunks_that_paused_comes_whole(
+        session: aiohttp.ClientSession, servers: Servers, wait: float) -> None:
+    """A body of tiny HTTP chunks, 16,385 of them in one write (aiohttp's chunk-count
+    limit, which pauses the connection), then the rest: after that pause aiohttp's
+    parser keeps the bytes of a later read back until the reader resumes it once per
+    chunk it takes; taking the buffer in one step without that stalled the body there,
+    until the stream's idle timeout (review 17A)."""
+    body = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(1500))
+    chunks = [b"1\r\n%b\r\n" % body[i:i + 1] for i in range(len(body))]
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request_of(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(chunks[:16385]))
+        await w.drain()
+        await asyncio.sleep(0.3)
+        w.write(b"".join(chunks[16385:]) + b"0\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    target = _target(await servers(serve))
+    resp = await _send(session, target, b"{}", stream=True)
+    assert target.direct
+    await asyncio.sleep(wait)
+    out = b""
+    while data := await asyncio.wait_for(resp.read_some(), 3.0):
+        out += data
+    resp.release()
+    assert out == body

@@ -526,7 +526,7 @@ class UpstreamResponse:
                     self._takes = False
             return await content.readany()
         except (aiohttp.ClientError, OSError) as e:
-            raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from e
+            raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from _untraced(e)
 
     def read_complete(self) -> bytes | None:
         """The whole body when it has already arrived (usual for a JSON answer), else None.
@@ -541,7 +541,7 @@ class UpstreamResponse:
                 return data
             return content.read_nowait()
         except (aiohttp.ClientError, OSError) as e:
-            raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from e
+            raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from _untraced(e)
 
     def done(self) -> bool:
         """True when the whole body has been read (the connection can go back)."""
@@ -647,21 +647,21 @@ async def send(
                 )
                 status, headers, content, conn = resp.status, resp.headers, resp.content, None
     except TimeoutError as e:  # ours, or aiohttp's ServerTimeoutError (one too)
-        raise UpstreamTimeout("upstream did not answer in time") from e
+        raise UpstreamTimeout("upstream did not answer in time") from _untraced(e)
     except aiohttp.ClientHttpProxyError as e:  # the egress proxy refused the CONNECT
-        raise UpstreamError(f"upstream connection failed: {_why(e)}") from e
+        raise UpstreamError(f"upstream connection failed: {_why(e)}") from _untraced(e)
     except (aiohttp.ClientResponseError, HttpProcessingError) as e:
         # it answered, but no HTTP it could parse
-        raise UpstreamBadResponse("upstream answered no valid HTTP") from e
+        raise UpstreamBadResponse("upstream answered no valid HTTP") from _untraced(e)
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
         if isinstance(e, aiohttp.ClientConnectorError):  # (a ClientOSError too)
             if e.os_error.errno in (errno.EMFILE, errno.ENFILE):
-                raise _out_of_files(target.upstream.name) from e
-            raise UpstreamError(f"upstream connection failed: {_why(e)}") from e
+                raise _out_of_files(target.upstream.name) from _untraced(e)
+            raise UpstreamError(f"upstream connection failed: {_why(e)}") from _untraced(e)
         raise UpstreamConnectionLost(  # connected, then cut before its answer's headers
-            f"upstream connection lost: {_why(e)}") from e
+            f"upstream connection lost: {_why(e)}") from _untraced(e)
     except (aiohttp.ClientError, OSError) as e:
-        raise UpstreamError(f"upstream connection failed: {_why(e)}") from e
+        raise UpstreamError(f"upstream connection failed: {_why(e)}") from _untraced(e)
     answer = UpstreamResponse(status, headers, content, resp, conn)
     if status < 300 or (400 <= status < 500 and status not in (401, 403, 429)):
         return answer
@@ -681,6 +681,22 @@ async def send(
         raise err
     finally:
         del err  # (see relay._try_candidates)
+
+
+def _untraced(e: BaseException) -> BaseException:
+    """`e`, and the exceptions behind it, without their tracebacks: kept as the cause of
+    the UpstreamFailed that says what failed, they would hold the frames they passed
+    through (`send`'s and `_Direct.post`'s with the request's body; aiohttp's connector's,
+    which hold them in turn: a cycle) until the cyclic GC ran, ~3 bodies per request
+    that an upstream down refused. Their messages and types stay; no log shows their
+    tracebacks (an upstream's failure is one line)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        x.__traceback__ = None
+        x = x.__cause__ or x.__context__
+    return e
 
 
 def _response_params() -> dict[str, Any] | None:

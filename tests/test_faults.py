@@ -1449,29 +1449,48 @@ def test_5xx_fails_over_within_the_pinned_region(stack: Stack, status: int) -> N
     assert codes(stack) == {"200": 1}
 
 
-def test_failed_upstream_calls_leave_no_reference_cycles(stack: Stack) -> None:
-    """An upstream's failure (failed over, or the request's last, 5xx and 429) leaves no
-    cycle of exception, traceback and frame for the cyclic GC: `upstream.send`'s and
-    `relay._try_candidates`' frames held the request's body, answer and connection
+@pytest.mark.parametrize("kind", ["5xx", "429", "reset", "refused", "connect_timeout",
+                                  "no_http"])
+def test_failed_upstream_calls_leave_no_reference_cycles(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], kind: str,
+) -> None:
+    """An upstream's failure (failed over, or the request's last) leaves no cycle of
+    exception, traceback and frame for the cyclic GC: `upstream.send`'s, `_Direct.post`'s
+    and `relay._try_candidates`' frames held the request's body, answer and connection
     until a collection, which came every few thousand requests under faults: RSS rose
     ~5 MiB, and a collection that moved them on to an older generation ~8 MiB more
-    (round 17's soak of 100,000 requests)."""
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection frees stays in gc.garbage
-    try:
-        faults(stack, ["eu-west-a"], fail_status=503, fail_count=-1)
-        assert post(stack, chat(MINI, region="eu-west")).status == 200
-        faults(stack, EU_WEST, fail_status=503, fail_count=-1)
-        post(stack, chat(MINI, region="eu-west")).error(502, "upstream_error")
-        faults(stack, EU_WEST, fail_status=429, fail_count=-1, retry_after="7")
-        post(stack, chat(MINI, region="eu-west")).error(429, "rate_limited")
+    (round 17's soak of 100,000 requests); with 2 MiB bodies to a refused upstream,
+    ~120 MiB per 20 requests (review 17B)."""
+    with contextlib.ExitStack() as up:
+        if kind == "refused":
+            url = f"http://127.0.0.1:{closed_port()}/v1"
+        elif kind == "connect_timeout":
+            url = up.enter_context(blackhole())
+        elif kind == "no_http":
+            url = scripted(lambda conn, n, body: (b"garbage\r\n\r\n", False)).base_url
+        else:
+            url = None
+        stack = make_stack(cfg(timeouts={"connect": 0.2}, upstreams={
+            n: {"base_url": url} for n in EU_WEST if url is not None}))
+        if kind in ("5xx", "429", "reset"):
+            knobs: dict[str, Any] = {"reset": True} if kind == "reset" else {
+                "fail_status": 503 if kind == "5xx" else 429, "fail_count": -1}
+            faults(stack, ["eu-west-a"], **knobs)
+        big = "x" * 300_000  # (what a cycle would hold: frames with the body)
         gc.collect()
-        frames = [f"{o.f_code.co_filename.rsplit('/', 1)[-1]}:{o.f_code.co_name}"
-                  for o in gc.garbage if isinstance(o, types.FrameType)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert codes(stack) == {"200": 1, "502": 1, "429": 1}
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection frees stays in gc.garbage
+        try:
+            first = post(stack, chat(MINI, region="eu-west", user=big))  # failover or all
+            if kind in ("5xx", "429", "reset"):
+                faults(stack, EU_WEST, **knobs)
+            last = post(stack, chat(MINI, region="eu-west", user=big))  # every upstream
+            gc.collect()
+            frames = [f"{o.f_code.co_filename.rsplit('/', 1)[-1]}:{o.f_code.co_name}"
+                      for o in gc.garbage if isinstance(o, types.FrameType)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert first.status == (200 if url is None else last.status) and last.status >= 429
     assert not [f for f in frames if f.split(":")[0] in ("relay.py", "upstream.py")], frames
 
 

@@ -42,7 +42,7 @@ from lrproxy.config import (
 from lrproxy.feeds import poll_feeds
 from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging
 from lrproxy.metrics import serve_metrics
-from lrproxy.protocol import Runner, bound
+from lrproxy.protocol import Runner, api_urls, bound
 from lrproxy.routing import unserved
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 from lrproxy.workers import (
@@ -291,10 +291,11 @@ async def _serve(args: argparse.Namespace) -> int:
     mbound = bound(mrunner, mlisten) if mrunner and mlisten else None
     loop_name = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") \
         else "asyncio"
-    log.info("lrproxy %s listening on http://%s/api/v1%s (%s)", __version__, at,
+    urls, named = api_urls(runner.addresses)  # (each socket systemd passed)
+    log.info("lrproxy %s listening on %s%s (%s)", __version__, urls or f"http://{at}/api/v1",
              f", /metrics on http://{mbound}/metrics" if mbound else "", loop_name,
-             extra={"fields": {"listen": str(at), "metrics": str(mbound) if mbound else None,
-                               "loop": loop_name}})
+             extra={"fields": {"listen": named or str(at), "metrics": str(mbound) if mbound
+                               else None, "loop": loop_name}})
     if args.demo:
         print(f"LOWROUTER_BASE_URL=http://{at}/api/v1", flush=True)
         print(f"LOWROUTER_API_KEY={key}", flush=True)

@@ -443,3 +443,12 @@ def bound(runner: web.BaseRunner, listen: Listen) -> Listen:
         if isinstance(addr, tuple):
             return Listen(str(addr[0]), int(addr[1]))
     return listen
+
+
+def api_urls(addresses: list[Any]) -> tuple[str, str]:
+    """The API's base URLs on these socket addresses (`getsockname()`'s: an inherited
+    socket's, or one bound on port 0), each once, for the start line; and the
+    addresses alone (HOST:PORT), for its `listen` field."""
+    named = dict.fromkeys(str(Listen(str(a[0]), int(a[1]))) if isinstance(a, tuple)
+                          else f"unix:{a!s}" for a in addresses)
+    return ", ".join(f"http://{a}/api/v1" for a in named), ", ".join(named)

@@ -231,7 +231,7 @@ async def _supervise(
             return 1
         per_worker = [[s] for s in socks]
     # Bound before any worker starts: a failure here leaves nothing running.
-    metrics_at = ""
+    mbound = None  # /metrics' address as bound
     if metrics_listen:
         try:
             mrunner = await serve_metrics(lambda: _summed(prom_dir, refused, config),
@@ -240,9 +240,13 @@ async def _supervise(
             log.error("cannot listen on %s for /metrics: %s", metrics_listen, e.strerror or e)
             return 1
         cleanup.push_async_callback(mrunner.cleanup)
-        metrics_at = f", /metrics on http://{protocol.bound(mrunner, metrics_listen)}/metrics"
-    # (the port bound, for a listen on port 0, before the workers are ready)
-    log.info("%d workers starting on http://%s/api/v1%s", n, listen, metrics_at)
+        mbound = protocol.bound(mrunner, metrics_listen)
+    # The addresses bound (a port 0's, or systemd's sockets: server.listen is not read
+    # then), named before the workers are ready.
+    at, named = protocol.api_urls([s.getsockname() for s in socks])
+    metrics_at = f", /metrics on http://{mbound}/metrics" if mbound else ""
+    fields = {"listen": named, "metrics": str(mbound) if mbound else None, "workers": n}
+    log.info("%d workers starting on %s%s", n, at, metrics_at, extra={"fields": fields})
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     cleanup.callback(inbox.close)
     inbox_path = os.path.join(prom_dir, "notify.sock")
@@ -341,7 +345,7 @@ async def _supervise(
                           " (a config or credential problem, logged above)"
                           if code == _EX_CONFIG else "", delay)
                 if not any(x.serving for x in workers):
-                    log.error("no worker is serving: connections to %s are refused", listen)
+                    log.error("no worker is serving: connections to %s are refused", named)
             while True:
                 await asyncio.sleep(delay)
                 if stopping or await spawn(w):
@@ -431,8 +435,8 @@ async def _supervise(
     await asyncio.wait([ready, stopped], timeout=30, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     if ready.done():
-        notifier.ready(f"{n} workers serving on {listen}")
-        log.info("%d workers serving on http://%s/api/v1%s", n, listen, metrics_at)
+        notifier.ready(f"{n} workers serving on {named}")
+        log.info("%d workers serving on %s%s", n, at, metrics_at, extra={"fields": fields})
     else:
         ready.cancel()
         with contextlib.suppress(asyncio.CancelledError):

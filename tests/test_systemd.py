@@ -23,6 +23,7 @@ from procs import (
     Notify,
     Proxy,
     SimThread,
+    bound_ports,
     broken_toml,
     child_env,
     config_toml,
@@ -31,6 +32,7 @@ from procs import (
     listen_backlogs,
     port_refuses,
     somaxconn,
+    wait_for,
 )
 from sandbox import unit_settings
 
@@ -366,11 +368,14 @@ def test_serves_under_the_units_seccomp_filters(
 # socket activation
 
 
-def test_socket_activation(tmp_path: Path, sim: SimThread) -> None:
-    """With LISTEN_FDS=1 and a listening socket on fd 3 lrproxy serves on it, not on its listen."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_socket_activation(tmp_path: Path, sim: SimThread, workers: int) -> None:
+    """With LISTEN_FDS=1 and a listening socket on fd 3 lrproxy serves on it, not on its
+    listen, and its start lines name that socket (the workers' supervisor named the
+    config's address)."""
     conf_port = free_port()  # fixed: the config names it, and it must be found refused
     cfg = tmp_path / "lrproxy.toml"
-    cfg.write_text(config_toml(sim.base_url, conf_port))
+    cfg.write_text(config_toml(sim.base_url, conf_port, extra_server=f"workers = {workers}\n"))
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1024)  # as lrproxy.socket's Backlog=
@@ -388,7 +393,11 @@ def test_socket_activation(tmp_path: Path, sim: SimThread) -> None:
                 model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True))
             assert chunks[-1].choices[0].finish_reason == "stop"
         assert port_refuses(conf_port)
-        assert f"127.0.0.1:{port}" in proxy.stderr  # the start line names the socket it got
+        if workers > 1:
+            wait_for(lambda: "2 workers serving" in proxy.stderr, 15, "both workers")
+        # the start lines name the socket it got (each worker's, the supervisor's two)
+        assert bound_ports(proxy.stderr) == [port] * (1 if workers == 1 else 4), proxy.stderr
+        assert str(conf_port) not in proxy.stderr
         # 1024, the unit's Backlog= (aiohttp listens on it anew: by default with 128)
         assert listen_backlogs(port) == [min(1024, somaxconn())]
         proxy.signal(signal.SIGTERM)

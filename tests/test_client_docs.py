@@ -210,8 +210,12 @@ def test_demo_stops_cleanly_on_sighup(tmp_path: Path) -> None:
 
 
 def test_demo_prints_where_it_listens(demo: Demo) -> None:
-    """The demo prints its base URL (the address --listen bound, /api/v1) and a client key."""
+    """The demo prints its base URL (the address --listen bound, /api/v1) and a client key:
+    the port its start line names, and the one it answers on."""
     assert demo.base_url == f"http://127.0.0.1:{demo.port}/api/v1"
+    with urllib.request.urlopen(demo.base_url.removesuffix("/api/v1") + "/healthz",
+                                timeout=5) as r:
+        assert r.status == 200
     assert demo.api_key and " " not in demo.api_key
 
 

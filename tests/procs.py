@@ -325,31 +325,27 @@ class Proxy:
     def wait_port(self, timeout: float = 15.0) -> int:
         """The API port lrproxy's start line names (its config may say port 0), once it is
         logged; kept as `port`. Every start line (each worker's) names the same one."""
-
-        def logged() -> list[int]:
-            if ports := bound_ports(self.stderr):
-                return ports
-            if self.proc.poll() is not None:
-                raise AssertionError(f"lrproxy exited with {self.proc.returncode}:\n{self.stderr}")
-            return []
-
-        ports = set(wait_for(logged, timeout, "lrproxy's start line", step=0.02))
-        assert len(ports) == 1 and 0 not in ports, (ports, self.stderr)
-        self.port = ports.pop()
+        self.port = self._logged_port(bound_ports, "lrproxy's start line", timeout)
         return self.port
 
     def metrics_port(self, timeout: float = 15.0) -> int:
         """The /metrics port lrproxy's start line names (`metrics_listen` may say port 0),
         once it is logged: one process's line, or the workers' supervisor's."""
+        return self._logged_port(lambda log: [int(m[1]) for m in _METRICS_RE.finditer(log)],
+                                 "lrproxy's /metrics line", timeout)
+
+    def _logged_port(self, ports_in: Callable[[str], list[int]], what: str,
+                     timeout: float) -> int:
+        """The one non-zero port that `ports_in` finds in stderr, once it finds any."""
 
         def logged() -> list[int]:
-            if ports := [int(m[1]) for m in _METRICS_RE.finditer(self.stderr)]:
+            if ports := ports_in(self.stderr):
                 return ports
             if self.proc.poll() is not None:
                 raise AssertionError(f"lrproxy exited with {self.proc.returncode}:\n{self.stderr}")
             return []
 
-        ports = set(wait_for(logged, timeout, "lrproxy's /metrics line", step=0.02))
+        ports = set(wait_for(logged, timeout, what, step=0.02))
         assert len(ports) == 1 and 0 not in ports, (ports, self.stderr)
         return ports.pop()
 

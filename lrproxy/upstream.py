@@ -730,7 +730,7 @@ _RESPONSE_PARAMS: Final = _response_params()
 
 def _take_buffered_ok() -> bool:
     """Whether this aiohttp's StreamReader and protocol hold the fields `_take_buffered`
-    reads and writes (its 3.9 to 3.14 do); else reads go through `readany`."""
+    reads and writes (3.14's do); else reads go through `readany`."""
     try:
         from aiohttp.base_protocol import BaseProtocol
 
@@ -750,10 +750,10 @@ def _take_buffered(content: Any) -> bytes:
     """What `content.readany()` returns when the body's bytes are buffered, without its
     cost per HTTP chunk: aiohttp takes the buffer's chunks one by one, and after each
     calls the protocol's `resume_reading`, which re-feeds its parser an empty read and
-    resumes the transport, paused or not (bench/RESULTS.md, round 17: 6 % of a stream
-    of 25 chunks). b"" when there is nothing to take this way (aiohttp's own read then
-    runs): nothing buffered, a partial read's offset, a failed body, or a protocol
-    paused for a full buffer, which must resume."""
+    resumes the transport, paused or not (bench/RESULTS.md, round 17: 15 % of the
+    instructions of a stream of 25 chunks). b"" when there is nothing to take this way
+    (aiohttp's own read then runs): nothing buffered, a partial read's offset, a failed
+    body, or a protocol paused for a full buffer, which must resume."""
     buf = content._buffer
     if (not buf or content._buffer_offset or content._exception is not None
             or content._protocol._reading_paused):
@@ -766,6 +766,8 @@ def _take_buffered(content: Any) -> bytes:
     while splits and splits[0] < cursor:  # (as aiohttp drops those behind the cursor)
         splits.popleft()
     return data
+
+
 _NO_TRACES: Final[list[Any]] = []  # (the connector only iterates it)
 # A body this long goes out in a write of its own, not copied behind the head
 _JOIN_BODY: Final = 64 * 1024

@@ -326,7 +326,7 @@ async def _serve(args: argparse.Namespace) -> int:
             hangup()
     watchdog = asyncio.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
     _tune_gc()
-    notifier.ready(f"serving on {at}")
+    notifier.ready(f"serving on {named or at}")
     await stop.wait()
     ignore_hangups(loop)
     notifier.stopping()

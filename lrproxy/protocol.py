@@ -449,6 +449,15 @@ def api_urls(addresses: list[Any]) -> tuple[str, str]:
     """The API's base URLs on these socket addresses (`getsockname()`'s: an inherited
     socket's, or one bound on port 0), each once, for the start line; and the
     addresses alone (HOST:PORT), for its `listen` field."""
-    named = dict.fromkeys(str(Listen(str(a[0]), int(a[1]))) if isinstance(a, tuple)
-                          else f"unix:{a!s}" for a in addresses)
+    named = dict.fromkeys(_named(a) for a in addresses)
     return ", ".join(f"http://{a}/api/v1" for a in named), ", ".join(named)
+
+
+def _named(address: Any) -> str:
+    """A socket address as an operator writes it: HOST:PORT, [V6]:PORT, unix:PATH, or
+    unix:@NAME for an abstract one (`ListenStream=@NAME`, given as bytes with a NUL)."""
+    if isinstance(address, tuple):
+        return str(Listen(str(address[0]), int(address[1])))
+    if isinstance(address, bytes):
+        address = address.decode(errors="backslashreplace")
+    return f"unix:{'@' + address[1:] if address.startswith(chr(0)) else address}"

@@ -36,6 +36,7 @@ from procs import (
 )
 from sandbox import unit_settings
 
+from lrproxy.protocol import api_urls
 from lrproxy.sdnotify import Notifier, activated_sockets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -380,9 +381,14 @@ def test_socket_activation(tmp_path: Path, sim: SimThread, workers: int) -> None
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1024)  # as lrproxy.socket's Backlog=
     port = lsock.getsockname()[1]
-    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, listen_sock=lsock, port=port)
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, listen_sock=lsock, port=port,
+                  env=child_env(NOTIFY_SOCKET=notify.path))
     lsock.close()  # the child holds it now, as systemd would
     try:
+        # what systemctl status shows: the socket it got (it named server.listen)
+        assert notify.wait_for("READY", 30)["STATUS"] == (
+            "serving on" if workers == 1 else "2 workers serving on") + f" 127.0.0.1:{port}"
         proxy.wait_healthy()
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/api/v1", api_key=CLIENT_KEY,
                            max_retries=0, timeout=10) as client:
@@ -404,6 +410,18 @@ def test_socket_activation(tmp_path: Path, sim: SimThread, workers: int) -> None
         assert proxy.wait(10) == 0
     finally:
         proxy.stop()
+        notify.close()
+
+
+def test_start_lines_name_each_socket_as_an_operator_writes_it() -> None:
+    """The sockets systemd may pass (ListenStream= of an address, an IPv6 one, a path,
+    an abstract name), each named once, as in a unit file: an abstract socket was
+    Python's bytes repr (unix:b'\\x00name')."""
+    assert api_urls([("127.0.0.1", 8080), ("::1", 8081, 0, 0), "/run/lrproxy/api.sock",
+                     b"\0lrproxy", ("127.0.0.1", 8080)]) == (
+        "http://127.0.0.1:8080/api/v1, http://[::1]:8081/api/v1, "
+        "http://unix:/run/lrproxy/api.sock/api/v1, http://unix:@lrproxy/api/v1",
+        "127.0.0.1:8080, [::1]:8081, unix:/run/lrproxy/api.sock, unix:@lrproxy")
 
 
 def test_listen_fds_for_another_pid_are_ignored() -> None:

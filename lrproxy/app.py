@@ -30,11 +30,7 @@ from lrproxy.buckets import SHARED_BUCKETS_ENV, SharedBucket, SharedBuckets
 from lrproxy.config import AUTO_MODEL, Config, Region, Secrets
 from lrproxy.log import ACCESS, MAIN, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
-from lrproxy.protocol import ID_MASK as _ID_MASK
-from lrproxy.protocol import ID_PREFIX as _ID_PREFIX
-from lrproxy.protocol import REQUEST_ID_RE as _REQUEST_ID_RE
-from lrproxy.protocol import ids as _ids
-from lrproxy.protocol import request_id_of
+from lrproxy.protocol import ID_MASK, ID_PREFIX, REQUEST_ID_RE, ids, request_id_of
 from lrproxy.routing import Candidate, RoutingTable, build_table, pick_candidates
 from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets, task_of
 
@@ -255,9 +251,6 @@ class Rec:
 # two or three Python calls in aiohttp.
 Handler = Callable[[web.Request, "Runtime", Rec], Awaitable[web.StreamResponse]]
 
-
-
-
 _PROBES: Final = frozenset({"/healthz", "/readyz"})
 _GET_HEAD: Final = frozenset({"GET", "HEAD"})  # a probe's methods; /models/{id}'s
 
@@ -290,8 +283,8 @@ def edged(handler: Handler, rt: Runtime) -> Callable[[web.Request], Awaitable[we
 
 async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.StreamResponse:
     value = request.headers.get("X-Request-Id")  # request_id_of(value), inline
-    rec = Rec(value if value is not None and _REQUEST_ID_RE.fullmatch(value) else
-              _ID_PREFIX + "%016x" % (next(_ids) & _ID_MASK), time.perf_counter())
+    rec = Rec(value if value is not None and REQUEST_ID_RE.fullmatch(value) else
+              ID_PREFIX + "%016x" % (next(ids) & ID_MASK), time.perf_counter())
     # Every request gets its access line and count (SPEC §6), /models and unknown paths
     # too (a scanner's), but the health probes a load balancer sends every second.
     rec.api = request.method not in _GET_HEAD or request.path not in _PROBES  # (?x too)

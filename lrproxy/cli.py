@@ -42,7 +42,7 @@ from lrproxy.config import (
 from lrproxy.feeds import poll_feeds
 from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging
 from lrproxy.metrics import serve_metrics
-from lrproxy.protocol import Runner, api_urls, bound
+from lrproxy.protocol import Runner, api_urls, named
 from lrproxy.routing import unserved
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 from lrproxy.workers import (
@@ -287,17 +287,16 @@ async def _serve(args: argparse.Namespace) -> int:
             log.error("cannot listen on %s for /metrics: %s", mlisten, e.strerror or e)
             await _abandon(runner, sims)
             return 1
-    at = bound(runner, listen)
-    mbound = bound(mrunner, mlisten) if mrunner and mlisten else None
+    urls, at = api_urls(runner.addresses)  # (each socket systemd passed)
+    mat = named(mrunner.addresses) if mrunner else []
     loop_name = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") \
         else "asyncio"
-    urls, named = api_urls(runner.addresses)  # (each socket systemd passed)
-    log.info("lrproxy %s listening on %s%s (%s)", __version__, urls or f"http://{at}/api/v1",
-             f", /metrics on http://{mbound}/metrics" if mbound else "", loop_name,
-             extra={"fields": {"listen": named or str(at), "metrics": str(mbound) if mbound
-                               else None, "loop": loop_name}})
+    log.info("lrproxy %s listening on %s%s (%s)", __version__, urls,
+             "".join(f", /metrics on http://{m}/metrics" for m in mat), loop_name,
+             extra={"fields": {"listen": at, "metrics": ", ".join(mat) or None,
+                               "loop": loop_name}})
     if args.demo:
-        print(f"LOWROUTER_BASE_URL=http://{at}/api/v1", flush=True)
+        print(f"LOWROUTER_BASE_URL=http://{named(runner.addresses)[0]}/api/v1", flush=True)
         print(f"LOWROUTER_API_KEY={key}", flush=True)
 
     loop = asyncio.get_running_loop()
@@ -326,7 +325,7 @@ async def _serve(args: argparse.Namespace) -> int:
             hangup()
     watchdog = asyncio.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
     _tune_gc()
-    notifier.ready(f"serving on {named or at}")
+    notifier.ready(f"serving on {at}")
     await stop.wait()
     ignore_hangups(loop)
     notifier.stopping()

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import termios
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Final
 
 from aiohttp import hdrs, web, web_protocol
@@ -437,25 +437,22 @@ class Runner(web.AppRunner):
         return server
 
 
-def bound(runner: web.BaseRunner, listen: Listen) -> Listen:
-    """The address `runner` really bound for `listen` (port 0 picks one), for the log."""
-    for addr in runner.addresses:
-        if isinstance(addr, tuple):
-            return Listen(str(addr[0]), int(addr[1]))
-    return listen
+def named(addresses: Iterable[Any]) -> list[str]:
+    """Socket addresses (`getsockname()`'s, or a runner's: what was bound on port 0, or
+    inherited from systemd) as an operator writes them, each once: HOST:PORT,
+    [V6]:PORT, unix:PATH, or unix:@NAME for an abstract one (`ListenStream=@NAME`,
+    given as bytes with a NUL)."""
+    return list(dict.fromkeys(_named(a) for a in addresses))
 
 
-def api_urls(addresses: list[Any]) -> tuple[str, str]:
-    """The API's base URLs on these socket addresses (`getsockname()`'s: an inherited
-    socket's, or one bound on port 0), each once, for the start line; and the
-    addresses alone (HOST:PORT), for its `listen` field."""
-    named = dict.fromkeys(_named(a) for a in addresses)
-    return ", ".join(f"http://{a}/api/v1" for a in named), ", ".join(named)
+def api_urls(addresses: Iterable[Any]) -> tuple[str, str]:
+    """The API's base URLs on these socket addresses, for the start line; and the
+    addresses alone (`named`), for its `listen` field."""
+    names = named(addresses)
+    return ", ".join(f"http://{a}/api/v1" for a in names), ", ".join(names)
 
 
 def _named(address: Any) -> str:
-    """A socket address as an operator writes it: HOST:PORT, [V6]:PORT, unix:PATH, or
-    unix:@NAME for an abstract one (`ListenStream=@NAME`, given as bytes with a NUL)."""
     if isinstance(address, tuple):
         return str(Listen(str(address[0]), int(address[1])))
     if isinstance(address, bytes):

@@ -512,18 +512,11 @@ class UpstreamResponse:
         content = self.content
         try:
             if self._takes:
-                paused = content._protocol._reading_paused
-                if not paused:
-                    data = _take_buffered(content)
-                    if data:
-                        return data
-                    if not content._buffer and not content._eof and content._exception is None:
-                        await content._wait("readany")  # (readany's own wait)
-                        paused = content._protocol._reading_paused
-                        if not paused and (data := _take_buffered(content)):
-                            return data
-                if paused:
-                    self._takes = False
+                if not content._buffer and not content._eof and content._exception is None:
+                    await content._wait("readany")  # (readany's own wait)
+                if data := _take_buffered(content):
+                    return data
+                self._takes = not content._protocol._reading_paused
             return await content.readany()
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamConnectionLost(f"upstream connection lost: {_why(e)}") from _untraced(e)
@@ -537,7 +530,7 @@ class UpstreamResponse:
         if not content.is_eof():
             return None
         try:
-            if self._resp is None and _TAKE_BUFFERED and (data := _take_buffered(content)):
+            if self._takes and (data := _take_buffered(content)):
                 return data
             return content.read_nowait()
         except (aiohttp.ClientError, OSError) as e:

@@ -231,7 +231,7 @@ async def _supervise(
             return 1
         per_worker = [[s] for s in socks]
     # Bound before any worker starts: a failure here leaves nothing running.
-    mbound = None  # /metrics' address as bound
+    mat: list[str] = []  # /metrics' address as bound
     if metrics_listen:
         try:
             mrunner = await serve_metrics(lambda: _summed(prom_dir, refused, config),
@@ -240,13 +240,13 @@ async def _supervise(
             log.error("cannot listen on %s for /metrics: %s", metrics_listen, e.strerror or e)
             return 1
         cleanup.push_async_callback(mrunner.cleanup)
-        mbound = protocol.bound(mrunner, metrics_listen)
+        mat = protocol.named(mrunner.addresses)
     # The addresses bound (a port 0's, or systemd's sockets: server.listen is not read
     # then), named before the workers are ready.
-    at, named = protocol.api_urls([s.getsockname() for s in socks])
-    metrics_at = f", /metrics on http://{mbound}/metrics" if mbound else ""
-    fields = {"listen": named, "metrics": str(mbound) if mbound else None, "workers": n}
-    log.info("%d workers starting on %s%s", n, at, metrics_at, extra={"fields": fields})
+    urls, at = protocol.api_urls(s.getsockname() for s in socks)
+    metrics_at = "".join(f", /metrics on http://{m}/metrics" for m in mat)
+    fields = {"listen": at, "metrics": ", ".join(mat) or None, "workers": n}
+    log.info("%d workers starting on %s%s", n, urls, metrics_at, extra={"fields": fields})
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     cleanup.callback(inbox.close)
     inbox_path = os.path.join(prom_dir, "notify.sock")
@@ -345,7 +345,7 @@ async def _supervise(
                           " (a config or credential problem, logged above)"
                           if code == _EX_CONFIG else "", delay)
                 if not any(x.serving for x in workers):
-                    log.error("no worker is serving: connections to %s are refused", named)
+                    log.error("no worker is serving: connections to %s are refused", at)
             while True:
                 await asyncio.sleep(delay)
                 if stopping or await spawn(w):
@@ -435,8 +435,8 @@ async def _supervise(
     await asyncio.wait([ready, stopped], timeout=30, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     if ready.done():
-        notifier.ready(f"{n} workers serving on {named}")
-        log.info("%d workers serving on %s%s", n, at, metrics_at, extra={"fields": fields})
+        notifier.ready(f"{n} workers serving on {at}")
+        log.info("%d workers serving on %s%s", n, urls, metrics_at, extra={"fields": fields})
     else:
         ready.cancel()
         with contextlib.suppress(asyncio.CancelledError):

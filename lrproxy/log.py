@@ -8,12 +8,13 @@ keys or message text.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import math
 import os
 import select
 import sys
+import threading
 import time
 from typing import Any, Final
 
@@ -55,9 +56,9 @@ class PlainFormatter(logging.Formatter):
         return line
 
 
-# Access lines wait up to this long (`--access-log-flush-ms`), then go out together in
-# writes of at most PIPE_BUF bytes: whole lines, so that workers sharing one stdout pipe
-# never interleave inside a line.
+# Access lines wait up to this long (`--access-log-flush-ms`) on the event loop, then go
+# to a thread of their own that writes them to stdout in writes of at most PIPE_BUF bytes:
+# whole lines, so that workers sharing one stdout pipe never interleave inside a line.
 ACCESS_FLUSH_MS: Final = 100
 _PIPE_BUF: Final = 4096
 
@@ -93,28 +94,22 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
 _access = logging.getLogger(ACCESS)
 _direct_fd: int | None = None
 _flush_s = ACCESS_FLUSH_MS / 1000
-_lines: list[bytes] = []  # access lines not written yet, _size bytes
+_lines: list[bytes] = []  # access lines gathered on the loop, _size bytes: one write
 _size = 0
 _timer: asyncio.TimerHandle | None = None
-# A non-blocking stdout whose reader lags (EAGAIN) keeps its lines until the loop says it
-# has room, up to this many bytes; lines past it are dropped, counted, and reported.
+# Lines handed to the writer wait for a stdout whose reader lags up to this many bytes;
+# lines past it are dropped, counted, and reported.
 _MAX_BACKLOG: Final = 1 << 20
-_blocked = False
-_dropped = 0
+_REPORT_S: Final = 10.0
 
 
 def access_line(fields: dict[str, Any]) -> None:
     """One JSON line; through logging when something (a test) attached handlers."""
-    global _size, _timer, _dropped
+    global _size, _timer
     if _direct_fd is not None and not _access.handlers:
         line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
         if _size + len(line) > _PIPE_BUF:
-            if _blocked:  # stdout is full: _writable() goes on; hold what fits
-                if _size + len(line) > _MAX_BACKLOG:
-                    _dropped += 1
-                    return
-            else:
-                flush_access()
+            flush_access()
         _lines.append(line)
         _size += len(line)
         if _timer is None:
@@ -129,48 +124,110 @@ def access_line(fields: dict[str, Any]) -> None:
 
 
 def flush_access() -> None:
-    """Write the access lines gathered so far (at the flush time, when they would pass
-    PIPE_BUF together, and at exit), in writes of whole lines of at most PIPE_BUF."""
-    global _size, _timer, _blocked, _dropped
+    """Hand the access lines gathered so far to the writer (at the flush time, when more
+    would pass PIPE_BUF, and at exit): one write of whole lines."""
+    global _size, _timer, _writer
     if _timer is not None:
         _timer.cancel()
         _timer = None
     if not _lines or _direct_fd is None:
         return
-    lines, i = _lines, 0
-    try:
-        while i < len(lines):
-            j, size = i + 1, len(lines[i])
-            while j < len(lines) and size + len(lines[j]) <= _PIPE_BUF:
-                size += len(lines[j])
-                j += 1
-            data = lines[i] if j == i + 1 else b"".join(lines[i:j])
-            n = os.write(_direct_fd, data)
-            if not n:  # nothing taken, no error: nothing to wait for either
-                raise OSError("stdout took no bytes")
-            if n < len(data):  # a short write (a socket, a signal): its rest goes first
-                lines[i:j] = [data[n:]]
-            else:
-                i = j
-    except BlockingIOError:  # a non-blocking stdout is full: the rest waits
-        pass
-    except OSError:  # stdout closed: losing log lines must not fail requests
-        _dropped += len(lines) - i
-        i = len(lines)
-    del lines[:i]
-    _size = sum(map(len, lines))
-    _blocked = bool(lines)
-    if _blocked:
-        with contextlib.suppress(RuntimeError):  # no loop at exit: close_access() waits
-            asyncio.get_running_loop().add_writer(_direct_fd, _writable, _direct_fd)
-    if _dropped:
-        _report_drops(force=not _blocked)
+    data = _lines[0] if len(_lines) == 1 else b"".join(_lines)
+    count = len(_lines)
+    _lines.clear()
+    _size = 0
+    if _writer is None or _writer.fd != _direct_fd:
+        if _writer is not None:  # (stdout changed: tests)
+            _writer.close(1.0)
+        _writer = _Writer(_direct_fd)
+    _writer.put(data, count)
 
 
-def _writable(fd: int) -> None:
-    """A full stdout has room again: write on."""
-    asyncio.get_running_loop().remove_writer(fd)
-    flush_access()
+class _Writer:
+    """The thread that writes access lines to stdout. A stdout whose reader stalls (a
+    pipe nobody reads, `| less`, a busy journald) holds up this thread, never the event
+    loop: lines wait up to _MAX_BACKLOG bytes, then are dropped, counted and reported
+    (when stdout takes lines again, every _REPORT_S while it takes none, at exit)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.cond = threading.Condition()
+        self.queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (data, lines)
+        self.queued = 0  # bytes in queue
+        self.dropped = 0  # lines dropped, not reported yet
+        self.closing = False
+        self.reported = Seldom(_REPORT_S)
+        self.thread = threading.Thread(target=self._run, name="lrproxy-access-log", daemon=True)
+        self.thread.start()
+
+    def put(self, data: bytes, count: int) -> None:
+        with self.cond:
+            if self.queued + len(data) > _MAX_BACKLOG:
+                self.dropped += count
+                return
+            self.queue.append((data, count))
+            self.queued += len(data)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        poll = select.poll()
+        poll.register(self.fd, select.POLLOUT)
+        while True:
+            with self.cond:
+                while not self.queue and not self.closing:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                data, count = self.queue[0]
+            while not poll.poll(_REPORT_S * 1000):  # stdout takes nothing
+                self._report(force=False)
+            with self.cond:
+                if not self.queue or self.queue[0][0] is not data:
+                    continue  # close() gave up on it, and counted it as dropped
+            try:
+                n = os.write(self.fd, data)
+            except BlockingIOError:  # a non-blocking stdout filled since the poll
+                continue
+            except OSError:  # stdout closed: losing log lines must not fail requests
+                n = 0
+            with self.cond:
+                if self.queue and self.queue[0][0] is data:  # (not dropped by close())
+                    if not n:
+                        self.dropped += sum(c for _, c in self.queue)
+                        self.queue.clear()
+                        self.queued = 0
+                    elif n < len(data):  # a short write (a socket): its rest goes first
+                        self.queue[0] = (data[n:], count)
+                        self.queued -= n
+                    else:
+                        self.queue.popleft()
+                        self.queued -= n
+            self._report(force=bool(n))
+
+    def _report(self, force: bool) -> None:
+        """Say how many lines were dropped, if any, and when due."""
+        with self.cond:
+            if not self.dropped or not self.reported.due(force):
+                return
+            dropped, self.dropped = self.dropped, 0
+        logging.getLogger(MAIN).warning(
+            "access log: %d lines dropped while stdout took none", dropped)
+
+    def close(self, wait_s: float) -> None:
+        """Write what is queued, waiting up to `wait_s` for stdout to take it; what is
+        still queued then counts as dropped, and the drops are reported."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        self.thread.join(wait_s)
+        with self.cond:
+            self.dropped += sum(c for _, c in self.queue)
+            self.queue.clear()
+            self.queued = 0
+        self._report(force=True)
+
+
+_writer: _Writer | None = None
 
 
 class Seldom:
@@ -190,37 +247,21 @@ class Seldom:
         return True
 
 
-_drops_report: Final = Seldom(10.0)
-
-
-def _report_drops(force: bool) -> None:
-    """Say how many access lines were dropped: when stdout takes lines again, at exit,
-    and every 10 s while it stays full (a reader that never catches up)."""
-    global _dropped
-    if not _drops_report.due(force):
-        return
-    logging.getLogger(MAIN).warning(
-        "access log: %d lines dropped while stdout took none", _dropped)
-    _dropped = 0
-
-
 def close_access(wait_s: float = 1.0) -> None:
-    """At exit: write what is left; a full non-blocking stdout gets up to `wait_s` to
-    take it (polled: its blocking flag is shared with other processes), then what is
-    still left counts as dropped and is reported."""
-    global _dropped, _size, _blocked
+    """At exit: write what is left, giving a stdout that takes nothing up to `wait_s`;
+    what it has not taken then is counted as dropped and reported."""
+    global _writer
     flush_access()
-    if _direct_fd is None:
-        return
-    end = time.monotonic() + wait_s
-    while _lines and (left := end - time.monotonic()) > 0:
-        poll = select.poll()
-        poll.register(_direct_fd, select.POLLOUT)
-        poll.poll(left * 1000)
-        flush_access()
-    if _lines:
-        _dropped += len(_lines)
-        _lines.clear()
-        _size, _blocked = 0, False
-    if _dropped:
-        _report_drops(force=True)
+    w, _writer = _writer, None
+    if w is not None:
+        w.close(wait_s)
+
+
+def _forked() -> None:
+    """A forked child has no writer thread, and its parent's lines are not its own."""
+    global _writer, _timer, _size
+    _writer, _timer, _size = None, None, 0
+    _lines.clear()
+
+
+os.register_at_fork(after_in_child=_forked)

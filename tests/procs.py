@@ -286,8 +286,9 @@ class Proxy:
 
     def __init__(self, args: Sequence[str], workdir: Path, *, env: dict[str, str] | None = None,
                  listen_sock: socket.socket | None = None, port: int | None = None,
-                 wrap: Sequence[str] = ()) -> None:
-        """`wrap`: a command that runs the proxy's command line (tests/sandbox.py)."""
+                 wrap: Sequence[str] = (), stdout: int | None = None) -> None:
+        """`wrap`: a command that runs the proxy's command line (tests/sandbox.py);
+        `stdout`: a descriptor for its stdout instead of the file."""
         self.port = port
         self.out_path = workdir / "proxy.stdout"
         self.err_path = workdir / "proxy.stderr"
@@ -300,7 +301,8 @@ class Proxy:
             cmd = [sys.executable, "-m", "lrproxy", *args]
             pass_fds = ()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen([*wrap, *cmd], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            self.proc = subprocess.Popen([*wrap, *cmd], stdin=subprocess.DEVNULL,
+                                         stdout=out if stdout is None else stdout, stderr=err,
                                          env=env, pass_fds=pass_fds, cwd=workdir)
         self.pid = self.proc.pid
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -22,14 +23,15 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="sizes a pipe with Linux's fcntl")
 
 
-@pytest.fixture
-def pipe_stdout(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
-    """stdout is the write end of a small non-blocking pipe; (read fd, write fd).
-
-    The loggers and log.py's state are restored afterwards."""
+@pytest.fixture(params=["blocking", "non-blocking"])
+def pipe_stdout(request: pytest.FixtureRequest,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
+    """stdout is the write end of a small pipe, blocking (as a pipe or journald's socket
+    is, unless someone says otherwise) or not; (read fd, write fd). The read end is
+    non-blocking, for `_drain`. The loggers and log.py's state are restored afterwards."""
     r, w = os.pipe()
     fcntl.fcntl(w, F_SETPIPE_SZ, 4096)  # the least it takes: a page
-    os.set_blocking(w, False)
+    os.set_blocking(w, request.param == "blocking")
     os.set_blocking(r, False)
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate)
              for lg in (logging.getLogger(log.MAIN), logging.getLogger(log.ACCESS))]
@@ -45,9 +47,8 @@ def pipe_stdout(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
     try:
         yield r, w
     finally:
-        log.flush_access()
-        log._lines.clear()
-        log._size, log._blocked, log._dropped = 0, False, 0
+        _drain(r)
+        log.close_access(wait_s=0)
         log._direct_fd, log._flush_s = state
         for lg, handlers, level, propagate in saved:
             lg.handlers[:] = handlers
@@ -56,6 +57,25 @@ def pipe_stdout(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
         out.close()
         os.close(r)
         os.close(w)
+
+
+@contextlib.contextmanager
+def _warnings() -> Iterator[list[int]]:
+    """The counts of the "lines dropped" warnings logged inside the block."""
+    counts: list[int] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if m := re.fullmatch(r"access log: (\d+) lines dropped.*", record.getMessage()):
+                counts.append(int(m[1]))
+
+    main = logging.getLogger(log.MAIN)
+    handler = Catch()
+    main.addHandler(handler)
+    try:
+        yield counts
+    finally:
+        main.removeHandler(handler)
 
 
 def _drain(fd: int) -> bytes:
@@ -74,65 +94,74 @@ def _line(i: int) -> dict[str, object]:
     return {"request_id": f"r{i}", "status": 200, "pad": "x" * (i % 300)}
 
 
-def _log_then_drain(r: int, fields: list[dict[str, object]]) -> bytes:
-    """Access lines for `fields` while nobody reads stdout (it fills up), then what a
-    reader gets once it reads on until the writer has nothing left."""
+def _log_unread(fields: list[dict[str, object]]) -> None:
+    """Access lines for `fields`, as an event loop writes them, while nobody reads
+    stdout: each call returns at once, whatever the pipe holds."""
 
-    async def run() -> bytes:
+    async def run() -> None:
         for f in fields:
             log.access_line(f)
-        assert log._blocked  # the pipe filled up and nobody read it
-        got = []
-        for _ in range(1000):
-            await asyncio.sleep(0.005)
-            got.append(_drain(r))
-            if not log._lines:
-                break
-        return b"".join(got)
+        await asyncio.sleep(0.05)  # the flush timers run
 
-    return asyncio.run(run())
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (asyncio.run(run()), done.set()), daemon=True)
+    thread.start()
+    # Without the writer thread, a blocking stdout would hold this up for good.
+    assert done.wait(10), "access_line() waited for stdout"
+    thread.join(5)
 
 
-def test_full_nonblocking_stdout_keeps_lines_until_it_drains(
-    pipe_stdout: tuple[int, int]
-) -> None:
-    """Lines written while nobody reads a non-blocking stdout are not lost: they wait and
-    go out whole once the reader catches up, none twice, none cut."""
+def _read_until_idle(r: int) -> bytes:
+    """What a reader gets once it reads on until the writer has nothing left."""
+    got = []
+    for _ in range(2000):
+        got.append(_drain(r))
+        w = log._writer
+        if w is not None and not w.queue:
+            break
+        time.sleep(0.005)
+    else:
+        raise AssertionError("the writer did not catch up")
+    got.append(_drain(r))
+    return b"".join(got)
+
+
+def test_full_stdout_keeps_lines_until_it_drains(pipe_stdout: tuple[int, int]) -> None:
+    """Lines written while nobody reads stdout are not lost, and requests do not wait
+    for it: they wait, in the writer, and go out whole once the reader catches up, none
+    twice, none cut."""
     r, w = pipe_stdout
     n = 10 * fcntl.fcntl(w, F_GETPIPE_SZ) // 150  # lines of ~200 B: 13 times what it holds
-    data = _log_then_drain(r, [_line(i) for i in range(n)])
+    with _warnings() as reported:
+        _log_unread([_line(i) for i in range(n)])
+        assert log._writer is not None and log._writer.queue  # the pipe is full
+        data = _read_until_idle(r)
     lines = data.split(b"\n")
     assert lines[-1] == b""
     docs = [orjson.loads(ln) for ln in lines[:-1]]
     assert [d["request_id"] for d in docs] == [f"r{i}" for i in range(n)]
-    assert not log._blocked and log._dropped == 0
+    assert not reported
 
 
 def test_backlog_is_bounded_and_drops_are_reported(pipe_stdout: tuple[int, int]) -> None:
     """Past the backlog's bound new lines are dropped, counted, and a warning says how
     many once stdout takes lines again; what is written stays whole lines."""
     r, w = pipe_stdout
-    err_r, err_w = os.pipe()
-    main = logging.getLogger(log.MAIN)
-    handler = logging.StreamHandler(os.fdopen(err_w, "w"))
-    main.addHandler(handler)
     line_len = len(orjson.dumps(_line(299))) + 1
     n = log._MAX_BACKLOG // line_len + 500  # more than the backlog holds
-    try:
-        data = _log_then_drain(r, [_line(299)] * n)
-        handler.flush()
-    finally:
-        main.removeHandler(handler)
-        handler.stream.close()
-    warning = os.read(err_r, 65536).decode()
-    os.close(err_r)
+    with _warnings() as reported:
+        _log_unread([_line(299)] * n)
+        data = _read_until_idle(r)
+        wait_for_report = time.monotonic() + 5
+        while not reported and time.monotonic() < wait_for_report:
+            time.sleep(0.01)
+        assert reported  # as soon as stdout took lines again
+        log.close_access(wait_s=1)
     written = data.count(b"\n")
     assert all(orjson.loads(ln)["request_id"] == "r299" for ln in data.split(b"\n")[:-1])
     assert written < n
     assert written * line_len <= log._MAX_BACKLOG + fcntl.fcntl(w, F_GETPIPE_SZ)
-    reported = [int(k) for k in re.findall(r"access log: (\d+) lines dropped", warning)]
-    assert reported and sum(reported) == n - written  # as they happen, and the rest at the end
-    assert not log._blocked and log._dropped == 0
+    assert sum(reported) == n - written
 
 
 def test_exit_waits_a_moment_for_a_full_stdout_then_reports_the_rest(
@@ -142,9 +171,9 @@ def test_exit_waits_a_moment_for_a_full_stdout_then_reports_the_rest(
     catches up in time gets them all; without one they are counted and reported."""
     r, w = pipe_stdout
     n = 10 * fcntl.fcntl(w, F_GETPIPE_SZ) // 150
-    for i in range(n):  # no event loop: each line is tried at once
+    for i in range(n):  # no event loop: each line is handed over at once
         log.access_line(_line(i))
-    assert log._blocked
+    assert log._writer is not None and log._writer.queue
     got: list[bytes] = []
     done = threading.Event()
 
@@ -156,28 +185,31 @@ def test_exit_waits_a_moment_for_a_full_stdout_then_reports_the_rest(
 
     thread = threading.Thread(target=reader)
     thread.start()
-    log.close_access(wait_s=5)
+    with _warnings() as reported:
+        log.close_access(wait_s=5)
     done.set()
     thread.join(5)
     got.append(_drain(r))
     ids = [orjson.loads(ln)["request_id"] for ln in b"".join(got).split(b"\n")[:-1]]
     assert ids == [f"r{i}" for i in range(n)]
+    assert not reported
 
-    err_r, err_w = os.pipe()
-    main = logging.getLogger(log.MAIN)
-    handler = logging.StreamHandler(os.fdopen(err_w, "w"))
-    main.addHandler(handler)
-    try:
+    with _warnings() as reported:
         for i in range(n):
             log.access_line(_line(i))
-        assert log._blocked
         log.close_access(wait_s=0.2)  # nobody reads
-        handler.flush()
-    finally:
-        main.removeHandler(handler)
-        handler.stream.close()
     written = _drain(r).count(b"\n")
-    warning = os.read(err_r, 65536).decode()
-    os.close(err_r)
-    reported = [int(k) for k in re.findall(r"access log: (\d+) lines dropped", warning)]
-    assert sum(reported) == n - written > 0 and not log._lines
+    assert sum(reported) == n - written > 0 and log._writer is None
+
+
+def test_closed_stdout_drops_lines_and_says_so(pipe_stdout: tuple[int, int]) -> None:
+    """A stdout whose reader has gone (EPIPE) costs requests nothing: its lines are
+    dropped, and counted in one warning, not one per line."""
+    r, _w = pipe_stdout
+    nul = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nul, r)  # the pipe's only reader goes away (r reads /dev/null now)
+    os.close(nul)
+    with _warnings() as reported:
+        _log_unread([_line(i) for i in range(50)])
+        log.close_access(wait_s=1)
+    assert sum(reported) == 50 and len(reported) <= 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -815,6 +816,34 @@ def test_access_lines_are_gathered_and_written_by_the_flush_and_at_exit(
         assert all(json.loads(ln)["request_id"] for ln in fast.stdout.splitlines())
     finally:
         fast.stop()
+
+
+def test_a_stdout_nobody_reads_holds_up_no_request(tmp_path: Path, sim: SimThread) -> None:
+    """A stdout whose reader stalls (a pipe nobody reads: `| less` on its first page, a
+    harness that never reads, a journald that is behind) holds up the access log's
+    writer only: requests are answered, and at SIGTERM the proxy exits after a second's
+    wait, saying how many lines stdout did not take. Every line is whole and counted."""
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, 0))
+    r, w = os.pipe()  # 64 KiB: the lines of ~170 requests
+    proxy = Proxy(["serve", "--config", str(cfg), "--access-log-flush-ms=5"], tmp_path, stdout=w)
+    os.close(w)
+    n = 600
+    try:
+        proxy.wait_healthy()
+        with _client(proxy.port) as client:  # type: ignore[arg-type]
+            for _ in range(n):
+                _plain(client, {})
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(10) == 0
+    finally:
+        proxy.stop()
+        with os.fdopen(r, "rb") as pipe:
+            out = pipe.read()  # the proxy has exited: up to its end
+    lines = [json.loads(ln) for ln in out.splitlines()]
+    assert 0 < len(lines) < n and all(a["status"] == 200 for a in lines)
+    dropped = [int(k) for k in re.findall(r"access log: (\d+) lines dropped", proxy.stderr)]
+    assert len(lines) + sum(dropped) == n, (len(lines), dropped)
 
 
 # ---------------------------------------------------------------------------------------

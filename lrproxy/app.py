@@ -576,8 +576,11 @@ def make_app(
             app.router.add_route(m, path, h, expect_handler=expect)
             direct.setdefault(path, {})[m] = h
     app[protocol.ROUTES] = direct  # the same handlers without the router (protocol.direct)
+    # The patterns below take every character, a line feed (`%0A`, which `.` does not
+    # match) too: else such a path matches no route and aiohttp answers it itself, a
+    # text 404 with its own Server header, uncounted and unlogged.
     for base in ("/api/v1", "/v1"):  # every method: the handler answers 405 to the others
-        app.router.add_route("*", base + "/models/{id:.+}", edged(model, rt),
+        app.router.add_route("*", base + r"/models/{id:[\s\S]+}", edged(model, rt),
                              expect_handler=_expect)
 
     async def no_route(request: web.Request, rt: Runtime, rec: Rec) -> web.StreamResponse:
@@ -588,7 +591,7 @@ def make_app(
         raise web.HTTPNotFound()
 
     unrouted: Any = edged(no_route, rt)  # it takes the app's requests, web.Request
-    app.router.add_route("*", "/{tail:.*}", unrouted,  # last: matched last
+    app.router.add_route("*", r"/{tail:[\s\S]*}", unrouted,  # last: matched last
                          expect_handler=_expect)
     app[protocol.UNROUTED] = unrouted  # for targets with no path, which no route matches
     app.cleanup_ctx.append(_client_session)

@@ -540,6 +540,26 @@ async def test_unknown_path_is_404_in_openai_shape(
             assert r.headers.getall("Server") == ["lrproxy"]
 
 
+
+async def test_a_line_feed_in_the_path_is_still_ours(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """An escaped line feed (%0A) in the path: `.` in a route pattern does not match it,
+    so such a path matched no route and aiohttp answered with its own text 404 and
+    Server header (its version), no request id, no access line. It is ours: the OpenAI
+    shape, and for a model id with one, model_not_found."""
+    for path, code in (("/v1/%0A", "not_found"), ("/api/v1/nope%0Ax", "not_found"),
+                       ("/v1/models/a%0Ab", "model_not_found"),
+                       ("/api/v1/models/%0A", "model_not_found")):
+        async with http.get(yarl.URL(stack.origin + path, encoded=True),
+                            headers=auth(stack)) as r:
+            assert r.status == 404, path
+            assert r.headers.getall("Server") == ["lrproxy"], path
+            assert "X-Request-Id" in r.headers, path
+            assert r.content_type == "application/json", path
+            assert (await r.json())["error"]["code"] == code, path
+
+
 # ---------------------------------------------------------------------------------------
 # upstream failures
 

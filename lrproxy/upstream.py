@@ -656,19 +656,25 @@ async def send(
     except (aiohttp.ClientError, OSError) as e:
         raise UpstreamError(f"upstream connection failed: {_why(e)}") from _untraced(e)
     answer = UpstreamResponse(status, headers, content, resp, conn)
-    if status < 300 or (400 <= status < 500 and status not in (401, 403, 429)):
+    if status < 300 or (400 <= status < 500 and status not in (401, 403, 407, 429)):
         return answer
     retry_after = parse_retry_after(headers.get("Retry-After"))
     answer.close()
     err: UpstreamFailed
-    if status in (401, 403):
+    if status == 407:
+        # A forward proxy's refusal (to a plain-http upstream it answers the request
+        # itself): the egress failed, as when it refuses a CONNECT (no upstream status:
+        # counted as connect_error), never the client's request, which a passed-on 407
+        # would tell the SDK.
+        err = UpstreamError(f"upstream connection failed: {_WHY[1][1]} (407)")
+    elif status in (401, 403):
         # The upstream's text may echo our key: never pass it on (SPEC §1).
         err = UpstreamAuthFailed("the upstream rejected the proxy's credentials")
     elif status < 400:
         err = UpstreamError(f"upstream answered with a redirect ({status}); not followed")
     else:
         err = UpstreamError(f"upstream answered {status}")
-    err.upstream_status = status
+    err.upstream_status = None if status == 407 else status
     err.retry_after = retry_after
     try:
         raise err

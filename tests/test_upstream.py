@@ -322,6 +322,34 @@ async def test_media_type_is_aiohttps(session: aiohttp.ClientSession, wires: Wir
         assert direct == r.content_type
 
 
+
+@pytest.mark.parametrize("via_proxy", [True, False], ids=["egress-proxy", "direct"])
+async def test_a_407_is_the_egress_failing_not_the_clients_request(
+        session: aiohttp.ClientSession, wires: Wires, via_proxy: bool) -> None:
+    """A forward proxy that refuses our credentials answers a plain-http upstream's
+    request itself, with 407: a failure to fail over (as its refused CONNECT is), not
+    a client error to pass on with its status (the client would get a 407 it cannot
+    act on, and the upstream would count it as a success)."""
+    page = b"<html>ERR_CACHE_ACCESS_DENIED</html>"
+
+    async def refuse(req: bytes) -> bytes:
+        return (b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Type: text/html\r\n"
+                b'Proxy-Authenticate: Basic realm="corp"\r\n'
+                b"Content-Length: %d\r\n\r\n%b" % (len(page), page))
+
+    wire, proxy_url = await wires(refuse)
+    origin = proxy_url.removesuffix("/v1")
+    base = "http://upstream.invalid:8000/v1" if via_proxy else proxy_url
+    u = Upstream(name="u", region="r", base_url=base, models={"m": "m"},
+                 proxy=origin if via_proxy else None)
+    target = upstream.Target(u, base + "/chat/completions", base + "/embeddings",
+                             "Bearer sk-up", None, u.proxy)
+    with pytest.raises(UpstreamError, match="egress proxy refused it") as e:
+        await _send(session, target, b"{}")
+    assert e.value.upstream_status is None  # counted as connect_error, as a CONNECT's
+    assert len(wire.requests) == 1
+
+
 async def test_a_failed_status_with_its_body_still_coming_drops_the_connection(
         session: aiohttp.ClientSession, servers: Servers) -> None:
     """A 503 whose body is still coming: send raises, and the connection is closed at

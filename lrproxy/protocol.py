@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Final
 
 from aiohttp import hdrs, web, web_protocol
-from aiohttp.http_exceptions import LineTooLong
-from aiohttp.streams import StreamReader
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from lrproxy import errors
@@ -37,6 +37,10 @@ log = logging.getLogger(MAIN)
 MAX_HEADERS: Final = 128
 MAX_FIELD_SIZE: Final = 16384  # one header line; OpenAI SDK headers are far below this
 MAX_LINE_SIZE: Final = 8190  # a request's target (aiohttp's default; != MAX_FIELD_SIZE)
+# A request's whole head, all its lines: aiohttp caps each line and their count only,
+# which let 128 lines of 16 KiB (2 MiB, held as ~4 MiB while it comes) through. nginx
+# takes 4 x 8 KiB by default, Envoy 60 KiB; an OpenAI SDK's head is under 1 KiB.
+MAX_HEAD_BYTES: Final = 64 * 1024
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
 SEND_TIMEOUT_S: Final = 60.0  # an answer none of which the client takes, as nginx's send_timeout
 _EVICT_IDLE_S: Final = 1.0  # at max_connections, what counts as idle (_lr_evict)
@@ -146,6 +150,11 @@ class LimitsHandler(RequestHandler):
         self.lr_transport: asyncio.Transport | None = self.transport
         self.lr_busy = False  # set by the app's edge while it handles a request
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
+        # Bytes of the head being received (MAX_HEAD_BYTES): those that came while no
+        # body was being received, since the last request's head was whole
+        self._lr_head = 0
+        self._lr_payload: Any = None  # the last parsed request's body
+        self._lr_dropping = False  # a head over the cap: no more of it goes to the parser
         self._lr_body: StreamReader | None = None  # an answered request's body still coming
         self._lr_body_sized = True  # … with a Content-Length
         self._lr_timer: asyncio.TimerHandle | None = None
@@ -197,6 +206,8 @@ class LimitsHandler(RequestHandler):
         if not data:  # no bytes of a request: aiohttp's own call as it resumes reading
             super().data_received(data)
             return
+        if self._lr_dropping:
+            return
         if not self._lr_seen and not self.lr_busy:
             body = self._lr_body
             if body is not None:
@@ -224,9 +235,44 @@ class LimitsHandler(RequestHandler):
                 self._lr_deadline = due
         self._lr_seen = True
         queued = len(self._messages)
+        payload = self._lr_payload
+        in_head = payload is None or payload.is_eof()  # (else these are a body's bytes)
         super().data_received(data)
-        if self.lr_busy and len(self._messages) > queued:
-            self._lr_body_broken()
+        if len(self._messages) > queued:  # a head came whole (or failed to parse)
+            if in_head and self._lr_head + len(data) > MAX_HEAD_BYTES:
+                self._lr_heads_measured(queued)  # (a head over it may end in this read)
+            self._lr_payload = self._messages[-1][1]
+            self._lr_head = 0
+            if self.lr_busy:
+                self._lr_body_broken()
+        elif in_head:
+            self._lr_head += len(data)
+            if self._lr_head > MAX_HEAD_BYTES:
+                self._lr_head_too_large()
+
+    def _lr_heads_measured(self, first: int) -> None:
+        """The heads parsed from the last read (`self._messages[first:]`), each over
+        MAX_HEAD_BYTES in all turned into the parse error it is, answered with 431."""
+        messages = self._messages
+        for i in range(first, len(messages)):
+            raw = getattr(messages[i][0], "raw_headers", None)
+            if (raw is not None and _ERR_INFO is not None
+                    and sum(len(k) + len(v) + 4 for k, v in raw) > MAX_HEAD_BYTES):
+                exc = BadHttpMessage("Request headers too long")
+                # (no body to read after it: the connection closes with the 431)
+                messages[i] = (_ERR_INFO(status=431, exc=exc, message=exc.message),
+                               EMPTY_PAYLOAD)
+
+    def _lr_head_too_large(self) -> None:
+        """A head over MAX_HEAD_BYTES, not whole yet: none of the rest is parsed. With
+        no answer under way, a 431 and the close; behind a request being answered (a
+        pipelining client's), the close after that answer (a 431 now would go first)."""
+        self._lr_dropping = True
+        if self.lr_busy or self._messages:
+            self.close()  # aiohttp's: the connection closes once those are answered
+            return
+        self._lr_answer(errors.HeadersTooLarge("Request headers too large or too many."),
+                        b"431 Request Header Fields Too Large")
 
     def _lr_body_ended(self, after: bool) -> None:
         """A refused request's body ended within a read, `after` it bytes (other than

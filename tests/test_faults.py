@@ -627,6 +627,47 @@ def test_header_limits_are_431(stack: Stack, case: str) -> None:
     assert codes(stack, key="unknown") == {"431": 1}
 
 
+
+@pytest.mark.parametrize("case", ["whole", "held", "under"])
+def test_a_head_over_64_kib_in_all_is_431(stack: Stack, case: str) -> None:
+    """Lines each within 16 KiB, fewer than 128, but over MAX_HEAD_BYTES together:
+    431 headers_too_large and the close, whether the head came whole ("whole") or is
+    still coming ("held": its blank line never comes; no 408 wait at client_header,
+    the memory it took meanwhile being ~2x its size), and nothing goes upstream. A
+    head under it ("under") is served. It let 128 lines of 16 KiB through: 2 MiB."""
+    n = {"whole": 9, "held": 12, "under": 6}[case]
+    lines = [f"X-Padding-{i}: {'a' * 9000}" for i in range(n)]
+    data = request(BODY, *lines)
+    if case == "held":
+        data = data.partition(b"\r\n\r\n")[0] + b"\r\n"
+    with open_raw(stack) as sock:
+        sock.sendall(data)
+        a = read_answer(sock, timeout=3.0)
+        if case == "under":
+            assert a.status == 200
+            return
+        a.error(431, "headers_too_large")
+        assert_generated_id(a)
+        assert closed_by_peer(sock)
+    assert sum(hits(stack).values()) == 0
+    assert codes(stack, key="unknown") == {"431": 1}
+
+
+def test_a_head_over_64_kib_behind_a_request_closes_after_its_answer(stack: Stack) -> None:
+    """A pipelining client's next head grows past MAX_HEAD_BYTES while its request is
+    being answered: that answer comes whole, then the connection closes (a 431 then
+    would have gone out before it); the rest of the head is never parsed."""
+    slow = orjson.dumps(chat(LLAMA, sim={"headers_delay_s": 0.5}))
+    with open_raw(stack) as sock:
+        sock.sendall(request(slow))
+        time.sleep(0.2)  # the first is upstream: its handler runs
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     + b"".join(b"X-P%d: %s\r\n" % (i, b"a" * 9000) for i in range(12)))
+        assert read_answer(sock).status == 200
+        assert closed_by_peer(sock, within=2.0)
+    assert sum(hits(stack).values()) == 1
+
+
 def test_a_request_begun_before_the_idle_close_is_served(
     make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

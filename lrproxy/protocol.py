@@ -41,6 +41,11 @@ MAX_LINE_SIZE: Final = 8190  # a request's target (aiohttp's default; != MAX_FIE
 # which let 128 lines of 16 KiB (2 MiB, held as ~4 MiB while it comes) through. nginx
 # takes 4 x 8 KiB by default, Envoy 60 KiB; an OpenAI SDK's head is under 1 KiB.
 MAX_HEAD_BYTES: Final = 64 * 1024
+# A chunked body whose framing outweighs its bytes, past this much of it, is refused:
+# aiohttp spends ~1.2 us of Python per chunk, so 1-byte chunks (6 bytes on the wire
+# each) cost ~0.2 s of CPU per MB received, ~150 times a plain body's, and a refused
+# request's body is still read (and dropped) for aiohttp's lingering 10 s.
+FRAMING_SLACK: Final = 64 * 1024
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
 SEND_TIMEOUT_S: Final = 60.0  # an answer none of which the client takes, as nginx's send_timeout
 _EVICT_IDLE_S: Final = 1.0  # at max_connections, what counts as idle (_lr_evict)
@@ -155,6 +160,8 @@ class LimitsHandler(RequestHandler):
         self._lr_head = 0
         self._lr_payload: Any = None  # the last parsed request's body
         self._lr_dropping = False  # a head over the cap: no more of it goes to the parser
+        self._lr_wire = 0  # bytes received while a body was, and what the body got of them
+        self._lr_got = 0
         self._lr_body: StreamReader | None = None  # an answered request's body still coming
         self._lr_body_sized = True  # … with a Content-Length
         self._lr_timer: asyncio.TimerHandle | None = None
@@ -217,6 +224,10 @@ class LimitsHandler(RequestHandler):
                     # unless some follow the body's end
                     fed = body.total_bytes
                     super().data_received(data)
+                    if self._lr_framing(len(data), body.total_bytes - fed):
+                        body.feed_eof()  # aiohttp's lingering read of it ends, and
+                        self.close()  # the connection with it (its answer has gone)
+                        return
                     if body.is_eof():
                         after = len(data) - (body.total_bytes - fed)
                         self._lr_body_ended(
@@ -237,18 +248,37 @@ class LimitsHandler(RequestHandler):
         queued = len(self._messages)
         payload = self._lr_payload
         in_head = payload is None or payload.is_eof()  # (else these are a body's bytes)
+        fed = 0 if in_head else payload.total_bytes
         super().data_received(data)
         if len(self._messages) > queued:  # a head came whole (or failed to parse)
             if in_head and self._lr_head + len(data) > MAX_HEAD_BYTES:
                 self._lr_heads_measured(queued)  # (a head over it may end in this read)
             self._lr_payload = self._messages[-1][1]
-            self._lr_head = 0
+            self._lr_head = self._lr_wire = self._lr_got = 0
             if self.lr_busy:
                 self._lr_body_broken()
-        elif in_head:
+        elif not in_head:
+            if self._lr_framing(len(data), payload.total_bytes - fed):
+                payload.set_exception(errors.InvalidRequest(
+                    "Malformed request body: its chunked encoding is mostly framing "
+                    "(chunks of a few bytes); send it in larger chunks, or with a "
+                    "Content-Length."))
+        else:
             self._lr_head += len(data)
             if self._lr_head > MAX_HEAD_BYTES:
                 self._lr_head_too_large()
+
+    def _lr_framing(self, wire: int, got: int) -> bool:
+        """Count a read of `wire` bytes of a body that gave it `got`: True, and nothing
+        more is parsed, once over FRAMING_SLACK of framing has come and it outweighs
+        the body's bytes (a chunked body of chunks under ~5 bytes)."""
+        self._lr_wire += wire
+        self._lr_got += got
+        framing = self._lr_wire - self._lr_got
+        if framing <= FRAMING_SLACK or framing <= self._lr_got:
+            return False
+        self._lr_dropping = True
+        return True
 
     def _lr_heads_measured(self, first: int) -> None:
         """The heads parsed from the last read (`self._messages[first:]`), each over

@@ -668,6 +668,48 @@ def test_a_head_over_64_kib_behind_a_request_closes_after_its_answer(stack: Stac
     assert sum(hits(stack).values()) == 1
 
 
+
+def tiny_chunks(body: bytes, size: int = 1) -> bytes:
+    """`body` as chunks of `size` bytes, and the last chunk."""
+    return b"".join(b"%x\r\n%b\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 64])
+def test_a_body_of_tiny_chunks_is_400_before_it_costs(stack: Stack, size: int) -> None:
+    """A chunked body of 1-byte chunks (6 bytes on the wire each; aiohttp spends ~1.2
+    us of Python on each: ~0.2 s of CPU per MB) is refused with 400 once its framing
+    outweighs it past FRAMING_SLACK, and nothing goes upstream; chunks of 64 bytes
+    are served."""
+    body = orjson.dumps(chat(LLAMA, user="x" * 150_000))
+    with open_raw(stack) as sock:
+        sock.sendall(head("Transfer-Encoding: chunked"))
+        with contextlib.suppress(ConnectionError):  # (closed as it refuses it)
+            sock.sendall(tiny_chunks(body, size))
+        a = read_answer(sock)
+        if size == 64:
+            assert a.status == 200
+            return
+        assert "framing" in a.error(400, "invalid_request")["message"]
+    assert sum(hits(stack).values()) == 0
+
+
+def test_a_refused_body_of_tiny_chunks_is_not_read_on(stack: Stack) -> None:
+    """No key, then an endless body of 1-byte chunks: after the 401 the connection
+    closes once the framing outweighs the body past FRAMING_SLACK. aiohttp read such a
+    body on, and dropped it, for its lingering 10 s, at ~100 % of a core (a normal
+    request's latency went from 1 ms to ~340 ms meanwhile)."""
+    with open_raw(stack) as sock:
+        sock.sendall(head("Transfer-Encoding: chunked", key=None))
+        read_answer(sock).error(401, "invalid_api_key")
+        t0 = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            for _ in range(20):  # 1.2 MB of framing for 200 kB of body, at most
+                sock.sendall(b"1\r\nx\r\n" * 10_000)
+        assert closed_by_peer(sock, within=2.0)
+        assert time.monotonic() - t0 < 3.0
+
+
 def test_a_request_begun_before_the_idle_close_is_served(
     make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

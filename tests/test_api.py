@@ -540,7 +540,6 @@ async def test_unknown_path_is_404_in_openai_shape(
             assert r.headers.getall("Server") == ["lrproxy"]
 
 
-
 async def test_a_line_feed_in_the_path_is_still_ours(
     stack: Stack, http: aiohttp.ClientSession
 ) -> None:

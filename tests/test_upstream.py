@@ -322,7 +322,6 @@ async def test_media_type_is_aiohttps(session: aiohttp.ClientSession, wires: Wir
         assert direct == r.content_type
 
 
-
 @pytest.mark.parametrize("via_proxy", [True, False], ids=["egress-proxy", "direct"])
 async def test_a_407_is_the_egress_failing_not_the_clients_request(
         session: aiohttp.ClientSession, wires: Wires, via_proxy: bool) -> None:

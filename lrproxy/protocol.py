@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Final
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 
@@ -251,9 +252,9 @@ class LimitsHandler(RequestHandler):
         fed = 0 if in_head else payload.total_bytes
         super().data_received(data)
         if len(self._messages) > queued:  # a head came whole (or failed to parse)
-            if in_head and self._lr_head + len(data) > MAX_HEAD_BYTES:
-                self._lr_heads_measured(queued)  # (a head over it may end in this read)
-            self._lr_payload = self._messages[-1][1]
+            self._lr_heads_checked(queued, in_head and self._lr_head + len(data) > MAX_HEAD_BYTES)
+            payload = self._messages[-1][1]
+            self._lr_payload = None if payload.is_eof() else payload  # (not kept: a cycle)
             self._lr_head = self._lr_wire = self._lr_got = 0
             if self.lr_busy:
                 self._lr_body_broken()
@@ -280,18 +281,23 @@ class LimitsHandler(RequestHandler):
         self._lr_dropping = True
         return True
 
-    def _lr_heads_measured(self, first: int) -> None:
-        """The heads parsed from the last read (`self._messages[first:]`), each over
-        MAX_HEAD_BYTES in all turned into the parse error it is, answered with 431."""
+    def _lr_heads_checked(self, first: int, measure: bool) -> None:
+        """The heads parsed from the last read (`self._messages[first:]`) turned into
+        the parse errors they are: over MAX_HEAD_BYTES in all (when `measure`: a head
+        over it may end in this read), a 431; an HTTP/1.0 request with a
+        Transfer-Encoding, a 400 (RFC 9112 §6.1: its framing is faulty, as nginx
+        answers it). The connection closes with the error: no body is read after it."""
         messages = self._messages
         for i in range(first, len(messages)):
-            raw = getattr(messages[i][0], "raw_headers", None)
-            if (raw is not None and _ERR_INFO is not None
-                    and sum(len(k) + len(v) + 4 for k, v in raw) > MAX_HEAD_BYTES):
+            msg = messages[i][0]
+            if _ERR_INFO is None or not isinstance(msg, RawRequestMessage):
+                continue  # (a parse error already)
+            if measure and sum(len(k) + len(v) + 4 for k, v in msg.raw_headers) > MAX_HEAD_BYTES:
                 exc = BadHttpMessage("Request headers too long")
-                # (no body to read after it: the connection closes with the 431)
-                messages[i] = (_ERR_INFO(status=431, exc=exc, message=exc.message),
-                               EMPTY_PAYLOAD)
+                messages[i] = (_ERR_INFO(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD)
+            elif msg.version < (1, 1) and hdrs.TRANSFER_ENCODING in msg.headers:
+                exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request")
+                messages[i] = (_ERR_INFO(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
 
     def _lr_head_too_large(self) -> None:
         """A head over MAX_HEAD_BYTES, not whole yet: none of the rest is parsed. With
@@ -425,7 +431,7 @@ class LimitsHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lr_disarm()
-        self.lr_transport = None
+        self.lr_transport = self._lr_payload = None
         self.connections.pop(self, None)
         super().connection_lost(exc)
 

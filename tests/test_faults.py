@@ -249,8 +249,6 @@ def faults(stack: Stack, names: tuple[str, ...] | list[str], **knobs: Any) -> No
     stack.call(apply)
 
 
-
-
 # ---------------------------------------------------------------------------------------
 # clients: http.client, raw sockets
 
@@ -627,7 +625,6 @@ def test_header_limits_are_431(stack: Stack, case: str) -> None:
     assert codes(stack, key="unknown") == {"431": 1}
 
 
-
 @pytest.mark.parametrize("case", ["whole", "held", "under"])
 def test_a_head_over_64_kib_in_all_is_431(stack: Stack, case: str) -> None:
     """Lines each within 16 KiB, fewer than 128, but over MAX_HEAD_BYTES together:
@@ -653,6 +650,25 @@ def test_a_head_over_64_kib_in_all_is_431(stack: Stack, case: str) -> None:
     assert codes(stack, key="unknown") == {"431": 1}
 
 
+@pytest.mark.parametrize("te", ["chunked", "identity"])
+def test_http10_with_a_transfer_encoding_is_400_and_the_close(stack: Stack, te: str) -> None:
+    """HTTP/1.0 has no transfer codings: a request that has one has faulty framing
+    (RFC 9112 §6.1), which a front proxy may read otherwise (a desync). It is a 400 and
+    the close, as nginx answers it, even with keep-alive asked for and a next request
+    behind it, which is never run; nothing goes upstream."""
+    body = orjson.dumps(chat(LLAMA))
+    framed = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if te == "chunked" else body
+    data = (head(f"Transfer-Encoding: {te}", "Connection: keep-alive")
+            .replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1) + framed + request(body))
+    with open_raw(stack) as sock:
+        sock.sendall(data)
+        a = read_answer(sock)
+        a.error(400, "invalid_request")
+        assert_generated_id(a)
+        assert closed_by_peer(sock)
+    assert sum(hits(stack).values()) == 0
+
+
 def test_a_head_over_64_kib_behind_a_request_closes_after_its_answer(stack: Stack) -> None:
     """A pipelining client's next head grows past MAX_HEAD_BYTES while its request is
     being answered: that answer comes whole, then the connection closes (a 431 then
@@ -666,7 +682,6 @@ def test_a_head_over_64_kib_behind_a_request_closes_after_its_answer(stack: Stac
         assert read_answer(sock).status == 200
         assert closed_by_peer(sock, within=2.0)
     assert sum(hits(stack).values()) == 1
-
 
 
 def tiny_chunks(body: bytes, size: int = 1) -> bytes:

@@ -814,7 +814,7 @@ def _env_secret(environ: Mapping[str, str], name: str) -> str:
 
 def _checkable(path: str, environ: Mapping[str, str]) -> bool:
     """check-config reads a key file when it can: an absolute path, or a relative one with
-    $CREDENTIALS_DIRECTORY set (as under the unit's ExecStartPre=)."""
+    $CREDENTIALS_DIRECTORY set (as under the service)."""
     return Path(path).is_absolute() or bool(environ.get("CREDENTIALS_DIRECTORY"))
 
 

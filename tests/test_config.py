@@ -646,8 +646,8 @@ def test_relative_key_file_is_read_from_credentials_directory(tmp_path: Path) ->
 
 
 def test_check_config_reads_relative_key_files_under_credentials_directory(tmp_path: Path) -> None:
-    """Under the unit's ExecStartPre= ($CREDENTIALS_DIRECTORY set) check-config reads a
-    relative key file too, so a missing credential stops the start there (exit 78)."""
+    """With $CREDENTIALS_DIRECTORY set (check-config run under the service) check-config
+    reads a relative key file too, so a missing credential is named there (exit 78)."""
     creds = tmp_path / "creds"
     creds.mkdir()
     cfg = read_config(write(tmp_path, base_toml('api_key_file = "eu-west-a.key"')))

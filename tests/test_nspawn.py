@@ -26,6 +26,7 @@ from pathlib import Path
 import openai
 import pytest
 from procs import CLIENT_KEY, MODEL, SimThread, config_toml, free_port, http_get, wait_for
+from sandbox import unit_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -50,14 +51,18 @@ PATHS: list[str] = sorted({os.path.realpath(p) for p in (
 
 
 def _dropin() -> str:
-    """The README's change for an install outside /usr/local: ExecStart= of this
-    interpreter, and (this Python and checkout may live under /root, which
-    ProtectHome=yes hides, or /tmp) ProtectHome=tmpfs with them bound in read-only."""
+    """The README's change for an install outside /usr/local: the unit's own Exec*= lines
+    with this interpreter for /usr/local/bin/lrproxy, and (this Python and checkout may
+    live under /root, which ProtectHome=yes hides, or /tmp) ProtectHome=tmpfs with them
+    bound in read-only."""
     run = f"{sys.executable} -m lrproxy"
-    paths = PATHS
-    return (f"[Service]\nExecStartPre=\nExecStartPre={run} check-config /etc/lrproxy/lrproxy.toml\n"
-            f"ExecStart=\nExecStart={run} serve --config /etc/lrproxy/lrproxy.toml --log-format plain\n"
-            f"ProtectHome=tmpfs\nBindReadOnlyPaths={' '.join(paths)}\n")
+    lines = ["[Service]"]
+    for key, values in unit_settings(UNITS / "lrproxy.service").items():
+        if key.startswith("Exec") and key != "ExecReload":
+            lines.append(f"{key}=")
+            lines += [f"{key}={v.replace('/usr/local/bin/lrproxy', run)}" for v in values]
+    lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={' '.join(PATHS)}"]
+    return "\n".join(lines) + "\n"
 
 
 class Container:
@@ -252,3 +257,29 @@ def test_the_units_under_systemd(container: tuple[Container, int], sim: SimThrea
     assert "Traceback" not in log and "error:" not in log, log
     assert "Deactivated successfully" in c.run(
         "journalctl", "-u", "lrproxy", "--no-pager").stdout
+
+
+def test_a_bad_config_fails_the_service_once(tmp_path: Path) -> None:
+    """A config that `serve` refuses (exit 78) fails the service and is not restarted
+    (RestartPreventExitStatus=78), whichever process of the unit refuses it: it was an
+    ExecStartPre= check-config, whose 78 systemd does not match against that setting, so
+    the service was started again every RestartSec= for ever."""
+    if NSPAWN is None:
+        pytest.fail("systemd-nspawn is missing; .ci/run installs systemd-container")
+    port = free_port()
+    c = Container(tmp_path, port, 'server.retries = "two"\n')
+    try:
+        c.leader = wait_for(c.find_leader, 30, "the container's systemd")
+
+        def state() -> str:
+            return c.run("systemctl", "show", "lrproxy.service", "-p", "ActiveState",
+                         "-p", "NRestarts", "-p", "ExecMainStatus").stdout
+
+        wait_for(lambda: "ActiveState=failed" in state(), 30, "the service to fail")
+        time.sleep(6)  # three RestartSec= (2 s) in which it must not start again
+        status = state()
+        assert "ActiveState=failed" in status and "NRestarts=0" in status, (status, c.journal())
+        assert "ExecMainStatus=78" in status, status
+        assert "server.retries: expected an integer" in c.journal()
+    finally:
+        c.close()

@@ -133,6 +133,10 @@ def test_unit_settings() -> None:
     assert one["ExecStart"].split()[0] == "/usr/local/bin/lrproxy"
     assert one["Restart"] in ("on-failure", "always")
     assert "78" in one["RestartPreventExitStatus"].split()
+    # RestartPreventExitStatus= sees only the main process: a control process (an
+    # ExecStartPre= check-config) exiting 78 is restarted every RestartSec= for ever.
+    assert not [v for k in ("ExecStartPre", "ExecStartPost", "ExecCondition")
+                for v in svc.get(k, []) if "check-config" in v], svc.get("ExecStartPre")
     assert any(v.startswith("/etc/lrproxy/") or ":/etc/lrproxy/" in v for v in svc["LoadCredential"])
     assert one["DynamicUser"] == "yes"
     assert one["NoNewPrivileges"] == "yes"

@@ -784,6 +784,8 @@ def hash_key(key: str) -> str:
 
 # What an upstream key may hold to go in `Authorization: Bearer …`: visible ASCII and spaces.
 _HEADER_SAFE: Final = re.compile(r"[\x20-\x7e]+")
+# What no header value holds (a client key may be any other text: it is hashed as UTF-8).
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _read_secret_file(path: str, environ: Mapping[str, str]) -> str:
@@ -861,6 +863,11 @@ def resolve_secrets(
             p.add(f"{path}.{'key_env' if k.key_env else 'key_file'}", str(e))
             continue
         if value is not None:
+            if _CONTROL.search(value.strip()):  # never quoted: it is a secret
+                p.add(f"{path}.{'key_env' if k.key_env else 'key_file'}",
+                      "the key holds a line break or another control character, which no "
+                      "Authorization header carries: no client could present it")
+                continue
             hashes.append((k.name, hashlib.sha256(value.strip().encode()).digest()))
             _one_name_per_key(p, config, first, i, hashes[-1][1])
     up_keys: dict[str, str | None] = {}

@@ -691,6 +691,30 @@ def test_upstream_key_a_header_cannot_carry_is_refused(tmp_path: Path, key: str)
     assert resolve_secrets(cfg, {}).upstream_keys == {"eu-west-a": "sk-fine with spaces"}
 
 
+@pytest.mark.parametrize("key", ["key-one\nkey-two", "sk-a\rb", "sk-\x00a"])
+def test_client_key_no_header_can_carry_is_refused(tmp_path: Path, key: str) -> None:
+    """A client key file of two lines (or a variable with a line break) was hashed whole:
+    a key no Authorization header can carry, so every request of that entry got 401 and
+    nothing said why. Refused like an upstream key, and never quoted."""
+    (tmp_path / "client.key").write_text(key + "\n")
+    cfg = read_config(write(tmp_path, base_toml(tail=(
+        f'[auth]\nkeys = [{{ name = "batch", key_file = "{tmp_path / "client.key"}" }}]'))))
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(cfg, {})
+    [line] = info.value.problems
+    assert line.startswith("lrproxy.toml: auth.keys[0].key_file: the key holds a line break")
+    assert "key-" not in line and "sk-" not in line
+    cfg = read_config(write(tmp_path, base_toml(tail=(
+        '[auth]\nkeys = [{ name = "ci", key_env = "CI_KEY" }]'))))
+    with pytest.raises(ConfigError):
+        resolve_secrets(cfg, {"CI_KEY": key})
+    (tmp_path / "client.key").write_text("  sk-fine with spaces, \u00e9 \n")
+    cfg = read_config(write(tmp_path, base_toml(tail=(
+        f'[auth]\nkeys = [{{ name = "batch", key_file = "{tmp_path / "client.key"}" }}]'))))
+    assert resolve_secrets(cfg, {}).client_hashes == (
+        ("batch", hashlib.sha256("sk-fine with spaces, \u00e9".encode()).digest()),)
+
+
 _NUL_PATHS: Final = {  # where: the config with a NUL in that path
     "upstreams[0].ca_file": base_toml('ca_file = "/etc/ca\\u0000.pem"'),
     "upstreams[0].api_key_file": base_toml('api_key_file = "/etc/k\\u0000"'),

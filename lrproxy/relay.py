@@ -596,7 +596,9 @@ async def _try_candidates(
                 if trial:
                     pool.abandoned(name, held)
             else:
-                pool.failed(name, now, e.retry_after, trial, held)
+                if isinstance(e, errors.UpstreamAuthFailed):
+                    pool.auth_refused(name, e.upstream_status)
+                pool.failed(name, now, e.retry_after, trial, held, _why(e))
             committed = early is not None and early.stop()
             rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
             if committed:  # the client has its 200: no failover (SPEC §1.1)
@@ -674,6 +676,11 @@ def _too_large() -> errors.UpstreamTooLarge:
     return errors.UpstreamTooLarge(
         f"The upstream's answer is over {MAX_UPSTREAM_BODY >> 20} MiB, the most the proxy "
         "holds; ask for less (fewer inputs, or encoding_format \"base64\").")
+
+
+def _why(e: errors.UpstreamFailed) -> str:
+    """A failure's kind for the log, with the upstream's status: words of ours only."""
+    return _outcome(e) if e.upstream_status is None else f"{_outcome(e)} {e.upstream_status}"
 
 
 def _outcome(e: errors.UpstreamFailed) -> str:
@@ -1331,7 +1338,7 @@ async def _relay_stream(
         else:
             if judged:
                 rt.pool.failed(cand.upstream.name, time.monotonic(), trial=attempt.trial,
-                               held=attempt.held)
+                               held=attempt.held, why=_why(e))
             outcome = "stream_" + _outcome(e)
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):

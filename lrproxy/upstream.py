@@ -89,6 +89,7 @@ class Pool:
         self.region_of: dict[str, str] = {}
         self.models_of: dict[str, frozenset[str]] = {}  # the LowRouter ids each serves
         self.capacity: dict[str, int] = {}
+        self._auth_logged: dict[str, Seldom] = {}  # auth_refused's line, per upstream
 
     def configure(self, upstreams: Iterable[Upstream]) -> None:
         """Adopt a (new) config: keep the state of upstreams that stay, drop the rest."""
@@ -163,8 +164,10 @@ class Pool:
             h.failures = h.ejections = 0
             h.ejected_until = 0.0
             h.trial = h.kept = False
-            if was_ejected and self.on_change is not None:
-                self.on_change()
+            if was_ejected:
+                log.info("upstream %s is usable again: it answered", name)
+                if self.on_change is not None:
+                    self.on_change()
 
     def abandoned(self, name: str, held: Health | None = None) -> None:
         """The trial after a cool-down ended with no verdict on the upstream (its client
@@ -175,7 +178,8 @@ class Pool:
             h.trial = False
 
     def failed(self, name: str, now: float, retry_after: float | None = None,
-               trial: bool = False, held: Health | None = None) -> None:
+               trial: bool = False, held: Health | None = None, why: str = "") -> None:
+        """One failure of `name` (`why`: its kind, for the log line of an ejection)."""
         h = self._judged(name, held)
         if h is None or (h.failures >= EJECT_AFTER and not trial):
             return  # ejected already: a late failure does not eject it again
@@ -193,12 +197,29 @@ class Pool:
         # may go elsewhere try it last: a dead region must not hold up every unpinned
         # request (or, with retries spent on it, fail them)
         h.kept = self._last_of_region(name, now)
+        # One line per ejection (as nginx's "upstream server temporarily disabled"): at
+        # most one per cool-down of each upstream, however many requests fail meanwhile
+        if h.kept:
+            log.warning("upstream %s failed %d times in a row (the last: %s); kept, as "
+                        "region %s's last usable upstream for a model it serves, and "
+                        "tried last for %g s", name, h.failures, why or "unknown",
+                        self.region_of.get(name, "?"), cool)
+        else:
+            log.warning("upstream %s ejected for %g s after %d failures in a row (the "
+                        "last: %s)", name, cool, h.failures, why or "unknown")
         if self.on_change is not None:
             self.on_change()
             if not h.kept:  # and again when the cool-down ends, for the usable gauge
                 # (nothing else happens then: the next request finds it usable)
                 with contextlib.suppress(RuntimeError):  # no loop: a unit test's pool
                     asyncio.get_running_loop().call_later(cool, self._cooled)
+
+    def auth_refused(self, name: str, status: int | None) -> None:
+        """The upstream refused the proxy's own key (401/403): the operator's to mend
+        (a revoked or rotated provider key), said once a minute at most per upstream."""
+        if self._auth_logged.setdefault(name, Seldom(60.0)).due():
+            log.error("upstream %s refused the proxy's key (%s): check its api_key_env or "
+                      "api_key_file", name, status)
 
     def _last_of_region(self, name: str, now: float) -> bool:
         """Whether `name` is its region's last usable upstream (SPEC §2), or its region's

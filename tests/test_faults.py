@@ -1780,12 +1780,21 @@ def test_redirect_is_never_followed(stack: Stack, redirecting: tuple[str, ...]) 
     assert a.header("location") is None and target.encode() not in a.body
 
 
+def _auth_refused_line(name: str, status: int) -> str:
+    """The error line of an upstream that refused the proxy's key (once a minute)."""
+    return f"upstream {name} refused the proxy's key ({status}): check its api_key_env or api_key_file"
+
+
 @pytest.mark.parametrize("how", ["401-echoing-our-key", "403"])
-def test_upstream_auth_failure_is_502_without_its_text(make_stack: MakeStack, how: str) -> None:
+def test_upstream_auth_failure_is_502_without_its_text(
+    make_stack: MakeStack, how: str, caplog: pytest.LogCaptureFixture, seen: Seen,
+) -> None:
     """An upstream refusing our key: 502 upstream_auth_failed; its text (echoing the key) dropped."""
     wrong = {"eu-north-a": {"api_key_env": "UP_US_EAST_A"}} if how.startswith("401") else {}
     stack = make_stack(cfg(server={"retries": 0}, upstreams=wrong))
     body = chat(LLAMA, region="eu-north", sim=None if wrong else {"status": 403})
+    said = _auth_refused_line("eu-north-a", 401 if wrong else 403)
+    seen.expected_errors.append(said)
     a = post(stack, body)
     err = a.error(502, "upstream_auth_failed")
     name, rec = only_hit(stack)
@@ -1797,12 +1806,19 @@ def test_upstream_auth_failure_is_502_without_its_text(make_stack: MakeStack, ho
     assert outcomes(stack) == {("eu-north-a", "auth_failed"): 1}
     assert stack.call(lambda: stack.runtime.pool.health["eu-north-a"].failures) == 1
     assert codes(stack) == {"502": 1}
+    post(stack, body).error(502, "upstream_auth_failed")
+    # The operator's to mend (a revoked provider key): said, once a minute at most,
+    # without the upstream's text
+    assert re.findall(r"upstream eu-north-a refused .*", caplog.text) == [said]
+    assert UPSTREAM_KEYS["us-east-a"] not in caplog.text
 
 
-def test_upstream_auth_failure_tells_the_sdk_not_to_retry(make_stack: MakeStack) -> None:
+def test_upstream_auth_failure_tells_the_sdk_not_to_retry(make_stack: MakeStack,
+                                                          seen: Seen) -> None:
     """No retry of the client's can help while the upstream refuses the proxy's own key
     (the proxy has failed over already): `x-should-retry: false`, which the OpenAI SDK
     obeys before its rule of retrying every 5xx, so one call is one attempt, not three."""
+    seen.expected_errors.append(_auth_refused_line("eu-north-a", 403))
     stack = make_stack(cfg(server={"retries": 0}))
     faults(stack, ["eu-north-a"], fail_status=403, fail_count=-1)
     with stack.client(max_retries=2) as client, pytest.raises(openai.InternalServerError) as ei:
@@ -2260,6 +2276,33 @@ def test_failed_trial_ejects_again_for_longer(stack: Stack, monkeypatch: pytest.
     assert hits(stack)["eu-west-a"] == 6 and usable(stack, "eu-west-a") == 0
     assert outcomes(stack)[("eu-west-a", "status_5xx")] == 6
     assert codes(stack) == {"200": 7}
+
+
+def test_ejections_and_the_readmission_are_logged(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each ejection is one warning naming the upstream, its cool-down, the failures
+    and the kind of the last (words of ours, not the upstream's), however many requests
+    fail meanwhile, as nginx logs "upstream server temporarily disabled"; the trial that
+    answers brings one info line. Nothing per request."""
+    monkeypatch.setattr(upstream, "COOL_DOWN_S", 0.3)
+    caplog.set_level(logging.INFO, logger=MAIN)
+    eject_eu_west_a(stack)
+    for _ in range(3):  # skipped while it cools down: no more lines
+        post(stack, chat(MINI, region="eu-west"))
+    assert re.findall(r"upstream eu-west-a .*", caplog.text) == [
+        "upstream eu-west-a ejected for 0.3 s after 5 failures in a row (the last: "
+        "status_5xx 503)"]
+    time.sleep(0.35)
+    post(stack, chat(MINI, region="eu-west"))  # the trial, failing: again, for longer
+    assert re.findall(r"upstream eu-west-a .*", caplog.text)[1:] == [
+        "upstream eu-west-a ejected for 0.6 s after 6 failures in a row (the last: "
+        "status_5xx 503)"]
+    faults(stack, ["eu-west-a"], fail_status=None)
+    time.sleep(0.65)
+    assert post(stack, chat(MINI, region="eu-west")).route()["upstream"] == "eu-west-a"
+    assert re.findall(r"upstream eu-west-a .*", caplog.text)[2:] == [
+        "upstream eu-west-a is usable again: it answered"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -3340,9 +3383,11 @@ RESIDENCY_FAULTS = ["503", "reset", "429", "redirect", "timeout", "auth"]
 
 @pytest.mark.parametrize("pin", ["body", "header"])
 @pytest.mark.parametrize("fault", RESIDENCY_FAULTS)
-def test_pinned_request_never_leaves_its_region(make_stack: MakeStack, fault: str, pin: str) -> None:
+def test_pinned_request_never_leaves_its_region(make_stack: MakeStack, fault: str, pin: str,
+                                                seen: Seen) -> None:
     """Every eu-west upstream failing: a pinned request gets 502/504, and no other region sees a byte."""
     wrong = {n: {"api_key_env": "UP_US_EAST_A"} for n in EU_WEST} if fault == "auth" else {}
+    seen.expected_errors += [_auth_refused_line(n, 401) for n in wrong]
     stack = make_stack(cfg(timeouts={"first_byte": 0.4}, upstreams=wrong))
     knobs = {
         "503": {"fail_status": 503, "fail_count": -1}, "reset": {"reset": True},

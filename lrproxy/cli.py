@@ -40,7 +40,7 @@ from lrproxy.config import (
     resolve_secrets,
 )
 from lrproxy.feeds import poll_feeds
-from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging
+from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging, to_journal
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner, api_urls, named
 from lrproxy.routing import unserved
@@ -195,8 +195,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(runner(_serve(args)))
     except ConfigError as e:
+        err = "<3>" if to_journal(sys.stderr) else ""  # journald's error priority
         for line in e.problems:
-            print(line, file=sys.stderr)
+            print(err + line, file=sys.stderr)
         return EX_CONFIG
     finally:  # the loop, closed, has put SIGHUP back to its default (sdnotify.ignore_hangups)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

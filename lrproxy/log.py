@@ -16,6 +16,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
@@ -24,7 +25,36 @@ ACCESS: Final = "lrproxy.access"
 MAIN: Final = "lrproxy"
 
 
-class JsonFormatter(logging.Formatter):
+# sd-daemon(3)'s priority prefixes, which journald reads off a line (and strips): without
+# them every line of a service's stderr is logged at info, and `journalctl -p warning`
+# shows none of its warnings.
+_SYSLOG_PRIORITY: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                           logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def to_journal(stream: Any, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether `stream` writes to the journal: systemd names its stream in JOURNAL_STREAM
+    (`device:inode`), to be compared with the descriptor's (systemd.exec(5))."""
+    dev, _, ino = environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return st.st_dev == int(dev) and st.st_ino == int(ino)
+    except (AttributeError, ValueError, OSError):  # (no descriptor: a test's stream)
+        return False
+
+
+class _Formatter(logging.Formatter):
+    """With `journal`, each line begins with its priority, for journald."""
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def _line(self, record: logging.LogRecord, line: str) -> str:
+        return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}" if self.journal else line
+
+
+class JsonFormatter(_Formatter):
     """One JSON object per line; `extra={"fields": {...}}` adds fields."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -40,10 +70,10 @@ class JsonFormatter(logging.Formatter):
             doc.update(fields)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc).decode()
+        return self._line(record, orjson.dumps(doc).decode())
 
 
-class PlainFormatter(logging.Formatter):
+class PlainFormatter(_Formatter):
     """For the journal: it stamps lines itself, so no time, just level and message."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -53,7 +83,7 @@ class PlainFormatter(logging.Formatter):
             line += " " + orjson.dumps(fields).decode()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return self._line(record, line)
 
 
 # Access lines wait up to this long (`--access-log-flush-ms`) on the event loop, then go
@@ -69,7 +99,8 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
     main = logging.getLogger(MAIN)
     main.handlers.clear()
     err = logging.StreamHandler(sys.stderr)
-    err.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    journal = to_journal(sys.stderr)
+    err.setFormatter(JsonFormatter(journal) if fmt == "json" else PlainFormatter(journal))
     main.addHandler(err)
     main.setLevel(level.upper())
     main.propagate = False

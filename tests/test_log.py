@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -213,3 +214,23 @@ def test_closed_stdout_drops_lines_and_says_so(pipe_stdout: tuple[int, int]) -> 
         _log_unread([_line(i) for i in range(50)])
         log.close_access(wait_s=1)
     assert sum(reported) == 50 and len(reported) <= 2
+
+
+def test_lines_to_the_journal_carry_their_priority(tmp_path: Path) -> None:
+    """Under systemd, whose JOURNAL_STREAM names the stream stderr is (device:inode),
+    each line begins with its syslog priority, which journald takes off it, so that
+    `journalctl -p warning` finds the warnings; elsewhere, no prefix."""
+    with open(tmp_path / "stderr", "w") as stream, open(tmp_path / "other", "w") as other:
+        st = os.fstat(stream.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert log.to_journal(stream, env)
+        assert not log.to_journal(stream, {}) and not log.to_journal(other, env)
+        assert not log.to_journal(stream, {"JOURNAL_STREAM": "junk"})
+    for level, prefix in ((logging.DEBUG, "<7>"), (logging.INFO, "<6>"),
+                          (logging.WARNING, "<4>"), (logging.ERROR, "<3>")):
+        rec = logging.LogRecord(log.MAIN, level, __file__, 1, "feed %s", ("a",), None)
+        name = logging.getLevelName(level).lower()
+        assert log.PlainFormatter(journal=True).format(rec) == f"{prefix}{name}: feed a"
+        assert log.PlainFormatter().format(rec) == f"{name}: feed a"
+        line = log.JsonFormatter(journal=True).format(rec)
+        assert line.startswith(prefix) and orjson.loads(line[3:])["msg"] == "feed a"

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import getpass
 import hashlib
 import logging
 import os
@@ -107,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("hash-key", help="print the SHA-256 of a key read on stdin",
                    description="Read a client key on stdin (its first line; a UTF-8 BOM "
-                   "and spaces around it left out) and print its SHA-256 hex, for "
+                   "and spaces around it left out; at a terminal, without showing it) "
+                   "and print its SHA-256 hex, for "
                    "auth.keys[].sha256. Exit 64 when there is no key to read, 74 when the "
                    "hash cannot be written.")
     return p
@@ -134,7 +136,12 @@ def _hash_key() -> int:
     hashes an Authorization header's key (its UTF-8 bytes; a BOM, which an editor may
     put before it and no header carries, is not part of it)."""
     try:
-        line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
+        if sys.stdin is not None and sys.stdin.isatty():  # typed: not shown, as passwd does
+            line = getpass.getpass("Key (not shown): ").encode()
+        else:
+            line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
+    except EOFError:  # (Ctrl-D at the prompt)
+        line = b""
     except OSError as e:  # (a stdin open for writing only, say)
         print(f"lrproxy hash-key: cannot read stdin: {e.strerror or e}", file=sys.stderr)
         return EX_USAGE

@@ -202,7 +202,8 @@ def listens_clash(api: Listen, metrics: Listen | None) -> Literal["same", "overl
 
 
 def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Config:
-    """Read and parse a `.toml` or `.ini` config file; raises ConfigError. Problems name
+    """Read and parse a `.toml` or INI (`.ini`, `.conf`, `.cfg`) config file, its suffix
+    in any case; raises ConfigError. Problems name
     the file `shown` when given (a copy's original), else `path`."""
     p = Path(path)
     label = p.name
@@ -211,7 +212,8 @@ def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Confi
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{shown or p}: cannot read: {getattr(e, 'strerror', None) or e}"]
                           ) from e
-    if p.suffix == ".toml":
+    suffix = p.suffix.lower()
+    if suffix == ".toml":
         try:
             data = tomllib.loads(text)
         except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits
@@ -222,10 +224,11 @@ def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Confi
             return parse_config(data, source=label)
         except RecursionError:  # dotted keys (a.a.a…) the parser takes flat, then deep
             raise ConfigError([f"{label}: not valid here: nested too deeply"]) from None
-    if p.suffix in (".ini", ".conf", ".cfg"):
+    if suffix in (".ini", ".conf", ".cfg"):
         data, names = _ini_to_mapping(text, label)
         return parse_config(data, source=label, ini_names=names)
-    raise ConfigError([f"{label}: unknown config format (use .toml or .ini)"])
+    raise ConfigError([f"{label}: unknown config format (name it .toml, or .ini, .conf "
+                       "or .cfg for INI)"])
 
 
 _INI_SECTIONS: Final = {"region": "regions", "model": "models"}
@@ -366,7 +369,8 @@ def _conv_bool(v: Any, ini: bool) -> bool:
         if low in ("false", "no", "off", "0"):
             return False
     if not isinstance(v, bool):
-        raise TypeError("expected true or false")
+        raise TypeError("expected true, false, yes, no, on, off, 1 or 0" if ini
+                        else "expected true or false")
     return v
 
 

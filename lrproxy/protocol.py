@@ -111,9 +111,13 @@ def not_routed(request: web.BaseRequest, e: web.HTTPException,
                where: str) -> tuple[errors.ProxyError, web.Response]:
     """aiohttp's router's refusal (404: no such path, 405: not that method, with its
     Allow) as ours, in the OpenAI shape; `where` names what the listener serves."""
-    if e.status in (404, 405):
-        err: errors.ProxyError = (errors.MethodNotAllowed if e.status == 405 else errors.NotFound)(
-            f"{request.method} {request.raw_path.partition('?')[0][:200]} is not part of {where}")
+    path = request.raw_path.partition("?")[0][:200]
+    err: errors.ProxyError
+    if e.status == 405:  # (the path is ours: its method is not)
+        allow = ", ".join(sorted(e.headers.get("Allow", "").split(",")))
+        err = errors.MethodNotAllowed(f"{path} takes {allow}, not {request.method}")
+    elif e.status == 404:
+        err = errors.NotFound(f"{request.method} {path} is not part of {where}")
     else:
         err = errors.NotFound(e.reason)
     resp = web.Response(status=e.status, body=err.body(), content_type="application/json")

@@ -1074,8 +1074,10 @@ async def test_wrong_method_is_405_with_allow(stack: Stack, http: aiohttp.Client
                                 ("POST", "/healthz", {"GET", "HEAD"})):
         async with http.request(method, stack.origin + path, headers=auth(stack)) as r:
             assert r.status == 405, (method, path)
-            assert (await r.json())["error"]["code"] == "method_not_allowed"
+            error = (await r.json())["error"]
+            assert error["code"] == "method_not_allowed"
             assert set(r.headers["Allow"].split(",")) == allow
+            assert error["message"] == f"{path} takes {', '.join(sorted(allow))}, not {method}"
             assert r.headers.getall("Server") == ["lrproxy"] and "X-Request-Id" in r.headers
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -538,9 +539,12 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
 
 
 def test_unknown_suffix(tmp_path: Path) -> None:
-    """Only .toml and .ini (and .conf/.cfg as INI) files are read."""
+    """Only .toml and .ini (and .conf/.cfg as INI) files are read, the suffix in any
+    case; the problem line names the suffixes."""
     path = write(tmp_path, base_toml(), "lrproxy.yaml")
-    assert problems(path) == ["lrproxy.yaml: unknown config format (use .toml or .ini)"]
+    assert problems(path) == ["lrproxy.yaml: unknown config format (name it .toml, or "
+                              ".ini, .conf or .cfg for INI)"]
+    assert problems(write(tmp_path, base_toml(), "LRPROXY.TOML")) == []
 
 
 def test_several_problems_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -908,7 +912,7 @@ models = openai/gpt-4o-mini = m
 """
     assert problems(write(tmp_path, text, "lrproxy.ini")) == [
         "lrproxy.ini: [server] retries: expected an integer (got '2.5')",
-        "lrproxy.ini: [server] trust_env: expected true or false (got 'maybe')",
+        "lrproxy.ini: [server] trust_env: expected true, false, yes, no, on, off, 1 or 0 (got 'maybe')",
         "lrproxy.ini: [timeouts] idle: expected a number (got 'soon')",
     ]
 
@@ -962,6 +966,40 @@ def test_hash_key_prints_the_sha256_of_stdin(
     assert out == hashlib.sha256(b"sk-team-a").hexdigest() + "\n"
     assert err == ""
     assert out.strip() == config.hash_key("sk-team-a")
+
+
+def test_hash_key_typed_at_a_terminal_is_not_shown(tmp_path: Path) -> None:
+    """A key typed at a terminal (stdin a tty) is read without echo, as passwd reads a
+    password: it stays off the screen and out of the scrollback; a prompt on the
+    terminal says so."""
+    import select
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lrproxy", "hash-key"], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=slave, start_new_session=True)
+    os.close(slave)
+    screen = b""
+    try:
+        end = time.monotonic() + 20
+        while b"Key" not in screen and time.monotonic() < end:  # the prompt
+            if select.select([master], [], [], 0.5)[0]:
+                screen += os.read(master, 1024)
+        assert b"Key" in screen, screen
+        os.write(master, b"sk-typed-here\n")
+        out, _ = proc.communicate(timeout=20)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                screen += os.read(master, 1024)
+            except OSError:  # (EIO: the child has closed its end)
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(master)
+    assert proc.returncode == 0
+    assert out.decode().strip() == config.hash_key("sk-typed-here")
+    assert b"sk-typed" not in screen, screen
 
 
 def test_hash_key_output_is_accepted_as_sha256(

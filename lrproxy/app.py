@@ -326,7 +326,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
         if count_inflight:
             rt.metrics.inflight.dec()
         if rec.api:
-            _account(rt.metrics, rec)
+            _account(rt.metrics, rec, request)
     if not resp.prepared:  # a stream has set these itself (relay._relay_stream)
         headers = resp.headers  # finish_headers(rt, resp, rec.request_id), inline
         headers["Server"] = SERVER_HEADER
@@ -437,12 +437,24 @@ def publish_usable(rt: Runtime) -> None:
 
 
 _CODES: Final[dict[int | str, str]] = {s: str(s) for s in range(100, 600)}  # str() done once
+_second: list[Any] = [-1, ""]  # _utc's last whole second, and its text
+
+
+def _utc(t: float) -> str:
+    """A Unix time as the stderr lines' `ts` (2026-11-27T12:00:00.123Z); strftime once
+    a second, as nginx formats its log's time."""
+    whole = int(t)
+    if whole != _second[0]:
+        _second[:] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((t - whole) * 1000):03d}Z"
 # The access logger's level check, made before the fields are built: a disabled access
 # log costs nothing more.
 _access_enabled: Final = logging.getLogger(ACCESS).isEnabledFor
 
 
-def _account(m: Metrics, rec: Rec) -> None:
+def _account(m: Metrics, rec: Rec, request: web.BaseRequest | None = None) -> None:
+    """Count `rec` and write its access line; `request` names the method, path and
+    client (none for an answer given before a request could be parsed)."""
     duration = time.perf_counter() - rec.t0
     key, model, region, status = rec.key, rec.model, rec.region, rec.status
     m.record(key, model, region, _CODES.get(status) or str(status),
@@ -453,6 +465,11 @@ def _account(m: Metrics, rec: Rec) -> None:
         # float's last bit aside), at half its cost: that one rounds through a decimal
         # string.
         access_line({
+            "ts": _utc(time.time() - duration),  # when the request began
+            "method": None if request is None else request.method,
+            # (no query string: a key in one is no key in a log)
+            "path": None if request is None else request.raw_path.partition("?")[0][:256],
+            "client": None if request is None else request.remote,
             "request_id": rec.request_id, "key": key, "model": model,
             "region": region, "upstream": rec.upstream or None, "status": rec.status,
             "error": rec.error, "stream": rec.stream, "attempts": rec.attempts,

@@ -8,6 +8,7 @@ values stay within config names and fixed words whatever clients send.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import importlib
 import logging
 import math
@@ -60,8 +61,9 @@ FIXED_WORDS = {
     "unknown", "none", "client_closed", "stream_error", "true", "false", "prompt",
     "completion", "ok", "error", *OUTCOMES, *(f"stream_{o}" for o in OUTCOMES),
 }
-ACCESS_FIELDS = {"request_id", "key", "model", "region", "upstream", "status",
-                 "prompt_tokens", "completion_tokens", "carbon_g", "ttfb_ms", "duration_ms"}
+ACCESS_FIELDS = {"ts", "method", "path", "client", "request_id", "key", "model", "region",
+                 "upstream", "status", "prompt_tokens", "completion_tokens", "carbon_g",
+                 "ttfb_ms", "duration_ms"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,6 +225,7 @@ def _mixed_traffic(stack: Stack) -> dict[str, Any]:
         if region:
             extra["route"] = {"region": region}
         r = client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body=extra,
+                                           extra_query={"note": "q"} if i == 0 else None,
                                            **rid(f"plain-{i}"))
         sdk_seen.append(r.model_extra["lowrouter"])
         assert r.usage is not None
@@ -427,8 +430,12 @@ def test_usable_gauge_follows_ejection(stack: Stack, logs: _Records) -> None:
 
 
 def test_access_log_one_line_per_request_without_secrets(stack: Stack, logs: _Records) -> None:
-    """One JSON access line per API request, its fields set; no key or text in any log."""
+    """One JSON access line per API request, its fields set; no key or text in any log.
+    Each says when the request began (UTC, as the stderr lines' `ts`), its method,
+    path (without a query string) and client address, as nginx's and Envoy's do."""
+    began = time.time()
     seen = _mixed_traffic(stack)
+    ended = time.time()
     lines = logs.access()
     assert sorted(f["request_id"] for f in lines) == sorted(seen["ids"])
     for f in lines:
@@ -441,6 +448,12 @@ def test_access_log_one_line_per_request_without_secrets(stack: Stack, logs: _Re
     assert ok["upstream"] in ("eu-west-a", "eu-west-b")
     assert ok["prompt_tokens"] > 0 and ok["completion_tokens"] == len(ANSWER.split())
     assert ok["carbon_g"] > 0 and ok["ttfb_ms"] > 0
+    assert (ok["method"], ok["client"]) == ("POST", "127.0.0.1")
+    assert ok["path"].endswith("/chat/completions")  # (its ?note=q left out)
+    for f in lines:
+        t = datetime.datetime.strptime(f["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.UTC).timestamp()
+        assert began - 0.002 <= t <= ended and t + f["duration_ms"] / 1000 <= ended + 0.002
     assert by_id["t-failover"]["attempts"] == 3
     assert by_id["t-cut"]["status"] == "stream_error"
     assert (by_id["t-badkey"]["key"], by_id["t-badkey"]["status"]) == ("unknown", 401)

@@ -437,16 +437,7 @@ def publish_usable(rt: Runtime) -> None:
 
 
 _CODES: Final[dict[int | str, str]] = {s: str(s) for s in range(100, 600)}  # str() done once
-_second: list[Any] = [-1, ""]  # _utc's last whole second, and its text
 
-
-def _utc(t: float) -> str:
-    """A Unix time as the stderr lines' `ts` (2026-11-27T12:00:00.123Z); strftime once
-    a second, as nginx formats its log's time."""
-    whole = int(t)
-    if whole != _second[0]:
-        _second[:] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}.{int((t - whole) * 1000):03d}Z"
 # The access logger's level check, made before the fields are built: a disabled access
 # log costs nothing more.
 _access_enabled: Final = logging.getLogger(ACCESS).isEnabledFor
@@ -465,7 +456,9 @@ def _account(m: Metrics, rec: Rec, request: web.BaseRequest | None = None) -> No
         # float's last bit aside), at half its cost: that one rounds through a decimal
         # string.
         access_line({
-            "ts": _utc(time.time() - duration),  # when the request began
+            # when the request began, as a Unix time (as Envoy's %START_TIME(%s.%6f)%):
+            # an ISO text would cost ~1 µs of formatting per request here, this ~0.1
+            "ts": time.time() - duration,
             "method": None if request is None else request.method,
             # (no query string: a key in one is no key in a log)
             "path": None if request is None else request.raw_path.partition("?")[0][:256],

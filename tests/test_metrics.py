@@ -8,7 +8,6 @@ values stay within config names and fixed words whatever clients send.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import importlib
 import logging
 import math
@@ -431,7 +430,7 @@ def test_usable_gauge_follows_ejection(stack: Stack, logs: _Records) -> None:
 
 def test_access_log_one_line_per_request_without_secrets(stack: Stack, logs: _Records) -> None:
     """One JSON access line per API request, its fields set; no key or text in any log.
-    Each says when the request began (UTC, as the stderr lines' `ts`), its method,
+    Each says when the request began (a Unix time), its method,
     path (without a query string) and client address, as nginx's and Envoy's do."""
     began = time.time()
     seen = _mixed_traffic(stack)
@@ -451,9 +450,8 @@ def test_access_log_one_line_per_request_without_secrets(stack: Stack, logs: _Re
     assert (ok["method"], ok["client"]) == ("POST", "127.0.0.1")
     assert ok["path"].endswith("/chat/completions")  # (its ?note=q left out)
     for f in lines:
-        t = datetime.datetime.strptime(f["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-            tzinfo=datetime.UTC).timestamp()
-        assert began - 0.002 <= t <= ended and t + f["duration_ms"] / 1000 <= ended + 0.002
+        t = f["ts"]
+        assert began - 0.001 <= t <= ended and t + f["duration_ms"] / 1000 <= ended + 0.001
     assert by_id["t-failover"]["attempts"] == 3
     assert by_id["t-cut"]["status"] == "stream_error"
     assert (by_id["t-badkey"]["key"], by_id["t-badkey"]["status"]) == ("unknown", 401)

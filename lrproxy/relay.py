@@ -606,9 +606,13 @@ async def _try_candidates(
             if isinstance(e, errors.UpstreamTooLarge):
                 raise  # as large from any upstream: no failover
             last = e.with_traceback(None)  # (its traceback holds this frame: a cycle)
-            if e.upstream_status == 429:  # retried on a different upstream only (SPEC §2)
+            if e.upstream_status == 429 or isinstance(e, _NOT_AGAIN):
+                # Retried on a different upstream only: after a 429 (SPEC §2), a timeout
+                # or a refused key the same limit, wait or refusal would come again (a
+                # region's only upstream, hung, would cost a first_byte per retry), as
+                # nginx never retries a server within a request
                 order = [c for c in order if c.upstream.name != name]
-                if e.retry_after is not None:
+                if e.retry_after is not None and e.upstream_status == 429:
                     soonest = e.retry_after if soonest is None else min(soonest, e.retry_after)
             continue
         except BaseException as exc:  # the client gone, the drain, a bug of ours
@@ -647,6 +651,10 @@ async def _try_candidates(
         raise last
     finally:  # (else the frame in its traceback holds it: a cycle of the whole attempt's
         last = None  # state, for the cyclic GC; so in upstream.send)
+
+
+# Failures after which a request does not try the same upstream again (see above)
+_NOT_AGAIN: Final = (errors.UpstreamTimeout, errors.UpstreamAuthFailed)
 
 
 def _next_candidate(order: list[Candidate], tried: list[str], pool: upstream.Pool,

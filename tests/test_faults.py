@@ -1682,6 +1682,31 @@ def test_retries_never_exceed_server_retries(make_stack: MakeStack, retries: int
     assert codes(stack) == {"502": 1}
 
 
+@pytest.mark.parametrize("fault", ["timeout", "auth"])
+def test_no_retry_on_the_upstream_that_timed_out_or_refused_our_key(
+    make_stack: MakeStack, fault: str, seen: Seen,
+) -> None:
+    """A region's only upstream that hangs (or refuses the proxy's key) is not tried
+    again in the same request: the same wait (or refusal) would come, and a hung one
+    cost a client three first_byte waits for one 504. nginx never retries a server
+    within a request. Retries still go to an upstream not tried yet (the 5xx case)."""
+    seen.expected_errors.append(_auth_refused_line("eu-north-a", 403))
+    stack = make_stack(cfg(server={"retries": 2}, timeouts={"first_byte": 0.4}))
+    if fault == "timeout":
+        faults(stack, ["eu-north-a"], headers_delay_s=3)
+    else:
+        faults(stack, ["eu-north-a"], fail_status=403, fail_count=-1)
+    a = post(stack, chat(LLAMA, region="eu-north"))
+    if fault == "timeout":
+        a.error(504, "upstream_timeout")
+        assert 0.35 < a.elapsed < 1.0  # one first_byte, not three
+    else:
+        a.error(502, "upstream_auth_failed")
+    assert hits(stack)["eu-north-a"] == 1
+    outcome = "timeout" if fault == "timeout" else "auth_failed"
+    assert outcomes(stack) == {("eu-north-a", outcome): 1}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_silent_upstream_is_504_after_first_byte(make_stack: MakeStack, stream: bool) -> None:
     """No headers (or no first event) within timeouts.first_byte on every try: 504 upstream_timeout."""
@@ -3407,7 +3432,8 @@ def test_pinned_request_never_leaves_its_region(make_stack: MakeStack, fault: st
         if name not in EU_WEST:
             assert sim.requests == [], name
     inside = [r for n in EU_WEST for r in stack.requests_to(n)]
-    assert len(inside) == (2 if fault == "429" else 3)
+    # (after a 429, a timeout or a refused key, never the same upstream again)
+    assert len(inside) == (2 if fault in ("429", "timeout", "auth") else 3)
     assert {u for u, _ in outcomes(stack)} == set(EU_WEST)
     assert codes(stack) == {str(status): 1}
 

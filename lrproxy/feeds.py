@@ -56,14 +56,15 @@ def poll_feeds(rt: Runtime) -> None:
             # journal every POLL_S
             if seen.get(path, ()) is not None:
                 seen[path] = None
-                log.warning("intensity feed of region %s unreadable: %s", region.name,
-                            e.strerror)
+                log.warning("intensity feed of region %s unreadable: %s: %s", region.name,
+                            path, e.strerror)
         else:
             seen[path] = stamp  # (read: refused or not, looked at again once it changes)
             try:
                 reading = eco.parse_reading(data)
             except ValueError as e:
-                log.warning("intensity feed of region %s refused: %s", region.name, e)
+                log.warning("intensity feed of region %s refused: %s: %s", region.name,
+                            path, e)
         if reading is None:
             if cache is not None and path not in rt.readings:
                 _restore(rt, cache, path, region.name)
@@ -71,8 +72,34 @@ def poll_feeds(rt: Runtime) -> None:
         if cache is not None and rt.readings.get(path) != reading:
             _keep(cache, path, data)
         rt.readings[path] = reading
+    _say_freshness(rt)
     if rt.intensities() != rt.state.intensities:
         rt.refresh_table()
+
+
+def _say_freshness(rt: Runtime) -> None:
+    """A line when a region's live reading ages out (the static figure counts from
+    then on, and `accuracy` says `estimated`) and when a fresh one comes back: the
+    gauge alone does not say why its figure moved. Once per change, per feed file."""
+    now = rt.clock()
+    for region in rt.state.config.regions.values():
+        path = region.intensity_feed
+        if path is None:
+            continue
+        reading = rt.readings.get(path)
+        live = eco.current_intensity(region, reading, now).live
+        was = rt.feed_live.get(region.name)
+        rt.feed_live[region.name] = live
+        if live == was or (was is None and (live or reading is None)):
+            continue  # (nothing read yet: the unreadable line has said why)
+        if live:
+            log.info("intensity feed of region %s: a fresh reading (%s g/kWh) counts again",
+                     region.name, f"{reading.g_per_kwh:g}" if reading else "?")
+        else:
+            log.warning("intensity feed of region %s: no reading in %s newer than "
+                        "intensity_max_age_s (%g s); the static %g g/kWh counts until one "
+                        "comes", region.name, path, region.intensity_max_age_s,
+                        region.grid_intensity_g_per_kwh)
 
 
 def _cached(cache: str, path: str) -> str:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lrproxy.feeds import poll_feeds
+from lrproxy.log import MAIN
 
 
 def _write_feed(path: Path, value: float, age_s: float = 0.0) -> None:
@@ -187,11 +191,16 @@ def test_reload_without_the_feed_drops_its_reading(make_stack: Any, tmp_path: Pa
     assert grid() == 77
 
 
-def test_reading_that_ages_out_reroutes_at_the_next_poll(make_stack: Any, tmp_path: Path) -> None:
+def test_reading_that_ages_out_reroutes_at_the_next_poll(
+    make_stack: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
     """A reading that grows older than intensity_max_age_s, its file unchanged, gives way
     to the static figure in routing, the gauge and /models at the next poll, as it does
-    in the eco figures at once (SPEC §2, §3, §5)."""
+    in the eco figures at once (SPEC §2, §3, §5). A warning says so, naming the file,
+    once; a fresh reading's return is one info line."""
     import time
+
+    caplog.set_level(logging.INFO, logger=MAIN)
 
     feed = tmp_path / "us-east.json"
     _write_feed(feed, 10)
@@ -222,6 +231,14 @@ def test_reading_that_ages_out_reroutes_at_the_next_poll(make_stack: Any, tmp_pa
     assert stack.metric("lrproxy_grid_intensity_g_per_kwh", region="us-east") == 380
     stale = listed()
     assert stale["us-east"] > stale["eu-west"] and stale["eu-west"] == fresh["eu-west"]
+    stack.call(lambda: poll_feeds(stack.runtime))  # still stale: said once
+    said = [r.getMessage() for r in caplog.records if "intensity feed" in r.getMessage()]
+    assert said == [f"intensity feed of region us-east: no reading in {feed} newer than "
+                    "intensity_max_age_s (600 s); the static 380 g/kWh counts until one comes"]
+    _write_feed(feed, 12, age_s=-3600)  # (dated in the shifted clock's present)
+    stack.call(lambda: poll_feeds(stack.runtime))
+    said = [r.getMessage() for r in caplog.records if "intensity feed" in r.getMessage()]
+    assert said[1:] == ["intensity feed of region us-east: a fresh reading (12 g/kWh) counts again"]
 
 
 def test_a_stream_in_flight_keeps_the_feeds_of_its_config(make_stack: Any, tmp_path: Path) -> None:

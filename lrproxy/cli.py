@@ -44,7 +44,7 @@ from lrproxy.feeds import poll_feeds
 from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging, to_journal
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner, api_urls, named
-from lrproxy.routing import unserved
+from lrproxy.routing import RoutingTable, build_table, unserved
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
 from lrproxy.workers import (
     CONFIG_SHOWN_ENV,
@@ -180,6 +180,9 @@ def _check_config(path: str) -> int:
         return EX_CONFIG
     print(f"{path}: ok ({len(config.upstreams)} upstreams, {len(config.models)} models, "
           f"{len(config.regions)} regions)")
+    static = {name: r.grid_intensity_g_per_kwh for name, r in config.regions.items()}
+    for line in _unserved(config, build_table(config, static)):  # as serve says them
+        print(f"{path}: warning: {line}", file=sys.stderr)
     return 0
 
 
@@ -504,20 +507,29 @@ def _reload_now(rt: Runtime, path: str, shown: str, started: Config) -> None:
 
 
 def _warn_unserved(rt: Runtime) -> None:
-    """Say which model ids answer 404 because no upstream serves them, and that every
-    request answers 401 with no client key (legal, often a slip). With `server.workers`,
-    the first worker says it for all: they read one config."""
+    """Say what `_unserved` finds. With `server.workers`, the first worker says it for
+    all: they read one config."""
     if os.environ.get(WORKER_INDEX_ENV, "0") != "0":
         return
-    if not rt.state.config.keys:
-        log.warning("no client keys are configured ([auth] keys): every request gets 401")
-    for mid in unserved(rt.state.table):
-        if mid == AUTO_MODEL and rt.state.config.auto_models:
-            log.warning("no upstream serves any [auto] model: requests for %s get 404", mid)
+    for line in _unserved(rt.state.config, rt.state.table):
+        log.warning("%s", line)
+
+
+def _unserved(config: Config, table: RoutingTable) -> list[str]:
+    """Which model ids answer 404 because no upstream serves them, and that every
+    request answers 401 with no client key: legal, often a slip (serve and check-config
+    say so)."""
+    lines = []
+    if not config.keys:
+        lines.append("no client keys are configured ([auth] keys): every request gets 401")
+    for mid in unserved(table):
+        if mid == AUTO_MODEL and config.auto_models:
+            lines.append(f"no upstream serves any [auto] model: requests for {mid} get 404")
         elif mid == AUTO_MODEL:
-            log.warning("no [auto] models are configured: requests for %s get 404", mid)
+            lines.append(f"no [auto] models are configured: requests for {mid} get 404")
         else:
-            log.warning("model %s is served by no upstream: requests for it get 404", mid)
+            lines.append(f"model {mid} is served by no upstream: requests for it get 404")
+    return lines
 
 
 async def _demo_config(listen: str) -> tuple[Config, Secrets, str, list[Any]]:

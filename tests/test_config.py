@@ -179,6 +179,24 @@ def test_check_config_as_a_real_process() -> None:
     assert r.stdout.startswith("etc/lrproxy.toml: ok")
 
 
+def test_check_config_warns_as_serve_does(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A legal config that serve would warn about (a model no upstream serves: its
+    requests get 404; no client keys: every request gets 401) passes check-config,
+    exit 0, with the same warnings on stderr, so that a slip is seen before the reload."""
+    text = EXAMPLE_TOML.read_text()
+    text = text.replace('[models."openai/gpt-4o-mini"]', '[models."acme/unserved"]\n'
+                        'energy_wh_per_1k_prompt_tokens = 0.02\n'
+                        'energy_wh_per_1k_completion_tokens = 0.3\n\n'
+                        '[models."openai/gpt-4o-mini"]', 1)
+    path = tmp_path / "lrproxy.toml"
+    path.write_text(text)
+    rc, out, err = check(capsys, path)
+    assert rc == 0 and out == [f"{path}: ok (3 upstreams, 3 models, 2 regions)"]
+    assert err == [f"{path}: warning: model acme/unserved is served by no upstream: "
+                   "requests for it get 404"]
+
+
 def test_check_config_exits_78_as_a_real_process(tmp_path: Path) -> None:
     """A broken config makes `python -m lrproxy check-config` exit 78 with its problem on stderr."""
     path = write(tmp_path, base_toml(tail='[server]\nretries = "two"'))

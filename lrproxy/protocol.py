@@ -289,8 +289,9 @@ class LimitsHandler(RequestHandler):
         """The heads parsed from the last read (`self._messages[first:]`) turned into
         the parse errors they are: over MAX_HEAD_BYTES in all (when `measure`: a head
         over it may end in this read), a 431; an HTTP/1.0 request with a
-        Transfer-Encoding, a 400 (RFC 9112 §6.1: its framing is faulty, as nginx
-        answers it). The connection closes with the error: no body is read after it."""
+        Transfer-Encoding (RFC 9112 §6.1: its framing is faulty, as nginx answers it)
+        or one of another version than 1.0 and 1.1, a 400. The connection closes with
+        the error: no body is read after it."""
         messages = self._messages
         for i in range(first, len(messages)):
             msg = messages[i][0]
@@ -299,8 +300,11 @@ class LimitsHandler(RequestHandler):
             if measure and sum(len(k) + len(v) + 4 for k, v in msg.raw_headers) > MAX_HEAD_BYTES:
                 exc = BadHttpMessage("Request headers too long")
                 messages[i] = (_ERR_INFO(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD)
-            elif msg.version < (1, 1) and hdrs.TRANSFER_ENCODING in msg.headers:
-                exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request")
+            elif msg.version != (1, 1) and (
+                    msg.version != (1, 0) or hdrs.TRANSFER_ENCODING in msg.headers):
+                # HTTP/2.0 or 0.9 in a request line (answered as such by aiohttp), or
+                # HTTP/1.0 with a Transfer-Encoding
+                exc = BadHttpMessage("Unsupported HTTP version or framing")
                 messages[i] = (_ERR_INFO(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
 
     def _lr_head_too_large(self) -> None:

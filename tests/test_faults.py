@@ -650,6 +650,18 @@ def test_a_head_over_64_kib_in_all_is_431(stack: Stack, case: str) -> None:
     assert codes(stack, key="unknown") == {"431": 1}
 
 
+@pytest.mark.parametrize("line", [b"GET /healthz HTTP/2.0", b"GET /healthz HTTP/1.2",
+                                  b"GET /healthz HTTP/0.9"])
+def test_other_http_versions_are_400(stack: Stack, line: bytes) -> None:
+    """A request line of another version than 1.0 and 1.1 was answered in that version
+    (`HTTP/2.0 200 OK`, headers and all): a 400 in the OpenAI shape and the close."""
+    with open_raw(stack) as sock:
+        sock.sendall(line + b"\r\nHost: x\r\n\r\n")
+        a = read_answer(sock)
+        a.error(400, "invalid_request")
+        assert closed_by_peer(sock)
+
+
 @pytest.mark.parametrize("te", ["chunked", "identity"])
 def test_http10_with_a_transfer_encoding_is_400_and_the_close(stack: Stack, te: str) -> None:
     """HTTP/1.0 has no transfer codings: a request that has one has faulty framing

@@ -215,8 +215,11 @@ class LimitsHandler(RequestHandler):
             b"429 Too Many Requests")
 
     def data_received(self, data: bytes) -> None:
-        if not data:  # no bytes of a request: aiohttp's own call as it resumes reading
-            super().data_received(data)
+        if not data:  # no bytes of a request: aiohttp's own call as it resumes reading,
+            queued = len(self._messages)  # which parses the heads it held back (its
+            super().data_received(data)  # queue of 32 was full): checked as any are
+            if len(self._messages) > queued:
+                self._lr_parsed(queued, True)
             return
         if self._lr_dropping:
             return
@@ -228,6 +231,7 @@ class LimitsHandler(RequestHandler):
                     # a 413), which aiohttp reads and drops: no next request's bytes,
                     # unless some follow the body's end
                     fed = body.total_bytes
+                    queued = len(self._messages)
                     super().data_received(data)
                     if self._lr_framing(len(data), body.total_bytes - fed):
                         body.feed_eof()  # aiohttp's lingering read of it ends, and
@@ -237,6 +241,11 @@ class LimitsHandler(RequestHandler):
                         after = len(data) - (body.total_bytes - fed)
                         self._lr_body_ended(
                             after > 0 and bool(data[len(data) - after:].lstrip(b"\r\n")))
+                        if len(self._messages) > queued:  # the next head came whole too
+                            self._lr_parsed(queued, after > MAX_HEAD_BYTES)
+                        else:  # (the next head's first bytes, if any)
+                            self._lr_wire = self._lr_got = 0
+                            self._lr_head = after
                     return
                 self._lr_body = None
             if data[0] in _CRLF and not data.lstrip(b"\r\n"):
@@ -256,10 +265,7 @@ class LimitsHandler(RequestHandler):
         fed = 0 if in_head else payload.total_bytes
         super().data_received(data)
         if len(self._messages) > queued:  # a head came whole (or failed to parse)
-            self._lr_heads_checked(queued, in_head and self._lr_head + len(data) > MAX_HEAD_BYTES)
-            payload = self._messages[-1][1]
-            self._lr_payload = None if payload.is_eof() else payload  # (not kept: a cycle)
-            self._lr_head = self._lr_wire = self._lr_got = 0
+            self._lr_parsed(queued, in_head and self._lr_head + len(data) > MAX_HEAD_BYTES)
             if self.lr_busy:
                 self._lr_body_broken()
         elif not in_head:
@@ -272,6 +278,15 @@ class LimitsHandler(RequestHandler):
             self._lr_head += len(data)
             if self._lr_head > MAX_HEAD_BYTES:
                 self._lr_head_too_large()
+
+    def _lr_parsed(self, first: int, measure: bool) -> None:
+        """Heads parsed (`self._messages[first:]`, `measure` as for _lr_heads_checked):
+        checked, and the last one's body, still coming, is the one whose bytes the next
+        reads are (not a head's)."""
+        self._lr_heads_checked(first, measure)
+        payload = self._messages[-1][1]
+        self._lr_payload = None if payload.is_eof() else payload  # (not kept: a cycle)
+        self._lr_head = self._lr_wire = self._lr_got = 0
 
     def _lr_framing(self, wire: int, got: int) -> bool:
         """Count a read of `wire` bytes of a body that gave it `got`: True, and nothing

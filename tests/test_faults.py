@@ -737,6 +737,55 @@ def test_a_refused_body_of_tiny_chunks_is_not_read_on(stack: Stack) -> None:
         assert time.monotonic() - t0 < 3.0
 
 
+def _statuses_until_close(sock: socket.socket, timeout: float = 5.0) -> list[int]:
+    """The statuses of the answers on `sock` until the server closes it."""
+    sock.settimeout(timeout)
+    got = b""
+    with contextlib.suppress(TimeoutError):
+        while data := sock.recv(65536):
+            got += data
+    return [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", got)]
+
+
+@pytest.mark.parametrize("after", ["refused-body", "32-pipelined"])
+def test_a_head_parsed_off_the_usual_read_is_checked_and_its_body_read(
+    stack: Stack, after: str,
+) -> None:
+    """A head that the parser emits outside data_received's main path, the last of a
+    refused body's read ("refused-body": the body's end and the next head came in one
+    read), or held back by aiohttp's queue of 32 and parsed as it resumes
+    ("32-pipelined"), is still that request's head: its body, 300 kB coming in later
+    reads, is read as a body (it was counted as head bytes past MAX_HEAD_BYTES: the
+    connection closed, and the request waited for client_body), and an HTTP/1.0
+    request with a Transfer-Encoding behind it is still the 400 and the close."""
+    big = orjson.dumps(chat(LLAMA, user="x" * 300_000))
+    te10 = (head("Transfer-Encoding: chunked", "Connection: keep-alive")
+            .replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+            + b"%x\r\n%b\r\n0\r\n\r\n" % (len(BODY), BODY))
+    refused = b"x" * 5000
+    for case in ("big", "te10"):
+        with open_raw(stack) as sock:
+            if after == "refused-body":
+                sock.sendall(request(refused, key=None)[:-4000])
+                read_answer(sock).error(401, "invalid_api_key")
+                time.sleep(0.1)
+                before, want = refused[-4000:], [200] if case == "big" else [400]
+            else:
+                models = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
+                before = models % TEAM_A_KEY.encode() * 32
+                want = [200] * 32 + ([200] if case == "big" else [400])
+            if case == "big":
+                data = request(big, "Connection: close")
+                sock.sendall(before + data[:-len(big) + 100])
+                time.sleep(0.1)
+                for i in range(100, len(big), 8192):  # reads of a few kB: the body is
+                    sock.sendall(big[i:i + 8192])  # far from whole at its 64th kB
+                    time.sleep(0.002)
+            else:
+                sock.sendall(before + te10)
+            assert _statuses_until_close(sock) == want, case
+
+
 def test_a_request_begun_before_the_idle_close_is_served(
     make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

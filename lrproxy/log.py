@@ -233,7 +233,10 @@ class _Writer:
                     else:
                         self.queue.popleft()
                         self.queued -= n
-            self._report(force=bool(n))
+                caught_up = not self.queue
+            # Said at once when stdout has taken all that waited; while a backlog stays
+            # (a reader that lags), every _REPORT_S at most, as while it takes none.
+            self._report(force=bool(n) and caught_up)
 
     def _report(self, force: bool) -> None:
         """Say how many lines were dropped, if any, and when due."""

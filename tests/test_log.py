@@ -165,6 +165,35 @@ def test_backlog_is_bounded_and_drops_are_reported(pipe_stdout: tuple[int, int])
     assert sum(reported) == n - written
 
 
+def test_a_reader_that_lags_gets_no_drop_report_per_write(pipe_stdout: tuple[int, int]) -> None:
+    """A stdout that takes lines, but fewer than come (a journald that is behind, a
+    slow `| grep`), is told of the drops every _REPORT_S at most while the backlog
+    stays, not after each write it takes (a warning per 4 KiB: ~20 a second here, on
+    a stderr that is often the same journald); once it has caught up, the rest in one
+    warning, the counts exact."""
+    r, _w = pipe_stdout
+    line_len = len(orjson.dumps(_line(299))) + 1
+    n = log._MAX_BACKLOG // line_len + 500  # more than the backlog holds
+    got = []
+    with _warnings() as reported:
+        _log_unread([_line(299)] * n)
+        for _ in range(20):  # more lines come than a page holds, and a page is read
+            _log_unread([_line(299)] * 50)
+            n += 50
+            with contextlib.suppress(BlockingIOError):
+                got.append(os.read(r, 4096))
+            time.sleep(0.01)
+        assert log._writer is not None and log._writer.queue  # still behind
+        assert len(reported) <= 1
+        got.append(_read_until_idle(r))
+        wait_for_report = time.monotonic() + 5
+        while len(reported) < 2 and time.monotonic() < wait_for_report:
+            time.sleep(0.01)
+        log.close_access(wait_s=1)
+    written = b"".join(got).count(b"\n")
+    assert len(reported) <= 2 and sum(reported) == n - written > 0
+
+
 def test_exit_waits_a_moment_for_a_full_stdout_then_reports_the_rest(
     pipe_stdout: tuple[int, int]
 ) -> None:

@@ -142,6 +142,10 @@ def _hash_key() -> int:
             line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
     except EOFError:  # (Ctrl-D at the prompt)
         line = b""
+    except UnicodeError:  # typed: getpass decodes it (strictly, or with surrogates
+        # that .encode() refuses: stdin's own, in the C locale), as a piped one is below
+        print("lrproxy hash-key: the key on stdin is not UTF-8 text", file=sys.stderr)
+        return EX_USAGE
     except OSError as e:  # (a stdin open for writing only, say)
         print(f"lrproxy hash-key: cannot read stdin: {e.strerror or e}", file=sys.stderr)
         return EX_USAGE

@@ -1020,6 +1020,40 @@ def test_hash_key_typed_at_a_terminal_is_not_shown(tmp_path: Path) -> None:
     assert b"sk-typed" not in screen, screen
 
 
+def test_hash_key_typed_at_a_terminal_not_utf8_is_one_line_not_a_traceback() -> None:
+    """Bytes that are not UTF-8 typed at the terminal are the usage error (64) that
+    they are on a piped stdin, in the same one line: getpass decodes what it reads, and
+    its UnicodeDecodeError was a Python traceback (exit 1)."""
+    import select
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lrproxy", "hash-key"], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=slave, start_new_session=True)
+    os.close(slave)
+    screen = b""
+    try:
+        end = time.monotonic() + 20
+        while b"Key" not in screen and time.monotonic() < end:  # the prompt
+            if select.select([master], [], [], 0.5)[0]:
+                screen += os.read(master, 1024)
+        assert b"Key" in screen, screen
+        os.write(master, b"\xff\xfe-typed\n")
+        out, _ = proc.communicate(timeout=20)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                screen += os.read(master, 1024)
+            except OSError:  # (EIO: the child has closed its end)
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(master)
+    assert (proc.returncode, out) == (64, b""), screen
+    assert screen.rstrip().endswith(b"lrproxy hash-key: the key on stdin is not UTF-8 text")
+    assert b"Traceback" not in screen
+
+
 def test_hash_key_output_is_accepted_as_sha256(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -461,9 +461,10 @@ def _account(m: Metrics, rec: Rec, request: web.BaseRequest | None = None) -> No
             # an ISO text would cost ~1 µs of formatting per request here, this ~0.1
             "ts": time.time() - duration,
             "method": None if request is None else request.method,
-            # (no query string: a key in one is no key in a log)
-            "path": None if request is None else request.raw_path.partition("?")[0][:256],
-            "client": None if request is None else request.remote,
+            # (the relative path: no query string, no absolute-form target's host or
+            # user info, where a key may be, which no log may hold)
+            "path": None if request is None else request.rel_url.raw_path[:256],
+            "client": None if request is None else request.remote or None,  # (a unix socket's: '')
             "request_id": rec.request_id, "key": key, "model": model,
             "region": region, "upstream": rec.upstream or None, "status": rec.status,
             "error": rec.error, "stream": rec.stream, "attempts": rec.attempts,

@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _std_fds_open()
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.file)
@@ -129,6 +130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         close_access()
+
+
+def _std_fds_open() -> None:
+    """Started with stdin, stdout or stderr closed (`>&-`), the next socket would take
+    its number, and uvloop aborts when it closes a descriptor under 3; so, as daemons
+    do, each closed one becomes /dev/null."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: `fd`
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _hash_key() -> int:

@@ -51,7 +51,11 @@ class _Formatter(logging.Formatter):
         self.journal = journal
 
     def _line(self, record: logging.LogRecord, line: str) -> str:
-        return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}" if self.journal else line
+        if not self.journal:
+            return line
+        prefix = f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>"
+        # (journald files each line on its own: a traceback's lines too)
+        return prefix + line.replace("\n", "\n" + prefix) if "\n" in line else prefix + line
 
 
 class JsonFormatter(_Formatter):
@@ -113,8 +117,11 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
         # os.write rather than through logging's records and handlers (15-30 µs), and
         # lines are gathered for `access_flush_ms`: a write to a file costs ~13 µs here
         # when writes come a millisecond apart, ~2 µs each when they come together.
-        sys.stdout.flush()
-        _direct_fd = sys.stdout.fileno()
+        try:
+            sys.stdout.flush()
+            _direct_fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):  # stdout closed (`>&-`): no lines
+            _direct_fd = None
         _flush_s = max(0, access_flush_ms) / 1000  # the CLI calls close_access() at its end
         acc.setLevel(logging.INFO)
     else:

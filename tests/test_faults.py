@@ -650,6 +650,20 @@ def test_a_head_over_64_kib_in_all_is_431(stack: Stack, case: str) -> None:
     assert codes(stack, key="unknown") == {"431": 1}
 
 
+def test_an_absolute_form_targets_user_info_stays_out_of_the_log(stack: Stack,
+                                                                  seen: Seen) -> None:
+    """A request target in absolute form (`GET http://user:key@host/v1/models`) is
+    served as its path; the access line's path is that path, never the host or the
+    user info, where a key may be."""
+    with open_raw(stack) as sock:
+        sock.sendall(b"GET http://u:sk-in-userinfo-77@x/api/v1/models HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + TEAM_A_KEY.encode() + b"\r\n\r\n")
+        assert read_answer(sock).status == 200
+    paths = [orjson.loads(line)["path"] for line in seen.logs if '"duration_ms"' in line]
+    assert paths == ["/api/v1/models"]
+    assert not [line for line in seen.logs if "sk-in-userinfo" in line]
+
+
 @pytest.mark.parametrize("line", [b"GET /healthz HTTP/2.0", b"GET /healthz HTTP/1.2",
                                   b"GET /healthz HTTP/0.9"])
 def test_other_http_versions_are_400(stack: Stack, line: bytes) -> None:

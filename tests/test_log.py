@@ -263,3 +263,16 @@ def test_lines_to_the_journal_carry_their_priority(tmp_path: Path) -> None:
         assert log.PlainFormatter().format(rec) == f"{name}: feed a"
         line = log.JsonFormatter(journal=True).format(rec)
         assert line.startswith(prefix) and orjson.loads(line[3:])["msg"] == "feed a"
+
+
+def test_every_line_of_a_traceback_carries_its_priority() -> None:
+    """journald files each line on its own: a traceback's lines carry the record's
+    priority too, so that `journalctl -p err` shows them with their first line."""
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord(log.MAIN, logging.ERROR, __file__, 1, "failed", (),
+                                sys.exc_info())
+    lines = log.PlainFormatter(journal=True).format(rec).split("\n")
+    assert len(lines) > 3 and all(ln.startswith("<3>") for ln in lines), lines
+    assert lines[0] == "<3>error: failed" and lines[-1] == "<3>ValueError: boom"

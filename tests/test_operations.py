@@ -846,6 +846,24 @@ def test_a_stdout_nobody_reads_holds_up_no_request(tmp_path: Path, sim: SimThrea
     assert len(lines) + sum(dropped) == n, (len(lines), dropped)
 
 
+def test_a_closed_stdout_is_no_crash(tmp_path: Path, sim: SimThread) -> None:
+    """`lrproxy serve … >&-`: with stdout closed there is nowhere for access lines, and
+    the proxy serves without them (it died at its start, flushing stdout)."""
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, 0))
+    proxy = Proxy(["serve", "--config", str(cfg)], tmp_path,
+                  wrap=["sh", "-c", 'exec "$@" >&-', "sh"])
+    try:
+        proxy.wait_healthy()
+        with _client(proxy.port) as client:  # type: ignore[arg-type]
+            _plain(client, {})
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(10) == 0
+        assert "Traceback" not in proxy.stderr, proxy.stderr
+    finally:
+        proxy.stop()
+
+
 # ---------------------------------------------------------------------------------------
 # the command line
 

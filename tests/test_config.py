@@ -986,10 +986,10 @@ def test_hash_key_prints_the_sha256_of_stdin(
     assert out.strip() == config.hash_key("sk-team-a")
 
 
-def test_hash_key_typed_at_a_terminal_is_not_shown(tmp_path: Path) -> None:
-    """A key typed at a terminal (stdin a tty) is read without echo, as passwd reads a
-    password: it stays off the screen and out of the scrollback; a prompt on the
-    terminal says so."""
+def _hash_key_at_a_terminal(typed: bytes) -> tuple[int, bytes, bytes]:
+    """`lrproxy hash-key` with a pty as its stdin and stderr (no controlling terminal:
+    getpass uses stdin), `typed` at its prompt: its exit status, its stdout, and what
+    the terminal showed."""
     import select
 
     master, slave = os.openpty()
@@ -1003,7 +1003,7 @@ def test_hash_key_typed_at_a_terminal_is_not_shown(tmp_path: Path) -> None:
             if select.select([master], [], [], 0.5)[0]:
                 screen += os.read(master, 1024)
         assert b"Key" in screen, screen
-        os.write(master, b"sk-typed-here\n")
+        os.write(master, typed)
         out, _ = proc.communicate(timeout=20)
         while select.select([master], [], [], 0.2)[0]:
             try:
@@ -1015,7 +1015,15 @@ def test_hash_key_typed_at_a_terminal_is_not_shown(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(5)
         os.close(master)
-    assert proc.returncode == 0
+    return proc.returncode, out, screen
+
+
+def test_hash_key_typed_at_a_terminal_is_not_shown() -> None:
+    """A key typed at a terminal (stdin a tty) is read without echo, as passwd reads a
+    password: it stays off the screen and out of the scrollback; a prompt on the
+    terminal says so."""
+    rc, out, screen = _hash_key_at_a_terminal(b"sk-typed-here\n")
+    assert rc == 0
     assert out.decode().strip() == config.hash_key("sk-typed-here")
     assert b"sk-typed" not in screen, screen
 
@@ -1024,32 +1032,8 @@ def test_hash_key_typed_at_a_terminal_not_utf8_is_one_line_not_a_traceback() -> 
     """Bytes that are not UTF-8 typed at the terminal are the usage error (64) that
     they are on a piped stdin, in the same one line: getpass decodes what it reads, and
     its UnicodeDecodeError was a Python traceback (exit 1)."""
-    import select
-
-    master, slave = os.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "lrproxy", "hash-key"], stdin=slave,
-                            stdout=subprocess.PIPE, stderr=slave, start_new_session=True)
-    os.close(slave)
-    screen = b""
-    try:
-        end = time.monotonic() + 20
-        while b"Key" not in screen and time.monotonic() < end:  # the prompt
-            if select.select([master], [], [], 0.5)[0]:
-                screen += os.read(master, 1024)
-        assert b"Key" in screen, screen
-        os.write(master, b"\xff\xfe-typed\n")
-        out, _ = proc.communicate(timeout=20)
-        while select.select([master], [], [], 0.2)[0]:
-            try:
-                screen += os.read(master, 1024)
-            except OSError:  # (EIO: the child has closed its end)
-                break
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        os.close(master)
-    assert (proc.returncode, out) == (64, b""), screen
+    rc, out, screen = _hash_key_at_a_terminal(b"\xff\xfe-typed\n")
+    assert (rc, out) == (64, b""), screen
     assert screen.rstrip().endswith(b"lrproxy hash-key: the key on stdin is not UTF-8 text")
     assert b"Traceback" not in screen
 

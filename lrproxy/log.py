@@ -252,7 +252,7 @@ class _Writer:
                 return
             dropped, self.dropped = self.dropped, 0
         logging.getLogger(MAIN).warning(
-            "access log: %d lines dropped while stdout took none", dropped)
+            "access log: %d lines dropped: stdout did not take them in time", dropped)
 
     def close(self, wait_s: float) -> None:
         """Write what is queued, waiting up to `wait_s` for stdout to take it; what is

@@ -41,7 +41,14 @@ from lrproxy.config import (
     resolve_secrets,
 )
 from lrproxy.feeds import poll_feeds
-from lrproxy.log import ACCESS_FLUSH_MS, MAIN, close_access, setup_logging, to_journal
+from lrproxy.log import (
+    ACCESS_FLUSH_MS,
+    MAIN,
+    close_access,
+    setup_logging,
+    to_journal,
+    with_priority,
+)
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner, api_urls, named
 from lrproxy.routing import RoutingTable, build_table, unserved
@@ -139,11 +146,8 @@ def _std_fds_open() -> None:
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: `fd`
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+        except OSError:  # (those below it are open: the lowest free number is `fd`)
+            os.open(os.devnull, os.O_RDWR)
 
 
 def _hash_key() -> int:
@@ -199,8 +203,7 @@ def _check_config(path: str) -> int:
         return EX_CONFIG
     print(f"{path}: ok ({len(config.upstreams)} upstreams, {len(config.models)} models, "
           f"{len(config.regions)} regions)")
-    static = {name: r.grid_intensity_g_per_kwh for name, r in config.regions.items()}
-    for line in _unserved(config, build_table(config, static)):  # as serve says them
+    for line in _unserved(config, build_table(config, {})):  # as serve says them
         print(f"{path}: warning: {line}", file=sys.stderr)
     return 0
 
@@ -224,9 +227,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(runner(_serve(args)))
     except ConfigError as e:
-        err = "<3>" if to_journal(sys.stderr) else ""  # journald's error priority
+        journal = to_journal(sys.stderr)
         for line in e.problems:
-            print(err + line, file=sys.stderr)
+            print(with_priority(line, logging.ERROR) if journal else line, file=sys.stderr)
         return EX_CONFIG
     finally:  # the loop, closed, has put SIGHUP back to its default (sdnotify.ignore_hangups)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

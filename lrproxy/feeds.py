@@ -80,21 +80,21 @@ def poll_feeds(rt: Runtime) -> None:
 def _say_freshness(rt: Runtime) -> None:
     """A line when a region's live reading ages out (the static figure counts from
     then on, and `accuracy` says `estimated`) and when a fresh one comes back: the
-    gauge alone does not say why its figure moved. Once per change, per feed file."""
+    gauge alone does not say why its figure moved. Once per change, per region."""
     now = rt.clock()
     for region in rt.state.config.regions.values():
         path = region.intensity_feed
         if path is None:
             continue
         reading = rt.readings.get(path)
-        live = eco.current_intensity(region, reading, now).live
-        was = rt.feed_live.get(region.name)
+        current = eco.current_intensity(region, reading, now)
+        live, was = current.live, rt.feed_live.get(region.name)
         rt.feed_live[region.name] = live
         if live == was or (was is None and (live or reading is None)):
             continue  # (nothing read yet: the unreadable line has said why)
         if live:
-            log.info("intensity feed of region %s: a fresh reading (%s g/kWh) counts again",
-                     region.name, f"{reading.g_per_kwh:g}" if reading else "?")
+            log.info("intensity feed of region %s: a fresh reading (%g g/kWh) counts again",
+                     region.name, current.g_per_kwh)
         else:
             log.warning("intensity feed of region %s: no reading in %s newer than "
                         "intensity_max_age_s (%g s); the static %g g/kWh counts until one "

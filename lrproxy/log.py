@@ -32,6 +32,12 @@ _SYSLOG_PRIORITY: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4
                            logging.ERROR: 3, logging.CRITICAL: 2}
 
 
+def with_priority(text: str, levelno: int) -> str:
+    """`text` with its syslog priority before each line, as journald reads it."""
+    prefix = f"<{_SYSLOG_PRIORITY.get(levelno, 6)}>"
+    return prefix + text.replace("\n", "\n" + prefix)  # (journald files each line alone)
+
+
 def to_journal(stream: Any, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether `stream` writes to the journal: systemd names its stream in JOURNAL_STREAM
     (`device:inode`), to be compared with the descriptor's (systemd.exec(5))."""
@@ -51,11 +57,7 @@ class _Formatter(logging.Formatter):
         self.journal = journal
 
     def _line(self, record: logging.LogRecord, line: str) -> str:
-        if not self.journal:
-            return line
-        prefix = f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>"
-        # (journald files each line on its own: a traceback's lines too)
-        return prefix + line.replace("\n", "\n" + prefix) if "\n" in line else prefix + line
+        return with_priority(line, record.levelno) if self.journal else line
 
 
 class JsonFormatter(_Formatter):

@@ -598,7 +598,7 @@ async def _try_candidates(
             else:
                 if isinstance(e, errors.UpstreamAuthFailed):
                     pool.auth_refused(name, e.upstream_status)
-                pool.failed(name, now, e.retry_after, trial, held, _why(e))
+                pool.failed(name, now, e.retry_after, trial, held, _failure_kind(e))
             committed = early is not None and early.stop()
             rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
             if committed:  # the client has its 200: no failover (SPEC §1.1)
@@ -686,7 +686,7 @@ def _too_large() -> errors.UpstreamTooLarge:
         "holds; ask for less (fewer inputs, or encoding_format \"base64\").")
 
 
-def _why(e: errors.UpstreamFailed) -> str:
+def _failure_kind(e: errors.UpstreamFailed) -> str:
     """A failure's kind for the log, with the upstream's status: words of ours only."""
     return _outcome(e) if e.upstream_status is None else f"{_outcome(e)} {e.upstream_status}"
 
@@ -1346,7 +1346,7 @@ async def _relay_stream(
         else:
             if judged:
                 rt.pool.failed(cand.upstream.name, time.monotonic(), trial=attempt.trial,
-                               held=attempt.held, why=_why(e))
+                               held=attempt.held, why=_failure_kind(e))
             outcome = "stream_" + _outcome(e)
         await _stream_error(rt, rec, prompt_chars, cand, region, tail, e, out, request)
     except (ConnectionResetError, asyncio.CancelledError):

@@ -687,7 +687,7 @@ async def send(
         # itself): the egress failed, as when it refuses a CONNECT (no upstream status:
         # counted as connect_error), never the client's request, which a passed-on 407
         # would tell the SDK.
-        err = UpstreamError(f"upstream connection failed: {_WHY[1][1]} (407)")
+        err = UpstreamError(f"upstream connection failed: {_EGRESS_REFUSED} (407)")
     elif status in (401, 403):
         # The upstream's text may echo our key: never pass it on (SPEC §1).
         err = UpstreamAuthFailed("the upstream rejected the proxy's credentials")
@@ -880,9 +880,11 @@ _out_of_files_logged: Final = Seldom(60.0)
 _DNS_ERROR: Final[type[BaseException]] = getattr(aiohttp, "ClientConnectorDNSError",
                                                  socket.gaierror)  # (aiohttp 3.10 on)
 # What broke, in words, for messages a client reads (not aiohttp's class names)
+_UNRESOLVED: Final = "the upstream's host name did not resolve"
+_EGRESS_REFUSED: Final = "the egress proxy refused it"
 _WHY: Final[tuple[tuple[type[BaseException], str], ...]] = (
-    (_DNS_ERROR, "the upstream's host name did not resolve"),
-    (aiohttp.ClientHttpProxyError, "the egress proxy refused it"),
+    (_DNS_ERROR, _UNRESOLVED),
+    (aiohttp.ClientHttpProxyError, _EGRESS_REFUSED),
     (aiohttp.ClientSSLError, "TLS failed"),
     (aiohttp.ServerDisconnectedError, "the upstream closed it"),
     (aiohttp.ClientPayloadError, "the answer's body broke off"),
@@ -900,7 +902,7 @@ def _why(e: BaseException) -> str:
             return words
     os_error = getattr(e, "os_error", e)  # a ClientConnectorError's cause
     if isinstance(os_error, socket.gaierror):  # (before aiohttp 3.10)
-        return _WHY[0][1]
+        return _UNRESOLVED
     if isinstance(os_error, OSError) and os_error.errno and os_error.errno > 0:
         return os.strerror(os_error.errno)  # (its strerror may name the upstream's
     return "the connection failed"  # address: asyncio's connect's does)

@@ -9,6 +9,7 @@ nginx, uvloop and py-spy are used when installed):
     python bench/run.py --profile [S]   # py-spy (else cProfile) summary of lrproxy under
                                         # S seconds (10) of 64-connection non-streaming load
     python bench/run.py --soak 100000   # VmRSS of each proxy every 20k of 100k requests
+    python bench/run.py --litellm ~/litellm-venv/bin/litellm   # also a LiteLLM proxy column
     options: --reps N; --loop asyncio (keep uvloop from the proxies); --only NAME,...
     (targets besides direct and minimal); --scenarios wrk,gaps,slow,memory,workers (a subset);
     --workers-upstream nginx|sim (the workers scenario's upstream; nginx when installed);
@@ -23,8 +24,14 @@ sim), `minimal` (bench/minimal_relay.py, the ~60-line aiohttp byte relay), `lrpr
 (`lrproxy serve`: one region, one upstream, one model, one sha256 client key, metrics
 listener on, its default JSON access log on stdout going to a file), `lrproxy-nolog`
 (the same with `--no-access-log`) and `nginx` (proxy_buffering off, keep-alive upstream;
-skipped when nginx is not installed). The proxy under test runs alone on core 0
-(`taskset -c 0`); the sim, wrk and this script's clients share core 1.
+skipped when nginx is not installed), and `litellm` (LiteLLM's proxy, `litellm --config`
+with the sim as an `openai/` model at its `api_base`; only with `--litellm PATH` naming
+its `litellm` command, installed in a venv of its own). The proxy under test runs alone
+on core 0 (`taskset -c 0`); the sim, wrk and this script's clients share core 1.
+LiteLLM takes ~100 times the others' CPU per request, so its column runs with fewer
+requests and connections (LITELLM_CONNS where a row says 64 or 32, runs of at least
+LITELLM_MIN_WRK_S, a tenth of the warm-up and memory requests, at most 200 slow
+streams), and it is let settle after each wrk run (requests wrk left behind).
 
 Scenarios, each run `--reps` times with the targets interleaved; one table of medians:
 - chat completions, non-streaming and 20-chunk streams, through `wrk -t1` (a Lua script
@@ -61,6 +68,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -129,6 +137,13 @@ BOTH_CORES = "0,1"  # the workers scenario: everything on both cores
 # has taken 250 and 500 µs a request in one run, by how its loop batches events);
 # paced ones compare the code's cost at equal load.
 PACE_MS: Final = {"ns": 70, "st": 140}
+# LiteLLM's proxy (--litellm): ~40-100 req/s on one core here, 10-50 ms of CPU a request.
+# Its wrk runs use at most this many connections (64 would leave most of a short run's
+# streams unfinished), last at least LITELLM_MIN_WRK_S, and its plan is scaled down
+# (Bench.plan_for), so that its column adds ~1 minute per repetition.
+LITELLM_CONNS: Final = 8
+LITELLM_MIN_WRK_S: Final = 2.0
+LITELLM_START_S: Final = 90.0  # its start imports for ~15 s on an idle core
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,6 +429,7 @@ class Target:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     lua: dict[str, Path] = field(default_factory=dict)
+    heavy: bool = False  # LiteLLM: fewer connections and requests (Bench.plan_for)
 
     @property
     def url(self) -> str:
@@ -642,6 +658,56 @@ http {{
     location = /answer.sse {{ default_type text/event-stream; error_page 405 =200 $uri; }}
   }}""", cores)
 
+    def start_litellm(self, t: Target) -> subprocess.Popen[bytes]:
+        """LiteLLM's proxy (`--litellm PATH`), one process, with the sim as an OpenAI-
+        compatible model: clients send SIM_MODEL with the bench key, which is also its
+        master key; it sends the same key to the sim."""
+        cfg = self.tmp / "litellm.yaml"
+        cfg.write_text(f"""\
+model_list:
+  - model_name: {SIM_MODEL}
+    litellm_params:
+      model: openai/{SIM_MODEL}
+      api_base: http://{HOST}:{self.sim_port}/v1
+      api_key: {self.key}
+general_settings:
+  master_key: {self.key}
+""")
+        log = self.tmp / f"{t.name}.log"
+        # no fetch of the model cost map from GitHub at start; errors only in its log
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+        argv = ["taskset", "-c", PROXY_CORE, self.args.litellm, "--config", str(cfg),
+                "--host", HOST, "--port", str(t.port), "--num_workers", "1"]
+        p = self.procs.start(argv, log=log, env=env)
+        wait_port(t.port, p, log, LITELLM_START_S)
+        return p
+
+    def plan_for(self, t: Target) -> Plan:
+        """The plan, scaled down for LiteLLM (see LITELLM_CONNS)."""
+        if not t.heavy:
+            return self.plan
+        p = self.plan
+        return dataclasses.replace(
+            p, wrk_s=max(p.wrk_s, LITELLM_MIN_WRK_S), warmup=max(20, p.warmup // 10),
+            mem_first=max(50, p.mem_first // 10), mem_total=max(200, p.mem_total // 20),
+            slow_streams=min(p.slow_streams, 200))
+
+    @staticmethod
+    def conns(t: Target, n: int) -> int:
+        return min(n, LITELLM_CONNS) if t.heavy else n
+
+    def settle(self, t: Target, limit_s: float = 10.0) -> None:
+        """LiteLLM: wait (up to limit_s) until it has finished what a wrk run left behind
+        (its CPU under 10 % for 0.3 s), so that it does not count in the next run."""
+        if not t.heavy or not t.pid:
+            return
+        end = time.monotonic() + limit_s
+        while time.monotonic() < end:
+            c0 = cpu_s(t.pid)
+            time.sleep(0.3)
+            if cpu_s(t.pid) - c0 < 0.03:
+                return
+
     def targets(self) -> list[Target]:
         ts = [
             Target("direct", SIM_MODEL, lambda: None),
@@ -658,6 +724,10 @@ http {{
             ts.append(ng)
         else:
             print("nginx not installed: its column is skipped", file=sys.stderr)
+        if self.args.litellm:
+            ll = Target("litellm", SIM_MODEL, lambda: None, heavy=True)
+            ll.start = lambda t=ll: self.start_litellm(t)
+            ts.append(ll)
         if self.args.only:
             keep = set(self.args.only.split(",")) | {"direct", "minimal"}
             ts = [t for t in ts if t.name in keep]
@@ -709,13 +779,16 @@ http {{
         self.results[t.name][metric].append(value)
 
     def warm(self, t: Target) -> None:
-        self.served += run_wrk(t.url, t.lua["mix"], 8, 60, None, limit=self.plan.warmup)["requests"]
+        self.served += run_wrk(t.url, t.lua["mix"], 8, 60, None,
+                               limit=self.plan_for(t).warmup)["requests"]
+        self.settle(t)
 
     def memory_mark(self, t: Target) -> None:
         """Memory flatness, part 1: VmRSS once mem_first requests are served."""
         assert t.pid
-        r = run_wrk(t.url, t.lua["mix"], 64, 600, t.pid,
-                    limit=max(1, self.plan.mem_first - self.served))
+        r = run_wrk(t.url, t.lua["mix"], self.conns(t, 64), 600, t.pid,
+                    limit=max(1, self.plan_for(t).mem_first - self.served))
+        self.settle(t)
         self.served += r["requests"]
         self.rss_mark = rss_kib(t.pid)
         self.record(t, "rss_first_mib", self.rss_mark / 1024)
@@ -724,9 +797,11 @@ http {{
     def memory_end(self, t: Target) -> None:
         """Part 2: top up to mem_total requests (the wrk runs count), VmRSS again."""
         assert t.pid
-        if self.served < self.plan.mem_total:
-            r = run_wrk(t.url, t.lua["mix"], 64, 600, t.pid,
-                        limit=self.plan.mem_total - self.served)
+        mem_total = self.plan_for(t).mem_total
+        if self.served < mem_total:
+            r = run_wrk(t.url, t.lua["mix"], self.conns(t, 64), 600, t.pid,
+                        limit=mem_total - self.served)
+            self.settle(t)
             self.served += r["requests"]
             self.record(t, "errors", r["errors"])
         self.record(t, "rss_growth_kib", rss_kib(t.pid) - self.rss_mark)
@@ -735,9 +810,11 @@ http {{
     def scenario_wrk(self, t: Target) -> None:
         for kind in ("ns", "st"):
             for conns in (1, 64, 0):  # 0: 64 connections, paced
-                r = run_wrk(t.url, t.lua[kind], conns or 64, self.plan.wrk_s, t.pid,
+                r = run_wrk(t.url, t.lua[kind], self.conns(t, conns or 64),
+                            self.plan_for(t).wrk_s, t.pid,
                             sim_pid=self.sim.pid if self.sim else None,
                             pause_ms=0 if conns else PACE_MS[kind])
+                self.settle(t)
                 self.served += r["requests"]
                 name = f"{kind}{conns}" if conns else f"{kind}p"
                 self.record(t, f"{name}_rps", r["rps"])
@@ -747,8 +824,9 @@ http {{
                 self.record(t, "errors", r["errors"])
                 self.record(t, "others0", r["others0"])
                 self.record(t, "others1", r["others1"])
-        r = run_wrk(t.url, t.lua["sts"], SPACED_CONNS, self.plan.wrk_s, t.pid,
-                    sim_pid=self.sim.pid if self.sim else None)
+        r = run_wrk(t.url, t.lua["sts"], self.conns(t, SPACED_CONNS), self.plan_for(t).wrk_s,
+                    t.pid, sim_pid=self.sim.pid if self.sim else None)
+        self.settle(t)
         self.served += r["requests"]
         self.record(t, "sts_rps", r["rps"])
         self.record(t, "sts_cpu", r["cpu_us"])
@@ -768,7 +846,8 @@ http {{
         assert t.pid
         b = body(t.model, stream=True, sim={"chunks": 2, "chunk_delay_s": 600},
                  history_kib=self.args.prompt_kib)
-        per = _arun(hold_streams(t.port, self.key, b, self.plan.slow_streams, t.pid), self.uvloop)
+        per = _arun(hold_streams(t.port, self.key, b, self.plan_for(t).slow_streams, t.pid),
+                    self.uvloop)
         self.record(t, "slow_kib", per)
 
     def run_target(self, t: Target) -> None:
@@ -782,7 +861,7 @@ http {{
             if "gaps" in want:
                 self.scenario_gaps(t)
         else:
-            if "slow" in want and self.plan.slow_in_own_process:
+            if "slow" in want and self.plan_for(t).slow_in_own_process:
                 with self.running(t):  # a fresh process: memory per open stream
                     self.warm(t)
                     self.scenario_slow(t)
@@ -799,7 +878,7 @@ http {{
                         self.scenario_gaps(t)
                     if "memory" in want:
                         self.memory_end(t)
-                    if "slow" in want and not self.plan.slow_in_own_process:
+                    if "slow" in want and not self.plan_for(t).slow_in_own_process:
                         self.scenario_slow(t)
         print(f"  {t.name}: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
 
@@ -880,13 +959,13 @@ http {{
     def soak(self, total: int, steps: int = 5) -> str:
         """VmRSS of each proxy every total/steps mixed requests, in one fresh process each."""
         self.start_sim()
-        lines = ["| requests | " + " | ".join(f"{t.name} RSS MiB" for t in self.targets()
-                                               if t.name != "direct") + " |"]
+        targets = [t for t in self.targets() if t.name != "direct" and not t.heavy]
+        if self.args.litellm:
+            print("--soak: the litellm column is skipped (100 times slower)", file=sys.stderr)
+        lines = ["| requests | " + " | ".join(f"{t.name} RSS MiB" for t in targets) + " |"]
         lines.append("|" + "---|" * (len(lines[0].split("|")) - 2))
         rows: dict[int, list[str]] = {}
-        for t in self.targets():
-            if t.name == "direct":
-                continue
+        for t in targets:
             with self.running(t):
                 assert t.pid
                 self.served = 0
@@ -1282,7 +1361,23 @@ def workers_report(wres: dict[str, dict[str, list[float]]], plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def machine(uvloop: bool) -> str:
+def litellm_version(path: str) -> str:
+    """The version of the LiteLLM a `litellm` command runs, read by its interpreter
+    (`litellm --version` imports the proxy: ~15 s)."""
+    with contextlib.suppress(OSError, IndexError, subprocess.SubprocessError):
+        with open(path, "rb") as f:
+            first = f.readline().decode(errors="replace")
+        if first.startswith("#!"):
+            py = first[2:].split()[0]
+            out = subprocess.run([py, "-c", "import importlib.metadata as m; "
+                                  "print(m.version('litellm'))"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+            if out:
+                return out
+    return "?"
+
+
+def machine(uvloop: bool, litellm: str | None = None) -> str:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -1299,6 +1394,8 @@ def machine(uvloop: bool) -> str:
     if shutil.which("nginx"):
         v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
         parts.append(v.replace("nginx version: ", ""))
+    if litellm:
+        parts.append(f"LiteLLM {litellm_version(litellm)}")
     v = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     parts.append(" ".join(v.split()[:2]))
     rev = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
@@ -1325,6 +1422,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="add N KiB of earlier conversation turns to every request (default 0)")
     ap.add_argument("--wait-quiet", type=float, metavar="SECONDS", default=0,
                     help="first wait up to SECONDS for both cores to be under 15%% busy")
+    ap.add_argument("--litellm", metavar="PATH",
+                    help="also measure LiteLLM's proxy: PATH is its `litellm` command (from "
+                         "`pip install 'litellm[proxy]'` in a venv of its own); skipped "
+                         "when not given")
     ap.add_argument("--json", help="write every repetition's figures to this file")
     ap.add_argument("--soak", type=int, metavar="N",
                     help="instead: VmRSS of each proxy every N/5 of N mixed requests (64 conns)")
@@ -1353,6 +1454,11 @@ def main(argv: list[str] | None = None) -> int:
     if (os.cpu_count() or 1) < 2:
         print("bench: needs 2 cores (proxy on core 0, load on core 1)", file=sys.stderr)
         return 2
+    if args.litellm:
+        args.litellm = shutil.which(args.litellm) or args.litellm
+        if not (os.path.isfile(args.litellm) and os.access(args.litellm, os.X_OK)):
+            print(f"bench: --litellm {args.litellm}: no such executable", file=sys.stderr)
+            return 2
     plan = QUICK if args.quick else FULL
     if args.reps:
         plan.reps = args.reps
@@ -1383,13 +1489,20 @@ def main(argv: list[str] | None = None) -> int:
     med = medians(bench.results)
     cmd = "python bench/run.py" + ("" if argv is None and len(sys.argv) == 1
                                    else " " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(f"\n`{cmd}` — {plan.reps} repetitions, {time.monotonic() - t0:.0f}s; {machine(bench.uvloop)}")
+    print(f"\n`{cmd}` — {plan.reps} repetitions, {time.monotonic() - t0:.0f}s; "
+          f"{machine(bench.uvloop, args.litellm)}")
     if med:
         print(f"wrk -t1 runs of {plan.wrk_s:g}s; streams of {CHUNKS} chunks (+ finish, usage, "
               f"[DONE]); gaps over {plan.gap_streams} streams, {GAP_DELAY_S * 1000:g} ms "
               f"apart; {plan.slow_streams} slow streams. (×r) = ratio to direct (req/s) or to "
               "minimal (CPU); (+d) = ms added to direct.\n")
         print(table(med, plan))
+        if "litellm" in med:
+            lp = bench.plan_for(Target("litellm", SIM_MODEL, lambda: None, heavy=True))
+            print(f"\nlitellm: at most {LITELLM_CONNS} connections where a row says 64 or "
+                  f"{SPACED_CONNS}, wrk runs of {lp.wrk_s:g}s, {lp.warmup} warm-up requests, "
+                  f"memory after {lp.mem_first} and ≥{lp.mem_total} requests, "
+                  f"{lp.slow_streams} slow streams (it takes ~100× the CPU per request).")
         print()
         print(verdicts(med, plan))
     if bench.wresults:

@@ -526,7 +526,6 @@ region = "eu-west"
 base_url = "http://{HOST}:{self.sim_port}/v1"
 api_key_env = "LRPROXY_BENCH_UPSTREAM_KEY"
 models = {{ "{MODEL_ID}" = "{SIM_MODEL}" }}
-max_concurrency = 4096
 """)
         return cfg
 

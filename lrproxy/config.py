@@ -122,7 +122,7 @@ class Upstream:
     models: Mapping[str, str]  # LowRouter id -> the upstream's own model name
     api_key_env: str | None = None
     api_key_file: str | None = None
-    max_concurrency: int = 512
+    max_concurrency: int = 0  # 0: no cap of its own (server.max_inflight bounds it)
     proxy: str | None = None
     ca_file: str | None = None
     # Streams ask it for usage (stream_options.include_usage, SPEC §1.1); false for an
@@ -547,7 +547,7 @@ _UPSTREAM: Final[Mapping[str, tuple[_Conv, Any]]] = {
     "models": (lambda v, ini: v, {}),
     "api_key_env": (_conv_env_name, None),
     "api_key_file": (_conv_path, None),
-    "max_concurrency": (_conv_int, 512),
+    "max_concurrency": (_conv_int, 0),
     "proxy": (_conv_proxy, None),
     "ca_file": (_conv_path, None),
     "stream_usage": (_conv_bool, True),
@@ -748,7 +748,7 @@ def _parse_upstreams(
             p.add(f"{path}.region", f"unknown region {region!r} (known: {known})")
         if u["api_key_env"] is not None and u["api_key_file"] is not None:
             p.add(path, "give at most one of api_key_env, api_key_file")
-        _positive(p, f"{path}.max_concurrency", u["max_concurrency"])
+        _positive(p, f"{path}.max_concurrency", u["max_concurrency"], zero_ok=True)
         mapping = u["models"]
         if not isinstance(mapping, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) and v for k, v in mapping.items()

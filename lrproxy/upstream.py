@@ -46,6 +46,7 @@ from lrproxy.protocol import unsent
 
 log = logging.getLogger(MAIN)
 EJECT_AFTER: Final = 5  # consecutive failures
+NO_CAP: Final = 1 << 62  # max_concurrency 0: no cap of its own
 COOL_DOWN_S: Final = 30.0  # × the number of ejections in a row
 COOL_DOWN_CAP_S: Final = 300.0
 # A write waiting for its client looks at what it has taken this many times per send
@@ -90,6 +91,7 @@ class Pool:
         self.models_of: dict[str, frozenset[str]] = {}  # the LowRouter ids each serves
         self.capacity: dict[str, int] = {}
         self._auth_logged: dict[str, Seldom] = {}  # auth_refused's line, per upstream
+        self._full_logged: dict[tuple[str, ...], Seldom] = {}  # at_capacity's line
 
     def configure(self, upstreams: Iterable[Upstream]) -> None:
         """Adopt a (new) config: keep the state of upstreams that stay, drop the rest."""
@@ -97,7 +99,7 @@ class Pool:
         self.health = {u.name: self.health.get(u.name) or Health() for u in ups}
         self.region_of = {u.name: u.region for u in ups}
         self.models_of = {u.name: frozenset(u.models) for u in ups}
-        self.capacity = {u.name: u.max_concurrency for u in ups}
+        self.capacity = {u.name: u.max_concurrency or NO_CAP for u in ups}
         # (An ejected upstream that the new config leaves its region's last stays
         # ejected for the rest of its cool-down: its region's pinned requests get 503
         # no_upstream_available with the time left, as SPEC §1 has it for a region
@@ -220,6 +222,15 @@ class Pool:
         if self._auth_logged.setdefault(name, Seldom(60.0)).due():
             log.error("upstream %s refused the proxy's key (%s): check its api_key_env or "
                       "api_key_file", name, status)
+
+    def at_capacity(self, names: tuple[str, ...]) -> None:
+        """A request refused (503) as every upstream it may take is at its max_concurrency:
+        said once a minute at most per set of upstreams, as nginx says "no live upstreams",
+        for the operator to raise the caps or add upstreams."""
+        if self._full_logged.setdefault(names, Seldom(60.0)).due():
+            caps = ", ".join(f"{n} ({self.capacity.get(n, '?')})" for n in names)
+            log.warning("every upstream a request may take is at its max_concurrency: %s; "
+                        "such requests get 503 no_upstream_available", caps)
 
     def _last_of_region(self, name: str, now: float) -> bool:
         """Whether `name` is its region's last usable upstream (SPEC §2), or its region's

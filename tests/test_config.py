@@ -274,6 +274,16 @@ def test_out_of_range_values(tmp_path: Path) -> None:
     ]
 
 
+def test_max_concurrency_zero_is_no_cap_and_below_is_refused(tmp_path: Path) -> None:
+    """An upstream's max_concurrency: 0, the default, is no cap of its own; below 0 is
+    a typo, refused."""
+    assert read_config(write(tmp_path, base_toml())).upstreams[0].max_concurrency == 0
+    text = base_toml().replace('region = "eu-west"\nbase_url',
+                               'region = "eu-west"\nmax_concurrency = -1\nbase_url', 1)
+    assert problems(write(tmp_path, text)) == [
+        "lrproxy.toml: upstreams[0].max_concurrency: must be >= 0 (got -1)"]
+
+
 def test_figures_past_any_real_one_are_refused(tmp_path: Path) -> None:
     """A typo of a figure (1e308 g/kWh, 1e-300 requests a second) is refused, not taken:
     eco figures would be infinities (null in answers, +Inf counters for good) and a

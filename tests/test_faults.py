@@ -1447,8 +1447,10 @@ def test_global_inflight_cap_is_a_fast_429(make_stack: MakeStack) -> None:
     assert codes(stack) == {"200": 2, "429": 1}
 
 
-def test_upstream_at_capacity_moves_on_then_503(make_stack: MakeStack) -> None:
-    """max_concurrency=1: the next request takes the region's other upstream; then 503 with Retry-After."""
+def test_upstream_at_capacity_moves_on_then_503(
+        make_stack: MakeStack, caplog: pytest.LogCaptureFixture) -> None:
+    """max_concurrency=1: the next request takes the region's other upstream; then 503
+    with Retry-After, and a warning naming the upstreams at their caps, once a minute."""
     stack = make_stack(cfg(upstreams={n: {"max_concurrency": 1} for n in EU_WEST}))
     slow = chat(MINI, region="eu-west", sim={"headers_delay_s": 0.8})
 
@@ -1461,14 +1463,19 @@ def test_upstream_at_capacity_moves_on_then_503(make_stack: MakeStack) -> None:
         f2 = ex.submit(post, stack, slow)
         wait_for(lambda: in_eu_west() == 2)
         full = post(stack, chat(MINI, region="eu-west"))
+        again = post(stack, chat(MINI, region="eu-west"))
         unpinned = post(stack, chat(MINI))
         busy = [f1.result(), f2.result()]
     full.error(503, "no_upstream_available")
+    again.error(503, "no_upstream_available")
+    said = re.findall(r"every upstream a request may take is at its max_concurrency: "
+                      r"(.*); such requests get 503", caplog.text)
+    assert said in (["eu-west-a (1), eu-west-b (1)"], ["eu-west-b (1), eu-west-a (1)"])
     assert full.header("retry-after") == "1" and full.elapsed < 0.3
     assert sorted(b.route()["upstream"] for b in busy) == list(EU_WEST)
     assert unpinned.route()["upstream"] == "us-east-a"  # unpinned may leave the region
     assert hits(stack) == {"eu-west-a": 1, "eu-west-b": 1, "eu-north-a": 0, "us-east-a": 1}
-    assert codes(stack) == {"200": 3, "503": 1}
+    assert codes(stack) == {"200": 3, "503": 2}
     assert outcomes(stack) == {("eu-west-a", "ok"): 1, ("eu-west-b", "ok"): 1, ("us-east-a", "ok"): 1}
 
 
@@ -2804,6 +2811,36 @@ def test_a_retry_skips_an_upstream_ejected_since_the_order_was_made() -> None:
     order: Any = [SimpleNamespace(upstream=SimpleNamespace(name=n)) for n in ("b", "a")]
     assert _next_candidate(order, ["b"], pool, 1.0).upstream.name == "b"  # not a
     assert _next_candidate(order, ["b"], pool, None).upstream.name == "a"  # 1st try: as ordered
+
+
+def test_an_upstream_has_no_cap_of_its_own_by_default() -> None:
+    """max_concurrency left out (0): an upstream takes any number of requests at once,
+    as nginx's max_conns = 0 does (server.max_inflight bounds them); a cap given holds."""
+    from types import SimpleNamespace
+
+    from conftest import base_config
+
+    from lrproxy.config import parse_config
+    from lrproxy.relay import _next_candidate
+
+    data = base_config()
+    for u in data["upstreams"]:
+        u["base_url"] = "http://127.0.0.1:9/v1"
+    data["upstreams"][1]["max_concurrency"] = 2
+    config = parse_config(data, source="test")
+    free, capped = config.upstreams[0], config.upstreams[1]
+    assert free.max_concurrency == 0 and capped.max_concurrency == 2
+    pool = upstream.Pool()
+    pool.configure(config.upstreams)
+    for _ in range(100_000):
+        pool.acquire(free.name, 0.0)
+    order: Any = [SimpleNamespace(upstream=free)]
+    assert _next_candidate(order, [], pool, None) is order[0]
+    order = [SimpleNamespace(upstream=capped)]
+    for _ in range(2):
+        assert _next_candidate(order, [], pool, None) is order[0]
+        pool.acquire(capped.name, 0.0)
+    assert _next_candidate(order, [], pool, None) is None
 
 
 async def test_the_usable_gauge_hears_when_a_cool_down_ends(monkeypatch: pytest.MonkeyPatch) -> None:

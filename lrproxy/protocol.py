@@ -50,6 +50,7 @@ FRAMING_SLACK: Final = 64 * 1024
 KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_timeout
 SEND_TIMEOUT_S: Final = 60.0  # an answer none of which the client takes, as nginx's send_timeout
 _EVICT_IDLE_S: Final = 1.0  # at max_connections, what counts as idle (_lr_evict)
+LINGER_S: Final = 1.0  # after an answer of _lr_answer's, the longest its bytes are read
 # Called with (status, code) for each answer given here, before the app saw a request
 # (parse errors, the header deadline), so that metrics and the access log count it too;
 # it returns the request id it logged, which the answer carries in X-Request-Id.
@@ -446,7 +447,15 @@ class LimitsHandler(RequestHandler):
             + b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
             + body
         )
-        transport.close()
+        # Not a plain close: one with the request's bytes unread makes the kernel reset
+        # the connection, and a client still sending (its body) sees the reset on its
+        # write, never this answer. Its side ended, the connection reads and drops what
+        # comes until the client closes (eof_received), LINGER_S at most, as nginx's
+        # lingering close does.
+        self.lr_disarm()
+        self._lr_dropping = True
+        transport.write_eof()
+        self._loop.call_later(LINGER_S, transport.close)
 
     def _lr_refused(self, err: errors.ProxyError) -> str:
         hook = type(self).on_refused

@@ -1069,6 +1069,36 @@ def test_connections_over_max_connections_get_429_and_close(
     assert codes(stack, key="team-a") == {"200": 4}
 
 
+def test_a_request_sent_at_once_still_reads_its_429_at_max_connections(
+        make_stack: MakeStack) -> None:
+    """A client over server.max_connections that sends its whole request before it reads
+    (as HTTP clients do) reads the 429, not a reset on its write: the proxy does not
+    close with the request's bytes unread (the kernel then resets the connection), but
+    ends its side and reads on until the client closes, as nginx's lingering close."""
+    stack = make_stack(cfg(server={"max_connections": 1}))
+    body = BODY + b" " * (4 << 20)  # past what the sockets' buffers hold
+    with open_raw(stack) as held:
+        time.sleep(0.1)
+        for _ in range(3):
+            with open_raw(stack) as sock:
+                sock.sendall(request(body))
+                a = read_answer(sock)
+                a.error(429, "rate_limited")
+                assert closed_by_peer(sock)
+        with open_raw(stack) as sock:  # a client that neither closes nor stops sending
+            sock.sendall(head("Content-Length: 100000000"))
+            read_answer(sock).error(429, "rate_limited")
+            t0 = time.monotonic()
+            with pytest.raises(OSError):  # BrokenPipe or ConnectionReset: gone
+                while time.monotonic() - t0 < protocol.LINGER_S + 2:
+                    sock.sendall(b" " * 1024)
+                    time.sleep(0.01)
+            assert time.monotonic() - t0 >= protocol.LINGER_S - 0.1
+        held.sendall(request(BODY))
+        assert read_answer(held).status == 200
+    wait_for(lambda: codes(stack, key="unknown") == {"429": 4})
+
+
 def _big_answer_to_a_slow_reader(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], client_header: float,
 ) -> tuple[bytes, Stack, socket.socket]:

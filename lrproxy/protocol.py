@@ -454,6 +454,9 @@ class LimitsHandler(RequestHandler):
         # lingering close does.
         self.lr_disarm()
         self._lr_dropping = True
+        if not transport.can_write_eof():  # (TCP and unix sockets can)
+            transport.close()
+            return
         transport.write_eof()
         self._loop.call_later(LINGER_S, transport.close)
 

@@ -300,6 +300,10 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
     if limits_of is not None:
         limits_of.lr_busy = True
     try:
+        if rec.api and limits_of is not None and limits_of.lr_refuse:
+            # begun after SIGTERM on a kept-alive connection (take_no_new_requests)
+            raise errors.ShuttingDown("The proxy is shutting down; retry the request.",
+                                      retry_after=1)
         resp = await handler(request, rt, rec)
         if not rec.status:
             rec.status = resp.status

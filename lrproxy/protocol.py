@@ -152,6 +152,9 @@ class LimitsHandler(RequestHandler):
     # oldest idle kept-alive one, closed; with none idle, it gets its 429 and is closed.
     max_connections: ClassVar[int] = 1 << 62
     connections: ClassVar[dict[LimitsHandler, None]] = {}
+    # Set by Runner.take_no_new_requests (SIGTERM): a request begun on a connection after
+    # its answer ended from then on is not run (lr_refuse)
+    draining: ClassVar[bool] = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -160,6 +163,9 @@ class LimitsHandler(RequestHandler):
         # (_lr_check looks at this one until connection_lost).
         self.lr_transport: asyncio.Transport | None = self.transport
         self.lr_busy = False  # set by the app's edge while it handles a request
+        # The app's edge answers this connection's next request 503 shutting_down: it
+        # comes after the drain began, on a connection kept alive (SPEC §6)
+        self.lr_refuse = False
         self._lr_seen = False  # bytes of a request arrived since the deadline was set
         # Bytes of the head being received (MAX_HEAD_BYTES): those that came while no
         # body was being received, since the last request's head was whole
@@ -376,6 +382,7 @@ class LimitsHandler(RequestHandler):
         self.lr_busy = False
         self._lr_seen = False
         self._lr_body = None
+        self.lr_refuse = self.draining
         if request is not None and not (body := request.content).is_eof():
             self._lr_body = body  # (a Content-Length body, or a chunked one)
             self._lr_body_sized = hdrs.CONTENT_LENGTH in request.headers
@@ -530,6 +537,20 @@ class Runner(web.AppRunner):
         return sum(1 for h in self._handler.connections
                    if ((h._lr_seen and not h.lr_busy) or getattr(h, "_request_in_progress", False))
                    and h.transport is not None and not h.transport.is_closing())
+
+    def take_no_new_requests(self) -> None:
+        """A drain begins: a request begun from now on on a connection kept alive (idle
+        now, or once its answer ends) gets 503 shutting_down and the close, and is not
+        run, so no new work starts after SIGTERM; one whose bytes have begun to come is
+        in flight. (A kept-alive connection cannot be closed safely: its client may be
+        sending on it, and a stream begun before the drain has promised nothing of a
+        close.)"""
+        if self._handler is None:
+            return
+        self._handler.draining = True
+        for h in self._handler.connections:
+            if h._lr_kept >= 0 and not h._lr_seen and not h.lr_busy:
+                h.lr_refuse = True
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -402,7 +402,8 @@ def test_auto_without_auto_models_is_404_and_logged(tmp_path: Path, sim: SimThre
 def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread,
                                            sig: signal.Signals) -> None:
     """SIGTERM, or SIGINT (SPEC §6: the same): new connections refused, requests in
-    flight (kept-alive too) finish, then exit 0."""
+    flight finish, then exit 0; a request begun on a kept-alive connection after the
+    signal is not run: 503 shutting_down at once, and the connection closes."""
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, 0))
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path)
@@ -424,18 +425,19 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path, sim: SimThread,
             wait_for(lambda: port_refuses(port), 2, "the listener to close")
             assert proxy.proc.poll() is None  # still draining
             assert not stream.ended and not plain.ended
-            # Sent during the drain on the kept-alive connection, lasting past the others:
-            # answered in full, and told to close its connection.
-            late = _Runner(_raw_post, kept, {"headers_delay_s": 2.0})
-            late.start()
+            # Sent during the drain on the kept-alive connection: new work, not run (it
+            # kept the drain going, and a stream begun so could be cut at
+            # shutdown_grace_s); the client is told to go elsewhere.
+            upstream = sim.chat_requests()
+            status, headers, doc = _raw_post(kept, {"headers_delay_s": 2.0})
+            assert status == 503, doc
+            assert doc["error"]["code"] == "shutting_down"
+            assert headers.get("Retry-After") == "1"
+            assert headers.get("Connection") == "close"
+            assert not stream.ended and sim.chat_requests() == upstream
             assert stream.outcome(10) == 100
             assert plain.outcome(10) == 100
             assert stream.ended - t_sig > 0.8  # it really was in flight across the signal
-            status, headers, doc = late.outcome(10)
-            assert status == 200, doc
-            assert doc["choices"][0]["finish_reason"] == "stop"
-            assert headers.get("Connection") == "close"
-            assert late.ended > stream.ended
         assert proxy.wait(10) == 0
         # the two, and the late one when it came within the drain's first 20 ms
         assert re.search(r"draining [23] request\(s\)", proxy.stderr)
@@ -744,6 +746,36 @@ def test_drain_deadline_ends_streams_with_error_event(tmp_path: Path, sim: SimTh
             assert last["lowrouter"]["eco"]["tokens"]["completion"] >= 1
             assert len(events) >= 3  # role chunk and content came before it
         assert "shutdown_grace_s over" in proxy.stderr
+    finally:
+        proxy.stop()
+
+
+def test_drain_deadline_answers_the_next_request_on_a_streams_connection(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """A stream ended by shutdown_grace_s (its §1.1 error event) on a kept-alive
+    connection: the request its client sends on that connection at once (its 200
+    promised no close) gets 503 shutting_down, not a reset or a close with no answer."""
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, 0, grace=1))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path)
+    try:
+        port = proxy.wait_port()
+        proxy.wait_healthy()
+        body = json.dumps({"model": MODEL, "messages": MESSAGES, "stream": True,
+                           "sim": {"chunks": 40, "chunk_delay_s": 0.1}}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(chat_request_bytes(body).replace(b"Connection: close\r\n", b""))
+            got = sock.recv(65536)
+            proxy.signal(signal.SIGTERM)
+            while not got.endswith(b"\r\n0\r\n\r\n"):  # the stream's whole body
+                data = sock.recv(65536)
+                assert data, got
+                got += data
+            assert b'"code":"shutting_down"' in got and b"[DONE]" not in got
+            sock.sendall(chat_request_bytes())  # its next request, at once
+            assert status_lines([sock]) == [b"HTTP/1.1 503 Service Unavailable"]
+        assert proxy.wait(10) == 0
     finally:
         proxy.stop()
 

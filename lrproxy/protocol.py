@@ -51,6 +51,8 @@ KEEPALIVE_S: Final = 75.0  # idle keep-alive connections, as nginx's keepalive_t
 SEND_TIMEOUT_S: Final = 60.0  # an answer none of which the client takes, as nginx's send_timeout
 _EVICT_IDLE_S: Final = 1.0  # at max_connections, what counts as idle (_lr_evict)
 LINGER_S: Final = 1.0  # after an answer of _lr_answer's, the longest its bytes are read
+# A new connection with no byte yet is a request on its way for this long (a drain waits)
+_FRESH_S: Final = 1.0
 # Called with (status, code) for each answer given here, before the app saw a request
 # (parse errors, the header deadline), so that metrics and the access log count it too;
 # it returns the request id it logged, which the answer carries in X-Request-Id.
@@ -178,6 +180,7 @@ class LimitsHandler(RequestHandler):
         self._lr_body_sized = True  # … with a Content-Length
         self._lr_timer: asyncio.TimerHandle | None = None
         self._lr_kept = -1.0  # when its last request ended (_lr_evict); -1: none yet
+        self._lr_opened = self._loop.time()  # (Runner.unfinished)
         self._lr_stuck = (0, 0.0)  # its unsent answer bytes, and since when (_lr_check)
         conns = self.connections
         conns[self] = None
@@ -531,11 +534,15 @@ class Runner(web.AppRunner):
         """Connections with a request not yet answered in full: its bytes come and its
         handler not yet begun (its headers still coming, or whole and waiting), its
         handler running, or its answer still being written (a JSON answer is written
-        after the handler returns). The drain waits for these."""
+        after the handler returns); or taken in the last _FRESH_S with no byte yet (its
+        client has just connected and is sending its request: closed, a POST it had
+        written would be reset unanswered). The drain waits for these."""
         if self._handler is None:
             return 0
+        fresh = asyncio.get_running_loop().time() - _FRESH_S
         return sum(1 for h in self._handler.connections
-                   if ((h._lr_seen and not h.lr_busy) or getattr(h, "_request_in_progress", False))
+                   if ((h._lr_seen and not h.lr_busy) or getattr(h, "_request_in_progress", False)
+                       or (h._lr_kept < 0 and h._lr_opened > fresh))
                    and h.transport is not None and not h.transport.is_closing())
 
     def take_no_new_requests(self) -> None:

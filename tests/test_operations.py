@@ -548,6 +548,29 @@ def test_sigterm_waits_for_a_request_whose_headers_are_coming(tmp_path: Path, si
         proxy.stop()
 
 
+def test_sigterm_waits_for_the_request_of_a_connection_just_made(
+    tmp_path: Path, sim: SimThread
+) -> None:
+    """A connection taken just before SIGTERM whose request has not yet come (its client
+    connected, and sends a moment later: a loaded host, a slow link) is in flight too:
+    its request is answered, not reset by the close as the drain, with nothing else in
+    flight, ends at once. (Under connection churn dozens were reset at each stop.)"""
+    proxy = _healthy(tmp_path, sim)
+    port = proxy.port
+    assert port is not None
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        time.sleep(0.1)  # taken by the proxy
+        proxy.signal(signal.SIGTERM)
+        wait_for(lambda: port_refuses(port), 2, "the listener to close")
+        time.sleep(0.4)
+        sock.sendall(chat_request_bytes())
+        assert status_lines([sock]) == [b"HTTP/1.1 200 OK"]
+        assert proxy.wait(10) == 0
+    finally:
+        proxy.stop()
+
+
 def _raw_post(conn: http.client.HTTPConnection, sim: dict[str, Any]) -> tuple[int, Any, Any]:
     """A plain chat request on `conn` (kept alive): status, headers, JSON body."""
     body = json.dumps({"model": MODEL, "messages": MESSAGES, "sim": sim})

@@ -453,20 +453,20 @@ async def _linger(runner: Runner, rt: Runtime) -> None:
     """Before the connections close: a client sends its next request on a kept-alive
     connection as soon as an answer ends (a stream committed before the drain, or ended
     by it, said nothing of a close), and the close would drop it unanswered. Requests
-    that come until LINGER_S passes without one are answered (503, take_no_new_requests),
+    that come until QUIET_S passes without one are answered (503, take_no_new_requests),
     for up to TAKE_QUEUED_S."""
     loop = asyncio.get_running_loop()
     end = loop.time() + TAKE_QUEUED_S
-    quiet = loop.time() + LINGER_S
+    quiet = loop.time() + QUIET_S
     while (now := loop.time()) < min(end, quiet):
         await asyncio.sleep(SETTLE_S)
         if rt.tasks or runner.unfinished():
-            quiet = now + LINGER_S
+            quiet = now + QUIET_S
 
 
 TAKE_QUEUED_S: Final = 1.0
 SETTLE_S: Final = 0.02
-LINGER_S: Final = 0.1
+QUIET_S: Final = 0.1
 
 
 async def _take_queued(runner: Runner, limit_s: float = TAKE_QUEUED_S) -> None:

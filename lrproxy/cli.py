@@ -52,7 +52,7 @@ from lrproxy.log import (
 from lrproxy.metrics import serve_metrics
 from lrproxy.protocol import Runner, api_urls, named
 from lrproxy.routing import RoutingTable, build_table, unserved
-from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
+from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups, ignore_user_signals
 from lrproxy.workers import (
     CONFIG_SHOWN_ENV,
     KEPT_ENV,
@@ -336,6 +336,7 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    ignore_user_signals(loop)
     if TERM_EARLY:  # a worker told to stop as it started: it drains what has queued
         signal.alarm(0)  # (__main__'s deadline for reaching this point)
         stop.set()

@@ -101,5 +101,19 @@ def ignore_hangups(loop: asyncio.AbstractEventLoop) -> None:
     loop.add_signal_handler(signal.SIGHUP, _no_reload)
 
 
+def ignore_user_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """SIGUSR1 and SIGUSR2 mean nothing to lrproxy, whose logs go to stdout and stderr
+    (no file to reopen): ignored with a warning, not their default action, which ends
+    the process at once, mid-request, with no drain. nginx reopens its log files on
+    SIGUSR1, and a logrotate postrotate copied from it sends one."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(sig, _user_signal, sig)
+
+
+def _user_signal(sig: signal.Signals) -> None:
+    log.warning("%s ignored: lrproxy logs to stdout and stderr, it has no log file to "
+                "reopen, and no other use for the signal", sig.name)
+
+
 def _no_reload() -> None:
     log.debug("SIGHUP ignored: stopping")

@@ -50,7 +50,7 @@ from lrproxy.config import (
 )
 from lrproxy.log import MAIN
 from lrproxy.metrics import serve_metrics
-from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups
+from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups, ignore_user_signals
 
 SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
 WORKER_INDEX_ENV: Final = "LRPROXY_WORKER_INDEX"  # 0, 1, …: which worker this is
@@ -411,18 +411,24 @@ async def _supervise(
                 await asyncio.gather(*(w.ready.wait() for w in told))
 
     stop = asyncio.Event()
-    reloads: list[asyncio.Task[None]] = []
+    reloads: set[asyncio.Task[None]] = set()  # those under way (ended ones leave it)
+
+    def reload_now() -> None:
+        task = asyncio.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     def hangup() -> None:
         if started:
-            reloads.append(asyncio.create_task(reload()))
+            reload_now()
         else:  # RELOADING=1 and READY=1 now would tell systemd it is up: after READY
             HUP_EARLY.append(time.monotonic())
 
     started = False
     loop.add_signal_handler(signal.SIGHUP, hangup)
+    ignore_user_signals(loop)
     for w in workers:
         await spawn(w)
     watchers = [asyncio.create_task(watch(w)) for w in workers]
@@ -446,7 +452,7 @@ async def _supervise(
     started = True
     if HUP_EARLY and not stop.is_set():  # noted as it started (__main__, hangup)
         log.info("SIGHUP came while starting: reloading now that the workers serve")
-        reloads.append(asyncio.create_task(reload()))
+        reload_now()
 
     watchdog = None
     if notifier.watchdog_s:
@@ -493,7 +499,7 @@ async def _supervise(
         await asyncio.gather(*(_term_once_serving(w, own) for w in running))
     procs = [w.proc for w in running if w.proc is not None]
     await _wait_or_kill(procs, max(1.0, budget - loop.time()))
-    for t in (*watchers, *reloads, *([watchdog] if watchdog else [])):
+    for t in (*watchers, *list(reloads), *([watchdog] if watchdog else [])):
         t.cancel()
     return 0 if all(proc.returncode == 0 for proc in procs) else 1
 

@@ -817,3 +817,36 @@ def test_workers_warn_of_the_config_once(tmp_path: Path, sim: SimThread) -> None
         assert len(said) == 1, said
     finally:
         _end(proxy, notify)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr1_and_sigusr2_are_ignored_with_a_warning(
+        tmp_path: Path, sim: SimThread, workers: int) -> None:
+    """SIGUSR1 (nginx's "reopen the logs", which a logrotate postrotate copied from nginx
+    sends) and SIGUSR2 ended lrproxy at once, mid-request, with no drain and no word:
+    each process (supervisor and workers) now says it ignores them and serves on."""
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server=(
+        f"workers = {workers}\n" if workers > 1 else "")))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path)
+    try:
+        proxy.wait_healthy()
+        pids = [proxy.pid, *(_two_workers(proxy) if workers > 1 else ())]
+        if workers > 1:
+            wait_for(lambda: proxy.stderr.count("listening on") == 2, 30, "workers")
+        for pid in pids:
+            for sig in (signal.SIGUSR1, signal.SIGUSR2):
+                os.kill(pid, sig)
+        for sig in ("SIGUSR1", "SIGUSR2"):
+            wait_for(lambda s=sig: proxy.stderr.count(f"{s} ignored") == len(pids), 10,
+                     f"{sig} said ignored by each process")
+        assert proxy.proc.poll() is None
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.wait_port()}/api/v1",
+                               api_key=CLIENT_KEY, max_retries=0, timeout=20)
+        for _ in range(4):
+            client.chat.completions.create(model=MODEL,
+                                           messages=[{"role": "user", "content": "hi"}])
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+    finally:
+        _stop_all(proxy)

@@ -464,6 +464,10 @@ class LimitsHandler(RequestHandler):
         # lingering close does.
         self.lr_disarm()
         self._lr_dropping = True
+        # It takes no more requests: no max_connections place (a lingering over-cap one
+        # would refuse a new client while a place is free) and no request for the drain
+        # to wait on (Runner.unfinished)
+        self.connections.pop(self, None)
         if not transport.can_write_eof():  # (TCP and unix sockets can)
             transport.close()
             return

@@ -1099,6 +1099,26 @@ def test_a_request_sent_at_once_still_reads_its_429_at_max_connections(
     wait_for(lambda: codes(stack, key="unknown") == {"429": 4})
 
 
+def test_a_connection_lingering_after_its_429_holds_no_place(make_stack: MakeStack) -> None:
+    """A connection refused at server.max_connections, lingering for its client to close,
+    holds no place: a client that connects once a place is free is served (not refused
+    for up to LINGER_S), and a drain has no request of it to wait for."""
+    stack = make_stack(cfg(server={"max_connections": 1}))
+    held = open_raw(stack)
+    held.sendall(request(BODY))  # kept alive, used less than a second ago: not idle
+    assert read_answer(held).status == 200
+    with open_raw(stack) as refused, open_raw(stack) as other:  # their clients stay
+        read_answer(refused).error(429, "rate_limited")
+        read_answer(other).error(429, "rate_limited")
+        assert stack.call(stack.runner.unfinished) == 0
+        held.close()
+        time.sleep(0.1)  # held's place is free; the refused ones linger
+        with open_raw(stack) as sock:
+            sock.sendall(request(BODY))
+            assert read_answer(sock).status == 200
+    wait_for(lambda: codes(stack, key="unknown") == {"429": 2})
+
+
 def _big_answer_to_a_slow_reader(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], client_header: float,
 ) -> tuple[bytes, Stack, socket.socket]:

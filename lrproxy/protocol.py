@@ -53,6 +53,10 @@ _EVICT_IDLE_S: Final = 1.0  # at max_connections, what counts as idle (_lr_evict
 LINGER_S: Final = 1.0  # after an answer of _lr_answer's, the longest its bytes are read
 # A new connection with no byte yet is a request on its way for this long (a drain waits)
 _FRESH_S: Final = 1.0
+# The most connections lingering at once, past which the close is a plain one: each holds
+# its file for up to LINGER_S outside max_connections, and a burst of refused connects
+# would otherwise take the files kept for upstream connections (cli.connection_cap)
+LINGER_MAX: Final = 128
 # Called with (status, code) for each answer given here, before the app saw a request
 # (parse errors, the header deadline), so that metrics and the access log count it too;
 # it returns the request id it logged, which the answer carries in X-Request-Id.
@@ -157,6 +161,7 @@ class LimitsHandler(RequestHandler):
     # Set by Runner.take_no_new_requests (SIGTERM): a request begun on a connection after
     # its answer ended from then on is not run (lr_refuse)
     draining: ClassVar[bool] = False
+    lingering: ClassVar[set[LimitsHandler]] = set()  # its connections in _lr_answer's close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -468,9 +473,10 @@ class LimitsHandler(RequestHandler):
         # would refuse a new client while a place is free) and no request for the drain
         # to wait on (Runner.unfinished)
         self.connections.pop(self, None)
-        if not transport.can_write_eof():  # (TCP and unix sockets can)
-            transport.close()
+        if not transport.can_write_eof() or len(self.lingering) >= LINGER_MAX:
+            transport.close()  # (TCP and unix sockets can end their side)
             return
+        self.lingering.add(self)
         transport.write_eof()
         self._loop.call_later(LINGER_S, transport.close)
 
@@ -482,6 +488,7 @@ class LimitsHandler(RequestHandler):
         self.lr_disarm()
         self.lr_transport = self._lr_payload = None
         self.connections.pop(self, None)
+        self.lingering.discard(self)
         super().connection_lost(exc)
 
     def handle_error(
@@ -573,6 +580,7 @@ class Runner(web.AppRunner):
             on_refused = refused
             max_connections = LimitsHandler.max_connections if cap is None else cap
             connections: ClassVar[dict[LimitsHandler, None]] = {}
+            lingering: ClassVar[set[LimitsHandler]] = set()
 
         class Server(web.Server):
             def __call__(self) -> RequestHandler:

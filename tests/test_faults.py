@@ -1119,6 +1119,31 @@ def test_a_connection_lingering_after_its_429_holds_no_place(make_stack: MakeSta
     wait_for(lambda: codes(stack, key="unknown") == {"429": 2})
 
 
+def test_a_burst_of_refused_connections_lingers_only_so_many(
+        make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections refused at server.max_connections whose clients do not close: at most
+    protocol.LINGER_MAX (2 here) linger at once, the rest are closed at once, so that a
+    burst of connects cannot hold a file each for LINGER_S past the cap (the files kept
+    for upstream connections); each still gets its 429."""
+    monkeypatch.setattr(protocol, "LINGER_MAX", 2, raising=False)
+    stack = make_stack(cfg(server={"max_connections": 1}))
+    held = open_raw(stack)
+    time.sleep(0.1)
+    refused = [open_raw(stack) for _ in range(6)]
+    try:
+        for sock in refused:
+            read_answer(sock).error(429, "rate_limited")
+        server = stack.runner.server
+        assert server is not None
+        wait_for(lambda: stack.call(lambda: len(server.connections)) <= 1 + 2,
+                 timeout=protocol.LINGER_S / 2)
+    finally:
+        held.close()
+        for sock in refused:
+            sock.close()
+    wait_for(lambda: codes(stack, key="unknown") == {"429": 6})
+
+
 def _big_answer_to_a_slow_reader(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted], client_header: float,
 ) -> tuple[bytes, Stack, socket.socket]:

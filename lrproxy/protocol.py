@@ -478,7 +478,18 @@ class LimitsHandler(RequestHandler):
             return
         self.lingering.add(self)
         transport.write_eof()
-        self._loop.call_later(LINGER_S, transport.close)
+        self._loop.call_later(LINGER_S, self._lr_linger_end)
+
+    def _lr_linger_end(self) -> None:
+        """The close, LINGER_S after _lr_answer's answer. An answer still unsent (behind
+        an earlier one the client does not read) is cut once none of it has gone for
+        SEND_TIMEOUT_S (_lr_check), as any other: close() alone would wait on it for ever."""
+        transport = self.lr_transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._lr_check()
 
     def _lr_refused(self, err: errors.ProxyError) -> str:
         hook = type(self).on_refused

@@ -1184,6 +1184,29 @@ def test_an_answer_the_client_never_takes_is_cut(
     assert cut or len(got) < len(big)  # an abort: a reset, or the answer short
 
 
+def test_a_431_behind_an_answer_the_client_never_takes_is_still_cut(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A head over MAX_HEAD_BYTES on a kept-alive connection whose last answer its client
+    does not read: the 431 and its lingering close do not stop the SEND_TIMEOUT_S cut
+    (1 s here), which the connection would otherwise be held past, for ever."""
+    monkeypatch.setattr(protocol, "SEND_TIMEOUT_S", 1.0)
+    _, stack, sock = _big_answer_to_a_slow_reader(make_stack, scripted, 0.3)
+    server = stack.runner.server
+    assert server is not None
+    with sock:
+        sock.sendall(request(orjson.dumps(chat(LLAMA, region="eu-north"))))
+        time.sleep(0.5)  # the answer written, the client not reading it
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: lrproxy\r\n".encode())
+        for i in range(10):  # 80 KiB of header lines, never ended
+            sock.sendall(b"X-F%d: " % i + b"b" * 8000 + b"\r\n")
+            time.sleep(0.02)
+        wait_for(lambda: codes(stack, key="unknown") == {"431": 1})
+        wait_for(lambda: stack.call(lambda: len(server.connections)) == 0,
+                 timeout=protocol.LINGER_S + 4.0)
+
+
 def test_a_pipelined_request_waiting_for_a_slow_answer_is_not_408(
     make_stack: MakeStack, scripted: Callable[[Script], Scripted],
 ) -> None:

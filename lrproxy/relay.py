@@ -641,7 +641,7 @@ async def _try_candidates(
             rt.metrics.attempt(name, "ok" if resp.status < 400 else "passed_4xx")
         return attempt
     if last is None:  # (the first candidate is only ever passed over for capacity)
-        pool.at_capacity(tuple(dict.fromkeys(c.upstream.name for c in order)))
+        pool.at_capacity(tuple(sorted({c.upstream.name for c in order})))
         raise errors.NoUpstreamAvailable(
             "Every upstream for this request is at capacity.", retry_after=1
         )

@@ -417,6 +417,7 @@ async def _supervise(
         task = asyncio.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
@@ -499,7 +500,7 @@ async def _supervise(
         await asyncio.gather(*(_term_once_serving(w, own) for w in running))
     procs = [w.proc for w in running if w.proc is not None]
     await _wait_or_kill(procs, max(1.0, budget - loop.time()))
-    for t in (*watchers, *list(reloads), *([watchdog] if watchdog else [])):
+    for t in (*watchers, *reloads, *([watchdog] if watchdog else [])):
         t.cancel()
     return 0 if all(proc.returncode == 0 for proc in procs) else 1
 

@@ -841,11 +841,11 @@ def test_sigusr1_and_sigusr2_are_ignored_with_a_warning(
             wait_for(lambda s=sig: proxy.stderr.count(f"{s} ignored") == len(pids), 10,
                      f"{sig} said ignored by each process")
         assert proxy.proc.poll() is None
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.wait_port()}/api/v1",
-                               api_key=CLIENT_KEY, max_retries=0, timeout=20)
-        for _ in range(4):
-            client.chat.completions.create(model=MODEL,
-                                           messages=[{"role": "user", "content": "hi"}])
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.wait_port()}/api/v1",
+                           api_key=CLIENT_KEY, max_retries=0, timeout=20) as client:
+            for _ in range(4):
+                client.chat.completions.create(model=MODEL,
+                                               messages=[{"role": "user", "content": "hi"}])
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(15) == 0
     finally:

@@ -777,17 +777,22 @@ general_settings:
     def record(self, t: Target, metric: str, value: float) -> None:
         self.results[t.name][metric].append(value)
 
-    def warm(self, t: Target) -> None:
-        self.served += run_wrk(t.url, t.lua["mix"], 8, 60, None,
-                               limit=self.plan_for(t).warmup)["requests"]
+    def wrk(self, t: Target, script: str, conns: int, seconds: float, pid: int | None,
+            **kw: Any) -> dict[str, float]:
+        """run_wrk of `t.lua[script]` at `t`'s share of `conns` (Bench.conns), then `t`
+        let settle (Bench.settle)."""
+        r = run_wrk(t.url, t.lua[script], self.conns(t, conns), seconds, pid, **kw)
         self.settle(t)
+        return r
+
+    def warm(self, t: Target) -> None:
+        self.served += self.wrk(t, "mix", 8, 60, None, limit=self.plan_for(t).warmup)["requests"]
 
     def memory_mark(self, t: Target) -> None:
         """Memory flatness, part 1: VmRSS once mem_first requests are served."""
         assert t.pid
-        r = run_wrk(t.url, t.lua["mix"], self.conns(t, 64), 600, t.pid,
-                    limit=max(1, self.plan_for(t).mem_first - self.served))
-        self.settle(t)
+        r = self.wrk(t, "mix", 64, 600, t.pid,
+                     limit=max(1, self.plan_for(t).mem_first - self.served))
         self.served += r["requests"]
         self.rss_mark = rss_kib(t.pid)
         self.record(t, "rss_first_mib", self.rss_mark / 1024)
@@ -798,9 +803,7 @@ general_settings:
         assert t.pid
         mem_total = self.plan_for(t).mem_total
         if self.served < mem_total:
-            r = run_wrk(t.url, t.lua["mix"], self.conns(t, 64), 600, t.pid,
-                        limit=mem_total - self.served)
-            self.settle(t)
+            r = self.wrk(t, "mix", 64, 600, t.pid, limit=mem_total - self.served)
             self.served += r["requests"]
             self.record(t, "errors", r["errors"])
         self.record(t, "rss_growth_kib", rss_kib(t.pid) - self.rss_mark)
@@ -809,11 +812,9 @@ general_settings:
     def scenario_wrk(self, t: Target) -> None:
         for kind in ("ns", "st"):
             for conns in (1, 64, 0):  # 0: 64 connections, paced
-                r = run_wrk(t.url, t.lua[kind], self.conns(t, conns or 64),
-                            self.plan_for(t).wrk_s, t.pid,
-                            sim_pid=self.sim.pid if self.sim else None,
-                            pause_ms=0 if conns else PACE_MS[kind])
-                self.settle(t)
+                r = self.wrk(t, kind, conns or 64, self.plan_for(t).wrk_s, t.pid,
+                             sim_pid=self.sim.pid if self.sim else None,
+                             pause_ms=0 if conns else PACE_MS[kind])
                 self.served += r["requests"]
                 name = f"{kind}{conns}" if conns else f"{kind}p"
                 self.record(t, f"{name}_rps", r["rps"])
@@ -823,9 +824,8 @@ general_settings:
                 self.record(t, "errors", r["errors"])
                 self.record(t, "others0", r["others0"])
                 self.record(t, "others1", r["others1"])
-        r = run_wrk(t.url, t.lua["sts"], self.conns(t, SPACED_CONNS), self.plan_for(t).wrk_s,
-                    t.pid, sim_pid=self.sim.pid if self.sim else None)
-        self.settle(t)
+        r = self.wrk(t, "sts", SPACED_CONNS, self.plan_for(t).wrk_s, t.pid,
+                     sim_pid=self.sim.pid if self.sim else None)
         self.served += r["requests"]
         self.record(t, "sts_rps", r["rps"])
         self.record(t, "sts_cpu", r["cpu_us"])

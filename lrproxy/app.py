@@ -300,7 +300,7 @@ async def _edge(request: web.Request, handler: Handler, rt: Runtime) -> web.Stre
     if limits_of is not None:
         limits_of.lr_busy = True
     try:
-        if rec.api and limits_of is not None and limits_of.lr_refuse:
+        if limits_of is not None and limits_of.lr_refuse and rec.api:  # (False first)
             # begun after SIGTERM on a kept-alive connection (take_no_new_requests)
             raise errors.ShuttingDown("The proxy is shutting down; retry the request.",
                                       retry_after=1)

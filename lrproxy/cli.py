@@ -59,6 +59,7 @@ from lrproxy.workers import (
     LISTEN_BACKLOG,
     WORKER_INDEX_ENV,
     die_with_supervisor,
+    stop_queueing,
     supervise,
     worker_sockets,
 )
@@ -307,7 +308,7 @@ async def _serve(args: argparse.Namespace) -> int:
     await runner.setup()
     mrunner = None
     try:
-        await _start_sites(runner, listen, config.server.workers > 1)
+        own = await _start_sites(runner, listen, config.server.workers > 1)
     except OSError as e:
         log.error("cannot listen on %s: %s", listen, e.strerror or e)
         await _abandon(runner, sims)
@@ -366,7 +367,7 @@ async def _serve(args: argparse.Namespace) -> int:
     grace = rt.state.config.server.shutdown_grace_s
     if TERM_EARLY:  # the grace counts from the SIGTERM, as the supervisor's limit does
         grace = max(0.0, grace - (time.monotonic() - TERM_EARLY[0]))
-    await _drain(runner, rt, grace)
+    await _drain(runner, rt, grace, own)
     if watchdog is not None:
         watchdog.cancel()
     if mrunner is not None:
@@ -399,20 +400,22 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], GC_THRESHOLDS[2])
 
 
-async def _start_sites(runner: web.AppRunner, listen: Listen, reuse_port: bool) -> None:
-    """Listen on the sockets systemd passed (socket activation), else on `listen`."""
+async def _start_sites(runner: web.AppRunner, listen: Listen, reuse_port: bool) -> bool:
+    """Listen on the sockets systemd (socket activation) or the supervisor passed, else
+    on `listen`: True then, the sockets are this process's own."""
     socks = worker_sockets(os.environ) or activated_sockets(os.environ)
     if socks:
         for sock in socks:
             # (aiohttp listens on it anew: with its default of 128 unless told)
             await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
         log.debug("listening on %d inherited socket(s)", len(socks))
-        return
+        return False
     await web.TCPSite(runner, listen.host, listen.port, backlog=LISTEN_BACKLOG,
                       reuse_port=reuse_port or None).start()
+    return True
 
 
-async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
+async def _drain(runner: Runner, rt: Runtime, grace: float, own: bool) -> None:
     """Stop accepting, let requests in flight finish for up to `grace` seconds (SPEC §6).
 
     What is still running then is ended properly: a 503 for a request not yet answered,
@@ -422,6 +425,8 @@ async def _drain(runner: Runner, rt: Runtime, grace: float) -> None:
     runner.take_no_new_requests()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
+    if own:  # (a worker's are the supervisor's: it did so as the stop began)
+        stop_queueing(_listening(runner))
     await _take_queued(runner)
     for site in list(runner.sites):  # (no await between the last look and the close)
         await site.stop()
@@ -478,13 +483,18 @@ async def _take_queued(runner: Runner, limit_s: float = TAKE_QUEUED_S) -> None:
     sockets close is refused, which a client may safely retry elsewhere. Under socket
     activation systemd keeps the socket and its queue for the next start, so nothing is
     reset either way."""
-    socks = [s for site in runner.sites
-             for s in (getattr(getattr(site, "_server", None), "sockets", None) or ())]
+    socks = _listening(runner)
     loop = asyncio.get_running_loop()
     end = loop.time() + limit_s
     # (a count in the kernel, which no event tells of: looked at every 2 ms)
     while any(_queued(s) for s in socks) and loop.time() < end:  # noqa: ASYNC110
         await asyncio.sleep(0.002)  # the loop accepts them meanwhile
+
+
+def _listening(runner: web.AppRunner) -> list[Any]:
+    """The sites' listening sockets (asyncio's TransportSocket, or a socket: uvloop)."""
+    return [s for site in runner.sites
+            for s in (getattr(getattr(site, "_server", None), "sockets", None) or ())]
 
 
 def _queued(sock: Any) -> int:

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -99,6 +100,33 @@ def _bind(listen: Listen, *, listening: bool = True, reuse_port: bool = True) ->
     if listening:
         sock.listen(LISTEN_BACKLOG)
     return sock  # not inheritable: spawn() lets each worker inherit its own only
+
+
+def stop_queueing(socks: Iterable[socket.socket]) -> None:
+    """Before listening sockets of ours close at a stop: the kernel drops the SYNs of new
+    connections to them from now on, so that their accept queues, emptied by the
+    workers, stay empty. A close resets what is queued (clients that had connected, and
+    may have sent a POST), and under a steady stream of connects something always is; a
+    dropped SYN is sent again a second later and then refused, which a client may retry
+    elsewhere. (SO_ATTACH_FILTER, socket(7): a classic BPF program of one instruction,
+    `ret #0`, "keep no byte"; the connections already made do not carry it.) Never on
+    systemd's sockets, which outlive us: the next start would get no connection."""
+    import ctypes  # only here: the filter is passed by address
+
+    prog = ctypes.create_string_buffer(_DROP_ALL)
+    fprog = struct.pack("HP", 1, ctypes.addressof(prog))
+    for sock in socks:
+        if sock.fileno() == -1:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+        except (OSError, AttributeError) as e:  # not Linux: a close resets what queued
+            log.debug("cannot stop queueing on %s: %s", sock, e)
+
+
+_SO_ATTACH_FILTER: Final = getattr(socket, "SO_ATTACH_FILTER", 26)  # <asm/socket.h>
+# struct sock_filter {u16 code; u8 jt, jf; u32 k}: BPF_RET | BPF_K with k = 0
+_DROP_ALL: Final = struct.pack("HBBI", 0x06, 0, 0, 0)
 
 
 def _accept(path: str, accepted: Path) -> Config:
@@ -477,6 +505,8 @@ async def _supervise(
         # closes it: connects are refused); a down worker's at once, unless it has a
         # queue to answer.
         own = not inherited
+        if own:  # from now on no new connection queues on them (the workers empty them)
+            stop_queueing(socks)
         for w in workers if own else ():
             if w in running:
                 continue

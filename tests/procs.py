@@ -375,3 +375,60 @@ class Proxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+_WRK_LUA = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(key)s"
+wrk.body = [==[%(body)s]==]
+local threads = {}
+setup = function(thread) table.insert(threads, thread) end
+init = function(args) ok = 0; unavailable = 0; other = 0 end
+response = function(status, headers, body)
+  if status == 200 then ok = ok + 1
+  elseif status == 503 then unavailable = unavailable + 1
+  else other = other + 1 end
+end
+done = function(summary, latency, requests)
+  local c = {ok = 0, unavailable = 0, other = 0}
+  for _, t in ipairs(threads) do
+    for k, _ in pairs(c) do c[k] = c[k] + t:get(k) end
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"200":%%d,"503":%%d,"other":%%d,"connect":%%d,"read":%%d,"write":%%d,'
+    .. '"timeout":%%d}\\n', c.ok, c.unavailable, c.other, e.connect, e.read, e.write,
+    e.timeout))
+end
+"""
+
+
+def wrk_through_sigterm(port: int, proxy: Proxy, workdir: Path, *, conns: int = 64,
+                        seconds: int = 3, sigterm_after: float = 1.0) -> dict[str, int]:
+    """`wrk` (its `conns` connections, kept alive, each sending its next chat request as
+    soon as an answer ends, and connecting again at once when its connection ends or a
+    connect is refused) at 127.0.0.1:port for `seconds`, SIGTERM to `proxy` after
+    `sigterm_after`: the steady stream of connections a busy gateway has when it stops.
+
+    The answers by status ("200", "503", "other") and wrk's socket errors: "read" is a
+    connection reset or closed before its answer, a request lost; "write" counts the
+    connects refused once the proxy stopped listening (wrk meets the refusal as it
+    writes), which a client may retry elsewhere."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    lua = workdir / "sigterm.lua"
+    lua.write_text(_WRK_LUA % {"key": CLIENT_KEY, "body": body})
+    wrk = subprocess.Popen(
+        ["wrk", "-t2", f"-c{conns}", f"-d{seconds}", "-s", str(lua),
+         f"http://127.0.0.1:{port}/api/v1/chat/completions"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(sigterm_after)
+        proxy.signal(signal.SIGTERM)
+        out, _ = wrk.communicate(timeout=seconds + 30)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
+            wrk.wait()
+    line = next(x for x in out.splitlines() if x.startswith("WRKJSON "))
+    return dict(json.loads(line.removeprefix("WRKJSON ")))

@@ -377,7 +377,8 @@ def test_serves_under_the_units_seccomp_filters(
 def test_socket_activation(tmp_path: Path, sim: SimThread, workers: int) -> None:
     """With LISTEN_FDS=1 and a listening socket on fd 3 lrproxy serves on it, not on its
     listen, and its start lines name that socket (the workers' supervisor named the
-    config's address)."""
+    config's address). After the stop the socket, systemd's, queues connections for the
+    next start as it did before (nothing of the stop's is left on it)."""
     conf_port = free_port()  # fixed: the config names it, and it must be found refused
     cfg = tmp_path / "lrproxy.toml"
     cfg.write_text(config_toml(sim.base_url, conf_port, extra_server=f"workers = {workers}\n"))
@@ -388,8 +389,7 @@ def test_socket_activation(tmp_path: Path, sim: SimThread, workers: int) -> None
     notify = Notify(tmp_path)
     proxy = Proxy(["serve", "--config", str(cfg)], tmp_path, listen_sock=lsock, port=port,
                   env=child_env(NOTIFY_SOCKET=notify.path))
-    lsock.close()  # the child holds it now, as systemd would
-    try:
+    try:  # systemd holds it too
         # what systemctl status shows: the socket it got (it named server.listen)
         assert notify.wait_for("READY", 30)["STATUS"] == (
             "serving on" if workers == 1 else "2 workers serving on") + f" 127.0.0.1:{port}"
@@ -412,9 +412,13 @@ def test_socket_activation(tmp_path: Path, sim: SimThread, workers: int) -> None
         assert listen_backlogs(port) == [min(1024, somaxconn())]
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(10) == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=3):
+            lsock.settimeout(3)
+            lsock.accept()[0].close()
     finally:
         proxy.stop()
         notify.close()
+        lsock.close()
 
 
 def test_start_lines_name_each_socket_as_an_operator_writes_it() -> None:

@@ -49,7 +49,7 @@ from lrproxy.log import (
     to_journal,
     with_priority,
 )
-from lrproxy.metrics import serve_metrics
+from lrproxy.metrics import add_process_metrics, serve_metrics
 from lrproxy.protocol import Runner, api_urls, named
 from lrproxy.routing import RoutingTable, build_table, unserved
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups, ignore_user_signals
@@ -299,6 +299,8 @@ async def _serve(args: argparse.Namespace) -> int:
         notifier.ready_status = f"worker {os.environ.get(WORKER_INDEX_ENV, '0')}"
         mlisten = None  # the supervisor serves /metrics for all workers
     registry = CollectorRegistry()
+    if not worker:  # (a worker's figures reach /metrics through the supervisor)
+        add_process_metrics(registry)
     app = make_app(config, secrets_, registry=registry)
     rt = app[RUNTIME]
     _warn_unserved(rt)

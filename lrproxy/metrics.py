@@ -16,7 +16,15 @@ from typing import Any, Final
 
 import attrs
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
@@ -228,6 +236,52 @@ def _check_bulk_observe() -> None:
 def _samples(hist: Histogram) -> list[tuple[str, dict[str, str], float]]:
     return [(s.name, s.labels, s.value) for m in hist.collect() for s in m.samples
             if not s.name.endswith("_created")]
+
+
+def add_process_metrics(registry: CollectorRegistry,
+                        workers: Callable[[], Iterable[int]] | None = None) -> None:
+    """The `process_*` series every Prometheus client library exports (CPU seconds,
+    resident and virtual memory, open and maximum descriptors, start time: Linux, from
+    /proc) and `python_info`. With `workers` (the pids of the running ones, from the
+    supervisor) the figures are the whole service's: the supervisor's own, plus each
+    running worker's, plus the CPU time of the workers that have ended, so the counter
+    never goes back when a worker is restarted; the start time and the descriptor limit
+    are the supervisor's."""
+    PlatformCollector(registry=registry)
+    if workers is None:
+        ProcessCollector(registry=registry)
+    else:
+        registry.register(_ServiceProcess(workers))
+
+
+class _ServiceProcess:
+    """ProcessCollector's families, summed over the supervisor and its workers."""
+
+    SUMMED: Final = ("process_virtual_memory_bytes", "process_resident_memory_bytes",
+                     "process_open_fds", "process_cpu_seconds")
+
+    def __init__(self, workers: Callable[[], Iterable[int]]) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterable[Metric]:
+        # Ended workers' CPU first, then the live ones': a worker reaped in between is
+        # missed by this scrape (and counted by the next), never counted twice.
+        ended = os.times()
+        families = list(ProcessCollector(registry=None).collect())
+        by_name = {m.name: m for m in families}
+        cpu = by_name.get("process_cpu_seconds")
+        if cpu is None:  # no /proc: nothing to add to
+            return families
+        extra = dict.fromkeys(self.SUMMED, 0.0)
+        extra["process_cpu_seconds"] = ended.children_user + ended.children_system
+        for pid in self.workers():
+            for m in ProcessCollector(pid=functools.partial(int, pid), registry=None).collect():
+                if m.name in extra and m.samples:
+                    extra[m.name] += m.samples[0].value
+        for name, more in extra.items():
+            if (own := by_name.get(name)) is not None and own.samples:
+                own.samples[0] = own.samples[0]._replace(value=own.samples[0].value + more)
+        return families
 
 
 class _FlushFirst:

@@ -50,7 +50,7 @@ from lrproxy.config import (
     setting,
 )
 from lrproxy.log import MAIN
-from lrproxy.metrics import serve_metrics
+from lrproxy.metrics import add_process_metrics, serve_metrics
 from lrproxy.sdnotify import Notifier, activated_sockets, ignore_hangups, ignore_user_signals
 
 SUPERVISOR_ENV: Final = "LRPROXY_SUPERVISOR_PID"  # a worker's parent, which it dies with
@@ -258,11 +258,15 @@ async def _supervise(
             log.error("cannot listen on %s: %s", listen, e.strerror or e)
             return 1
         per_worker = [[s] for s in socks]
+    def live() -> list[int]:
+        """The pids of the workers running (or exited, not yet reaped)."""
+        return [w.proc.pid for w in workers if w.proc is not None and w.proc.returncode is None]
+
     # Bound before any worker starts: a failure here leaves nothing running.
     mat: list[str] = []  # /metrics' address as bound
     if metrics_listen:
         try:
-            mrunner = await serve_metrics(lambda: _summed(prom_dir, refused, config),
+            mrunner = await serve_metrics(lambda: _summed(prom_dir, refused, config, live),
                                           metrics_listen, config.timeouts.client_header)
         except OSError as e:
             log.error("cannot listen on %s for /metrics: %s", metrics_listen, e.strerror or e)
@@ -572,11 +576,14 @@ def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
         t.cancel()
 
 
-def _summed(prom_dir: str, refused: int, config: Config) -> CollectorRegistry:
+def _summed(prom_dir: str, refused: int, config: Config,
+            pids: Callable[[], Iterable[int]]) -> CollectorRegistry:
     """A registry summing every worker's metric files (prometheus-client multiprocess),
-    with the reloads the supervisor refused (no worker saw them) in the error count."""
+    with the reloads the supervisor refused (no worker saw them) in the error count, and
+    the service's process_* (the supervisor's and its workers', `pids`)."""
     registry = CollectorRegistry()
     registry.register(_Summed(prom_dir, refused, config))
+    add_process_metrics(registry, pids)
     return registry
 
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -899,3 +900,65 @@ def test_stop_queueing_drops_new_connects_and_keeps_those_made() -> None:
                 assert conn.recv(4) == b"ping"
                 conn.sendall(b"pong")
                 assert before.recv(4) == b"pong"
+
+
+def _stat(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+
+
+def _cpu_s(pids: Iterable[int]) -> float:
+    """User and system CPU seconds of `pids`, from /proc, as Prometheus clients read it."""
+    return sum(int(_stat(p)[11]) + int(_stat(p)[12]) for p in pids) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss(pids: Iterable[int]) -> int:
+    return sum(int(_stat(p)[21]) for p in pids) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_process_metrics_are_the_whole_services(
+    tmp_path: Path, sim: SimThread, workers: int
+) -> None:
+    """/metrics has the process_* series every Prometheus client exports, and python_info.
+    With workers they are the service's: the supervisor's and every worker's, read here
+    from /proc; a killed worker's CPU time stays in the counter, which never goes back."""
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, 0, extra_server=(
+        f'workers = {workers}\nmetrics_listen = "127.0.0.1:0"\n')))
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log"], tmp_path)
+    try:
+        proxy.wait_healthy()
+        mport = proxy.metrics_port()
+        pids = {proxy.pid} | (_two_workers(proxy) if workers == 2 else set())
+        for _ in range(20):
+            _chat_on_a_new_connection(proxy.wait_port())
+
+        def scrape(name: str) -> float:
+            return _metric(mport, name)
+
+        lo = _cpu_s(pids)
+        cpu = scrape("process_cpu_seconds_total")
+        assert lo - 1e-6 <= cpu <= _cpu_s(pids) + 1e-6, (lo, cpu)  # (sums of ticks / 100)
+        rss = (_rss(pids), scrape("process_resident_memory_bytes"), _rss(pids))
+        assert 0.9 * min(rss[0], rss[2]) <= rss[1] <= 1.1 * max(rss[0], rss[2]), rss
+        assert scrape("process_open_fds") >= 5 * len(pids)
+        boot = next(float(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                    if ln.startswith("btime "))
+        started = boot + int(_stat(proxy.pid)[19]) / os.sysconf("SC_CLK_TCK")
+        assert scrape("process_start_time_seconds") == pytest.approx(started, abs=0.02)
+        assert scrape("python_info") == 1
+        if workers == 1:
+            return
+        victim = min(pids - {proxy.pid})
+        dead = _cpu_s([victim])
+        os.kill(victim, signal.SIGKILL)
+        pids = {proxy.pid} | wait_for(
+            lambda: c if len(c := _children(proxy.pid)) == 2 and victim not in c else None,
+            15, "a replacement worker")
+        lo = _cpu_s(pids) + dead
+        after = scrape("process_cpu_seconds_total")
+        # (the dead one's time as its parent reaped it: its last ticks, rounded apart)
+        assert lo - 1e-6 <= after <= _cpu_s(pids) + dead + 0.03, (lo, after, dead)
+        assert after > cpu
+    finally:
+        _stop_all(proxy)

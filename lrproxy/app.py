@@ -23,6 +23,7 @@ import aiohttp
 import attrs
 import orjson
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from lrproxy import __version__, eco, errors, limits, protocol
@@ -64,8 +65,13 @@ class State:
         object.__setattr__(self, "key_names", dict(
             (digest, name) for name, digest in self.secrets.client_hashes))
 
-    def authenticate(self, header: str | None) -> str:
-        """The key's configured name (SPEC §1)."""
+    def authenticate(self, headers: CIMultiDictProxy[str]) -> str:
+        """The key's configured name, from the request's Authorization (SPEC §1)."""
+        header = headers.get("Authorization")
+        if header is not None and len(headers.getall("Authorization")) > 1:
+            # which one counts would be a guess (a front proxy adding its own, say)
+            raise errors.InvalidApiKey(
+                "More than one Authorization header: send exactly one, 'Bearer <key>'.")
         if not header:
             raise errors.InvalidApiKey(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
@@ -499,7 +505,7 @@ async def readyz(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
 
 async def models(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     st = rt.state
-    rec.key = st.authenticate(request.headers.get("Authorization"))
+    rec.key = st.authenticate(request.headers)
     return web.Response(body=_models_body(st), content_type="application/json")
 
 
@@ -512,7 +518,7 @@ async def model(request: web.Request, rt: Runtime, rec: Rec) -> web.Response:
     if request.method not in _GET_HEAD:  # the route takes every method: a 405, as /models
         raise web.HTTPMethodNotAllowed(request.method, _GET_HEAD)
     st = rt.state
-    rec.key = st.authenticate(request.headers.get("Authorization"))
+    rec.key = st.authenticate(request.headers)
     mid = request.match_info["id"]
     entry = _model_entry(st, mid, pick_candidates(st.table, mid, None))
     return web.Response(body=orjson.dumps(entry), content_type="application/json")

@@ -411,7 +411,7 @@ def _beat_ended(task: asyncio.Task[None]) -> None:
 async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web.StreamResponse:
     st = rt.state  # one snapshot for the whole request (reloads swap rt.state)
     rec.api = True
-    rec.key = key = st.authenticate(request.headers.get("Authorization"))
+    rec.key = key = st.authenticate(request.headers)
     rec.total_s = st.config.timeouts.total
     # The global in-flight cap and the key's rate: a fast 429, never a queue.
     if len(rt.tasks) > st.config.server.max_inflight:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import multidict
 import openai
 import orjson
 import pytest
@@ -362,6 +363,26 @@ async def test_missing_or_unknown_key_is_401(
         err = (await r.json())["error"]
         assert err["code"] == "invalid_api_key"
         assert "X-Request-Id" in r.headers
+    assert sum(hits(stack).values()) == 0
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/models"])
+@pytest.mark.parametrize("second", ["same", "another team's", "wrong"])
+async def test_more_than_one_authorization_header_is_401(
+    stack: Stack, http: aiohttp.ClientSession, path: str, second: str
+) -> None:
+    """Two Authorization headers: which counts would be a guess (the first was taken),
+    so 401 invalid_api_key, saying why, and nothing sent upstream."""
+    other = {"same": stack.key, "another team's": CI_KEY, "wrong": "sk-wrong"}[second]
+    headers = multidict.CIMultiDict([("Authorization", f"Bearer {stack.key}"),
+                                     ("Authorization", f"Bearer {other}")])
+    body = {"model": MINI, "messages": MSGS}
+    method = http.get if path == "/models" else http.post
+    async with method(stack.base_url + path, json=body, headers=headers) as r:
+        assert r.status == 401
+        err = (await r.json())["error"]
+        assert err["code"] == "invalid_api_key"
+        assert "More than one Authorization header" in err["message"]
     assert sum(hits(stack).values()) == 0
 
 

@@ -258,6 +258,7 @@ async def _supervise(
             log.error("cannot listen on %s: %s", listen, e.strerror or e)
             return 1
         per_worker = [[s] for s in socks]
+
     def live() -> list[int]:
         """The pids of the workers running (or exited, not yet reaped)."""
         return [w.proc.pid for w in workers if w.proc is not None and w.proc.returncode is None]

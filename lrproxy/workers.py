@@ -108,13 +108,16 @@ def stop_queueing(socks: Iterable[socket.socket]) -> None:
     workers, stay empty. A close resets what is queued (clients that had connected, and
     may have sent a POST), and under a steady stream of connects something always is; a
     dropped SYN is sent again a second later and then refused, which a client may retry
-    elsewhere. (SO_ATTACH_FILTER, socket(7): a classic BPF program of one instruction,
-    `ret #0`, "keep no byte"; the connections already made do not carry it.) Never on
-    systemd's sockets, which outlive us: the next start would get no connection."""
+    elsewhere. Only a new connection's SYN is dropped: the final ACK (or first request)
+    of a handshake under way, whose SYN came before, must pass, as its client saw its
+    connect() succeed and may have sent a POST; dropped, the connection would never
+    complete and the close would reset it. (SO_ATTACH_FILTER, socket(7): a classic BPF
+    program reading the TCP flags; the connections already made do not carry it.) Never
+    on systemd's sockets, which outlive us: the next start would get no connection."""
     import ctypes  # only here: the filter is passed by address
 
-    prog = ctypes.create_string_buffer(_DROP_ALL)
-    fprog = struct.pack("HP", 1, ctypes.addressof(prog))
+    prog = ctypes.create_string_buffer(_DROP_SYN)
+    fprog = struct.pack("HP", len(_DROP_SYN) // 8, ctypes.addressof(prog))
     for sock in socks:
         if sock.fileno() == -1:
             continue
@@ -125,8 +128,16 @@ def stop_queueing(socks: Iterable[socket.socket]) -> None:
 
 
 _SO_ATTACH_FILTER: Final = getattr(socket, "SO_ATTACH_FILTER", 26)  # <asm/socket.h>
-# struct sock_filter {u16 code; u8 jt, jf; u32 k}: BPF_RET | BPF_K with k = 0
-_DROP_ALL: Final = struct.pack("HBBI", 0x06, 0, 0, 0)
+# struct sock_filter {u16 code; u8 jt, jf; u32 k}, each. A listener's filter sees a
+# segment from its TCP header on: a SYN without ACK is dropped (ret #0, "keep no byte"),
+# any other segment kept whole (the handshakes under way end, RSTs come through).
+_DROP_SYN: Final = b"".join(struct.pack("HBBI", *insn) for insn in (
+    (0x30, 0, 0, 13),  # ldb [13]: the flags byte
+    (0x54, 0, 0, 0x12),  # and #(SYN | ACK)
+    (0x15, 0, 1, 0x02),  # jeq #SYN: the next instruction, else the one after
+    (0x06, 0, 0, 0),  # ret #0
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1
+))
 
 
 def _accept(path: str, accepted: Path) -> Config:

@@ -11,6 +11,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -962,3 +964,34 @@ def test_process_metrics_are_the_whole_services(
         assert after > cpu
     finally:
         _stop_all(proxy)
+
+
+def _private_netns() -> str | None:
+    """Why a test needing a network namespace of its own and a TUN device cannot run."""
+    if os.geteuid() != 0:
+        return "not root"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "no unshare(1) or ip(8)"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun"
+    return None
+
+
+@pytest.mark.skipif(_private_netns() is not None, reason=str(_private_netns()))
+def test_stop_queueing_keeps_a_connection_whose_handshake_ends_after_it() -> None:
+    """A connection whose SYN came before stop_queueing and whose final ACK (and request)
+    after it, one round trip later: its client saw connect() succeed and sent a POST.
+    stop_queueing drops only new connections' SYNs; the ACK completes the connection,
+    which is accepted (and answered, as those queued before), not left half made to be
+    reset when the socket closes. (A client emulated over TUN in a network namespace of
+    its own: tests/tunclient.py.)"""
+    script = str(Path(__file__).with_name("tunclient.py"))
+    got = subprocess.run(["unshare", "-n", sys.executable, script], capture_output=True,
+                         text=True, timeout=30, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             p for p in (os.environ.get("PYTHONPATH"),
+                                         str(Path(__file__).parents[1])) if p)})
+    if "Operation not permitted" in got.stderr:
+        pytest.skip(f"no network namespace: {got.stderr.strip()}")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split("\n")[0] == "ACCEPTED", got.stdout
+    assert "RESET" not in got.stdout, got.stdout

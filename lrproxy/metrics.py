@@ -269,8 +269,7 @@ class _ServiceProcess:
         ended = os.times()
         families = list(ProcessCollector(registry=None).collect())
         by_name = {m.name: m for m in families}
-        cpu = by_name.get("process_cpu_seconds")
-        if cpu is None:  # no /proc: nothing to add to
+        if "process_cpu_seconds" not in by_name:  # no /proc: nothing to add to
             return families
         extra = dict.fromkeys(self.SUMMED, 0.0)
         extra["process_cpu_seconds"] = ended.children_user + ended.children_system

@@ -601,7 +601,7 @@ def _summed(prom_dir: str, refused: int, config: Config,
 
 class _Summed:
     def __init__(self, prom_dir: str, refused: int, config: Config) -> None:
-        self.files = prom_mp.MultiProcessCollector(None, path=prom_dir)  # type: ignore[no-untyped-call]
+        self.dir = prom_dir
         self.refused = refused
         # The gauges' series of the accepted config only (SPEC §5): a worker's files keep
         # an upstream or region a reload removed, where one process removes its series.
@@ -610,8 +610,17 @@ class _Summed:
             "lrproxy_grid_intensity_g_per_kwh": ("region", set(config.regions)),
         }
 
+    def files(self) -> list[str]:
+        """The workers' metric files, but for those still empty: a worker (re)starting
+        creates its file, then sizes it; read between the two, an empty file fails the
+        whole merge (prometheus-client reads its header unchecked), and the scrape 500."""
+        with os.scandir(self.dir) as entries:
+            return [e.path for e in entries
+                    if e.name.endswith(".db") and _size(e) > 0]
+
     def collect(self) -> Iterable[Metric]:
-        for metric in self.files.collect():  # type: ignore[no-untyped-call]
+        merged = prom_mp.MultiProcessCollector.merge(self.files(), accumulate=True)  # type: ignore[no-untyped-call]
+        for metric in merged:
             if metric.name == "lrproxy_config_reloads" and self.refused:
                 for i, s in enumerate(metric.samples):
                     if s.name.endswith("_total") and s.labels == {"result": "error"}:
@@ -621,3 +630,10 @@ class _Summed:
                 label, names = kept
                 metric.samples = [s for s in metric.samples if s.labels.get(label) in names]
             yield metric
+
+
+def _size(entry: os.DirEntry[str]) -> int:
+    try:
+        return entry.stat().st_size
+    except FileNotFoundError:  # removed since the listing (a worker's live gauges)
+        return 0

@@ -86,6 +86,11 @@ def _end(proxy: Proxy, notify: Notify) -> None:
     notify.close()
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(v.decode().partition("=")[::2] for v in raw.split(b"\0") if v)
+
+
 def _metric(port: int, name: str) -> float:
     status, body = http_get(port, "/metrics")
     assert status == 200
@@ -120,6 +125,12 @@ def test_two_workers_serve_sum_metrics_reload_restart_and_drain(tmp_path: Path, 
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
         assert _metric(mport, "lrproxy_requests_total") == n
         assert sim.chat_requests() == n
+        # A worker (re)starting creates its metric file, then sizes it: a scrape between
+        # the two still sums the others (it was a 500)
+        prom_dir = _environ(next(iter(workers)))["PROMETHEUS_MULTIPROC_DIR"]
+        (Path(prom_dir) / "counter_4242424.db").touch()
+        assert _metric(mport, "lrproxy_requests_total") == n
+        (Path(prom_dir) / "counter_4242424.db").unlink()
 
         proxy.signal(signal.SIGHUP)
         assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"

@@ -74,12 +74,16 @@ def somaxconn() -> int:
 
 def port_refuses(port: int) -> bool:
     """True when a TCP connect to 127.0.0.1:port is refused (or reset as it is made: a
-    probe that reached the queue of a listener closing under it; nothing was sent)."""
+    probe that reached the queue of a listener closing under it; nothing was sent).
+    A SYN that a stopping lrproxy drops (workers.stop_queueing) is sent again a second
+    later, and refused then: the timeout leaves room for that; past it, False."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.create_connection(("127.0.0.1", port), timeout=3.5):
             return False
     except (ConnectionRefusedError, ConnectionResetError):
         return True
+    except TimeoutError:
+        return False
 
 
 def wait_for(pred: Callable[[], T], timeout: float, what: str, step: float = 0.02) -> T:

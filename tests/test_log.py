@@ -7,10 +7,13 @@ import contextlib
 import fcntl
 import logging
 import os
+import pty
 import re
+import socket
 import sys
 import threading
 import time
+import tty
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +37,38 @@ def pipe_stdout(request: pytest.FixtureRequest,
     fcntl.fcntl(w, F_SETPIPE_SZ, 4096)  # the least it takes: a page
     os.set_blocking(w, request.param == "blocking")
     os.set_blocking(r, False)
+    with _as_stdout(w, monkeypatch):
+        yield r, w
+        _drain(r)
+    os.close(r)
+
+
+@pytest.fixture(params=["file", "pipe", "socket", "terminal"])
+def any_stdout(request: pytest.FixtureRequest, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
+    """stdout is each kind it is in practice (`>> file`, `| tool` or a container's pipe,
+    journald's stream socket, a terminal), blocking as each is by default; (read fd,
+    write fd), the read end non-blocking."""
+    if request.param == "file":
+        w = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        r = os.open(tmp_path / "out", os.O_RDONLY | os.O_NONBLOCK)
+    elif request.param == "pipe":
+        r, w = os.pipe()
+    elif request.param == "socket":
+        a, b = socket.socketpair()
+        r, w = a.detach(), b.detach()
+    else:
+        r, w = pty.openpty()
+        tty.setraw(w)  # no "\n" -> "\r\n"
+    os.set_blocking(r, False)
+    with _as_stdout(w, monkeypatch):
+        yield r, w
+    os.close(r)
+
+
+@contextlib.contextmanager
+def _as_stdout(w: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """stdout is `w` (closed at the end), as the CLI sets up logging, for the block."""
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate)
              for lg in (logging.getLogger(log.MAIN), logging.getLogger(log.ACCESS))]
     state = (log._direct_fd, log._flush_s)
@@ -46,9 +81,8 @@ def pipe_stdout(request: pytest.FixtureRequest,
     bare = logging.Logger(log.ACCESS, logging.INFO)
     monkeypatch.setattr(log, "_access", bare)
     try:
-        yield r, w
+        yield
     finally:
-        _drain(r)
         log.close_access(wait_s=0)
         log._direct_fd, log._flush_s = state
         for lg, handlers, level, propagate in saved:
@@ -56,7 +90,6 @@ def pipe_stdout(request: pytest.FixtureRequest,
             lg.setLevel(level)
             lg.propagate = propagate
         out.close()
-        os.close(r)
         os.close(w)
 
 
@@ -118,13 +151,64 @@ def _read_until_idle(r: int) -> bytes:
     for _ in range(2000):
         got.append(_drain(r))
         w = log._writer
-        if w is not None and not w.queue:
+        if w is None or not w.queue:  # (None: the loop wrote every line itself)
             break
         time.sleep(0.005)
     else:
         raise AssertionError("the writer did not catch up")
     got.append(_drain(r))
     return b"".join(got)
+
+
+def _ids(data: bytes) -> list[object]:
+    """The request ids of `data`, which must be whole JSON lines."""
+    lines = data.split(b"\n")
+    assert lines[-1] == b"", data[-200:]
+    return [orjson.loads(ln)["request_id"] for ln in lines[:-1]]
+
+
+def test_stdout_with_room_is_written_by_the_loop_itself(any_stdout: tuple[int, int]) -> None:
+    """A stdout that takes the lines at once is written from the event loop: no thread is
+    woken for them (a switch to it and back, under the GIL, cost a request at one
+    connection ~0.2 ms), and stdout keeps its blocking mode, which it shares."""
+    r, w = any_stdout
+    blocking = os.get_blocking(w)
+    n = 40  # 2 flushes of a PIPE_BUF or more (a terminal holds ~8 KiB)
+    _log_unread([_line(i) for i in range(n)])
+    assert log._writer is None
+    assert _ids(_read_until_idle(r)) == [f"r{i}" for i in range(n)]
+    assert os.get_blocking(w) == blocking
+
+
+def test_full_socket_keeps_lines_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """journald's socket, full: what the loop could not send waits in the writer, and
+    lines logged meanwhile wait behind it, even when the socket has room for them before
+    the writer's turn comes: all come out once, whole, in order."""
+    a, b = socket.socketpair()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    r, w = a.detach(), b.detach()
+    os.set_blocking(r, False)
+    turn = threading.Event()  # the writer thread's writes wait for it
+    write = os.write
+
+    def writer_waits(fd: int, data: bytes) -> int:
+        if threading.current_thread().name == "lrproxy-access-log":
+            turn.wait(10)
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", writer_waits)
+    with _as_stdout(w, monkeypatch):
+        n = 400
+        _log_unread([_line(i) for i in range(n)])
+        assert log._writer is not None and log._writer.queue  # the socket is full
+        got = [_drain(r)]  # room, while the writer still holds lines
+        _log_unread([_line(i) for i in range(n, n + 20)])
+        turn.set()
+        got.append(_read_until_idle(r))
+        log.close_access(wait_s=1)
+        got.append(_drain(r))
+    os.close(r)
+    assert _ids(b"".join(got)) == [f"r{i}" for i in range(n + 20)]
 
 
 def test_full_stdout_keeps_lines_until_it_drains(pipe_stdout: tuple[int, int]) -> None:

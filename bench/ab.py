@@ -44,8 +44,7 @@ def main() -> int:
     kinds = args.kinds.split(",")
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"--kinds: unknown {','.join(sorted(unknown))}")
-    bench = B.Bench(argparse.Namespace(loop="auto", scenarios="wrk", only="lrproxy-nolog",
-                                       prompt_kib=0), B.FULL)
+    bench = B.Bench(B.parser().parse_args(["--scenarios", "wrk", "--only", "lrproxy-nolog"]), B.FULL)
     made: list[Path] = []
     try:
         roots = {rev: B.worktree(rev, made) for rev in args.revs}

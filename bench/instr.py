@@ -116,8 +116,7 @@ def main() -> int:
         ap.error(f"--kinds: unknown {','.join(sorted(unknown))}")
     if not shutil.which("valgrind"):
         raise SystemExit("bench/instr.py needs valgrind (apt-get install valgrind)")
-    bench = B.Bench(argparse.Namespace(loop="auto", scenarios="wrk", only="lrproxy",
-                                       prompt_kib=0), B.FULL)
+    bench = B.Bench(B.parser().parse_args(["--scenarios", "wrk", "--only", "lrproxy"]), B.FULL)
     bench.start_timeout = 180.0
     made: list[Path] = []
     results: dict[str, dict[str, list[float]]] = {}

@@ -1404,7 +1404,8 @@ def machine(uvloop: bool, litellm: str | None = None) -> str:
     return ", ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """run.py's options (bench/ab.py and bench/instr.py take their defaults from it)."""
     ap = argparse.ArgumentParser(description="lrproxy benchmark (see the module docstring)")
     ap.add_argument("--quick", action="store_true", help="shorter runs (~3 minutes)")
     ap.add_argument("--reps", type=int, help="repetitions of each scenario (default 3)")
@@ -1442,6 +1443,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --profile: the process to profile (py-spy only for minimal)")
     ap.add_argument("--profile-raw", metavar="FILE",
                     help="with --profile: keep py-spy's collapsed stacks in FILE")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:

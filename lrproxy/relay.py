@@ -272,7 +272,9 @@ def _check_region_header(region: str, headers: CIMultiDictProxy[str]) -> None:
 
 
 def _prompt_chars(obj: dict[str, Any], chat: bool) -> int:
-    """Characters of prompt text, for estimating tokens when the upstream sends no usage."""
+    """Characters of prompt text, for estimating tokens when the upstream sends no usage:
+    the messages' text, the names and arguments of their tool calls, and the tools'
+    definitions (an agent's prompt is often mostly these)."""
     if not chat:
         inp = obj.get("input")
         items = inp if isinstance(inp, list) else [inp]
@@ -280,7 +282,10 @@ def _prompt_chars(obj: dict[str, Any], chat: bool) -> int:
                    for i in items)
     total = 0
     for m in obj.get("messages", ()):
-        content = m.get("content") if isinstance(m, dict) else None
+        total += 16  # role and message framing
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
         if isinstance(content, str):
             total += len(content)
         elif isinstance(content, list):  # text parts (a client's `text: 5` counts nothing)
@@ -288,7 +293,15 @@ def _prompt_chars(obj: dict[str, Any], chat: bool) -> int:
                 text = p.get("text") if isinstance(p, dict) else None
                 if isinstance(text, str):
                     total += len(text)
-        total += 16  # role and message framing
+        if isinstance(calls := m.get("tool_calls"), list):
+            for call in calls:
+                if isinstance(call, dict):
+                    total += _call_chars(call.get("function"))
+        if (call := m.get("function_call")) is not None:  # the older single-call shape
+            total += _call_chars(call)
+    for key in ("tools", "functions"):  # as the JSON they came in, near what models read
+        if (defs := obj.get(key)) and isinstance(defs, list):  # (_parse_body refused
+            total += len(orjson.dumps(defs))  # bodies nested past what orjson writes)
     return total
 
 

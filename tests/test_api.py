@@ -213,6 +213,36 @@ def test_answer_without_usage_gets_estimated_tokens(stack: Stack) -> None:
               tokens["completion"], "estimated")
 
 
+def test_estimated_prompt_counts_tool_calls_and_tool_definitions(stack: Stack) -> None:
+    """An agent's prompt is mostly its tools' definitions and earlier calls' arguments:
+    without usage, they are estimated too (README: the characters of the messages' text
+    and of their tool calls' names and arguments, the tools as their JSON, 16 per
+    message), not only the messages' text."""
+    tools: list[Any] = [{"type": "function", "function": {
+        "name": "grid_intensity", "description": "Live grid carbon intensity of a zone " * 8,
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                       "required": ["zone"]}}}]
+    args = json.dumps({"zone": "GB-north-scotland", "note": "tonight, hourly " * 20})
+    messages: list[Any] = [
+        {"role": "user", "content": "How clean is the grid in Aberdeen tonight?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "grid_intensity", "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"g_per_kwh": 31}'},
+    ]
+    with stack.client() as client:
+        r = client.chat.completions.create(model=MINI, messages=messages, tools=tools,
+                                           extra_body={"sim": {"omit_usage": True}})
+    rec = only_hit(stack)
+    assert "usage" not in sent_doc(rec)
+    got = rec.json
+    chars = sum(16 + len(m.get("content") or "") for m in got["messages"])
+    chars += sum(len(c["function"]["name"]) + len(c["function"]["arguments"])
+                 for m in got["messages"] for c in m.get("tool_calls", ()))
+    chars += len(orjson.dumps(got["tools"]))
+    assert lowrouter(r)["eco"]["tokens"]["prompt"] == math.ceil(chars / 4)
+
+
 @pytest.mark.parametrize("encoding_format", [None, "float"])
 def test_embeddings(stack: Stack, encoding_format: str | None) -> None:
     """Embeddings relay the vectors (SDK default base64 or float) with prompt-only eco."""

@@ -33,7 +33,15 @@ from lrproxy.log import ACCESS, MAIN, access_line
 from lrproxy.metrics import NONE, UNKNOWN, Metrics
 from lrproxy.protocol import ID_MASK, ID_PREFIX, REQUEST_ID_RE, ids, request_id_of
 from lrproxy.routing import Candidate, RoutingTable, build_table, pick_candidates
-from lrproxy.upstream import Deadlines, Pool, Target, make_session, make_targets, task_of
+from lrproxy.upstream import (
+    Deadlines,
+    Pool,
+    Target,
+    identity,
+    make_session,
+    make_targets,
+    task_of,
+)
 
 log = logging.getLogger(MAIN)
 SERVER_HEADER: Final = "lrproxy"
@@ -169,7 +177,8 @@ class Runtime:
             for r in set(self.state.config.regions) - set(config.regions):
                 with contextlib.suppress(KeyError):
                     self.metrics.intensity.remove(r)
-        self.pool.configure(config.upstreams)
+        self.pool.configure(config.upstreams,
+                            {n: identity(t) for n, t in state.targets.items()})
         buckets: dict[str, limits.TokenBucket | SharedBucket] = {}
         shared = self.shared_buckets
         for k in config.keys:  # a changed rate takes effect at once, tokens kept

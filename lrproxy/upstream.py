@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import email.utils
 import errno
+import hashlib
 import inspect
 import io
 import logging
@@ -21,12 +22,13 @@ import socket
 import ssl
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal
 
 import aiohttp
 import attrs
+import orjson
 from aiohttp.http import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -58,7 +60,8 @@ _LARGE_BODY: Final = 1 << 20
 
 @attrs.define
 class Health:
-    """Passive health and load of one upstream; kept across reloads while it exists."""
+    """Passive health and load of one upstream; kept across reloads while it exists as
+    the same upstream (Pool.configure: its URLs, key, proxy and CA bundle unchanged)."""
 
     outstanding: int = 0
     failures: int = 0  # consecutive
@@ -92,11 +95,28 @@ class Pool:
         self.capacity: dict[str, int] = {}
         self._auth_logged: dict[str, Seldom] = {}  # auth_refused's line, per upstream
         self._full_logged: dict[tuple[str, ...], Seldom] = {}  # at_capacity's line
+        self._identity: dict[str, bytes] = {}  # `identity` of each upstream, by name
 
-    def configure(self, upstreams: Iterable[Upstream]) -> None:
-        """Adopt a (new) config: keep the state of upstreams that stay, drop the rest."""
+    def configure(self, upstreams: Iterable[Upstream],
+                  identities: Mapping[str, bytes] | None = None) -> None:
+        """Adopt a (new) config: keep the state of upstreams that stay, drop the rest.
+
+        `identities` (`identity` of each upstream's target): one whose identity changed
+        (its URL, key, proxy or CA bundle) is a new upstream, with fresh health: its
+        failures were those of what it was (a wrong key's 401s, a wrong URL's refused
+        connections), and the reload that mends it must not leave it cooling down."""
         ups = list(upstreams)
-        self.health = {u.name: self.health.get(u.name) or Health() for u in ups}
+        ids = dict(identities or {})
+        old = self.health
+        changed = {n for n, d in ids.items() if self._identity.get(n, d) != d}
+        self.health = {u.name: (None if u.name in changed else old.get(u.name)) or Health()
+                       for u in ups}
+        for name in sorted(changed):
+            h = old.get(name)
+            if h is not None and h.failures:
+                log.info("upstream %s changed (its URL, key, proxy or CA bundle): its "
+                         "failures are forgotten, it is tried as a new upstream", name)
+        self._identity = ids
         self.region_of = {u.name: u.region for u in ups}
         self.models_of = {u.name: frozenset(u.models) for u in ups}
         self.capacity = {u.name: u.max_concurrency or NO_CAP for u in ups}
@@ -314,6 +334,17 @@ class Target:
         object.__setattr__(self, "post_options", opts)
         object.__setattr__(self, "secret",
                            self.auth.partition(" ")[2].encode() if self.auth else b"")
+
+
+def identity(target: Target) -> bytes:
+    """A digest of what an upstream's passive health is about: its URLs, its key (only
+    this digest of it is kept), its proxy and the CA certificates it trusts (the bundle's
+    content, as loaded: one mended in place is a change too)."""
+    ctx = target.ssl_context
+    cas = None if ctx is None else [hashlib.sha256(c).hexdigest()
+                                    for c in ctx.get_ca_certs(binary_form=True)]
+    parts = [target.chat_url, target.embeddings_url, target.auth, target.proxy, cas]
+    return hashlib.sha256(orjson.dumps(parts)).digest()
 
 
 def make_targets(config: Config, secrets: Secrets) -> dict[str, Target]:

@@ -234,3 +234,35 @@ def test_egress_proxy_refusing_connect_is_a_connect_error(
         assert not sim.sim.requests
     finally:
         srv.close()
+
+
+def test_an_upstreams_identity_is_its_urls_key_proxy_and_ca_certificates(tmp_path: Path) -> None:
+    """What a reload compares to tell a mended upstream from the same one (Pool.configure):
+    a new CA bundle written over the old file is a change, as a new key, URL or proxy
+    is; the bundle read again as it was, or a new max_concurrency, is none."""
+    from lrproxy.config import Upstream
+    from lrproxy.upstream import Target, identity
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ca_a, ca_b = _make_ca(tmp_path / "a")[0], _make_ca(tmp_path / "b")[0]
+    bundle = tmp_path / "bundle.pem"
+
+    def target(ca: Path | None = None, key: str = "sk-one", url: str = "https://x/v1",
+               proxy: str | None = None, cap: int = 0) -> Target:
+        ctx = None
+        if ca is not None:
+            bundle.write_bytes(ca.read_bytes())
+            ctx = ssl.create_default_context(cafile=str(bundle))
+        up = Upstream("u", "r", url, {}, max_concurrency=cap, ca_file=str(bundle))
+        return Target(up, url + "/chat/completions", url + "/embeddings", f"Bearer {key}",
+                      ctx, proxy)
+
+    first = identity(target(ca_a))
+    assert identity(target(ca_a)) == first
+    assert identity(target(ca_a, cap=3)) == first
+    assert identity(target(ca_b)) != first
+    assert identity(target()) != first
+    assert identity(target(ca_a, key="sk-two")) != first
+    assert identity(target(ca_a, url="https://y/v1")) != first
+    assert identity(target(ca_a, proxy="http://127.0.0.1:3128")) != first

@@ -2565,6 +2565,56 @@ def test_region_whose_upstreams_all_cool_down_is_503_with_retry_after(stack: Sta
     assert codes(stack) == {"200": 5, "503": 1}
 
 
+def reload_with(stack: Stack, data: dict[str, Any], environ: dict[str, str] | None = None) -> None:
+    """A reload to `data` (with `environ` for the keys), as SIGHUP does it."""
+    from conftest import ENVIRON
+
+    from lrproxy.config import parse_config, resolve_secrets
+
+    config = parse_config(data, source="test")
+    stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, environ or ENVIRON)))
+
+
+def with_upstream(data: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
+    """`data` with the upstream `name`'s fields changed (a copy: `data` stays as it is)."""
+    return {**data, "upstreams": [{**u, **fields} if u["name"] == name else u
+                                  for u in data["upstreams"]]}
+
+
+@pytest.mark.parametrize("change", ["api_key", "base_url", "nothing"])
+def test_a_reload_that_mends_an_upstream_gives_it_fresh_health(
+    stack: Stack, seen: Seen, change: str
+) -> None:
+    """eu-west-a ejected for failures of its config's making (a wrong key: 401s; a
+    wrong base_url: no connection), then a reload that mends it: a changed URL, key,
+    proxy or CA bundle is a new upstream, with fresh health, tried at once. A reload
+    that leaves them as they were (a new max_concurrency) keeps its ejection."""
+    good = stack.data
+    wrong = ({"base_url": f"http://127.0.0.1:{closed_port()}/v1"} if change == "base_url"
+             else {"api_key_env": "UP_EU_WEST_B"})
+    if change != "base_url":
+        seen.expected_errors.append(_auth_refused_line("eu-west-a", 401))
+    reload_with(stack, with_upstream(good, "eu-west-a", **wrong))
+    for _ in range(upstream.EJECT_AFTER):
+        route = post(stack, chat(MINI, region="eu-west")).route()
+        assert (route["upstream"], route["attempts"]) == ("eu-west-b", 2)
+    assert usable(stack, "eu-west-a") == 0
+    if change == "nothing":
+        reload_with(stack, with_upstream(good, "eu-west-a", max_concurrency=9, **wrong))
+        route = post(stack, chat(MINI, region="eu-west")).route()
+        assert (route["upstream"], route["attempts"]) == ("eu-west-b", 1)
+        assert usable(stack, "eu-west-a") == 0
+        assert not [line for line in seen.logs if "upstream eu-west-a changed" in line]
+        return
+    reload_with(stack, good)
+    assert [line for line in seen.logs if "upstream eu-west-a changed" in line]
+    assert usable(stack, "eu-west-a") == 1
+    route = post(stack, chat(MINI, region="eu-west")).route()
+    assert (route["upstream"], route["attempts"]) == ("eu-west-a", 1)
+    health = stack.call(lambda: attrs.asdict(stack.runtime.pool.health["eu-west-a"]))
+    assert (health["failures"], health["ejections"]) == (0, 0)
+
+
 # =======================================================================================
 # faults during a stream
 

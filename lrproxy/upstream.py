@@ -218,7 +218,7 @@ class Pool:
         # but kept: for the cool-down, and while the trial after it is out, requests that
         # may go elsewhere try it last: a dead region must not hold up every unpinned
         # request (or, with retries spent on it, fail them)
-        h.kept = self._last_of_region(name, now)
+        h.kept = self._last_of_region(name)
         # One line per ejection (as nginx's "upstream server temporarily disabled"): at
         # most one per cool-down of each upstream, however many requests fail meanwhile
         if h.kept:
@@ -252,14 +252,19 @@ class Pool:
             log.warning("every upstream a request may take is at its max_concurrency: %s; "
                         "such requests get 503 no_upstream_available", caps)
 
-    def _last_of_region(self, name: str, now: float) -> bool:
+    def _last_of_region(self, name: str) -> bool:
         """Whether `name` is its region's last usable upstream (SPEC §2), or its region's
         last usable one for one of the models it serves: ejecting it would leave that
         model's pinned requests in the region nowhere to go (503) while it may still
-        answer some, as Envoy's panic threshold keeps a cluster's last hosts."""
+        answer some, as Envoy's panic threshold keeps a cluster's last hosts.
+
+        The others that count are the healthy and the kept: not one ejected whose
+        cool-down is over, usable for its one trial only (once that trial is out, the
+        region would have none)."""
         region, mine = self.region_of[name], self.models_of[name]
-        others = [n for n, r in self.region_of.items()
-                  if r == region and n != name and self.health[n].usable(now)]
+        health = self.health
+        others = [n for n, r in self.region_of.items() if r == region and n != name
+                  and (health[n].failures < EJECT_AFTER or health[n].kept)]
         return not others or not mine <= frozenset().union(*(self.models_of[n] for n in others))
 
     def _cooled(self) -> None:

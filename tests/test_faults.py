@@ -2875,6 +2875,27 @@ def test_a_kept_upstream_cools_down_and_is_tried_as_an_ejected_one() -> None:
     assert not pool.last_resort("a", again + 1) and (h.failures, h.ejections) == (0, 0)
 
 
+def test_an_upstream_awaiting_its_trial_is_no_alternative_to_the_last_usable_one() -> None:
+    """a ejected, its cool-down over, its trial not sent yet; b, eu-west's other upstream,
+    then fails 5 times: b is its region's last usable one (a has still to prove itself)
+    and is kept, not ejected; else, with a's trial out, the region had none usable: every
+    pinned request 503 for as long as that trial takes (a first_byte, for a hung one)."""
+    pool = upstream.Pool()
+    pool.configure([Upstream("a", "r", "http://a/v1", {}), Upstream("b", "r", "http://b/v1", {})])
+    for _ in range(upstream.EJECT_AFTER):
+        pool.failed("a", 0.0)
+    later = upstream.COOL_DOWN_S + 1
+    assert pool.usable("a", later)  # for its trial
+    for _ in range(upstream.EJECT_AFTER):
+        pool.failed("b", later)
+    assert pool.health["b"].kept
+    held, trial = pool.acquire("a", later)  # a's trial, out
+    assert trial is True
+    assert pool.usable("b", later) and pool.last_resort("b", later)
+    pool.failed("a", later, trial=True, held=held)  # a fails its trial: b kept, a ejected
+    assert not pool.usable("a", later) and not pool.health["a"].kept
+
+
 def test_a_trial_whose_client_leaves_lets_another_trial_go() -> None:
     """The one trial request after a cool-down ends with no verdict (its client left): the
     upstream is not stuck unusable, the next request is the trial."""

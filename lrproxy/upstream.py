@@ -120,10 +120,18 @@ class Pool:
         self.region_of = {u.name: u.region for u in ups}
         self.models_of = {u.name: frozenset(u.models) for u in ups}
         self.capacity = {u.name: u.max_concurrency or NO_CAP for u in ups}
-        # (An ejected upstream that the new config leaves its region's last stays
-        # ejected for the rest of its cool-down: its region's pinned requests get 503
-        # no_upstream_available with the time left, as SPEC §1 has it for a region
-        # whose upstreams all cool down.)
+        # An ejected upstream that the new config leaves its region's last usable one
+        # (the others removed, or no longer serving one of its models) is kept, as its
+        # ejection would have been under this config: else that region's pinned
+        # requests got 503 for the rest of its cool-down, though the last usable
+        # upstream of a region is never ejected (SPEC §2). In config order: the first
+        # kept counts for the next.
+        for name, h in self.health.items():
+            if h.failures >= EJECT_AFTER and not h.kept and self._last_of_region(name):
+                h.kept = True
+                log.warning("upstream %s, ejected, is left by the reload region %s's last "
+                            "usable upstream for a model it serves: kept, and tried last "
+                            "for the rest of its cool-down", name, self.region_of[name])
 
     # A request routes on the config it began with (SPEC §6), which may name upstreams
     # that a reload has removed since: those are tried as they were, untracked.

@@ -2545,24 +2545,28 @@ def test_ejection_honours_retry_after(stack: Stack, retry_after: str, cool: floa
     assert codes(stack) == {"200": 5}
 
 
-def test_region_whose_upstreams_all_cool_down_is_503_with_retry_after(stack: Stack) -> None:
+def test_a_reload_that_leaves_an_ejected_upstream_its_regions_last_keeps_it(
+    stack: Stack, seen: Seen
+) -> None:
     """eu-west-a ejected while eu-west-b served, then a reload that drops eu-west-b: the
-    region's one upstream is cooling down (its Health outlives the reload), so a request
-    pinned there gets 503 no_upstream_available with a Retry-After of the cool-down left
-    (SPEC §1, §2), and nothing is sent upstream."""
-    from conftest import ENVIRON
-
-    from lrproxy.config import parse_config, resolve_secrets
-
+    region's one upstream is kept, as its ejection would have been under the new config
+    (SPEC §2: the last usable upstream of a region is never ejected), not left cooling
+    down with its region's pinned requests 503 for up to 300 s. Failing still, it gets
+    them (502s, never 503); unpinned requests try it last; it serves again once healthy."""
     eject_eu_west_a(stack)
-    config = parse_config({**stack.data, "upstreams": [
-        u for u in stack.data["upstreams"] if u["name"] != "eu-west-b"]}, source="test")
-    stack.call(lambda: stack.runtime.install(config, resolve_secrets(config, ENVIRON)))
-    a = post(stack, chat(MINI, region="eu-west"))
-    a.error(503, "no_upstream_available")
-    assert 25 < int(a.header("retry-after") or 0) <= 30  # SPEC §2: 30 s for a first ejection
-    assert hits(stack)["eu-west-a"] == 5
-    assert codes(stack) == {"200": 5, "503": 1}
+    reload_with(stack, {**stack.data, "upstreams": [
+        u for u in stack.data["upstreams"] if u["name"] != "eu-west-b"]})
+    assert usable(stack, "eu-west-a") == 1
+    assert [line for line in seen.logs if "upstream eu-west-a, ejected, is left by the "
+            "reload region eu-west's last usable upstream" in line]
+    post(stack, chat(MINI, region="eu-west")).error(502, "upstream_error")
+    assert post(stack, chat(MINI)).route()["upstream"] == "us-east-a"  # a: last
+    faults(stack, ["eu-west-a"], fail_status=None)
+    route = post(stack, chat(MINI, region="eu-west")).route()
+    assert (route["upstream"], route["attempts"]) == ("eu-west-a", 1)
+    assert post(stack, chat(MINI)).route()["upstream"] == "eu-west-a"  # in its place again
+    assert hits(stack)["eu-west-a"] == 5 + 3 + 2  # the 502: its 2 retries on it too
+    assert codes(stack) == {"200": 8, "502": 1}
 
 
 def reload_with(stack: Stack, data: dict[str, Any], environ: dict[str, str] | None = None) -> None:

@@ -1790,6 +1790,25 @@ def test_upstream_429_moves_to_a_different_upstream_only(stack: Stack, limited: 
 
 
 @pytest.mark.parametrize(("first", "second", "want"), [
+    ("7", "9", "7"), ("7", None, "7"), (None, "9", None), (None, None, None),
+])
+def test_a_502_carries_the_last_upstreams_retry_after(
+    stack: Stack, first: str | None, second: str | None, want: str | None,
+) -> None:
+    """Both eu-west upstreams answer 503, each with its Retry-After or none: the 502
+    carries the Retry-After of the last one tried (eu-west-a again, the 2nd retry), as
+    it gave it (a region's one upstream, down for maintenance, tells its pinned clients
+    when to come back), and none when that one gave none. (Unlike a 429's, not the
+    soonest of all.)"""
+    faults(stack, ["eu-west-a"], fail_status=503, fail_count=-1, retry_after=first)
+    faults(stack, ["eu-west-b"], fail_status=503, fail_count=-1, retry_after=second)
+    a = post(stack, chat(MINI, region="eu-west"))
+    a.error(502, "upstream_error")
+    assert a.header("retry-after") == want
+    assert [len(stack.requests_to(n)) for n in EU_WEST] == [2, 1]  # a, b, a again
+
+
+@pytest.mark.parametrize(("first", "second", "want"), [
     ("60", "5", "5"), ("5", "60", "5"), ("60", None, "60"), (None, "60", "60"),
     (None, None, "1"), ("0", "30", "1"), ("30", "0", "1"),  # 0: at once (at least 1 s)
 ])

@@ -81,6 +81,10 @@ class Timeouts:
     keepalive: float = 15.0
     client_header: float = 10.0
     client_body: float = 60.0
+    # An idle upstream connection is reused for this long, then closed: under the 5 s
+    # after which uvicorn (vLLM, SGLang, LiteLLM), Node.js and llama.cpp's server close
+    # theirs, so that a request never goes on a connection the upstream is closing
+    pool_idle: float = 4.0
 
 
 @attrs.frozen
@@ -146,11 +150,14 @@ class Config:
 
 
 # What a reload cannot change in a running process: its sockets, its worker count, the
-# upstream session's proxy settings and the connection handlers' header timer and cap.
+# upstream session's proxy settings and idle time, and the connection handlers' header
+# timer and cap.
 AT_RESTART: Final = ("server.listen", "server.metrics_listen", "server.workers",
-                     "server.trust_env", "timeouts.client_header", "server.max_connections")
+                     "server.trust_env", "timeouts.client_header", "server.max_connections",
+                     "timeouts.pool_idle")
 # Of those, what a worker's own process uses (the supervisor has the others)
-WORKER_KEPT: Final = ("server.trust_env", "timeouts.client_header", "server.max_connections")
+WORKER_KEPT: Final = ("server.trust_env", "timeouts.client_header", "server.max_connections",
+                      "timeouts.pool_idle")
 
 
 def setting(config: Config, name: str) -> Any:

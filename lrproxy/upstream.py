@@ -1017,8 +1017,11 @@ _STALE_TRIES: Final = 64
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
+    # (keepalive_timeout: how long an idle connection is kept for reuse; an upstream
+    # that closes it first, as a request goes on it, fails that request: config.Timeouts)
     connector = _Connector(
-        limit=0, ttl_dns_cache=300, enable_cleanup_closed=False, keepalive_timeout=30
+        limit=0, ttl_dns_cache=300, enable_cleanup_closed=False,
+        keepalive_timeout=config.timeouts.pool_idle,
     )
     return aiohttp.ClientSession(
         connector=connector,

@@ -134,7 +134,7 @@ def test_example_config_uses_the_spec_defaults() -> None:
     assert cfg.server == spec_server
     assert cfg.server == attrs.evolve(ServerConfig(), metrics_listen=Listen("127.0.0.1", 9464))
     spec_timeouts = Timeouts(connect=5, first_byte=60, idle=120, total=1800, keepalive=15,
-                             client_header=10, client_body=60)
+                             client_header=10, client_body=60, pool_idle=4)
     assert cfg.timeouts == spec_timeouts == Timeouts()
 
 

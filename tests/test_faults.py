@@ -2336,6 +2336,27 @@ def test_stale_pooled_connection_closed_on_reuse(
     assert codes(stack) == {"200": 2}
 
 
+@pytest.mark.parametrize("session", [False, True])
+def test_a_connection_idle_past_pool_idle_is_not_reused(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], session: bool,
+) -> None:
+    """A pooled connection idle for longer than timeouts.pool_idle is closed, not reused:
+    an upstream that closes idle connections after about as long (uvicorn's 5 s) would
+    close it as the request goes on it (the script drops a reused connection), a 502
+    with no retries. Also through the ClientSession (`trust_env`)."""
+    up = scripted(lambda conn, n, body: None if n else (json_answer(), True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           server={"retries": 0, "trust_env": session},
+                           timeouts={"pool_idle": 0.2}))
+    first = post(stack, chat(LLAMA, region="eu-north"))
+    time.sleep(0.5)
+    second = post(stack, chat(LLAMA, region="eu-north"))
+    assert first.status == second.status == 200
+    assert second.route()["attempts"] == 1
+    assert [(r.conn, r.n) for r in up.requests] == [(0, 0), (1, 0)]
+    assert outcomes(stack) == {("eu-north-a", "ok"): 2}
+
+
 @pytest.mark.parametrize("stray", ["answer", "408"])
 @pytest.mark.parametrize(("stream", "session"), [(False, False), (True, False), (False, True)])
 def test_a_pooled_connection_that_got_bytes_while_idle_is_not_used(

@@ -899,9 +899,11 @@ def _answer(
                 "The upstream's error message was withheld: it quoted the proxy's credentials.",
                 "invalid_request_error", "upstream_error")
         elif doc is None:  # an HTML page (a wrong base_url), text, gzip…
+            coding = upstream.body_coding(resp.headers)
             data = errors.error_body(
                 f"The upstream answered {resp.status} with a body that is not a JSON object "
-                f"({resp.content_type or 'no content type'}).",
+                f"({resp.content_type or 'no content type'}"
+                f"{'' if coding is None else ', compressed: ' + coding}).",
                 "invalid_request_error", "upstream_error")
         return web.Response(status=resp.status, body=data, headers=headers)
     doc = attempt.doc

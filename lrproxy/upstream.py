@@ -733,6 +733,16 @@ async def send(
         raise UpstreamError(f"upstream connection failed: {_why(e)}") from _untraced(e)
     answer = UpstreamResponse(status, headers, content, resp, conn)
     if status < 300 or (400 <= status < 500 and status not in (401, 403, 407, 429)):
+        if status < 300 and "Content-Encoding" in headers:
+            # The proxy asks for no coding (`Accept-Encoding: identity`) and reads every
+            # answer as it comes: a compressed success would fail as a body "not JSON"
+            # or a stream "ended before any event", saying nothing of the cause
+            coding = body_coding(headers)
+            if coding is not None:
+                answer.close()
+                raise UpstreamBadResponse(
+                    f"the upstream answered with its body compressed (Content-Encoding: "
+                    f"{coding}), which the proxy did not ask for")
         return answer
     retry_after = parse_retry_after(headers.get("Retry-After"))
     answer.close()
@@ -756,6 +766,19 @@ async def send(
         raise err
     finally:
         del err  # (see relay._try_candidates)
+
+
+def body_coding(headers: CIMultiDictProxy[str]) -> str | None:
+    """The content codings of an answer's body but identity, named (a known coding's
+    name, else "?": the header is the upstream's text), or None when it has none."""
+    odd = [c for v in headers.getall("Content-Encoding", ()) for part in v.split(",")
+           if (c := part.strip().lower()) and c != "identity"]
+    if not odd:
+        return None
+    return ", ".join(c if c in _CODINGS else "?" for c in odd[:4])
+
+
+_CODINGS: Final = frozenset(("gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"))
 
 
 def _untraced(e: BaseException) -> BaseException:

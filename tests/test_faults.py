@@ -29,6 +29,7 @@ import socketserver
 import threading
 import time
 import types
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -2157,13 +2158,47 @@ def test_upstream_4xx_that_is_no_json_object_gets_the_openai_shape(
     err = a.error(status, "upstream_error")
     assert a.header("content-type") == "application/json" and a.header("content-encoding") is None
     ctype = {"html": "text/html", "sse": "text/event-stream"}.get(case, "application/json")
+    coding = ", compressed: gzip" if case == "gzip" else ""
     assert err["message"] == (f"The upstream answered {status} with a body that is not a "
-                              f"JSON object ({ctype}).")
+                              f"JSON object ({ctype}{coding}).")
     assert b"nginx" not in a.body
     assert outcomes(stack) == {("eu-north-a", "passed_4xx"): 1}
     with stack.client() as client, pytest.raises(openai.APIStatusError) as ei:
         client.chat.completions.create(model=LLAMA, messages=MSGS)
     assert ei.value.status_code == status and ei.value.code == "upstream_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("coding", ["gzip", "identity, deflate", "x-custom", "identity"])
+def test_a_compressed_success_is_a_failure_that_says_so(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], coding: str, stream: bool,
+) -> None:
+    """A 200 whose body is compressed though the proxy asked for none (`Accept-Encoding:
+    identity`), JSON or a stream: a failure of the upstream (retried, then a 502) that
+    names the coding; it was "a body that is not JSON", or a stream that "ended before
+    any event". `Content-Encoding: identity` is no coding: that answer is served."""
+    if stream:
+        finish = chunk("").replace(b'"delta":{"content":""},"finish_reason":null',
+                                   b'"delta":{},"finish_reason":"stop"')
+        plain, ctype = chunk("calm") + finish + b"data: [DONE]\n\n", "text/event-stream"
+    else:
+        plain, ctype = json_answer().split(b"\r\n\r\n", 1)[1], "application/json"
+    packed = (plain if coding == "identity" else zlib.compress(plain) if "deflate" in coding
+              else gzip.compress(plain))
+    up = scripted(lambda conn, n, req: (
+        _answer_of("200 OK", ctype, packed, f"Content-Encoding: {coding}"), True))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    a = post(stack, chat(LLAMA, region="eu-north", stream=stream))
+    if coding == "identity":
+        assert a.status == 200 and b"calm" in a.body
+        wait_for(lambda: outcomes(stack) == {("eu-north-a", "ok"): 1})  # (a stream's, at its end)
+        return
+    named = {"gzip": "gzip", "identity, deflate": "deflate", "x-custom": "?"}[coding]
+    err = a.error(502, "upstream_error")
+    assert err["message"] == ("the upstream answered with its body compressed "
+                              f"(Content-Encoding: {named}), which the proxy did not ask for")
+    assert outcomes(stack) == {("eu-north-a", "bad_response"): 3}  # (retries = 2)
+    assert len(up.requests) == 3
 
 
 def test_upstream_200_with_an_error_object_fails_over(

@@ -10,6 +10,7 @@ its processes.
 
     python bench/ab.py HEAD~3 .            # a revision against the working tree
     python bench/ab.py --kinds ns,st,sts --paced --processes 3 main my-branch
+    python bench/ab.py --conns 1 --access-log HEAD~1 .   # one connection: CPU and p50
 
 REV is anything `git worktree add` takes, or `.` for the working tree as it is. Kinds:
 ns (non-streaming), st (20-chunk streams sent at once), sts (20 chunks 5 ms apart, on
@@ -38,6 +39,8 @@ def main() -> int:
     ap.add_argument("--secs", type=float, default=3.0, help="seconds per wrk run (3)")
     ap.add_argument("--kinds", default="ns,st", help=f"of {','.join(KINDS)} (ns,st)")
     ap.add_argument("--paced", action="store_true", help="pauses between requests (ns, st)")
+    ap.add_argument("--conns", type=int, default=64,
+                    help="connections of the ns and st runs (64; 1: one connection's cost)")
     ap.add_argument("--access-log", action="store_true",
                     help="run lrproxy with its access log on (to a file), as by default")
     args = ap.parse_args()
@@ -63,24 +66,29 @@ def main() -> int:
             bench.check(t)
             B.run_wrk(t.url, t.lua["mix"], 8, 60, None, limit=300)
         cpu: dict[tuple[str, str], list[float]] = {(t.name, k): [] for t in targets for k in kinds}
+        p50: dict[tuple[str, str], list[float]] = {(t.name, k): [] for t in targets for k in kinds}
         for rep in range(args.reps):
             print(f"repetition {rep + 1}/{args.reps}", file=sys.stderr, flush=True)
             for k in kinds:
                 for t in targets:
-                    conns = B.SPACED_CONNS if k == "sts" else 64
+                    conns = B.SPACED_CONNS if k == "sts" else args.conns
                     pause = B.PACE_MS[k] if args.paced and k in B.PACE_MS else 0
                     r = B.run_wrk(t.url, t.lua[k], conns, args.secs, t.pid, pause_ms=pause)
                     cpu[(t.name, k)].append(r["cpu_us"])
+                    p50[(t.name, k)].append(r["p50_ms"])
         for k in kinds:
             base = statistics.median(cpu[("minimal", k)])
-            print(f"\n{k}{' paced' if args.paced and k in B.PACE_MS else ''}: "
-                  f"minimal {base:,.0f} µs per request")
+            conns = B.SPACED_CONNS if k == "sts" else args.conns
+            print(f"\n{k}{' paced' if args.paced and k in B.PACE_MS else ''}, {conns} conns: "
+                  f"minimal {base:,.0f} µs per request, "
+                  f"p50 {statistics.median(p50[('minimal', k)]):.3f} ms")
             for rev in roots:
-                per = [statistics.median(cpu[(f"{rev}#{i + 1}", k)])
-                       for i in range(args.processes)]
+                names = [f"{rev}#{i + 1}" for i in range(args.processes)]
+                per = [statistics.median(cpu[(n, k)]) for n in names]
                 mid = statistics.median(per)
-                print(f"  {rev}: {mid:,.0f} µs (×{mid / base:.2f}); processes: "
-                      + ", ".join(f"{v:,.0f}" for v in per))
+                lat = statistics.median(statistics.median(p50[(n, k)]) for n in names)
+                print(f"  {rev}: {mid:,.0f} µs (×{mid / base:.2f}), p50 {lat:.3f} ms; "
+                      "processes: " + ", ".join(f"{v:,.0f}" for v in per))
     finally:
         bench.procs.stop_all()
         B.remove_worktrees(made)

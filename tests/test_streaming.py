@@ -307,6 +307,19 @@ async def test_sdk_async_loop_never_meets_empty_choices(live: Stack) -> None:
     assert not any("lowrouter" in (c.model_extra or {}) for c in chunks[:-1])
 
 
+def test_sdk_stream_helper_gives_eco_on_its_chunk_events(live: Stack) -> None:
+    """The README's snippet for the SDK's `chat.completions.stream(...)` helper: the eco
+    metadata is read off its `chunk` events (its final completion keeps typed fields
+    only), and is the upstream's usage."""
+    with live.client().chat.completions.stream(model=LLAMA, messages=MSGS) as stream:
+        eco = None
+        for event in stream:
+            if event.type == "chunk":
+                eco = (event.chunk.model_extra or {}).get("lowrouter", {}).get("eco") or eco
+    assert eco is not None and eco["accuracy"] in ("measured", "estimated")
+    assert eco["tokens"] == usage_sent(live.requests_to("eu-north-a")[-1])
+
+
 def test_sdk_include_usage_gets_usage_chunk_last(live: Stack) -> None:
     """With include_usage the SDK gets finish chunk, then usage chunk carrying lowrouter."""
     stream = live.client().chat.completions.create(

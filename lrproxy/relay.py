@@ -300,8 +300,11 @@ def _prompt_chars(obj: dict[str, Any], chat: bool) -> int:
         if (call := m.get("function_call")) is not None:  # the older single-call shape
             total += _call_chars(call)
     for key in ("tools", "functions"):  # as the JSON they came in, near what models read
-        if (defs := obj.get(key)) and isinstance(defs, list):  # (_parse_body refused
-            total += len(orjson.dumps(defs))  # bodies nested past what orjson writes)
+        if (defs := obj.get(key)) and isinstance(defs, list):
+            try:
+                total += len(orjson.dumps(defs))
+            except TypeError:  # an integer beyond 64 bits (_exact_loads), or nested past
+                total += len(_exact_dumps(defs))  # orjson's 255 levels with one: as sent
     return total
 
 

@@ -3963,3 +3963,22 @@ def test_an_upstream_that_closes_without_an_answer_is_said_in_words(
     stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
     err = post(stack, chat(LLAMA, region="eu-north")).error(502, "upstream_error")
     assert err["message"] == "upstream connection lost: the upstream closed it", err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_integer_orjson_cannot_write_in_tools_is_no_500(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], stream: bool
+) -> None:
+    """A `tools` definition holding an integer over 309 digits (strict JSON, forwarded
+    as sent): counting the tools' characters for the prompt estimate does not fail."""
+    up = scripted(lambda conn, n, body: (
+        [sse_answer([chunk("hi"), b"data: [DONE]\n\n"])] if stream else [json_answer()], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}}))
+    tools = (b',"tools":[{"type":"function","function":{"name":"f","parameters":'
+             b'{"type":"integer","maximum":' + b"9" * 400 + b"}}}]")
+    a = post(stack, BODY[:-1] + b',"stream":' + (b"true" if stream else b"false") + tools + b"}")
+    assert a.status == 200, a.body[:300]
+    assert b"[DONE]" in a.body if stream else a.json()["choices"]
+    (rec,) = up.requests
+    assert b"9" * 400 in rec.body
+    wait_for(lambda: codes(stack) == {"200": 1})  # (a stream's, at its end)

@@ -769,13 +769,13 @@ async def send(
 
 
 def body_coding(headers: CIMultiDictProxy[str]) -> str | None:
-    """The content codings of an answer's body but identity, named (a known coding's
-    name, else "?": the header is the upstream's text), or None when it has none."""
-    odd = [c for v in headers.getall("Content-Encoding", ()) for part in v.split(",")
-           if (c := part.strip().lower()) and c != "identity"]
-    if not odd:
-        return None
-    return ", ".join(c if c in _CODINGS else "?" for c in odd[:4])
+    """The compressions an answer's `Content-Encoding` names, or None when it names
+    none. A value that is no compression (`UTF-8`, a server's known misconfiguration
+    over a plain body) is not one: such a body is read as it comes (and fails as "not
+    JSON" if it is not plain after all)."""
+    known = [c for v in headers.getall("Content-Encoding", ()) for part in v.split(",")
+             if (c := part.strip().lower()) in _CODINGS]
+    return ", ".join(dict.fromkeys(known)) if known else None
 
 
 _CODINGS: Final = frozenset(("gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"))

@@ -332,8 +332,16 @@ async def _serve(args: argparse.Namespace) -> int:
              extra={"fields": {"listen": at, "metrics": ", ".join(mat) or None,
                                "loop": loop_name}})
     if args.demo:
-        print(f"LOWROUTER_BASE_URL=http://{named(runner.addresses)[0]}/api/v1", flush=True)
-        print(f"LOWROUTER_API_KEY={key}", flush=True)
+        try:
+            print(f"LOWROUTER_BASE_URL=http://{named(runner.addresses)[0]}/api/v1", flush=True)
+            print(f"LOWROUTER_API_KEY={key}", flush=True)
+        except OSError as e:  # stdout closed, or its reader gone: a demo nobody can use
+            log.error("--demo: cannot print LOWROUTER_BASE_URL and LOWROUTER_API_KEY on "
+                      "stdout: %s", e.strerror or e)
+            if mrunner is not None:
+                await mrunner.cleanup()
+            await _abandon(runner, sims)
+            return 1
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -209,6 +209,25 @@ def test_demo_stops_cleanly_on_sighup(tmp_path: Path) -> None:
             proc.wait(5)
 
 
+def test_demo_whose_stdout_has_no_reader_says_so_and_exits(tmp_path: Path) -> None:
+    """The demo's two variables are all it is good for: with a stdout nobody reads (the
+    pipe's reader gone), it says so in one line and exits 1, closing what it opened,
+    not a BrokenPipeError traceback and an "Unclosed client session" after it."""
+    script = Path(sys.executable).with_name("lrproxy")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lrproxy"]
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([*cmd, "serve", "--demo", "--listen", "127.0.0.1:0"],
+                              stdout=w, stderr=subprocess.PIPE, text=True,
+                              timeout=START_TIMEOUT_S)
+    finally:
+        os.close(w)
+    assert proc.returncode == 1, proc.stderr
+    assert "--demo: cannot print LOWROUTER_BASE_URL and LOWROUTER_API_KEY on stdout" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Unclosed" not in proc.stderr, proc.stderr
+
+
 def test_demo_prints_where_it_listens(demo: Demo) -> None:
     """The demo prints its base URL (the address --listen bound, /api/v1) and a client key:
     the port its start line names, and the one it answers on."""

@@ -118,9 +118,7 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
     acc.handlers.clear()
     acc.propagate = False
     global _direct_fd, _flush_s, _sink
-    if _sink is not None:
-        _sink.close()
-        _sink = None
+    _close_sink()
     if access:
         # The access line is the one log write per request: it goes to stdout by
         # os.write rather than through logging's records and handlers (15-30 µs), and
@@ -188,7 +186,7 @@ def flush_access() -> None:
     # Written here, on the loop, when stdout takes it all at once: waking the writer
     # thread costs the loop a switch to it and back (the GIL), ~0.15 ms a flush here.
     # Not while the writer still holds lines: theirs go first.
-    if _sink is not None and _sink.fd == _direct_fd and (_writer is None or not _writer.queued):
+    if _sink is not None and (_writer is None or not _writer.queued):
         n = _sink.write(data)
         if n == len(data):
             return
@@ -355,11 +353,17 @@ class Seldom:
 def close_access(wait_s: float = 1.0) -> None:
     """At exit: write what is left, giving a stdout that takes nothing up to `wait_s`;
     what it has not taken then is counted as dropped and reported."""
-    global _writer, _sink
+    global _writer
     flush_access()
     w, _writer = _writer, None
     if w is not None:
         w.close(wait_s)
+    _close_sink()
+
+
+def _close_sink() -> None:
+    """Close the sink of the stdout logging was set up for (it goes with that stdout)."""
+    global _sink
     if _sink is not None:
         _sink.close()
         _sink = None

@@ -73,8 +73,12 @@ class Health:
     # the others until a success of its own (Pool.last_resort)
     kept: bool = False
 
+    def ejected(self) -> bool:
+        """Out for a cool-down and its one trial: failing, and not kept."""
+        return self.failures >= EJECT_AFTER and not self.kept
+
     def usable(self, now: float) -> bool:
-        if self.failures < EJECT_AFTER or self.kept:
+        if not self.ejected():
             return True
         if now < self.ejected_until:
             return False
@@ -127,7 +131,7 @@ class Pool:
         # upstream of a region is never ejected (SPEC §2). In config order: the first
         # kept counts for the next.
         for name, h in self.health.items():
-            if h.failures >= EJECT_AFTER and not h.kept and self._last_of_region(name):
+            if h.ejected() and self._last_of_region(name):
                 h.kept = True
                 log.warning("upstream %s, ejected, is left by the reload region %s's last "
                             "usable upstream for a model it serves: kept, and tried last "
@@ -188,8 +192,8 @@ class Pool:
     def succeeded(self, name: str, trial: bool = False, held: Health | None = None) -> None:
         h = self._judged(name, held)
         if h is not None and h.failures:
-            if h.failures >= EJECT_AFTER and not trial and not h.kept:
-                return  # ejected: only the trial lets it back (SPEC §2)
+            if h.ejected() and not trial:
+                return  # only the trial lets it back (SPEC §2)
             was_ejected = h.ejections > 0
             h.failures = h.ejections = 0
             h.ejected_until = 0.0
@@ -270,9 +274,8 @@ class Pool:
         cool-down is over, usable for its one trial only (once that trial is out, the
         region would have none)."""
         region, mine = self.region_of[name], self.models_of[name]
-        health = self.health
-        others = [n for n, r in self.region_of.items() if r == region and n != name
-                  and (health[n].failures < EJECT_AFTER or health[n].kept)]
+        others = [n for n, r in self.region_of.items()
+                  if r == region and n != name and not self.health[n].ejected()]
         return not others or not mine <= frozenset().union(*(self.models_of[n] for n in others))
 
     def _cooled(self) -> None:

@@ -642,3 +642,4 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*rt.background, return_exceptions=True)
     rt.deadlines.close()
     await rt.session.close()
+    rt.metrics.flush()  # what the last turn counted (in multiprocess mode)

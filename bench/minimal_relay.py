@@ -4,7 +4,9 @@ One aiohttp server and one ClientSession: the request body goes to the upstream 
 same path with its Content-Type and Authorization, and the answer comes back, whole
 when the upstream sent a Content-Length, else byte for byte as it arrives (SSE). No
 auth, JSON, routing, metrics or logging. Runs on uvloop when it is installed, like
-`lrproxy serve`, unless `--loop asyncio`.
+`lrproxy serve`, unless `--loop asyncio`. With `--processes N`, N such relays share the
+port (SO_REUSEPORT) under this process, as lrproxy's `server.workers` does: the workers
+scenario's reference.
 
     python bench/minimal_relay.py --listen 127.0.0.1:8181 --upstream http://127.0.0.1:9000
 """
@@ -12,6 +14,9 @@ auth, JSON, routing, metrics or logging. Runs on uvloop when it is installed, li
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -50,12 +55,26 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
     await app[SESSION].close()
 
 
+def supervise(n: int) -> None:
+    """n relays on the port, each its own process; a SIGTERM here ends them all."""
+    argv = [sys.executable, __file__, *sys.argv[1:], "--processes", "1", "--reuse-port"]
+    kids = [subprocess.Popen(argv) for _ in range(n)]
+    signal.signal(signal.SIGTERM, lambda *_: [k.terminate() for k in kids])
+    for k in kids:
+        k.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--listen", default="127.0.0.1:8181", help="HOST:PORT")
     ap.add_argument("--upstream", required=True, help="http://HOST:PORT of the upstream")
     ap.add_argument("--loop", choices=("auto", "asyncio"), default="auto")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="N relays sharing the port (SO_REUSEPORT), as server.workers")
+    ap.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.processes > 1:
+        return supervise(args.processes)
     host, _, port = args.listen.rpartition(":")
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[UPSTREAM] = args.upstream.rstrip("/")
@@ -69,7 +88,8 @@ def main() -> None:
         except ImportError:
             pass
     web.run_app(app, host=host, port=int(port), access_log=None, print=None,
-                handler_cancellation=True, backlog=1024, loop=loop)
+                handler_cancellation=True, backlog=1024, loop=loop,
+                reuse_port=args.reuse_port or None)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ nginx, uvloop and py-spy are used when installed):
 
     python bench/run.py                 # full run: 3 repetitions, about 8 minutes
     python bench/run.py --quick         # shorter runs, fewer streams: about 3 minutes
-    python bench/run.py --scenarios workers   # only lrproxy with 1 against 2 workers: ~1 min
+    python bench/run.py --scenarios workers   # only 1 against 2 workers (lrproxy, the
+                                              # minimal relay, nginx): ~2 min
     python bench/run.py --profile [S]   # py-spy (else cProfile) summary of lrproxy under
                                         # S seconds (10) of 64-connection non-streaming load
     python bench/run.py --soak 100000   # VmRSS of each proxy every 20k of 100k requests
@@ -13,6 +14,7 @@ nginx, uvloop and py-spy are used when installed):
     options: --reps N; --loop asyncio (keep uvloop from the proxies); --only NAME,...
     (targets besides direct and minimal); --scenarios wrk,gaps,slow,memory,workers (a subset);
     --workers-upstream nginx|sim (the workers scenario's upstream; nginx when installed);
+    --workers-refs minimal,nginx (the workers scenario's references; '' for none);
     --prompt-kib N (N KiB of earlier turns in every request); --wait-quiet S (first
     wait up to S seconds for idle cores); --json FILE (every repetition's figures);
     with --profile: --profile-streams, --profile-spaced, --profile-target minimal, --profiler cprofile,
@@ -55,7 +57,11 @@ Scenarios, each run `--reps` times with the targets interleaved; one table of me
   the load, so the ratio is a lower bound on how lrproxy itself scales. The upstream is
   nginx answering with the sim's own answers (~45 µs a request here, where the
   sim takes ~250), so that the proxy gets as much of the two cores as it can; without
-  nginx, or with `--workers-upstream sim`, the sim itself. About 1 minute.
+  nginx, or with `--workers-upstream sim`, the sim itself. The references go through the
+  same runs, interleaved (`--workers-refs`): the minimal relay as 1 and as 2 processes
+  on one port (SO_REUSEPORT, as lrproxy's workers) and nginx with `worker_processes` 1
+  and 2, so that the ceiling the machine sets shows for a proxy of the same cost and
+  for one ten times cheaper. About 2 minutes.
 Latency is compared with `direct` (ms added), CPU with `minimal` (ratio); the issue's
 targets are checked at the end. Noise rows say how much CPU other processes took on the
 two cores during the wrk runs: on a shared machine, read the table with them. Loopback
@@ -216,6 +222,21 @@ def wait_port(port: int, p: subprocess.Popen[bytes] | None, log: Path, timeout: 
             return
         time.sleep(0.05)
     raise SystemExit(f"nothing listens on {HOST}:{port} after {timeout}s; see {log}")
+
+
+def wait_listening(port: int, n: int, p: subprocess.Popen[bytes], log: Path,
+                   timeout: float = 20) -> None:
+    """Until n sockets listen on `port` (SO_REUSEPORT relays each bind their own)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        if sum(r[1].endswith(f":{port:04X}") and r[3] == "0A" for r in rows) >= n:
+            return
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise SystemExit(f"{n} listeners on {HOST}:{port} not up after {timeout}s; see {log}")
 
 
 def pid_tree(pid: int) -> list[int]:
@@ -430,6 +451,9 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     lua: dict[str, Path] = field(default_factory=dict)
     heavy: bool = False  # LiteLLM: fewer connections and requests (Bench.plan_for)
+    # The workers scenario's references: the canned upstream answers a stream only to
+    # `Accept: text/event-stream`, which the minimal relay does not pass on
+    check_stream: bool = True
 
     @property
     def url(self) -> str:
@@ -490,14 +514,19 @@ class Bench:
                 "import sys, runpy; sys.modules['uvloop'] = None; sys.argv[0] = 'bench';"
                 "runpy.run_module(sys.argv.pop(1), run_name='__main__')"]
 
-    def start_minimal(self, t: Target) -> subprocess.Popen[bytes]:
+    def start_minimal(self, t: Target, cores: str = PROXY_CORE,
+                      processes: int = 1) -> subprocess.Popen[bytes]:
         log = self.tmp / f"{t.name}.log"
-        argv = ["taskset", "-c", PROXY_CORE, *self.wrap, sys.executable,
+        argv = ["taskset", "-c", cores, *self.wrap, sys.executable,
                 str(HERE / "minimal_relay.py"),
                 "--listen", f"{HOST}:{t.port}", "--upstream", f"http://{HOST}:{self.sim_port}",
                 "--loop", "auto" if self.uvloop else "asyncio"]
+        if processes > 1:
+            argv += ["--processes", str(processes)]
         p = self.procs.start(argv, log=log)
         wait_port(t.port, p, log, self.start_timeout)
+        if processes > 1:
+            wait_listening(t.port, processes, p, log)
         return p
 
     def lrproxy_config(self, port: int, workers: int | None = None) -> Path:
@@ -562,9 +591,10 @@ models = {{ "{MODEL_ID}" = "{SIM_MODEL}" }}
                 time.sleep(0.05)
         return p
 
-    def run_nginx(self, name: str, port: int, http: str, cores: str) -> subprocess.Popen[bytes]:
-        """nginx in the foreground, one worker process, with `http` inside its http block
-        (its own files under the bench's directory), listening on `port`."""
+    def run_nginx(self, name: str, port: int, http: str, cores: str,
+                  workers: int = 1) -> subprocess.Popen[bytes]:
+        """nginx in the foreground, `workers` worker processes, with `http` inside its
+        http block (its own files under the bench's directory), listening on `port`."""
         d = self.tmp / f"{name}-{port}"
         d.mkdir(exist_ok=True)
         conf = d / "nginx.conf"
@@ -573,7 +603,7 @@ models = {{ "{MODEL_ID}" = "{SIM_MODEL}" }}
 {user}
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 worker_rlimit_nofile 20000;
@@ -595,7 +625,8 @@ http {{
         wait_port(port, p, log)
         return p
 
-    def start_nginx(self, t: Target) -> subprocess.Popen[bytes]:
+    def start_nginx(self, t: Target, cores: str = PROXY_CORE,
+                    workers: int = 1) -> subprocess.Popen[bytes]:
         return self.run_nginx(t.name, t.port, f"""\
   upstream sim {{ server {HOST}:{self.sim_port}; keepalive 256; keepalive_requests 100000; }}
   server {{
@@ -608,7 +639,7 @@ http {{
       proxy_request_buffering off;
       proxy_read_timeout 600s;
     }}
-  }}""", PROXY_CORE)
+  }}""", cores, workers)
 
     def sim_answer(self, stream: bool) -> bytes:
         """The sim's answer to the workers scenario's request, as lrproxy would send it."""
@@ -758,7 +789,7 @@ general_settings:
 
     def check(self, t: Target) -> None:
         """One answer of each kind, so that a broken target fails loudly, not fast."""
-        for stream in (False, True):
+        for stream in (False, True)[:1 + t.check_stream]:
             req = urllib.request.Request(
                 t.url, data=body(t.model, stream=stream, sim={"chunks": 3}), method="POST",
                 headers={"Authorization": f"Bearer {self.key}",
@@ -893,7 +924,10 @@ general_settings:
             self.run_workers()
 
     def run_workers(self) -> None:
-        """lrproxy-nolog with server.workers = 1 and = 2, everything on both cores.
+        """lrproxy-nolog with server.workers = 1 and = 2, everything on both cores, and
+        the same for each reference of --workers-refs (the minimal relay as 1 and 2
+        processes on one port, nginx with 1 and 2 worker processes): the ceiling the
+        machine sets is theirs too.
 
         Its own sim (the other one is pinned to core 1), then per repetition one fresh
         process tree of each, warmed up, and one non-streaming wrk -c64 run.
@@ -908,47 +942,62 @@ general_settings:
             self.sim = self.start_canned(answers, cores=BOTH_CORES)
         sim = self.sim
         assert sim is not None
-        ns = body(MODEL_ID, stream=False, sim={"chunks": CHUNKS}, history_kib=self.args.prompt_kib)
-        mix = [ns, body(MODEL_ID, stream=True, sim={"chunks": CHUNKS},
-                        history_kib=self.args.prompt_kib)]
-        ts = {}
-        for n in (1, 2):
-            t = Target(f"lrproxy-{n}w", MODEL_ID, lambda: None, port=free_port())
-            t.start = lambda t=t, n=n: self.start_lrproxy(t, access_log=False, workers=n,
-                                                          cores=BOTH_CORES)
-            t.lua = {"ns": write_lua(self.tmp / f"{t.name}-ns.lua", self.key, [ns], False),
-                     "mix": write_lua(self.tmp / f"{t.name}-mix.lua", self.key, mix, True)}
-            ts[n] = t
+        refs = [r for r in self.args.workers_refs.split(",") if r]
+        if "nginx" in refs and not shutil.which("nginx"):
+            refs.remove("nginx")
+        # results key ("1", "2" for lrproxy; "minimal-2", ...) -> target, n, processes
+        ts: dict[str, tuple[Target, int, int]] = {}
+        for kind in ("lrproxy", *refs):
+            model = MODEL_ID if kind == "lrproxy" else SIM_MODEL
+            ns = body(model, stream=False, sim={"chunks": CHUNKS},
+                      history_kib=self.args.prompt_kib)
+            mix = [ns, body(model, stream=True, sim={"chunks": CHUNKS},
+                            history_kib=self.args.prompt_kib)]
+            for n in (1, 2):
+                t = Target(f"{kind}-{n}w", model, lambda: None, port=free_port(),
+                           check_stream=kind == "lrproxy")
+                if kind == "lrproxy":
+                    t.start = lambda t=t, n=n: self.start_lrproxy(
+                        t, access_log=False, workers=n, cores=BOTH_CORES)
+                elif kind == "minimal":
+                    t.start = lambda t=t, n=n: self.start_minimal(t, BOTH_CORES, n)
+                else:
+                    t.start = lambda t=t, n=n: self.start_nginx(t, BOTH_CORES, n)
+                t.lua = {"ns": write_lua(self.tmp / f"{t.name}-ns.lua", self.key, [ns], False),
+                         "mix": write_lua(self.tmp / f"{t.name}-mix.lua", self.key, mix, True)}
+                # nginx: its master and n workers; the others: one process, or a
+                # supervisor and n
+                procs = 1 + n if kind == "nginx" or n > 1 else 1
+                ts[str(n) if kind == "lrproxy" else f"{kind}-{n}"] = (t, n, procs)
         try:
             for rep in range(self.plan.reps):
                 print(f"workers: repetition {rep + 1}/{self.plan.reps}", file=sys.stderr,
                       flush=True)
-                for n, t in ts.items():
+                for key, (t, n, procs) in ts.items():
                     with self.running(t):
                         assert t.pid
                         self.warm(t)
-                        self.scenario_workers(t, n, sim.pid)
+                        self.scenario_workers(t, key, n, procs, sim.pid)
         finally:
             self.procs.stop(sim)
             self.sim, self.sim_port = old_sim, old_port
         print(f"  workers: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
 
-    def scenario_workers(self, t: Target, n: int, sim_pid: int) -> None:
+    def scenario_workers(self, t: Target, key: str, n: int, procs: int, sim_pid: int) -> None:
         assert t.pid
         before = tree_cpu_s(t.pid)
         r = run_wrk(t.url, t.lua["ns"], 64, self.plan.workers_s, t.pid, sim_pid=sim_pid,
                     cores=BOTH_CORES)
         after = tree_cpu_s(t.pid)
-        procs = len(after)
-        if procs != (1 if n == 1 else 1 + n) or set(after) != set(before):
-            raise SystemExit(f"{t.name}: expected {1 if n == 1 else 1 + n} processes "
-                             f"throughout the run, had {sorted(before)} then {sorted(after)}")
-        res = self.wresults[str(n)]
+        if len(after) != procs or set(after) != set(before):
+            raise SystemExit(f"{t.name}: expected {procs} processes throughout the run, "
+                             f"had {sorted(before)} then {sorted(after)}")
+        res = self.wresults[key]
         for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "sim_us", "load_us", "busy", "others",
                   "errors"):
             res[k].append(r[k])
-        res["procs"].append(procs)
-        if n > 1:  # how evenly SO_REUSEPORT spread the 64 connections: busiest worker's share
+        res["procs"].append(len(after))
+        if n > 1:  # how evenly the 64 connections were spread: busiest worker's share
             used = {p: after[p] - before[p] for p in after if p != t.pid}
             res["top_worker_pct"].append(100 * max(used.values()) / max(sum(used.values()),
                                                                         1e-9))
@@ -1357,6 +1406,23 @@ def workers_report(wres: dict[str, dict[str, list[float]]], plan: Plan) -> str:
         lines.append(f"CPU ceiling with workers = 2: 2 cores / ({' + '.join(_fmt(v or 0) for v in per)}"
                      f" µs per request, lrproxy + upstream + load) = {ceiling:,.0f} req/s, "
                      f"×{ceiling / (med(one, 'rps') or 1):.2f} the workers = 1 req/s.")
+    refs = sorted({k.rsplit("-", 1)[0] for k in wres if "-" in k})
+    if refs:
+        lines += ["", "The same with 1 and 2 processes of each proxy, in the same run "
+                  "(medians; the ceiling as above, from each one's own CPU per request):", "",
+                  "| proxy | req/s, 1 | req/s, 2 | 2 / 1 | proxy CPU µs/req, 1 | 2 | "
+                  "upstream + load µs/req, 2 | ceiling 2 / 1 | errors |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, a, b in [("lrproxy", one, two)] + [
+                (r, wres.get(f"{r}-1", {}), wres.get(f"{r}-2", {})) for r in refs]:
+            ra, rb = med(a, "rps"), med(b, "rps")
+            ca, cb = med(a, "cpu_us"), med(b, "cpu_us")
+            ul = (med(b, "sim_us") or 0) + (med(b, "load_us") or 0)
+            if not (ra and rb and ca and cb):
+                continue
+            lines.append(f"| {name} | {ra:,.0f} | {rb:,.0f} | ×{rb / ra:.2f} | {_fmt(ca)} | "
+                         f"{_fmt(cb)} | {_fmt(ul)} | ×{2e6 / (cb + ul) / ra:.2f} | "
+                         f"{(med(a, 'errors') or 0) + (med(b, 'errors') or 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -1418,6 +1484,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers-upstream", choices=("nginx", "sim"),
                     help="the workers scenario's upstream: nginx answering the sim's "
                          "canned answers (default when installed), or the sim itself")
+    ap.add_argument("--workers-refs", default="minimal,nginx", metavar="NAMES",
+                    help="the workers scenario's references, also run with 1 and 2 "
+                         "processes: comma-separated subset of minimal,nginx (nginx when "
+                         "installed), '' for none (default: both)")
     ap.add_argument("--prompt-kib", type=int, default=0, metavar="N",
                     help="add N KiB of earlier conversation turns to every request (default 0)")
     ap.add_argument("--wait-quiet", type=float, metavar="SECONDS", default=0,

@@ -807,7 +807,9 @@ def _read_secret_file(path: str, environ: Mapping[str, str]) -> str:
             raise ValueError(f"relative path {path!r} needs $CREDENTIALS_DIRECTORY")
         p = Path(base) / p
     try:
-        value = p.read_text(encoding="utf-8").strip()
+        # (utf-8-sig: a BOM that a Windows editor put first is no part of the key, as
+        # `lrproxy hash-key` leaves it out; else a client key would silently never match)
+        value = p.read_text(encoding="utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {str(p)!r}: {getattr(e, 'strerror', None) or e}") from e
     if not value:

@@ -677,6 +677,27 @@ def test_relative_key_file_is_read_from_credentials_directory(tmp_path: Path) ->
     assert secrets.client_hashes == (("batch", hashlib.sha256(b"sk-client").digest()),)
 
 
+def test_a_key_file_saved_with_a_bom_holds_the_key_without_it(tmp_path: Path) -> None:
+    """A key file a Windows editor saved with a UTF-8 BOM (and CRLF): the BOM is no part
+    of the key, as `lrproxy hash-key` of the same file leaves it out. A client key kept
+    with it was accepted and then never matched (every request 401); an upstream key
+    was refused as holding a character a header cannot carry."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "eu-west-a.key").write_bytes(b"\xef\xbb\xbfsk-upstream-eu\r\n")
+    (creds / "client.key").write_bytes(b"\xef\xbb\xbfsk-client\r\n")
+    cfg = read_config(write(tmp_path, base_toml('api_key_file = "eu-west-a.key"', tail=(
+        '[auth]\nkeys = [{ name = "batch", key_file = "client.key" }]'
+    ))))
+    secrets = resolve_secrets(cfg, {"CREDENTIALS_DIRECTORY": str(creds)})
+    assert secrets.upstream_keys == {"eu-west-a": "sk-upstream-eu"}
+    assert secrets.client_hashes == (("batch", hashlib.sha256(b"sk-client").digest()),)
+    with (creds / "client.key").open("rb") as f:
+        hashed = subprocess.run([sys.executable, "-m", "lrproxy", "hash-key"], stdin=f,
+                                capture_output=True, check=True)
+    assert hashed.stdout.decode().strip() == hashlib.sha256(b"sk-client").hexdigest()
+
+
 def test_check_config_reads_relative_key_files_under_credentials_directory(tmp_path: Path) -> None:
     """With $CREDENTIALS_DIRECTORY set (check-config run under the service) check-config
     reads a relative key file too, so a missing credential is named there (exit 78)."""

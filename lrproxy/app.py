@@ -108,7 +108,8 @@ class Runtime:
     # Each feed file's (mtime, size) when last read (feeds.py): not read again until
     # that changes; None while it is unreadable, which has been logged once.
     feed_stamps: dict[str, tuple[int, int] | None] = attrs.Factory(dict)
-    feed_live: dict[str, bool] = attrs.Factory(dict)  # each region's reading, as last logged
+    # Each region's reading, as last logged: "live", "stale" or "ahead" (feeds.py)
+    feed_live: dict[str, str] = attrs.Factory(dict)
     session: aiohttp.ClientSession | None = None
     deadlines: Deadlines = attrs.Factory(Deadlines)  # upstream waits, on one timer
     # The app's loop, from its start: asyncio.current_task(loop) with the loop given

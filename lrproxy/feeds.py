@@ -79,8 +79,13 @@ def poll_feeds(rt: Runtime) -> None:
 
 def _say_freshness(rt: Runtime) -> None:
     """A line when a region's live reading ages out (the static figure counts from
-    then on, and `accuracy` says `estimated`) and when a fresh one comes back: the
-    gauge alone does not say why its figure moved. Once per change, per region."""
+    then on, and `accuracy` says `estimated`), when it is dated too far ahead of this
+    clock, and when a fresh one comes back: the gauge alone does not say why its figure
+    moved. Once per change, per region.
+
+    A reading dated ahead is said as such: a timer writing local time with a `Z` (its
+    zone east of UTC) makes one, and "no reading newer than intensity_max_age_s" would
+    send its operator looking for a feed that stopped."""
     now = rt.clock()
     for region in rt.state.config.regions.values():
         path = region.intensity_feed
@@ -88,13 +93,21 @@ def _say_freshness(rt: Runtime) -> None:
             continue
         reading = rt.readings.get(path)
         current = eco.current_intensity(region, reading, now)
-        live, was = current.live, rt.feed_live.get(region.name)
-        rt.feed_live[region.name] = live
-        if live == was or (was is None and (live or reading is None)):
+        ahead = 0.0 if reading is None else reading.at - now
+        state = ("live" if current.live else "ahead" if ahead > eco.FUTURE_SKEW_S
+                 else "stale")
+        was = rt.feed_live.get(region.name)
+        rt.feed_live[region.name] = state
+        if state == was or (was is None and (current.live or reading is None)):
             continue  # (nothing read yet: the unreadable line has said why)
-        if live:
+        if current.live:
             log.info("intensity feed of region %s: a fresh reading (%g g/kWh) counts again",
                      region.name, current.g_per_kwh)
+        elif state == "ahead":
+            log.warning("intensity feed of region %s: the reading in %s is dated %.0f s ahead "
+                        "of this clock (at most %.0f s may be); the static %g g/kWh counts "
+                        "until one comes", region.name, path, ahead,
+                        eco.FUTURE_SKEW_S, region.grid_intensity_g_per_kwh)
         else:
             log.warning("intensity feed of region %s: no reading in %s newer than "
                         "intensity_max_age_s (%g s); the static %g g/kWh counts until one "

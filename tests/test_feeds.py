@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,44 @@ def test_reading_that_ages_out_reroutes_at_the_next_poll(
     stack.call(lambda: poll_feeds(stack.runtime))
     said = [r.getMessage() for r in caplog.records if "intensity feed" in r.getMessage()]
     assert said[1:] == ["intensity feed of region us-east: a fresh reading (12 g/kWh) counts again"]
+
+
+def test_a_reading_dated_ahead_is_said_to_be_ahead(
+    make_stack: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reading dated over 5 minutes ahead of the proxy's clock (a timer writing local
+    time with a `Z`, its zone east of UTC) counts as no live one; the warning says it is
+    dated ahead, not that no reading is newer than intensity_max_age_s, and a reading
+    that goes from stale to ahead is said too (it used to go unsaid)."""
+    caplog.set_level(logging.INFO, logger=MAIN)
+    feed = tmp_path / "eu-west.json"
+    _write_feed(feed, 55, age_s=7200)
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-west"]["intensity_feed"] = str(feed)
+
+    stack = make_stack(mutate)
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "intensity feed" in r.getMessage()]
+
+    assert said() == [f"intensity feed of region eu-west: no reading in {feed} newer than "
+                      "intensity_max_age_s (3600 s); the static 290 g/kWh counts until one "
+                      "comes"]
+    _write_feed(feed, 56, age_s=-3600)
+    os.utime(feed, ns=(0, 1))  # (another stamp than the stale file's, whatever the clock)
+    stack.call(lambda: poll_feeds(stack.runtime))
+    stack.call(lambda: poll_feeds(stack.runtime))  # said once
+    assert len(said()) == 2, said()
+    assert re.fullmatch(
+        rf"intensity feed of region eu-west: the reading in {re.escape(str(feed))} is dated "
+        r"3[56]\d\d s ahead of this clock \(at most 300 s may be\); the static 290 g/kWh "
+        "counts until one comes", said()[1]), said()[1]
+    assert stack.metric("lrproxy_grid_intensity_g_per_kwh", region="eu-west") == 290
+    _write_feed(feed, 57)
+    stack.call(lambda: poll_feeds(stack.runtime))
+    assert said()[2:] == ["intensity feed of region eu-west: a fresh reading (57 g/kWh) "
+                          "counts again"]
 
 
 def test_a_stream_in_flight_keeps_the_feeds_of_its_config(make_stack: Any, tmp_path: Path) -> None:

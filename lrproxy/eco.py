@@ -46,8 +46,15 @@ def current_intensity(region: Region, reading: Reading | None, now: float) -> In
 FUTURE_SKEW_S: Final = 300.0  # how far ahead of this clock a feed's may run
 
 
+MAX_FEED_BYTES: Final = 65536  # a carbon-intensity/latest answer is a few hundred
+
+
 def parse_reading(data: bytes) -> Reading:
-    """Parse a feed file; raises ValueError naming what is wrong."""
+    """Parse a feed file (read up to MAX_FEED_BYTES + 1 bytes, to tell a larger one);
+    raises ValueError naming what is wrong."""
+    if len(data) > MAX_FEED_BYTES:
+        raise ValueError(f"larger than {MAX_FEED_BYTES // 1024} KiB: not a "
+                         "carbon-intensity/latest answer")
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:

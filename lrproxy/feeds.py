@@ -49,7 +49,7 @@ def poll_feeds(rt: Runtime) -> None:
             if seen.get(path) == stamp:
                 continue
             with open(path, "rb") as f:
-                data = f.read(65536)
+                data = f.read(eco.MAX_FEED_BYTES + 1)
         except OSError as e:
             # Said once until it is read again: a file that is not there yet (its timer
             # has not run), or that lrproxy's user may not read, must not fill the

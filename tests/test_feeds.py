@@ -109,6 +109,29 @@ def test_bad_feed_keeps_the_last_good_reading(make_stack: Any, tmp_path: Path) -
     assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70
 
 
+def test_a_feed_over_64_kib_is_refused_as_too_large(
+    make_stack: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A valid JSON file over 64 KiB (another endpoint's answer, say) is refused as too
+    large, not as "not JSON: unexpected end of data" at the 65,536th character (it was
+    read cut short); the last good reading stays."""
+    feed = tmp_path / "eu-west.json"
+    _write_feed(feed, 70)
+
+    def mutate(d: dict[str, Any]) -> None:
+        d["regions"]["eu-west"]["intensity_feed"] = str(feed)
+
+    stack = make_stack(mutate)
+    doc = json.loads(feed.read_text())
+    feed.write_text(json.dumps({**doc, "carbonIntensity": 80, "history": ["x" * 100] * 1000}))
+    with caplog.at_level("WARNING", logger=MAIN):
+        stack.call(lambda: poll_feeds(stack.runtime))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"intensity feed of region eu-west refused: {feed}: larger than 64 KiB: not a "
+        "carbon-intensity/latest answer"]
+    assert stack.call(lambda: stack.runtime.intensity("eu-west").g_per_kwh) == 70
+
+
 def test_a_missing_feed_is_said_once_until_it_comes_and_goes(
     make_stack: Any, tmp_path: Path, caplog: Any
 ) -> None:

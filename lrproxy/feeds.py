@@ -21,6 +21,7 @@ from aiohttp import web
 from lrproxy import FEED_CACHE_ENV, eco
 from lrproxy.app import RUNTIME, Runtime, publish_usable
 from lrproxy.log import MAIN, Seldom
+from lrproxy.workers import WORKER_INDEX_ENV
 
 POLL_S: Final = 5.0
 log = logging.getLogger(MAIN)
@@ -56,15 +57,17 @@ def poll_feeds(rt: Runtime) -> None:
             # journal every POLL_S
             if seen.get(path, ()) is not None:
                 seen[path] = None
-                log.warning("intensity feed of region %s unreadable: %s: %s", region.name,
-                            path, e.strerror)
+                if _says():
+                    log.warning("intensity feed of region %s unreadable: %s: %s",
+                                region.name, path, e.strerror)
         else:
             seen[path] = stamp  # (read: refused or not, looked at again once it changes)
             try:
                 reading = eco.parse_reading(data)
             except ValueError as e:
-                log.warning("intensity feed of region %s refused: %s: %s", region.name,
-                            path, e)
+                if _says():
+                    log.warning("intensity feed of region %s refused: %s: %s",
+                                region.name, path, e)
         if reading is None:
             if cache is not None and path not in rt.readings:
                 _restore(rt, cache, path, region.name)
@@ -75,6 +78,13 @@ def poll_feeds(rt: Runtime) -> None:
     _say_freshness(rt)
     if rt.intensities() != rt.state.intensities:
         rt.refresh_table()
+
+
+def _says() -> bool:
+    """Whether this process logs what a feed file holds: one process, or the first of
+    the workers (they read the same files, as they read one config: N workers would say
+    each change N times)."""
+    return os.environ.get(WORKER_INDEX_ENV, "0") == "0"
 
 
 def _say_freshness(rt: Runtime) -> None:
@@ -98,7 +108,8 @@ def _say_freshness(rt: Runtime) -> None:
                  else "stale")
         was = rt.feed_live.get(region.name)
         rt.feed_live[region.name] = state
-        if state == was or (was is None and (current.live or reading is None)):
+        if (state == was or (was is None and (current.live or reading is None))
+                or not _says()):
             continue  # (nothing read yet: the unreadable line has said why)
         if current.live:
             log.info("intensity feed of region %s: a fresh reading (%g g/kWh) counts again",

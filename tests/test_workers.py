@@ -772,6 +772,34 @@ def test_two_workers_a_restarted_worker_keeps_the_last_good_feed_reading(
         _end(proxy, notify)
 
 
+def test_two_workers_say_a_feed_change_once(tmp_path: Path, sim: SimThread) -> None:
+    """What a feed file holds is logged by the first worker only, as warnings about the
+    config are: a stale reading at the start and a refused file at a reload are one line
+    each, not one per worker (they read the same file)."""
+    old = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 7200))
+    feed = tmp_path / "r1.json"
+    feed.write_text(json.dumps({"zone": "FR", "carbonIntensity": 150, "datetime": old,
+                                "updatedAt": old}))
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, 0, intensity=290, extra_server="workers = 2\n")
+                   .replace("pue = 1.0\n", f'pue = 1.0\nintensity_feed = "{feed}"\n'))
+    notify = Notify(tmp_path)
+    proxy = Proxy(["serve", "--config", str(cfg), "--no-access-log", "--log-format", "plain"],
+                  tmp_path, env=child_env(NOTIFY_SOCKET=notify.path))
+    try:
+        _ready(proxy, notify)
+        assert proxy.stderr.count("listening on") == 2  # (both workers have read it)
+        assert proxy.stderr.count(f"no reading in {feed} newer than") == 1, proxy.stderr
+        feed.write_text("{not json")
+        proxy.signal(signal.SIGHUP)  # (each worker's reload reads the feeds at once)
+        assert notify.wait_for("RELOADING", 10)["RELOADING"] == "1"
+        assert notify.wait_for("READY", 15)["READY"] == "1"
+        wait_for(lambda: proxy.stderr.count("config reloaded") == 2, 10, "both reloads")
+        assert proxy.stderr.count(f"refused: {feed}: not JSON") == 1, proxy.stderr
+    finally:
+        _end(proxy, notify)
+
+
 def _listeners(port: int) -> int:
     """How many sockets listen on 127.0.0.1:port (the kernel's table, /proc/net/tcp)."""
     local = f"0100007F:{port:04X}"

@@ -215,7 +215,9 @@ def read_config(path: str | os.PathLike[str], shown: str | None = None) -> Confi
     p = Path(path)
     label = p.name
     try:
-        text = p.read_text(encoding="utf-8")
+        # (utf-8-sig: a BOM a Windows editor put first, which tomllib and configparser
+        # would refuse as a cryptic "invalid statement at line 1, column 1")
+        text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{shown or p}: cannot read: {getattr(e, 'strerror', None) or e}"]
                           ) from e

@@ -106,6 +106,16 @@ def test_example_toml_and_ini_load_to_the_same_config() -> None:
     assert attrs.evolve(ini_cfg, source="x") == attrs.evolve(toml_cfg, source="x")
 
 
+def test_example_configs_saved_with_a_bom_load_as_without(tmp_path: Path) -> None:
+    """A config a Windows editor saved with a UTF-8 BOM loads as the same file without
+    it, TOML and INI; it was refused, with "not valid TOML: Invalid statement (at line 1,
+    column 1)" or "not valid INI: File contains no section headers"."""
+    for shipped in (EXAMPLE_TOML, EXAMPLE_INI):
+        copy = tmp_path / Path(shipped).name
+        copy.write_bytes(b"\xef\xbb\xbf" + Path(shipped).read_bytes())
+        assert read_config(copy) == read_config(shipped)
+
+
 def test_example_config_has_the_spec_topology() -> None:
     """The example declares eu-west and us-east, both model kinds, three upstreams, keys and auto."""
     cfg = read_config(EXAMPLE_TOML)

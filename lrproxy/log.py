@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import math
 import os
@@ -106,6 +107,8 @@ _PIPE_BUF: Final = 4096
 def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
                   access_flush_ms: int = ACCESS_FLUSH_MS) -> None:
     """Configure the two loggers; called once by the CLI (tests inject their own handlers)."""
+    for stream in (sys.stdout, sys.stderr):
+        _append_if_file(stream)
     main = logging.getLogger(MAIN)
     main.handlers.clear()
     err = logging.StreamHandler(sys.stderr)
@@ -136,6 +139,23 @@ def setup_logging(level: str = "info", fmt: str = "json", access: bool = True,
     else:
         _direct_fd = None
         acc.setLevel(logging.CRITICAL + 1)
+
+
+def _append_if_file(stream: Any) -> None:
+    """A stdout or stderr that is a regular file opened without O_APPEND (`serve >
+    file`, systemd's `StandardOutput=file:`) gets it, as nginx opens its logs: else,
+    once logrotate's `copytruncate` (the rotation for a program with no log file to
+    reopen) empties the file, each write lands at the old offset, and the file begins
+    with a hole of NUL bytes as long as all that was rotated away. Only a file's flag:
+    no other writer of a log file wants its own offset."""
+    try:
+        fd = stream.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if not flags & os.O_APPEND:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
+    except (AttributeError, OSError, ValueError):  # closed (`>&-`), or no descriptor
+        pass
 
 
 _access = logging.getLogger(ACCESS)

@@ -873,6 +873,33 @@ def test_access_lines_are_gathered_and_written_by_the_flush_and_at_exit(
         fast.stop()
 
 
+def test_a_log_file_emptied_by_copytruncate_gets_no_hole(tmp_path: Path, sim: SimThread) -> None:
+    """`serve > file 2> file` (no O_APPEND) and logrotate's `copytruncate`, the rotation
+    for a program with no log file to reopen: the lines after the truncation begin the
+    file. They used to land at the old offset, after a hole of NUL bytes as long as what
+    was rotated away (`grep` then calls the file binary). stderr the same."""
+    cfg = tmp_path / "lrproxy.toml"
+    cfg.write_text(config_toml(sim.base_url, 0))
+    proxy = Proxy(["serve", "--config", str(cfg), "--access-log-flush-ms=5"], tmp_path)
+    try:
+        proxy.wait_healthy()
+        with _client(proxy.port) as client:  # type: ignore[arg-type]
+            for _ in range(5):
+                _plain(client, {})
+            wait_for(lambda: proxy.stdout.count("\n") >= 5, 5, "the first lines")
+            os.truncate(proxy.out_path, 0)
+            os.truncate(proxy.err_path, 0)
+            _plain(client, {})
+            wait_for(lambda: proxy.out_path.stat().st_size > 0, 5, "a line after the truncation")
+        proxy.signal(signal.SIGUSR1)  # (a line on stderr: ignored, with a warning)
+        wait_for(lambda: proxy.err_path.stat().st_size > 0, 5, "a stderr line")
+        out, err = proxy.out_path.read_bytes(), proxy.err_path.read_bytes()
+        assert b"\0" not in out and json.loads(out.splitlines()[0])["status"] == 200, out[:80]
+        assert b"\0" not in err and b"SIGUSR1 ignored" in err, err[:80]
+    finally:
+        proxy.stop()
+
+
 def test_a_stdout_nobody_reads_holds_up_no_request(tmp_path: Path, sim: SimThread) -> None:
     """A stdout whose reader stalls (a pipe nobody reads: `| less` on its first page, a
     harness that never reads, a journald that is behind) holds up the access log's

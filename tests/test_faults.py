@@ -471,22 +471,24 @@ class ScriptedRequest:
     body: bytes
 
 
-# bytes, or parts written 50 ms apart (so that the proxy reads them apart); a float among
-# the parts waits that many seconds more
+# bytes, or parts written `gap` (50 ms) apart (so that the proxy reads them apart); a float
+# among the parts waits that many seconds more
 Script = Callable[[int, int, bytes], tuple[bytes | list[bytes | float], bool] | None]
 
 
 class Scripted:
     """A threaded raw-TCP upstream: `script(conn, n, body)` gives (bytes, keep open) or None
-    to close the connection without an answer."""
+    to close the connection without an answer; its parts are written `gap` seconds apart."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, gap: float = 0.05) -> None:
         self.requests: list[ScriptedRequest] = []
         self._conns = 0
         self._lock = threading.Lock()
         outer = self
 
         class Handler(socketserver.StreamRequestHandler):
+            disable_nagle_algorithm = gap < 0.05  # each part a segment of its own, at once
+
             def handle(self) -> None:
                 with outer._lock:
                     conn, outer._conns = outer._conns, outer._conns + 1
@@ -506,8 +508,8 @@ class Scripted:
                         if isinstance(part, float):
                             time.sleep(part)
                             continue
-                        if i:
-                            time.sleep(0.05)
+                        if i and gap:
+                            time.sleep(gap)
                         try:
                             self.wfile.write(part)
                             self.wfile.flush()
@@ -534,8 +536,8 @@ class Scripted:
 def scripted(seen: Seen) -> Iterator[Callable[[Script], Scripted]]:
     made: list[Scripted] = []
 
-    def make(script: Script) -> Scripted:
-        sc = Scripted(script)
+    def make(script: Script, gap: float = 0.05) -> Scripted:
+        sc = Scripted(script, gap)
         made.append(sc)
         seen.scripted.append(sc)
         return sc

@@ -330,11 +330,13 @@ class _Attempt:
 
 class _Committed(Exception):
     """An attempt failed after the client got its 200 (`_EarlyCommit`, in `rec.out`): no
-    failover, the stream ends with the §1.1 error event."""
+    failover, the stream ends with the §1.1 error event; `attempt`, a stream that failed
+    in its first events, has the events before the failure and what they counted."""
 
-    def __init__(self, error: errors.ProxyError, cand: Candidate) -> None:
+    def __init__(self, error: errors.ProxyError, cand: Candidate,
+                 attempt: _Attempt | None = None) -> None:
         super().__init__(error.message)
-        self.error, self.cand = error, cand
+        self.error, self.cand, self.attempt = error, cand, attempt
 
 
 class _Refused(Exception):
@@ -460,8 +462,14 @@ async def _relay(request: web.Request, rt: Runtime, rec: Rec, chat: bool) -> web
                             headers=_answer_headers(rt, rec, stream=False))
     except _Committed as c:  # the client has its 200 and keep-alives: the error event
         assert rec.out is not None
-        await _stream_error(rt, rec, _prompt_chars(obj, chat), c.cand, region, _Tail(),
-                            c.error, rec.out, request)
+        tail, error, first = _Tail(), c.error, b""
+        if c.attempt is not None and c.attempt.tail and c.attempt.tail.failure is not None:
+            # an event failed it in its first read of events: those before it go on as
+            # they came, and count, as in a later read (_relay_stream)
+            tail, first = c.attempt.tail, c.attempt.first
+            error = _failure(tail, c.attempt.secret)
+        await _stream_error(rt, rec, _prompt_chars(obj, chat), c.cand, region, tail,
+                            error, rec.out, request, first)
         return rec.out
     cand = attempt.cand
     try:  # from here on, the upstream's place is released whatever happens
@@ -557,6 +565,7 @@ async def _try_candidates(
                               tmo.keepalive)
                  if beat_at < now + first_byte else None)
         rt.retries_in_progress += n > 0
+        failed_stream: _Attempt | None = None  # one that failed in its first events
         try:
             resp = await upstream.send(
                 rt.session, target, chat, stream,  # type: ignore[arg-type]  # (cleanup_ctx)
@@ -567,7 +576,9 @@ async def _try_candidates(
             if stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 # first_byte runs from the request's sending to the first event (SPEC §4)
                 left = first_byte - (time.perf_counter() - t_sent)
+                failed_stream = attempt
                 await _first_events(attempt, rt.deadlines, left, tmo.keepalive, client_usage)
+                failed_stream = None
             elif stream and resp.status < 300:
                 # A JSON body here would reach the SDK's stream loop as no chunks at all,
                 # with no error: a failure of this upstream, as a malformed event is.
@@ -618,7 +629,7 @@ async def _try_candidates(
             committed = early is not None and early.stop()
             rt.metrics.attempt(name, ("stream_" if committed else "") + _outcome(e))
             if committed:  # the client has its 200: no failover (SPEC §1.1)
-                raise _Committed(e, cand) from None
+                raise _Committed(e, cand, failed_stream) from None
             if isinstance(e, errors.UpstreamTooLarge):
                 raise  # as large from any upstream: no failover
             last = e.with_traceback(None)  # (its traceback holds this frame: a cycle)
@@ -830,6 +841,7 @@ async def _first_events(
                     raise errors.UpstreamBadResponse("upstream ended the stream before any event")
                 out, events = _take(data, splitter, tail)
                 if tail.failure is not None:  # nothing has reached the client: fail over
+                    attempt.first += out  # (or, committed early, what goes before the error)
                     status = None if tail.began() else _refusal_status(tail.said)
                     if status is not None:  # … unless the request was the fault (its first
                         raise _Refused(status, tail.said, attempt.secret)  # event: not
@@ -1532,8 +1544,10 @@ def _stream_response(rt: Runtime, rec: Rec, upstream_s: float,
 async def _stream_error(
     rt: Runtime, rec: Rec, prompt_chars: int, cand: Candidate, region: str | None,
     tail: _Tail, e: errors.ProxyError, out: web.StreamResponse, request: web.Request,
+    first: bytes = b"",
 ) -> None:
-    """End a started stream with the §1.1 error event: no [DONE], a clean end of body."""
+    """End a started stream with the §1.1 error event: no [DONE], a clean end of body;
+    `first`, events not written yet that came before the failure, go before it."""
     rec.status, rec.error = "stream_error", e.code
     lr = _stream_lowrouter(rt, rec, prompt_chars, cand, region, tail)
     event = sse.make_event({
@@ -1547,7 +1561,7 @@ async def _stream_error(
         with rt.deadlines.timeout(max(1.0, rec.total_s - (time.perf_counter() - rec.t0))):
             if not out.prepared:
                 await out.prepare(request)
-            await out.write(b"".join([*tail.held, event]))
+            await out.write(b"".join([first, *tail.held, event]))
             await out.write_eof()
     except ConnectionResetError:
         rec.status = "client_closed"

@@ -3249,6 +3249,36 @@ def test_an_in_stream_refusal_after_the_keepalive_commit_is_no_failure_of_the_up
     assert usable(stack, "eu-north-a") == 1
 
 
+@pytest.mark.parametrize("bad", ["malformed", "error object"])
+def test_events_before_a_failure_in_the_first_read_after_the_keepalive_commit_are_relayed(
+    make_stack: MakeStack, scripted: Callable[[Script], Scripted], bad: str,
+) -> None:
+    """An upstream that holds its headers past timeouts.keepalive (a long prefill): the
+    client has its 200 (no failover). Its first read then holds content chunks, then a
+    malformed event or an error object: the chunks go on as they came, then the error
+    event, which quotes the error object's message and counts the chunks as the tokens
+    used so far, as when a stream fails in a later read. Before, the error event came
+    alone, with no tokens, and said only that the upstream reported an error."""
+    err = {"message": "the GPU fell over", "type": "server_error", "code": 500}
+    fail = (b"data: {not json\n\n" if bad == "malformed"
+            else b"data: " + orjson.dumps({"error": err}) + b"\n\n")
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+    sent = [chunk(""), chunk("calm "), chunk("seas")]
+    up = scripted(lambda conn, n, body: ([0.5, b"".join([head, *sent, fail])], False))
+    stack = make_stack(cfg(upstreams={"eu-north-a": {"base_url": up.base_url}},
+                           timeouts={"keepalive": 0.2}))
+    a = post(stack, chat(LLAMA, region="eu-north", stream=True))
+    before, last = stream_error(a, "upstream_error")
+    assert [e for e in before if e != b": keep-alive\n\n"] == sent
+    if bad == "error object":
+        assert "the GPU fell over" in last["error"]["message"]
+    tokens = last["lowrouter"]["eco"]["tokens"]
+    assert tokens["completion"] == 3 and tokens["prompt"] > 0
+    wait_for(lambda: codes(stack) == {"stream_error": 1})
+    assert stack.metric_sum("lrproxy_tokens_total", kind="completion") == 3
+    assert outcomes(stack) == {("eu-north-a", "stream_bad_response"): 1}
+
+
 @pytest.mark.parametrize(("before", "code"), [
     ([], 500), ([], 429), ([], 401), ([], "busy"), ([chunk("a")], 400)])
 def test_an_error_event_that_is_no_refusal_fails_over(

@@ -59,6 +59,7 @@ from lrproxy.workers import (
     LISTEN_BACKLOG,
     WORKER_INDEX_ENV,
     die_with_supervisor,
+    speaks_for_all,
     stop_queueing,
     supervise,
     worker_sockets,
@@ -570,7 +571,7 @@ def _reload_now(rt: Runtime, path: str, shown: str, started: Config) -> None:
 def _warn_unserved(rt: Runtime) -> None:
     """Say what `_unserved` finds. With `server.workers`, the first worker says it for
     all: they read one config."""
-    if os.environ.get(WORKER_INDEX_ENV, "0") != "0":
+    if not speaks_for_all():
         return
     for line in _unserved(rt.state.config, rt.state.table):
         log.warning("%s", line)

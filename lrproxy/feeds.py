@@ -21,7 +21,7 @@ from aiohttp import web
 from lrproxy import FEED_CACHE_ENV, eco
 from lrproxy.app import RUNTIME, Runtime, publish_usable
 from lrproxy.log import MAIN, Seldom
-from lrproxy.workers import WORKER_INDEX_ENV
+from lrproxy.workers import speaks_for_all
 
 POLL_S: Final = 5.0
 log = logging.getLogger(MAIN)
@@ -57,7 +57,7 @@ def poll_feeds(rt: Runtime) -> None:
             # journal every POLL_S
             if seen.get(path, ()) is not None:
                 seen[path] = None
-                if _says():
+                if speaks_for_all():
                     log.warning("intensity feed of region %s unreadable: %s: %s",
                                 region.name, path, e.strerror)
         else:
@@ -65,7 +65,7 @@ def poll_feeds(rt: Runtime) -> None:
             try:
                 reading = eco.parse_reading(data)
             except ValueError as e:
-                if _says():
+                if speaks_for_all():
                     log.warning("intensity feed of region %s refused: %s: %s",
                                 region.name, path, e)
         if reading is None:
@@ -78,13 +78,6 @@ def poll_feeds(rt: Runtime) -> None:
     _say_freshness(rt)
     if rt.intensities() != rt.state.intensities:
         rt.refresh_table()
-
-
-def _says() -> bool:
-    """Whether this process logs what a feed file holds: one process, or the first of
-    the workers (they read the same files, as they read one config: N workers would say
-    each change N times)."""
-    return os.environ.get(WORKER_INDEX_ENV, "0") == "0"
 
 
 def _say_freshness(rt: Runtime) -> None:
@@ -109,7 +102,7 @@ def _say_freshness(rt: Runtime) -> None:
         was = rt.feed_live.get(region.name)
         rt.feed_live[region.name] = state
         if (state == was or (was is None and (current.live or reading is None))
-                or not _says()):
+                or not speaks_for_all()):
             continue  # (nothing read yet: the unreadable line has said why)
         if current.live:
             log.info("intensity feed of region %s: a fresh reading (%g g/kWh) counts again",

@@ -88,7 +88,8 @@ class Metrics:
     ) -> None:
         """One finished request's figures (SPEC §5)."""
         with self._lock:
-            due = not self._pending and not self._attempts  # else a flush is due already
+            # (the first figure since the last flush: later ones find it scheduled)
+            due = self.immediate and not self._pending and not self._attempts
             p = self._pending.get(k := (key, model, region, code, stream))
             if p is None:
                 p = self._pending[k] = _Pending()
@@ -102,16 +103,16 @@ class Metrics:
             if ttfb is not None:
                 p.ttfbs[bisect_left(_BOUNDS, ttfb)] += 1
                 p.ttfb_sum += ttfb
-        if self.immediate and due:
+        if due:
             self._flush_soon()
 
     def attempt(self, upstream: str, outcome: str) -> None:
         """One upstream attempt's outcome."""
         k = (upstream, outcome)
         with self._lock:
-            due = not self._pending and not self._attempts
+            due = self.immediate and not self._pending and not self._attempts
             self._attempts[k] = self._attempts.get(k, 0) + 1
-        if self.immediate and due:
+        if due:
             self._flush_soon()
 
     def _flush_soon(self) -> None:

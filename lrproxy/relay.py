@@ -578,7 +578,6 @@ async def _try_candidates(
                 left = first_byte - (time.perf_counter() - t_sent)
                 failed_stream = attempt
                 await _first_events(attempt, rt.deadlines, left, tmo.keepalive, client_usage)
-                failed_stream = None
             elif stream and resp.status < 300:
                 # A JSON body here would reach the SDK's stream loop as no chunks at all,
                 # with no error: a failure of this upstream, as a malformed event is.

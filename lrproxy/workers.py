@@ -68,6 +68,13 @@ _EX_CONFIG: Final = 78  # a worker's exit status for a config or credential prob
 log = logging.getLogger(MAIN)
 
 
+def speaks_for_all() -> bool:
+    """Whether this process logs what every worker would find alike (a config's
+    warnings, a feed file's changes): one process, or the first worker, so that N
+    workers reading one config or file do not say each thing N times."""
+    return os.environ.get(WORKER_INDEX_ENV, "0") == "0"
+
+
 def worker_sockets(environ: dict[str, str] | os._Environ[str]) -> list[socket.socket]:
     """The listening sockets a worker got from its supervisor."""
     fds = environ.get(WORKER_FDS_ENV, "")
